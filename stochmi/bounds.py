@@ -12,8 +12,9 @@ bound when ``D`` is the Bhattacharyya distance.  For diagonal Gaussians
 
 .. math::
 
-    \\mathrm{KL}(p_i \\| p_j) = \\tfrac12 \\sum_d \\Big[\\frac{s_{id}^2 + (\\mu_{id}-\\mu_{jd})^2}{s_{jd}^2}
-                                 - 1 + \\log\\frac{s_{jd}^2}{s_{id}^2}\\Big],
+    \\mathrm{KL}(p_i \\| p_j) = \\tfrac12 \\sum_d \\Big[
+        \\frac{s_{id}^2 + (\\mu_{id}-\\mu_{jd})^2}{s_{jd}^2}
+        - 1 + \\log\\frac{s_{jd}^2}{s_{id}^2}\\Big],
 
     \\mathrm{BD}(p_i, p_j) = \\sum_d \\Big[\\frac{(\\mu_{id}-\\mu_{jd})^2}{4 (s_{id}^2 + s_{jd}^2)}
         + \\tfrac12 \\log\\frac{s_{id}^2 + s_{jd}^2}{2 s_{id} s_{jd}}\\Big].

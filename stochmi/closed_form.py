@@ -47,7 +47,10 @@ def linear_gaussian_mi(A, cov_x=1.0, sigma_n=1.0) -> float:
 def gaussian_mi_from_cov(cov, idx_x, idx_y) -> float:
     """I(X; Y) for jointly Gaussian ``(X, Y)`` with joint covariance ``cov``.
 
-    .. math:: I = \\tfrac12\\big(\\log\\det\\Sigma_{XX} + \\log\\det\\Sigma_{YY} - \\log\\det\\Sigma\\big)
+    .. math::
+
+        I = \\tfrac12\\big(\\log\\det\\Sigma_{XX} + \\log\\det\\Sigma_{YY}
+            - \\log\\det\\Sigma\\big)
 
     Parameters
     ----------

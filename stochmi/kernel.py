@@ -291,7 +291,7 @@ class LogDensityKernel:
 
     # ------------------------------------------------------------------ blocks
     def diagonal(self, t: torch.Tensor) -> torch.Tensor:
-        """``log p(t_r,j | s_j)`` for samples ``t`` of shape ``(R, N, *event)`` -> ``(R, N)`` float64."""
+        """``log p(t_rj | s_j)`` for samples ``t`` (R, N, *event) -> (R, N) float64."""
         if self.gauss is not None:
             g = self.gauss
             tt = t.to(torch.float64).reshape(t.shape[0], self.n, 1, g.dim)
