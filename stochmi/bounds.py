@@ -63,6 +63,10 @@ def pairwise_bounds(
     (lower, upper) : tuple of float
         Bhattacharyya lower bound and KL upper bound, in nats.
     """
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     loc = torch.as_tensor(loc, dtype=torch.float64)
     if loc.dim() == 1:
         loc = loc[:, None]

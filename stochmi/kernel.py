@@ -173,6 +173,23 @@ def as_gaussian_mixture(cond: td.Distribution) -> GaussianMixture | None:
     return GaussianMixture(loc, scale, logw.expand(loc.shape[:2]), structure)
 
 
+def _first_tensor(obj: object, floating: bool = False, _depth: int = 0) -> torch.Tensor | None:
+    """First (floating) tensor among a distribution's parameters, descending into
+    wrapped distributions (``Independent.base_dist``, mixture components, ...)."""
+    if _depth > 8:
+        return None
+    values = list(vars(obj).values())
+    for v in values:
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or not floating):
+            return v
+    for v in values:
+        if isinstance(v, td.Distribution):
+            t = _first_tensor(v, floating, _depth + 1)
+            if t is not None:
+                return t
+    return None
+
+
 def _check_finite(x: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"the conditional's {what} contains NaN or inf values")
@@ -213,14 +230,16 @@ class LogDensityKernel:
         ):
             raise DeterministicLayerError(DETERMINISTIC_MESSAGE)
         self.event_numel = max(1, math.prod(cond.event_shape))
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.chunk_size = chunk_size or self._default_chunk()
 
     # ------------------------------------------------------------------ set-up
     def _cond_device(self) -> torch.device:
-        for v in vars(self.cond).values():
-            if isinstance(v, torch.Tensor):
-                return v.device
-        return torch.device("cpu")
+        t = _first_tensor(self.cond)
+        return t.device if t is not None else torch.device("cpu")
 
     @property
     def is_gaussian(self) -> bool:
@@ -306,10 +325,8 @@ class LogDensityKernel:
         return lp
 
     def _cond_dtype(self) -> torch.dtype:
-        for v in vars(self.cond).values():
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                return v.dtype
-        return torch.get_default_dtype()
+        t = _first_tensor(self.cond, floating=True)
+        return t.dtype if t is not None else torch.get_default_dtype()
 
     def block(self, rows: torch.Tensor) -> torch.Tensor:
         """``L[j, i]`` for a block of samples.
