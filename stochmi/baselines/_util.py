@@ -1,0 +1,132 @@
+"""Shared input handling and numerics for the baseline estimators (private)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "as_2d_float",
+    "as_labels",
+    "check_pair",
+    "entropy_from_codes",
+    "is_label_array",
+    "row_codes",
+    "make_generator",
+    "split_indices",
+    "scott_bandwidth",
+]
+
+
+def _to_numpy(a: Any, name: str) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    if isinstance(a, np.ndarray):
+        return a
+    if isinstance(a, (list, tuple)):
+        return np.asarray(a)
+    raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(a).__name__}")
+
+
+def is_label_array(a: Any) -> bool:
+    """True when ``a`` holds integer class labels of shape (N,) or (N, 1)."""
+    arr = _to_numpy(a, "t")
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    return arr.ndim == 1 and (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_)
+
+
+def as_labels(a: Any, name: str = "t") -> np.ndarray:
+    """Integer labels (N,) as a contiguous int64 array, relabelled to 0..C-1."""
+    arr = _to_numpy(a, name)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: labels must have shape (N,), got {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise TypeError(f"{name}: labels must be integers, got dtype {arr.dtype}")
+    _, inv = np.unique(arr, return_inverse=True)
+    return inv.astype(np.int64).reshape(-1)
+
+
+def as_2d_float(a: Any, name: str) -> np.ndarray:
+    """Float64 array of shape (N, d); 1-D input becomes (N, 1).  Rejects NaN/inf."""
+    arr = _to_numpy(a, name)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, d) or (N,), got {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf values")
+    return arr
+
+
+def check_pair(x: np.ndarray, t: np.ndarray, *, min_n: int = 2) -> int:
+    """Check that x and t have the same number of rows (at least ``min_n``); return N."""
+    if x.shape[0] != t.shape[0]:
+        raise ValueError(
+            f"x and t must have the same number of rows, got {x.shape[0]} and {t.shape[0]}"
+        )
+    n = int(x.shape[0])
+    if n < min_n:
+        raise ValueError(f"need at least {min_n} samples, got {n}")
+    return n
+
+
+def row_codes(a: np.ndarray) -> np.ndarray:
+    """Integer code per row: equal rows get equal codes (``np.unique`` over rows), shape (N,)."""
+    if a.ndim == 1:
+        a = a[:, None]
+    _, inv = np.unique(np.ascontiguousarray(a), axis=0, return_inverse=True)
+    return inv.reshape(-1).astype(np.int64)
+
+
+def entropy_from_codes(codes: np.ndarray) -> float:
+    """Plug-in (maximum-likelihood) Shannon entropy in nats of a discrete sample.
+
+    ``H = -sum_c p_c log p_c`` with ``p_c = count_c / N``.
+    """
+    _, counts = np.unique(codes, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed`` (fresh random seed when None)."""
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+def split_indices(
+    n: int, holdout: float, rng: np.random.Generator, *, min_each: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random train / held-out split of ``range(n)``; returns (train_idx, test_idx)."""
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    n_test = int(round(holdout * n))
+    n_test = min(max(n_test, min_each), n - min_each)
+    if n_test < min_each:
+        raise ValueError(f"too few samples ({n}) for a train / held-out split")
+    perm = rng.permutation(n)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def scott_bandwidth(a: np.ndarray) -> float:
+    """Scott's rule Gaussian kernel width for (N, d) data: ``s * N^(-1/(d+4))``.
+
+    ``s`` is the root mean per-coordinate variance (a single isotropic width).
+    Returns 1.0 for constant data.
+    """
+    n, d = a.shape
+    s = math.sqrt(float(np.mean(np.var(a, axis=0))))
+    if s == 0.0:
+        s = 1.0
+    return s * n ** (-1.0 / (d + 4))
