@@ -63,9 +63,13 @@ class _Sites:
 
 
 def _trace(fn: Callable, *args, **kwargs):
+    import pyro
     import pyro.poutine as poutine
 
-    return poutine.trace(fn).get_trace(*args, **kwargs)
+    # argument validation off while tracing, so a zero-noise layer reaches our own
+    # check (which explains why its MI is infinite) instead of a constraint error
+    with pyro.validation_enabled(False):
+        return poutine.trace(fn).get_trace(*args, **kwargs)
 
 
 def _sample_sites(tr):
@@ -163,7 +167,7 @@ class _Regrouped(td.Distribution):
     def support(self):
         return self.base.support
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         shape = torch.Size(sample_shape)
         n, k = self.index.shape
         reps = math.prod(shape) if shape else 1
