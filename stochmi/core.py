@@ -31,6 +31,8 @@ from stochmi.kernel import LogDensityKernel
 
 __all__ = ["mi_from_conditional", "mi_with_labels", "make_generator"]
 
+_SUB_ROWS = 32  # rows reduced at a time (a 32 x N float64 block stays in cache)
+
 
 def make_generator(
     seed: int | None, device: torch.device | str = "cpu"
@@ -109,27 +111,39 @@ class _Pass:
             self.lse_cls = torch.empty(total, dtype=torch.float64, device=dev)
             self.lse_cls_loo = torch.empty(total, dtype=torch.float64, device=dev)
             classes = torch.unique(labels)
-            self.class_index = [torch.nonzero(labels == c).squeeze(1) for c in classes]
+            self.n_classes = len(classes)
             self.class_of = torch.searchsorted(classes, labels)
+            self.onehot = torch.nn.functional.one_hot(self.class_of, self.n_classes).to(
+                torch.float64
+            )
         for sl, src, blk in kernel.iter_blocks(self.t, self.diag):
             self._reduce(sl, src, blk)
 
     def _reduce(self, sl: slice, src: torch.Tensor, blk: torch.Tensor) -> None:
-        b = blk.shape[0]
-        ar = torch.arange(b, device=blk.device)
-        self.lse_all[sl] = torch.logsumexp(blk, dim=1)
-        blk[ar, src] = -math.inf
-        self.lse_loo[sl] = torch.logsumexp(blk, dim=1)
-        if self.labels is not None:
-            own = self.class_of[src]
-            cls_loo = torch.empty(b, dtype=torch.float64, device=blk.device)
-            for k, idx in enumerate(self.class_index):
-                rows = torch.nonzero(own == k).squeeze(1)
-                if rows.numel():
-                    cls_loo[rows] = torch.logsumexp(blk[rows][:, idx], dim=1)
-            self.lse_cls_loo[sl] = cls_loo
-            d = self.diag.reshape(-1)[sl]
-            self.lse_cls[sl] = torch.logaddexp(cls_loo, d)
+        # one exp pass per block: with m the off-diagonal row max,
+        #   lse_loo = m + log sum_{i != j} exp(L[j, i] - m),  lse_all = logaddexp(lse_loo, L[j, j])
+        # and class sums of the same exponentials as one small matrix product.
+        # Rows are reduced in sub-blocks that stay in cache.
+        diag = self.diag.reshape(-1)[sl]
+        base = sl.start
+        for r0 in range(0, blk.shape[0], _SUB_ROWS):
+            r1 = min(r0 + _SUB_ROWS, blk.shape[0])
+            sub = blk[r0:r1]
+            ar = torch.arange(r1 - r0, device=blk.device)
+            sub[ar, src[r0:r1]] = -math.inf
+            m = sub.amax(1)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            sub.sub_(m[:, None]).exp_()
+            loo = m + torch.log(sub.sum(1))
+            d = diag[r0:r1]
+            self.lse_loo[base + r0 : base + r1] = loo
+            self.lse_all[base + r0 : base + r1] = torch.logaddexp(loo, d)
+            if self.labels is not None:
+                own = self.class_of[src[r0:r1]]
+                cls = (sub @ self.onehot)[ar, own]
+                cls_loo = m + torch.log(cls)
+                self.lse_cls_loo[base + r0 : base + r1] = cls_loo
+                self.lse_cls[base + r0 : base + r1] = torch.logaddexp(cls_loo, d)
 
 
 def _per_source(x: torch.Tensor, n_draws: int, n: int) -> torch.Tensor:
@@ -283,7 +297,7 @@ def mi_with_labels(
     gen, used_seed = make_generator(seed, kernel.device)
     p = _Pass(kernel, n_draws, gen, labels=y)
     diag = p.diag.reshape(-1)
-    counts = torch.bincount(p.class_of, minlength=len(p.class_index)).to(torch.float64)
+    counts = torch.bincount(p.class_of, minlength=p.n_classes).to(torch.float64)
     yrow = p.class_of.repeat(n_draws)
     log_n = math.log(n)
     t_val = _per_source((p.lse_cls - torch.log(counts[yrow])) - (p.lse_all - log_n), n_draws, n)
@@ -313,7 +327,7 @@ def mi_with_labels(
         extra={
             "seed": used_seed,
             "label_entropy": h_y,
-            "n_classes": len(p.class_index),
+            "n_classes": p.n_classes,
             "fast_path": kernel.is_gaussian,
         },
     )

@@ -255,35 +255,38 @@ class LogDensityKernel:
         return int(max(16, min(4096, DEFAULT_CHUNK_BYTES // per_row)))
 
     def _prepare_gaussian(self) -> None:
+        # L[j, i] = bias_i + <row features of t_j, column features of s_i> + row term,
+        # with -1/2 folded into the factors so one addmm gives the whole block
         g = self.gauss
         n, c, d = g.loc.shape
         mu = g.loc.reshape(n * c, d)
         sc = g.scale.reshape(n * c, d)
         self._centre = mu.mean(0)
+        mu_p = mu - self._centre
         if g.structure == "shared":
             s = sc[0]
             self._inv_s = 1.0 / s
-            mu_p = (mu - self._centre) * self._inv_s  # (M, d), unit scale
+            mu_p = mu_p * self._inv_s  # unit scale
             self._cols = mu_p
-            self._col_sq = (mu_p * mu_p).sum(1)
+            quad = (mu_p * mu_p).sum(1)
             self._col_prec = None
             log_det = torch.log(s).sum().expand(n * c)
         elif g.structure == "iso":
             s = sc[:, 0]
-            mu_p = mu - self._centre
             prec = 1.0 / (s * s)
-            self._cols = mu_p * prec[:, None]  # Q = mu' / s^2
-            self._col_sq = (mu_p * mu_p).sum(1) * prec
-            self._col_prec = prec  # multiplies |t'|^2
+            self._cols = mu_p * prec[:, None]  # mu' / s^2
+            quad = (mu_p * mu_p).sum(1) * prec
+            self._col_prec = prec  # row term: -|t'|^2 / (2 s_i^2)
             log_det = d * torch.log(s)
         else:
-            mu_p = mu - self._centre
             prec = 1.0 / (sc * sc)
-            self._cols = torch.cat([prec, -2.0 * mu_p * prec], dim=1)  # (M, 2d)
-            self._col_sq = (mu_p * mu_p * prec).sum(1)
+            self._cols = torch.cat([-0.5 * prec, mu_p * prec], dim=1)  # (M, 2d)
+            quad = (mu_p * mu_p * prec).sum(1)
             self._col_prec = None
             log_det = torch.log(sc).sum(1)
-        self._log_norm = (g.logw.reshape(n * c) - log_det - 0.5 * d * _LOG_2PI).contiguous()
+        log_norm = g.logw.reshape(n * c) - log_det - 0.5 * d * _LOG_2PI
+        self._bias = (log_norm - 0.5 * quad).contiguous()
+        self._colsT = self._cols.T.contiguous()
 
     # ------------------------------------------------------------------ samples
     def sample(self, n_draws: int, generator: torch.Generator) -> torch.Tensor:
@@ -349,15 +352,13 @@ class LogDensityKernel:
         t = rows.to(torch.float64).reshape(rows.shape[0], g.dim) - self._centre
         if g.structure == "shared":
             t = t * self._inv_s
-            dist = torch.addmm(self._col_sq, t, self._cols.T, alpha=-2.0)
-            dist += (t * t).sum(1, keepdim=True)
+            logp = torch.addmm(self._bias, t, self._colsT)
+            logp.add_((t * t).sum(1, keepdim=True), alpha=-0.5)
         elif g.structure == "iso":
-            dist = torch.addmm(self._col_sq, t, self._cols.T, alpha=-2.0)
-            dist += (t * t).sum(1, keepdim=True) * self._col_prec
+            logp = torch.addmm(self._bias, t, self._colsT)
+            logp.addr_((t * t).sum(1), self._col_prec, alpha=-0.5)
         else:
-            dist = torch.addmm(self._col_sq, torch.cat([t * t, t], dim=1), self._cols.T)
-        dist.clamp_(min=0.0)
-        logp = dist.mul_(-0.5).add_(self._log_norm)
+            logp = torch.addmm(self._bias, torch.cat([t * t, t], dim=1), self._colsT)
         if g.n_components > 1:
             logp = torch.logsumexp(logp.view(rows.shape[0], self.n, g.n_components), dim=-1)
         return logp
