@@ -150,6 +150,20 @@ def _per_source(x: torch.Tensor, n_draws: int, n: int) -> torch.Tensor:
     return x.view(n_draws, n).mean(0)
 
 
+def _dataset_se(x: torch.Tensor, n_draws: int, n: int, fallback: float) -> float:
+    """Monte Carlo standard error of the dataset MI (sources held fixed).
+
+    With ``R >= 2`` draws per source only the within-source variance is Monte
+    Carlo error: ``se = sqrt(sum_j var_r(term[r, j]) / R) / N``.  With one draw
+    the within- and between-source spreads cannot be told apart, and the
+    conservative ``sd_j(term) / sqrt(N)`` (``fallback``) is used.
+    """
+    if n_draws < 2:
+        return fallback
+    within = x.view(n_draws, n).var(dim=0, unbiased=True)
+    return float(torch.sqrt(within.sum() / n_draws) / n)
+
+
 def mi_from_conditional(
     cond: td.Distribution,
     *,
@@ -190,7 +204,10 @@ def mi_from_conditional(
     MIEstimate
         ``value``/``stderr``: dataset MI ``mean_j(L[j,j] - logmeanexp_i L[j,i])``;
         ``lower``/``upper``: population bracket (InfoNCE with the optimal critic,
-        and its leave-one-out counterpart), each with a standard error.
+        and its leave-one-out counterpart), each with a standard error that
+        includes the sampling of the sources.  ``stderr`` is the Monte Carlo
+        error of the dataset MI: the within-source spread when ``n_draws >= 2``,
+        the (conservative) total spread when ``n_draws == 1``.
 
     Raises
     ------
@@ -208,7 +225,8 @@ def mi_from_conditional(
     log_n = math.log(n)
     t_val = _per_source(diag - (p.lse_all - log_n), n_draws, n)
     t_up = _per_source(diag - (p.lse_loo - math.log(n - 1)), n_draws, n)
-    value, se = _mean_se(t_val)
+    value, se_pop = _mean_se(t_val)
+    se = _dataset_se(diag - (p.lse_all - log_n), n_draws, n, se_pop)
     upper, se_up = _mean_se(t_up)
     extra: dict = {
         "seed": used_seed,
@@ -232,7 +250,7 @@ def mi_from_conditional(
         stderr=se,
         lower=value,
         upper=upper,
-        lower_stderr=se,
+        lower_stderr=se_pop,
         upper_stderr=se_up,
         saturated=bool(value > log_n - saturation_margin),
         n=n,
@@ -300,8 +318,9 @@ def mi_with_labels(
     counts = torch.bincount(p.class_of, minlength=p.n_classes).to(torch.float64)
     yrow = p.class_of.repeat(n_draws)
     log_n = math.log(n)
-    t_val = _per_source((p.lse_cls - torch.log(counts[yrow])) - (p.lse_all - log_n), n_draws, n)
-    value, se = _mean_se(t_val)
+    terms = (p.lse_cls - torch.log(counts[yrow])) - (p.lse_all - log_n)
+    value, se_pop = _mean_se(_per_source(terms, n_draws, n))
+    se = _dataset_se(terms, n_draws, n, se_pop)
     freq = counts / n
     h_y = float(-(freq * torch.log(freq)).sum())
     if bool((counts >= 2).all()):
