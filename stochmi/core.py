@@ -284,9 +284,9 @@ def mi_with_labels(
     ``value`` is this dataset quantity (exact up to Monte Carlo error).
     ``lower`` is the Barber-Agakov bound ``H(Y) + E log q(y_j | t_j)`` with the
     leave-one-out mixture classifier ``q`` (built without source ``j``, so it is a
-    fixed classifier for the pair ``(t_j, y_j)``), using the plug-in label
-    entropy.  ``upper = min(H(Y), upper bound of I(S;T))`` by data processing
-    (``Y - S - T``).
+    fixed classifier for the pair ``(t_j, y_j)``), mixed with 1e-6 of the uniform
+    classifier so that it stays finite, using the plug-in label entropy.
+    ``upper = min(H(Y), upper bound of I(S;T))`` by data processing (``Y - S - T``).
 
     Parameters
     ----------
@@ -324,7 +324,14 @@ def mi_with_labels(
     freq = counts / n
     h_y = float(-(freq * torch.log(freq)).sum())
     if bool((counts >= 2).all()):
-        t_lo = _per_source(p.lse_cls_loo - p.lse_loo, n_draws, n)
+        # classifier q' = (1 - eps) q + eps / K: still a classifier (so still a valid
+        # Barber-Agakov bound), and finite where q underflows for isolated samples
+        eps = 1e-6
+        log_q = p.lse_cls_loo - p.lse_loo
+        log_q = torch.logaddexp(
+            log_q + math.log1p(-eps), torch.full_like(log_q, math.log(eps / p.n_classes))
+        )
+        t_lo = _per_source(log_q, n_draws, n)
         ba, se_lo = _mean_se(t_lo)
         lower = h_y + ba
     else:
