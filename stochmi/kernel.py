@@ -301,7 +301,7 @@ class LogDensityKernel:
             if len(self.cond.event_shape) == 0:
                 t = t.squeeze(-1)
             return t
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device="cpu").item())
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)

@@ -240,14 +240,29 @@ def _mixture_over_draws(conds: list[td.Distribution]) -> td.Distribution:
     del m  # pragma: no cover
 
 
+def _cuda_devices(*objs) -> list:
+    """CUDA devices among tensors/distributions, for ``fork_rng``."""
+    from stochmi.kernel import _first_tensor
+
+    out = []
+    for o in objs:
+        t = o if isinstance(o, torch.Tensor) else _first_tensor(o)
+        if t is not None and t.device.type == "cuda" and t.device not in out:
+            out.append(t.device)
+    return out
+
+
 def _sample_rows(cond: td.Distribution, gen: torch.Generator) -> torch.Tensor:
     """One draw per batch row, shape (M, *event), from ``gen`` (fork_rng for generic)."""
     gm = as_gaussian_mixture(cond)
     if gm is not None:
+        if gm.loc.device != gen.device:  # e.g. CUDA tensors, CPU master generator
+            seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+            gen = torch.Generator(device=gm.loc.device).manual_seed(seed)
         t = gm.sample(1, gen)[0]
         return t.squeeze(-1) if len(cond.event_shape) == 0 else t
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device="cpu").item())
-    with torch.random.fork_rng(devices=[]):
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
+    with torch.random.fork_rng(devices=_cuda_devices(cond)):
         torch.manual_seed(seed)
         return cond.sample()
 
@@ -307,7 +322,7 @@ class _Chain:
     @staticmethod
     def _run(model, xk, gen):
         seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=_cuda_devices(xk)):
             torch.manual_seed(seed)
             with torch.no_grad():
                 return _trace(model, xk)
@@ -360,7 +375,7 @@ def _weight_draws(model, guide, x, weight_sites, count, gen) -> list[dict]:
     src = guide if guide is not None else model
     for _ in range(count):
         seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=_cuda_devices(x)):
             torch.manual_seed(seed)
             with torch.no_grad():
                 tr = _trace(src, x[:2])
@@ -575,7 +590,7 @@ def layer_mi(
         y = y.to(device) if y is not None else None
     master = _seeds(seed, 4)
     gen = torch.Generator().manual_seed(master[0])
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=_cuda_devices(x)):
         torch.manual_seed(master[1])
         with torch.no_grad():
             sites = find_layers(model, x)
