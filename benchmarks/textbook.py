@@ -76,12 +76,11 @@ def broadcast_log_prob_matrix(
     -------
     Tensor, shape (M, N), float64
     """
-    dtype = cond.mean.dtype
     m = t.shape[0]
     b = chunk_rows or m
     out = torch.empty(m, cond.batch_shape[0], dtype=torch.float64)
     for s in range(0, m, b):
-        out[s : s + b] = cond.log_prob(t[s : s + b].to(dtype).unsqueeze(1)).to(torch.float64)
+        out[s : s + b] = cond.log_prob(t[s : s + b].unsqueeze(1)).to(torch.float64)
     return out
 
 

@@ -468,7 +468,8 @@ def test_label_mi_of_perfectly_separated_classes_is_label_entropy():
     p = torch.tensor(counts, dtype=F64) / sum(counts)
     h_y = float(-(p * p.log()).sum())
     assert est.value == pytest.approx(h_y, abs=1e-8)
-    assert est.lower == pytest.approx(h_y, abs=1e-8)
+    # the classifier is mixed with 1e-6 of the uniform one (documented), which costs <= 1e-6
+    assert est.lower == pytest.approx(h_y, abs=2e-6)
     assert est.upper == pytest.approx(h_y, abs=1e-12)
 
 
