@@ -1,0 +1,291 @@
+"""One cell of an experiment: train a model spec at one seed, measuring layer MI on the way.
+
+A cell is a model spec with overrides (one grid point) and a seed.  :func:`run_cell`
+loads the data, builds the network, trains it with :func:`stochmi.training.train`
+and, through the training callback, calls :func:`stochmi.layer_mi` and
+:func:`stochmi.training.accuracy` at the epochs named in the experiment file.
+
+Everything random is derived from the cell's seed (weight initialisation, training,
+the Monte Carlo draws of each estimate, predictive accuracy), and the whole cell runs
+inside ``torch.random.fork_rng`` seeded from it and in a private Pyro parameter
+store.  A cell's numbers therefore depend only on its configuration and seed, not on
+which executor ran it, in which process, or after which other cell.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from stochmi.experiments.config import CellSpec, DataSettings
+
+__all__ = ["run_cell", "derive_seed", "package_versions", "load_cell_data"]
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A 31-bit seed derived from ``seed`` and integer tags (NumPy ``SeedSequence``).
+
+    Different tags give statistically independent streams; the same inputs give the
+    same seed on every platform.
+    """
+    state = np.random.SeedSequence([int(seed), *map(int, parts)]).generate_state(1)
+    return int(state[0] & 0x7FFFFFFF)
+
+
+# tags for derive_seed
+_TAG_INIT, _TAG_TRAIN, _TAG_MI, _TAG_MI_COND = 1, 2, 3, 4
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that determine the numbers (recorded with results)."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("stochmi", "torch", "pyro-ppl", "numpy", "pandas", "xarray", "arviz"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:  # pragma: no cover - all are dependencies
+            out[name] = "not installed"
+    return out
+
+
+@lru_cache(maxsize=4)
+def _load_split(data: DataSettings):
+    from stochmi.data import load_mnist, train_test_split
+
+    full = load_mnist(data.source, root=data.root, n=data.n, seed=data.split_seed)
+    if data.test_source == "split":
+        train, test = train_test_split(full, test_fraction=data.test_fraction, seed=data.split_seed)
+        return full.source, train, test
+    test = load_mnist(data.test_source)
+    return f"training: {full.source}; held-out: {test.source}", full, test
+
+
+def load_cell_data(data: DataSettings, n_inputs: int):
+    """Load the data of an experiment: ``(source, train, test, eval_inputs)``.
+
+    Parameters
+    ----------
+    data : DataSettings
+        Source, size and split of the images (``test_source = "split"``: a seeded
+        ``test_fraction`` split of the source; otherwise all of the source is for
+        training and the held-out images come from ``test_source``).
+    n_inputs : int
+        Number of held-out images used as X for the MI estimates; a seeded subset
+        (``data.split_seed``) of the test part, the same for every cell.
+
+    Returns
+    -------
+    source : str
+        Where the images came from (as reported by :func:`stochmi.data.load_mnist`).
+    train, test, inputs : MNISTData
+        Training part, held-out part, and the MI inputs (``n_inputs`` of ``test``).
+    """
+    source, train, test = _load_split(data)
+    if n_inputs > len(test):
+        raise ValueError(
+            f"estimate.n_inputs = {n_inputs} is more than the {len(test)} held-out images "
+            f"({source}, test_fraction={data.test_fraction}); lower n_inputs or raise "
+            "data.test_fraction / data.n"
+        )
+    inputs = test.subset(n_inputs, seed=data.split_seed) if n_inputs < len(test) else test
+    return source, train, test, inputs
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    if hasattr(v, "item") and getattr(v, "ndim", None) == 0:
+        return v.item()
+    if isinstance(v, bool | int | float | str) or v is None:
+        return v
+    return str(v)
+
+
+def _pair_name(col: Any) -> str:
+    if isinstance(col, tuple) and len(col) == 2:
+        return f"{col[0]}->{col[1]}"
+    return str(col)
+
+
+def _per_draw_values(per_draw) -> dict[str, list[float]]:
+    """``{"source->target": [I(.;. | W = w_k) for k]}`` from ``attrs["per_draw"]``.
+
+    Accepts the long format (columns ``source, target, value, draw``; one row per
+    draw and pair) and the wide format (one column per pair, one row per draw).
+    """
+    if per_draw is None:
+        return {}
+    cols = set(per_draw.columns)
+    if {"source", "target", "value"} <= cols:
+        out: dict[str, list[float]] = {}
+        df = per_draw.sort_values("draw", kind="stable") if "draw" in cols else per_draw
+        for (src, tgt), g in df.groupby(["source", "target"], sort=False):
+            out[f"{src}->{tgt}"] = [float(v) for v in g["value"].to_numpy()]
+        return out
+    return {_pair_name(c): [float(v) for v in per_draw[c].to_numpy()] for c in per_draw.columns}
+
+
+def _rows(df, epoch: int) -> list[dict[str, Any]]:
+    keep = ["value", "stderr", "lower", "upper", "n", "k_paths", "saturated", "dpi_ok"]
+    rows = []
+    for rec in df.to_dict(orient="records"):
+        row = {"epoch": epoch, "source": str(rec["source"]), "target": str(rec["target"])}
+        for k in keep:
+            if k in rec:
+                row[k] = _jsonable(rec[k])
+        for k in ("value", "stderr", "lower", "upper"):
+            x = row.get(k)
+            row[k] = math.nan if x is None else float(x)
+        rows.append(row)
+    return rows
+
+
+def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
+    """Train one cell's network and estimate its layer MI at the chosen epochs.
+
+    Parameters
+    ----------
+    cell : CellSpec
+        Model spec, overrides, seed, data and estimate settings (from
+        :meth:`stochmi.experiments.config.ExperimentConfig.cells`).
+    progress : bool
+        Show tqdm bars for the training epochs.
+
+    Returns
+    -------
+    dict
+        JSON-able record with keys ``cell_id``, ``key`` (:meth:`CellSpec.key`),
+        ``cell`` (the spec as a dict), ``data_source``, ``n_train``, ``n_test``,
+        ``n_inputs``, ``layer_sites``, ``estimates`` (one row per epoch x pair:
+        ``epoch, source, target, value, stderr, lower, upper, n, k_paths,
+        saturated, dpi_ok``; nats, weights marginalised), ``conditional`` (for
+        models with a weight posterior when ``estimate.conditional``: one row per
+        epoch x pair with the per-draw values ``draws`` of I(X;T | W=w)),
+        ``accuracy`` (``epoch, test_accuracy``), ``dpi_violations``, ``history``,
+        ``versions`` and ``wall_s``.
+
+    Notes
+    -----
+    Seeds: initialisation, training, each estimate and each accuracy evaluation
+    use seeds derived from ``cell.seed`` by :func:`derive_seed`, so measuring at
+    more or fewer epochs does not change the other numbers' random streams.
+    """
+    import pyro
+    import torch
+
+    from stochmi.layers import layer_mi
+    from stochmi.nets import build_model
+    from stochmi.spec import load_spec
+    from stochmi.training import train
+
+    t0 = time.perf_counter()
+    source, train_d, test_d, inputs = load_cell_data(cell.data, cell.estimate.n_inputs)
+    spec = load_spec(cell.spec, dict(cell.overrides) if cell.overrides else None)
+    if spec.to_toml() != cell.spec_toml:
+        raise RuntimeError(
+            f"cell {cell.cell_id}: the spec {cell.spec!r} resolved here differs from the one "
+            "validated when the experiment was expanded (models/ changed, or a worker has a "
+            "different stochmi installation)"
+        )
+    est = cell.estimate
+    measured = set(est.epochs)
+    x_eval, y_eval = inputs.x, inputs.y
+    records: dict[str, Any] = {
+        "estimates": [],
+        "conditional": [],
+        "accuracy": [],
+        "dpi_violations": {},
+    }
+
+    def callback(epoch: int, model, guide) -> None:
+        if epoch not in measured:
+            return
+        df = layer_mi(
+            model,
+            x_eval,
+            y_eval,
+            guide=guide,
+            weights="marginal",
+            seed=derive_seed(cell.seed, _TAG_MI, epoch),
+            n_paths=est.n_paths,
+            n_weight_draws=est.n_weight_draws,
+            device=cell.device,
+        )
+        records["estimates"].extend(_rows(df, epoch))
+        dpi = df.attrs.get("dpi")
+        if dpi:
+            records["dpi_violations"][str(epoch)] = _jsonable(dpi)
+        if est.conditional and guide is not None:
+            dfc = layer_mi(
+                model,
+                x_eval,
+                y_eval,
+                guide=guide,
+                weights="conditional",
+                seed=derive_seed(cell.seed, _TAG_MI_COND, epoch),
+                n_paths=est.n_paths,
+                n_weight_draws=est.n_weight_draws,
+                device=cell.device,
+            )
+            per_draw = dfc.attrs.get("per_draw")
+            draws = _per_draw_values(per_draw)
+            for row in _rows(dfc, epoch):
+                row["draws"] = draws.get(f"{row['source']}->{row['target']}")
+                records["conditional"].append(row)
+
+    with torch.random.fork_rng(devices=[]), pyro.get_param_store().scope():
+        torch.manual_seed(derive_seed(cell.seed, _TAG_INIT))
+        model = build_model(spec, seed=derive_seed(cell.seed, _TAG_INIT))
+        result = train(
+            model,
+            train_d,
+            spec,
+            epochs=cell.training_epochs,
+            seed=derive_seed(cell.seed, _TAG_TRAIN),
+            device=cell.device,
+            test=test_d,
+            progress=progress,
+            callback=callback,
+        )
+    history = _jsonable(list(result.history))
+    by_epoch = {int(h["epoch"]): h for h in history}
+    missing = measured - {r["epoch"] for r in records["estimates"]}
+    if missing or not measured <= set(by_epoch):
+        raise RuntimeError(
+            f"cell {cell.cell_id}: training never reached epochs {sorted(missing)} "
+            f"(history has epochs {sorted(by_epoch)})"
+        )
+    for epoch in sorted(measured):
+        h = by_epoch[epoch]
+        records["accuracy"].append(
+            {
+                "epoch": epoch,
+                "test_accuracy": float(h.get("test_acc", math.nan)),
+                "train_accuracy": float(h.get("train_acc", math.nan)),
+                "loss": float(h.get("loss", math.nan)),
+            }
+        )
+    return {
+        "cell_id": cell.cell_id,
+        "key": cell.key(),
+        "cell": cell.to_dict(),
+        "data_source": source,
+        "n_train": len(train_d),
+        "n_test": len(test_d),
+        "n_inputs": len(inputs),
+        "layer_sites": list(getattr(model, "layer_sites", [])),
+        **records,
+        "history": history,
+        "versions": package_versions(),
+        "wall_s": time.perf_counter() - t0,
+    }

@@ -1,0 +1,545 @@
+"""Results on disk: per-cell records, resuming, and the assembled outputs.
+
+Layout of a sweep folder ``DIR``::
+
+    DIR/manifest.json            experiment name, file, SHA-256 of its text, cell ids
+    DIR/experiment.toml          the experiment file, verbatim
+    DIR/cells/<cell_id>.json     one record per finished cell (written atomically)
+    DIR/cells/<cell_id>.error.txt  traceback of a failed cell (removed once it succeeds)
+    DIR/results.nc               xarray Dataset (engine h5netcdf), dims config, seed, epoch, pair
+    DIR/summary.csv              one row per cell x epoch x pair
+    DIR/bayes_per_draw.nc        ArviZ InferenceData with I(X;T | W=w) per posterior draw
+                                 (only when the experiment asks for conditional estimates)
+    DIR/*.png                    plots (see stochmi.experiments.plots)
+
+Every file is written to a temporary name in the same folder and moved into place
+with :func:`os.replace`, so an interrupted run never leaves a half-written file.  A
+cell record carries the SHA-256 of the cell's settings (:meth:`CellSpec.key`); a rerun
+skips exactly the cells whose record is present with the same key.  The assembled
+outputs are built from the records alone, in the experiment's order, so they are
+identical whether the cells ran in one go, in several interrupted runs, or under
+different executors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stochmi.experiments.config import CellSpec, ExperimentConfig
+
+__all__ = [
+    "ResultStore",
+    "ResumeError",
+    "assemble",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load_results",
+    "write_outputs",
+]
+
+MANIFEST = "manifest.json"
+RESULTS_NC = "results.nc"
+SUMMARY_CSV = "summary.csv"
+PER_DRAW_NC = "bayes_per_draw.nc"
+
+_EST_VARS = ("value", "stderr", "lower", "upper", "saturated", "dpi_ok", "k_paths", "n")
+_COND_VARS = ("value", "stderr", "lower", "upper")
+
+
+class ResumeError(ValueError):
+    """The output folder belongs to a different experiment (or to something else)."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and :func:`os.replace`."""
+    _atomic_write(Path(path), lambda fh: fh.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _atomic_via_tmpfile(path: Path, writer) -> None:
+    """Atomic write for libraries that want a file name: ``writer(tmp_name)``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class ResultStore:
+    """Per-cell records of one sweep folder.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The sweep folder (created when missing).
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.cells_dir = self.out_dir / "cells"
+
+    # -- folder ownership -------------------------------------------------------------
+
+    def open(self, config: ExperimentConfig, cells: Sequence[CellSpec], *, force=False) -> None:
+        """Claim the folder for ``config``: check the manifest, then (re)write it.
+
+        Raises
+        ------
+        ResumeError
+            When ``out_dir`` holds results of a different experiment file (different
+            text) or is a non-empty folder that is not a sweep folder, unless
+            ``force`` (then records whose cell settings are unchanged are reused and
+            the others recomputed).
+        """
+        manifest_path = self.out_dir / MANIFEST
+        if manifest_path.exists():
+            try:
+                old = json.loads(manifest_path.read_text())
+            except (OSError, ValueError):
+                old = {}
+            if old.get("experiment_sha256") != config.sha256 and not force:
+                raise ResumeError(
+                    f"{self.out_dir} holds results of a different experiment file "
+                    f"({old.get('experiment_name', '?')!r} from {old.get('experiment_file', '?')}"
+                    f"); refusing to mix them. Use another --out folder, or pass --force to "
+                    "reuse it (cells whose settings are unchanged are kept, the rest recomputed)."
+                )
+        elif self.out_dir.exists() and any(self.out_dir.iterdir()) and not force:
+            raise ResumeError(
+                f"{self.out_dir} is not empty and is not a stochmi sweep folder (no {MANIFEST}); "
+                "choose an empty or new --out folder, or pass --force"
+            )
+        self.cells_dir.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "experiment_name": config.name,
+            "experiment_file": config.path,
+            "experiment_sha256": config.sha256,
+            "cells": [c.cell_id for c in cells],
+        }
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
+        atomic_write_text(self.out_dir / "experiment.toml", config.text)
+
+    # -- records -----------------------------------------------------------------------
+
+    def record_path(self, cell: CellSpec | str) -> Path:
+        cell_id = cell if isinstance(cell, str) else cell.cell_id
+        return self.cells_dir / f"{cell_id}.json"
+
+    def error_path(self, cell: CellSpec | str) -> Path:
+        cell_id = cell if isinstance(cell, str) else cell.cell_id
+        return self.cells_dir / f"{cell_id}.error.txt"
+
+    def load(self, cell: CellSpec) -> dict[str, Any] | None:
+        """The finished record of ``cell``, or None (missing, unreadable or stale key)."""
+        path = self.record_path(cell)
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if rec.get("key") != cell.key():
+            return None
+        return rec
+
+    def is_done(self, cell: CellSpec) -> bool:
+        return self.load(cell) is not None
+
+    def write(self, record: dict[str, Any]) -> Path:
+        """Write a finished cell's record atomically; removes its old error file."""
+        path = self.record_path(record["cell_id"])
+        atomic_write_text(path, json.dumps(record, indent=1, allow_nan=True) + "\n")
+        try:
+            self.error_path(record["cell_id"]).unlink()
+        except FileNotFoundError:
+            pass
+        return path
+
+    def write_failure(self, cell: CellSpec, error: str) -> Path:
+        """Keep a failed cell's traceback next to the records."""
+        path = self.error_path(cell)
+        atomic_write_text(path, error)
+        return path
+
+    def records(self, cells: Sequence[CellSpec]) -> list[dict[str, Any]]:
+        """Records of ``cells`` in their order; raises if any is not finished."""
+        out = []
+        for cell in cells:
+            rec = self.load(cell)
+            if rec is None:
+                raise FileNotFoundError(f"cell {cell.cell_id} has no finished record")
+            out.append(rec)
+        return out
+
+
+# -- assembling -------------------------------------------------------------------------
+
+
+def _pairs_in_order(records: Sequence[dict]) -> list[tuple[str, str]]:
+    seen: dict[tuple[str, str], None] = {}
+    for rec in records:
+        for row in rec["estimates"]:
+            seen.setdefault((row["source"], row["target"]), None)
+        for row in rec.get("conditional", []):
+            seen.setdefault((row["source"], row["target"]), None)
+    return list(seen)
+
+
+def _pair_kind(source: str, target: str) -> str:
+    if source == "X":
+        return "input"
+    if target == "Y":
+        return "label"
+    return "layer"
+
+
+def _as_float(v: Any) -> float:
+    if v is None:
+        return math.nan
+    if isinstance(v, bool):
+        return float(v)
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _override_coords(cells: Sequence[CellSpec], config_ids: list[str]) -> dict[str, Any]:
+    """A coordinate per overridden spec key (``noise.sigma`` -> ``set_noise_sigma``)."""
+    by_config = {c.config_id: dict(c.overrides) for c in cells}
+    keys: dict[str, None] = {}
+    for c in cells:
+        for k, _ in c.overrides:
+            keys.setdefault(k, None)
+    coords = {}
+    for k in keys:
+        vals = [by_config[cid].get(k) for cid in config_ids]
+        present = [v for v in vals if v is not None]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+            arr = np.array([math.nan if v is None else float(v) for v in vals])
+        else:
+            arr = np.array(["" if v is None else json.dumps(v) for v in vals], dtype=object)
+        coords["set_" + k.replace(".", "_")] = ("config", arr)
+    return coords
+
+
+def assemble(config: ExperimentConfig, cells: Sequence[CellSpec], records: Sequence[dict]):
+    """Build the outputs of a sweep from its cell records.
+
+    Parameters
+    ----------
+    config : ExperimentConfig
+    cells : sequence of CellSpec
+        All cells of the experiment (order defines the output order).
+    records : sequence of dict
+        The finished records, one per cell, same order (from :func:`run_cell`).
+
+    Returns
+    -------
+    ds : xarray.Dataset
+        Dims ``config`` (grid points), ``seed``, ``epoch``, ``pair``.  Variables
+        (NaN where a model has no such pair): ``value``, ``stderr``, ``lower``,
+        ``upper`` (nats; weights marginalised), ``saturated``, ``dpi_ok`` (0/1),
+        ``k_paths``, ``n``; ``test_accuracy``, ``train_accuracy``, ``loss``
+        (config, seed, epoch); with
+        conditional estimates also ``cond_value``, ``cond_stderr``, ``cond_lower``,
+        ``cond_upper``, ``cond_sd``, ``cond_hdi_lower``, ``cond_hdi_upper`` (94% HDI
+        over posterior draws).  Coordinates: ``label``, ``spec``, ``sigma``,
+        ``overrides`` and ``set_<key>`` per config; ``source``, ``target``,
+        ``kind`` (input / layer / label) per pair.
+    summary : pandas.DataFrame
+        One row per cell x epoch x pair.
+    idata : arviz.InferenceData or None
+        Posterior group with variable ``mi`` (chain, draw, config, seed, epoch, pair)
+        holding I(X;T | W = w) per weight draw; None without conditional estimates.
+    """
+    import pandas as pd
+    import xarray as xr
+
+    if len(cells) != len(records):
+        raise ValueError("assemble needs one record per cell")
+    config_ids = list(dict.fromkeys(c.config_id for c in cells))
+    first = {}
+    for c in cells:
+        first.setdefault(c.config_id, c)
+    seeds = list(config.seeds)
+    epochs = list(config.estimate.epochs)
+    pairs = _pairs_in_order(records)
+    pair_names = [f"{s}->{t}" for s, t in pairs]
+    ci = {cid: i for i, cid in enumerate(config_ids)}
+    si = {s: i for i, s in enumerate(seeds)}
+    ei = {e: i for i, e in enumerate(epochs)}
+    pi = {p: i for i, p in enumerate(pairs)}
+    shape = (len(config_ids), len(seeds), len(epochs), len(pairs))
+    est = {k: np.full(shape, np.nan) for k in _EST_VARS}
+    acc = {k: np.full(shape[:3], np.nan) for k in ("test_accuracy", "train_accuracy", "loss")}
+    has_cond = any(rec.get("conditional") for rec in records)
+    cond = {k: np.full(shape, np.nan) for k in (*_COND_VARS, "sd", "hdi_lower", "hdi_upper")}
+    n_draws = max(
+        (len(r["draws"]) for rec in records for r in rec.get("conditional", []) if r.get("draws")),
+        default=0,
+    )
+    draws = np.full((len(config_ids), len(seeds), len(epochs), len(pairs), n_draws), np.nan)
+
+    rows = []
+    for cell, rec in zip(cells, records):
+        if rec["cell_id"] != cell.cell_id:
+            raise ValueError(f"record {rec['cell_id']} does not belong to cell {cell.cell_id}")
+        i, j = ci[cell.config_id], si[cell.seed]
+        accs = {a["epoch"]: a["test_accuracy"] for a in rec["accuracy"]}
+        for a in rec["accuracy"]:
+            for name, arr in acc.items():
+                arr[i, j, ei[a["epoch"]]] = _as_float(a.get(name))
+        conds = {(r["epoch"], r["source"], r["target"]): r for r in rec.get("conditional", [])}
+        for r in rec.get("conditional", []):
+            k = ei[r["epoch"]]
+            p = pi[(r["source"], r["target"])]
+            for name in _COND_VARS:
+                cond[name][i, j, k, p] = _as_float(r.get(name))
+            d = r.get("draws")
+            if d:
+                arr = np.asarray(d, dtype=float)
+                draws[i, j, k, p, : len(arr)] = arr
+                cond["sd"][i, j, k, p] = float(np.std(arr, ddof=1)) if len(arr) > 1 else np.nan
+                lo, hi = _hdi(arr)
+                cond["hdi_lower"][i, j, k, p] = lo
+                cond["hdi_upper"][i, j, k, p] = hi
+        for r in rec["estimates"]:
+            k = ei[r["epoch"]]
+            p = pi[(r["source"], r["target"])]
+            for name in _EST_VARS:
+                est[name][i, j, k, p] = _as_float(r.get(name))
+            row = {
+                "cell_id": cell.cell_id,
+                "config": cell.config_id,
+                "label": cell.label,
+                "spec": cell.spec,
+                "sigma": cell.sigma,
+                "overrides": json.dumps(dict(cell.overrides), sort_keys=True),
+                "seed": cell.seed,
+                "epoch": r["epoch"],
+                "pair": f"{r['source']}->{r['target']}",
+                "source": r["source"],
+                "target": r["target"],
+                "kind": _pair_kind(r["source"], r["target"]),
+            }
+            row.update({name: _as_float(r.get(name)) for name in _EST_VARS})
+            row["test_accuracy"] = accs.get(r["epoch"], math.nan)
+            if has_cond:
+                c = conds.get((r["epoch"], r["source"], r["target"]))
+                for name in _COND_VARS:
+                    row[f"cond_{name}"] = _as_float(c.get(name)) if c else math.nan
+                for name in ("sd", "hdi_lower", "hdi_upper"):
+                    row[f"cond_{name}"] = float(cond[name][i, j, k, p])
+            rows.append(row)
+
+    order = {(c.cell_id): n for n, c in enumerate(cells)}
+    summary = pd.DataFrame(rows)
+    if len(summary):
+        summary["_c"] = summary["cell_id"].map(order)
+        summary["_p"] = [pi[(s, t)] for s, t in zip(summary["source"], summary["target"])]
+        summary = summary.sort_values(["_c", "epoch", "_p"], kind="stable").drop(
+            columns=["_c", "_p"]
+        )
+        summary = summary.reset_index(drop=True)
+
+    dims = ("config", "seed", "epoch", "pair")
+    data_vars = {}
+    descriptions = {
+        "value": "dataset mutual information estimate (nats), weights marginalised",
+        "stderr": "Monte Carlo standard error of value (nats)",
+        "lower": "lower bound on the population MI (nats)",
+        "upper": "upper bound on the population MI (nats)",
+        "saturated": "1 when the lower bound is near log N (more inputs needed)",
+        "dpi_ok": "1 when the data-processing inequalities hold for this pair",
+        "k_paths": "propagated paths per input for mixture conditionals",
+        "n": "number of inputs",
+    }
+    for name in _EST_VARS:
+        data_vars[name] = (dims, est[name], {"description": descriptions[name]})
+    data_vars["value"][2]["units"] = "nats"
+    for name, text in (
+        ("test_accuracy", "predictive accuracy on the held-out images"),
+        ("train_accuracy", "predictive accuracy on the training images"),
+        ("loss", "training loss (-ELBO per training example) of the epoch; nan at epoch 0"),
+    ):
+        data_vars[name] = (dims[:3], acc[name], {"description": text})
+    if has_cond:
+        for name in (*_COND_VARS, "sd", "hdi_lower", "hdi_upper"):
+            data_vars[f"cond_{name}"] = (
+                dims,
+                cond[name],
+                {"description": f"I(X;T | W=w) over posterior weight draws: {name} (nats)"},
+            )
+    coords = {
+        "config": np.array(config_ids, dtype=object),
+        "seed": np.array(seeds, dtype=np.int64),
+        "epoch": np.array(epochs, dtype=np.int64),
+        "pair": np.array(pair_names, dtype=object),
+        "label": ("config", np.array([first[c].label for c in config_ids], dtype=object)),
+        "spec": ("config", np.array([first[c].spec for c in config_ids], dtype=object)),
+        "sigma": ("config", np.array([first[c].sigma for c in config_ids], dtype=float)),
+        "overrides": (
+            "config",
+            np.array(
+                [json.dumps(dict(first[c].overrides), sort_keys=True) for c in config_ids],
+                dtype=object,
+            ),
+        ),
+        "source": ("pair", np.array([s for s, _ in pairs], dtype=object)),
+        "target": ("pair", np.array([t for _, t in pairs], dtype=object)),
+        "kind": ("pair", np.array([_pair_kind(s, t) for s, t in pairs], dtype=object)),
+    }
+    coords.update(_override_coords(cells, config_ids))
+    sources = sorted({rec["data_source"] for rec in records})
+    attrs = {
+        "title": f"stochmi sweep: {config.name}",
+        "experiment_name": config.name,
+        "experiment_description": config.description,
+        "experiment_file": config.path,
+        "experiment_sha256": config.sha256,
+        "experiment_text": config.text,
+        "data_source": "; ".join(sources),
+        "n_train": int(records[0]["n_train"]) if records else 0,
+        "n_test": int(records[0]["n_test"]) if records else 0,
+        "n_inputs": int(records[0]["n_inputs"]) if records else 0,
+        "units": "nats",
+        "estimate_settings": json.dumps(_settings_dict(config), sort_keys=True),
+        "versions": json.dumps(records[0]["versions"] if records else {}, sort_keys=True),
+        "cell_ids": json.dumps([c.cell_id for c in cells]),
+    }
+    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+
+    idata = None
+    if has_cond and n_draws:
+        idata = _per_draw_idata(
+            draws, config_ids, seeds, epochs, pair_names, records, cells, config, attrs
+        )
+    return ds, summary, idata
+
+
+def _settings_dict(config: ExperimentConfig) -> dict[str, Any]:
+    e = config.estimate
+    return {
+        "epochs": list(e.epochs),
+        "n_inputs": e.n_inputs,
+        "n_paths": e.n_paths,
+        "n_weight_draws": e.n_weight_draws,
+        "conditional": e.conditional,
+    }
+
+
+def _hdi(x: np.ndarray, prob: float = 0.94) -> tuple[float, float]:
+    """Narrowest interval holding ``prob`` of the draws (the algorithm of ``arviz.hdi``).
+
+    Sort the ``n`` draws, take ``k = floor(prob * n)``; the interval is the pair
+    ``(x_(i), x_(i + k))`` of smallest width.
+    """
+    x = np.sort(np.asarray(x, dtype=float)[np.isfinite(x)])
+    n = len(x)
+    if n < 2:
+        return math.nan, math.nan
+    k = int(math.floor(prob * n))
+    if k >= n:
+        k = n - 1
+    widths = x[k:] - x[: n - k]
+    i = int(np.argmin(widths))
+    return float(x[i]), float(x[i + k])
+
+
+def _per_draw_idata(draws, config_ids, seeds, epochs, pair_names, records, cells, config, attrs):
+    import arviz as az
+
+    keep = [
+        i
+        for i, cid in enumerate(config_ids)
+        if np.isfinite(draws[i]).any()  # configs with a weight posterior
+    ]
+    arr = draws[keep]  # (config, seed, epoch, pair, draw)
+    arr = np.moveaxis(arr, -1, 0)[None]  # (chain=1, draw, config, seed, epoch, pair)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer draws than ArviZ's diagnostics want
+        idata = az.from_dict(
+            posterior={"mi": arr},
+            coords={
+                "config": [config_ids[i] for i in keep],
+                "seed": list(seeds),
+                "epoch": list(epochs),
+                "pair": list(pair_names),
+            },
+            dims={"mi": ["config", "seed", "epoch", "pair"]},
+        )
+    post = idata.posterior
+    post.attrs.pop("created_at", None)  # reruns must give identical files
+    post.attrs.update(
+        {
+            "description": "I(X;T | W=w) in nats for posterior weight draws w "
+            "(stochmi.layer_mi weights='conditional'); chain 0, one draw per weight sample",
+            "experiment_name": attrs["experiment_name"],
+            "experiment_sha256": attrs["experiment_sha256"],
+            "data_source": attrs["data_source"],
+            "units": "nats",
+        }
+    )
+    post["mi"].attrs["units"] = "nats"
+    return idata
+
+
+def write_outputs(out_dir: str | Path, ds, summary, idata=None) -> dict[str, Path]:
+    """Write ``results.nc``, ``summary.csv`` and (if any) ``bayes_per_draw.nc`` atomically."""
+    out = Path(out_dir)
+    files = {}
+    _atomic_via_tmpfile(out / RESULTS_NC, lambda p: ds.to_netcdf(p, engine="h5netcdf"))
+    files["results"] = out / RESULTS_NC
+    atomic_write_text(out / SUMMARY_CSV, summary.to_csv(index=False))
+    files["summary"] = out / SUMMARY_CSV
+    if idata is not None:
+        _atomic_via_tmpfile(out / PER_DRAW_NC, lambda p: idata.to_netcdf(p, engine="h5netcdf"))
+        files["per_draw"] = out / PER_DRAW_NC
+    return files
+
+
+def load_results(out_dir: str | Path):
+    """Open ``DIR/results.nc`` as an :class:`xarray.Dataset` (loaded into memory)."""
+    import xarray as xr
+
+    path = Path(out_dir) / RESULTS_NC
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        return ds.load()

