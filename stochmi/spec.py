@@ -9,7 +9,7 @@ A spec is a TOML document with these sections (every key optional unless noted;
                 pca_components, pca_source, description
     [noise]     sigma (float >= 0, or one per stochastic layer),
                 where = "post-activation" | "pre-activation"
-    [prior]     scale                 (bayes_mlp only)
+    [prior]     scale, fan_in (true: std scale / sqrt(fan_in))   (bayes_mlp only)
     [guide]     init_scale            (bayes_mlp only)
     [training]  epochs, batch_size, lr, optimizer, clip_norm, num_particles, eval_samples
     [data]      source, n_train, test_source, n_test, test_fraction
@@ -65,7 +65,7 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class _Key:
-    type: str  # "int", "float", "str", "int_list", "sigma"
+    type: str  # "int", "float", "str", "bool", "int_list", "sigma"
     default: Any = None
     choices: tuple | None = None
     minimum: float | None = None
@@ -99,7 +99,12 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "sigma": _Key("sigma", None, minimum=0.0, help="noise std, scalar or per layer"),
         "where": _Key("str", None, NOISE_PLACES),
     },
-    "prior": {"scale": _Key("float", 1.0, minimum=0.0, strict_min=True, kinds=_BAYES)},
+    "prior": {
+        "scale": _Key("float", 1.0, minimum=0.0, strict_min=True, kinds=_BAYES),
+        "fan_in": _Key(
+            "bool", False, kinds=_BAYES, help="prior std scale / sqrt(fan_in) per layer"
+        ),
+    },
     "guide": {"init_scale": _Key("float", 0.01, minimum=0.0, strict_min=True, kinds=_BAYES)},
     "training": {
         "epochs": _Key("int", 5, minimum=0),
@@ -359,6 +364,9 @@ def _check_scalar(v, k: _Key, where: str) -> None:
     elif k.type == "float":
         if not _is_num(v) or not math.isfinite(v):
             raise SpecError(f"{where} must be a finite number, got {v!r}")
+    elif k.type == "bool":
+        if not isinstance(v, bool):
+            raise SpecError(f"{where} must be true or false, got {v!r}")
     elif k.type == "str":
         if not isinstance(v, str):
             raise SpecError(f"{where} must be a string, got {v!r}")
