@@ -92,7 +92,8 @@ class MNISTData:
             raise ValueError(f"MNISTData.x must have shape (N, d), got {tuple(self.x.shape)}")
         if self.y.shape != (self.x.shape[0],):
             raise ValueError(
-                f"MNISTData.y must have shape (N,) = ({self.x.shape[0]},), got {tuple(self.y.shape)}"
+                f"MNISTData.y must have shape (N,) = ({self.x.shape[0]},), "
+                f"got {tuple(self.y.shape)}"
             )
 
     def __len__(self) -> int:
@@ -305,7 +306,9 @@ def _read_idx(path: str) -> np.ndarray:
     offset = 4 + 4 * k
     size = int(np.prod(dims))
     if len(raw) - offset != size:
-        raise ValueError(f"{path}: IDX header says {dims} ({size} bytes), found {len(raw) - offset}")
+        raise ValueError(
+            f"{path}: IDX header says {dims} ({size} bytes), found {len(raw) - offset}"
+        )
     arr = np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
     arr.setflags(write=False)
     return arr

@@ -177,7 +177,10 @@ def _posterior_draws(idata, device) -> tuple[list[dict[str, torch.Tensor]], int]
     for c in range(n_chain):
         for d in range(n_draw):
             draws.append(
-                {n: torch.as_tensor(arrays[n][c, d], dtype=torch.float32, device=device) for n in names}
+                {
+                    n: torch.as_tensor(arrays[n][c, d], dtype=torch.float32, device=device)
+                    for n in names
+                }
             )
     return draws, len(draws)
 

@@ -416,9 +416,7 @@ def _validate(data: dict, origin: str) -> None:
 
     model = data.get("model")
     if not isinstance(model, dict) or "kind" not in model:
-        raise SpecError(
-            f"{origin}: [model].kind is required (one of {', '.join(MODEL_KINDS)})"
-        )
+        raise SpecError(f"{origin}: [model].kind is required (one of {', '.join(MODEL_KINDS)})")
     kind = model["kind"]
     for section, table in data.items():
         for name in table:

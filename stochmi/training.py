@@ -8,8 +8,8 @@ function that :func:`stochmi.layer_mi` traces, called with
 ``h`` sites) and a subsampled ``pyro.plate("data", size=N_train, subsample=...)``
 so that the minibatch log-likelihood is scaled by ``N_train / B``:
 
-* ``bayes_mlp``: ``-ELBO = -E_{q(W), noise}[ sum_i log p(y_i | x_i, W, noise) ] + KL(q(W) || p(W))``,
-  the guide a :class:`~stochmi.nets.MeanFieldGuide`.
+* ``bayes_mlp``: the guide is a :class:`~stochmi.nets.MeanFieldGuide` and
+  ``-ELBO = -E_{q(W), noise}[ sum_i log p(y_i | x_i, W, noise) ] + KL(q(W) || p(W))``.
 * ``noisy_mlp`` / ``noisy_cnn``: no global latents, so ``-ELBO`` reduces to the
   expected negative log-likelihood ``-E_noise sum_i log p(y_i | x_i, noise)``
   (cross-entropy through the noisy layers), optimised by Adam on the

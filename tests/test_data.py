@@ -111,9 +111,7 @@ def test_train_test_split_disjoint_complete_reproducible():
     tr, te = train_test_split(d, test_fraction=0.25, seed=7)
     assert (len(tr), len(te)) == (750, 250)
     assert _row_keys(torch.cat([tr.x, te.x])) == _row_keys(d.x)
-    assert torch.equal(
-        torch.sort(torch.cat([tr.y, te.y])).values, torch.sort(d.y).values
-    )
+    assert torch.equal(torch.sort(torch.cat([tr.y, te.y])).values, torch.sort(d.y).values)
     tr2, te2 = train_test_split(d, test_fraction=0.25, seed=7)
     assert torch.equal(te.x, te2.x) and torch.equal(tr.y, tr2.y)
     _, te3 = train_test_split(d, test_fraction=0.25, seed=8)
@@ -169,7 +167,8 @@ def test_fashion_from_a_folder_uses_its_own_constants(tmp_path):
     d = load_mnist("fashion", root=tmp_path, train=False)
     assert (d.mean, d.std) == (FASHION_MEAN, FASHION_STD)
     assert "Fashion-MNIST test" in d.source
-    assert torch.allclose(d.pixels() * 255, torch.from_numpy(images.reshape(16, -1)).float(), atol=1e-3)
+    expected = torch.from_numpy(images.reshape(16, -1)).float()
+    assert torch.allclose(d.pixels() * 255, expected, atol=1e-3)
     assert len(load_mnist("fashion", root=tmp_path)) == 8
 
 
