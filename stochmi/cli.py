@@ -221,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="address of a running Ray cluster (default: start a local Ray for this run)",
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per cell under every executor (default: in-process keeps "
+        "torch's setting, --workers N uses cores/N, Ray uses [resources] cpus); the same "
+        "value gives bitwise identical numbers whichever executor runs a cell",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="reuse an output folder made by a different experiment file",
@@ -432,6 +440,8 @@ def _cmd_sweep(args) -> int:
     executor = args.executor or ("process" if (args.workers or 1) > 1 else "inprocess")
     if args.workers is not None and args.workers < 1:
         raise _UsageError("--workers must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise _UsageError("--threads must be at least 1")
     t0 = time.perf_counter()
     res = run_sweep(
         config,
@@ -439,6 +449,7 @@ def _cmd_sweep(args) -> int:
         executor=executor,
         workers=args.workers,
         ray_address=args.ray_address,
+        threads=args.threads,
         force=args.force,
         device=device,
         progress=not _opt(args, "quiet"),

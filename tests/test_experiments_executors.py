@@ -95,6 +95,24 @@ def test_make_executor():
         ProcessExecutor(0)
 
 
+def test_inprocess_threads_set_and_restored(exp_file):
+    import torch
+
+    from stochmi.experiments.config import load_experiment
+
+    cell = load_experiment(exp_file).cells()[0]
+    before = torch.get_num_threads()
+
+    def threads(c, progress=False):
+        return {"threads": torch.get_num_threads()}
+
+    (out,) = list(InProcessExecutor(threads=1).run(threads, [cell]))
+    assert out.result == {"threads": 1} and torch.get_num_threads() == before
+    assert make_executor(workers=2, threads=1).threads == 1
+    with pytest.raises(ValueError, match="threads"):
+        InProcessExecutor(threads=0)
+
+
 def test_ray_missing_gives_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(RuntimeError) as exc:

@@ -44,6 +44,7 @@ class InterruptAfter(InProcessExecutor):
     """Delivers ``k`` cells, then raises KeyboardInterrupt while the next one runs."""
 
     def __init__(self, k: int):
+        super().__init__()
         self.k = k
 
     def run(self, fn, cells, *, progress=False):

@@ -287,5 +287,6 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
         **records,
         "history": history,
         "versions": package_versions(),
+        "torch_threads": torch.get_num_threads(),
         "wall_s": time.perf_counter() - t0,
     }

@@ -19,7 +19,10 @@ finished cell to disk at once:
 
 A cell that raises is reported as a failed outcome (with its traceback) and the
 other cells go on.  Results do not depend on the executor, since a cell's numbers
-depend only on its configuration and seed (see :mod:`stochmi.experiments.cells`).
+depend only on its configuration and seed (see :mod:`stochmi.experiments.cells`) -
+bitwise so when each cell runs with the same number of torch threads (``threads=``;
+matrix products may round differently with another thread count, differences of
+order 1e-8 nats, far below the Monte Carlo error).
 """
 
 from __future__ import annotations
@@ -112,13 +115,45 @@ class Executor(ABC):
 
 
 class InProcessExecutor(Executor):
-    """Run cells one after the other in this process."""
+    """Run cells one after the other in this process.
+
+    Parameters
+    ----------
+    threads : int, optional
+        Torch threads while a cell runs (restored afterwards); default: leave
+        torch's setting as it is.
+    """
 
     name = "inprocess"
 
+    def __init__(self, *, threads: int | None = None) -> None:
+        _check_threads(threads)
+        self.threads = threads
+
+    def describe(self) -> str:
+        import torch
+
+        return f"in-process ({self.threads or torch.get_num_threads()} torch threads)"
+
     def run(self, fn, cells, *, progress=False):
+        import torch
+
         for cell in cells:
-            yield _outcome(cell, *_call(fn, cell, progress))
+            old = torch.get_num_threads()
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            try:
+                status, payload = _call(fn, cell, progress)
+            finally:
+                torch.set_num_threads(old)
+            yield _outcome(cell, status, payload)
+
+
+def _check_threads(threads) -> None:
+    if threads is not None and (
+        not isinstance(threads, int) or isinstance(threads, bool) or threads < 1
+    ):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
 
 
 def _init_worker(threads: int) -> None:
@@ -147,6 +182,7 @@ class ProcessExecutor(Executor):
     def __init__(self, workers: int, *, threads: int | None = None) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        _check_threads(threads)
         self.workers = workers
         self.threads = threads or max(1, available_cpus() // workers)
         self._pool = None
@@ -218,6 +254,8 @@ class RayExecutor(Executor):
         ``ray.init(num_cpus=num_cpus)`` and shut down when the executor exits.
     num_cpus : int, optional
         CPUs of the local Ray (default: :func:`available_cpus`).
+    threads : int, optional
+        Torch threads in every task; default ``max(1, int(resources.cpus))``.
 
     Raises
     ------
@@ -227,16 +265,25 @@ class RayExecutor(Executor):
     Notes
     -----
     Each task gets the cell's ``resources.cpus`` / ``resources.gpus`` as Ray
-    resource requests and sets ``torch.set_num_threads(max(1, int(cpus)))``.
+    resource requests and sets ``torch.set_num_threads(threads)``, by default
+    ``max(1, int(cpus))``.
     """
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, *, num_cpus: int | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        num_cpus: int | None = None,
+        threads: int | None = None,
+    ) -> None:
         try:
             import ray  # noqa: F401
         except ImportError as exc:
             raise RuntimeError(RAY_INSTALL_HINT) from exc
+        _check_threads(threads)
+        self.threads = threads
         self.address = address
         self.num_cpus = num_cpus
         self._owns = False
@@ -286,7 +333,7 @@ class RayExecutor(Executor):
             opts = {"num_cpus": cell.resources.cpus, "max_retries": 0}
             if cell.resources.gpus > 0:
                 opts["num_gpus"] = cell.resources.gpus
-            threads = max(1, int(cell.resources.cpus))
+            threads = self.threads or max(1, int(cell.resources.cpus))
             pending[remote.options(**opts).remote(fn, cell, threads)] = cell
         try:
             while pending:
@@ -312,6 +359,7 @@ def make_executor(
     workers: int | None = None,
     ray_address: str | None = None,
     num_cpus: int | None = None,
+    threads: int | None = None,
 ) -> Executor:
     """Build an executor by name.
 
@@ -326,13 +374,20 @@ def make_executor(
         Cluster address for ``"ray"``.
     num_cpus : int, optional
         CPUs of a locally started Ray (default ``workers`` or all cores).
+    threads : int, optional
+        Torch threads per cell for every executor.  By default in-process leaves
+        torch's setting, the process pool uses ``cores // workers`` and Ray
+        ``int(resources.cpus)``.  Matrix products may round differently with a
+        different number of threads, so results are bitwise identical across
+        executors when the thread count per cell is the same (pass ``threads``),
+        and otherwise agree to float rounding.
     """
     if kind not in ("inprocess", "process", "ray"):
         raise ValueError(f"unknown executor {kind!r}; choose inprocess, process or ray")
     if ray_address and kind != "ray":
         raise ValueError("--ray-address needs --executor ray")
     if kind == "ray":
-        return RayExecutor(ray_address, num_cpus=num_cpus or workers)
+        return RayExecutor(ray_address, num_cpus=num_cpus or workers, threads=threads)
     if kind == "process" or (workers is not None and workers > 1):
-        return ProcessExecutor(workers or available_cpus())
-    return InProcessExecutor()
+        return ProcessExecutor(workers or available_cpus(), threads=threads)
+    return InProcessExecutor(threads=threads)

@@ -71,6 +71,7 @@ def run_sweep(
     executor: str | Executor = "inprocess",
     workers: int | None = None,
     ray_address: str | None = None,
+    threads: int | None = None,
     force: bool = False,
     device: str = "cpu",
     progress: bool = True,
@@ -93,6 +94,9 @@ def run_sweep(
         a locally started Ray.
     ray_address : str, optional
         Address of an existing Ray cluster.
+    threads : int, optional
+        Torch threads per cell under every executor (see
+        :func:`~stochmi.experiments.executors.make_executor`).
     force : bool
         Reuse a folder made by a different experiment file.
     device : str
@@ -134,7 +138,7 @@ def run_sweep(
     n_skipped = len(cells) - len(todo)
     ex = executor if isinstance(executor, Executor) else None
     if ex is None:
-        ex = make_executor(executor, workers=workers, ray_address=ray_address)
+        ex = make_executor(executor, workers=workers, ray_address=ray_address, threads=threads)
     say(f"experiment {config.name!r}: {len(cells)} cells ({n_skipped} already done) -> {out_dir}")
     say(
         f"data: {source}; {len(train)} training / {len(test)} held-out images, "
