@@ -98,7 +98,8 @@ def pairwise_bounds(
     var = scale * scale
     logvar = torch.log(var)
     db = max(1, min(d, _BUDGET // (8 * n * 16)))
-    b = chunk_size or max(1, _BUDGET // (8 * n * db * 4))
+    # rows capped by the memory budget whatever chunk_size says: a block is (b, N, db)
+    b = min(chunk_size or n, max(1, _BUDGET // (8 * n * db * 4)))
     lo_terms, up_terms = [], []
     for s in range(0, n, b):
         kl = torch.zeros(min(b, n - s), n, dtype=torch.float64, device=loc.device)

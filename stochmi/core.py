@@ -31,7 +31,7 @@ from stochmi.kernel import LogDensityKernel
 
 __all__ = ["mi_from_conditional", "mi_with_labels", "make_generator"]
 
-_SUB_ROWS = 32  # rows reduced at a time (a 32 x N float64 block stays in cache)
+_SUB_ELEMS = 2**21  # elements of L reduced per step (16 MiB of float64): few, large torch ops
 
 
 def make_generator(
@@ -123,11 +123,12 @@ class _Pass:
         # one exp pass per block: with m the off-diagonal row max,
         #   lse_loo = m + log sum_{i != j} exp(L[j, i] - m),  lse_all = logaddexp(lse_loo, L[j, j])
         # and class sums of the same exponentials as one small matrix product.
-        # Rows are reduced in sub-blocks that stay in cache.
+        # Rows are reduced in sub-blocks of ~2M elements.
         diag = self.diag.reshape(-1)[sl]
         base = sl.start
-        for r0 in range(0, blk.shape[0], _SUB_ROWS):
-            r1 = min(r0 + _SUB_ROWS, blk.shape[0])
+        step = max(32, _SUB_ELEMS // max(1, blk.shape[1]))
+        for r0 in range(0, blk.shape[0], step):
+            r1 = min(r0 + step, blk.shape[0])
             sub = blk[r0:r1]
             ar = torch.arange(r1 - r0, device=blk.device)
             sub[ar, src[r0:r1]] = -math.inf
