@@ -311,7 +311,9 @@ def predictive_log_proba(
     seed : int or None
         Seed for the draws (global RNG forked, caller's state restored).
     batch_size : int
-        Inputs per forward pass (memory bound only; results do not depend on it).
+        Inputs per forward pass (bounds memory).  It changes the order in which
+        the layer noise is drawn, so the numbers (not their distribution)
+        depend on it; weight draws are shared across batches.
 
     Returns
     -------
