@@ -118,6 +118,17 @@ class PeakMemory:
 
 
 # ----------------------------------------------------------------------------- worker
+def _load_textbook():
+    """benchmarks/textbook.py by path (stochmi itself is imported the normal way, so
+    PYTHONPATH can point the benchmark at a snapshot of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_textbook", HERE / "textbook.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -130,9 +141,9 @@ def _worker(spec: dict) -> dict:
     import torch
     from torch import distributions as td
 
-    sys.path.insert(0, str(HERE.parent))
     import stochmi
-    from benchmarks import textbook
+
+    textbook = _load_textbook()
 
     torch.set_num_threads(spec["threads"])
     method, n, d, device = spec["method"], spec["n"], spec["d"], spec["device"]
