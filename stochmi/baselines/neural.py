@@ -36,6 +36,7 @@ from stochmi.baselines._util import (
     is_label_array,
     make_generator,
     split_indices,
+    torch_threads,
 )
 from stochmi.estimate import MIEstimate
 
@@ -66,7 +67,7 @@ class Critic(nn.Module):
         dx: int,
         dt: int,
         hidden: tuple[int, ...] = (64, 64),
-        kind: str = "concat",
+        kind: str = "separable",
         embed_dim: int = 32,
     ) -> None:
         super().__init__()
@@ -175,6 +176,33 @@ class _NeuralBound:
     batch, the optimisation noise and the selection effect: a cheap indication,
     not a bootstrap.
 
+    The critic (:class:`Critic`) is ``separable`` by default, ``f = g(x)^T h(t)``
+    (Poole et al.): the B x B scores cost one matrix product, fast on a CPU;
+    ``critic="concat"`` is more expressive and about 20-40x slower per step.
+
+    Parameters
+    ----------
+    critic : {"separable", "concat"}
+    hidden : tuple of int
+        Hidden widths of the critic MLP(s).
+    embed_dim : int
+        Embedding size of the separable critic.
+    batch_size : int
+        Pairs per minibatch, and held-out batch size (InfoNCE is capped by its log).
+    lr : float
+        Adam learning rate.
+    max_steps, eval_every, patience : int
+        Training length and early stopping (evaluations without improvement).
+    holdout : float
+        Held-out fraction.
+    eval_repeats : int
+        Random batchings of the held-out part averaged for the final value.
+    progress : bool
+        tqdm bar over training steps.
+    num_threads : int or None
+        torch threads while training (restored afterwards); 1 is fastest for
+        these small networks.  ``None`` keeps torch's setting.
+
     Inputs are standardised with the training statistics; integer labels are
     one-hot encoded.  Randomness: ``seed`` drives the split, the batches and (via
     ``torch.random.fork_rng``) the critic initialisation; the caller's global RNG
@@ -186,7 +214,7 @@ class _NeuralBound:
     def __init__(
         self,
         *,
-        critic: str = "concat",
+        critic: str = "separable",
         hidden: tuple[int, ...] = (64, 64),
         embed_dim: int = 32,
         batch_size: int = 128,
@@ -197,6 +225,7 @@ class _NeuralBound:
         holdout: float = 0.2,
         eval_repeats: int = 4,
         progress: bool = False,
+        num_threads: int | None = 1,
     ) -> None:
         if batch_size < 2:
             raise ValueError(f"batch_size must be >= 2, got {batch_size}")
@@ -215,6 +244,7 @@ class _NeuralBound:
         self.holdout = float(holdout)
         self.eval_repeats = int(eval_repeats)
         self.progress = bool(progress)
+        self.num_threads = num_threads
         Critic(1, 1, self.hidden, critic, self.embed_dim)  # validate the critic arguments
 
     # subclasses define these two
@@ -271,6 +301,11 @@ class _NeuralBound:
             ``extra`` holds ``steps``, ``best_step``, ``n_heldout``, ``batch_size``
             and the held-out ``history`` [(step, value)].
         """
+        with torch_threads(self.num_threads):
+            return self._fit(x, t, seed)
+
+    def _fit(self, x: Any, t: Any, seed: int | None) -> MIEstimate:
+        """Body of :meth:`estimate`."""
         from tqdm.auto import tqdm
 
         xa = self._as_features(x, "x")

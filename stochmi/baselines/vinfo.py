@@ -22,6 +22,7 @@ from stochmi.baselines._util import (
     check_pair,
     is_label_array,
     split_indices,
+    torch_threads,
 )
 from stochmi.estimate import MIEstimate
 
@@ -75,6 +76,8 @@ class VInformation:
         the validation loss).
     progress : bool
         tqdm bar over MLP epochs.
+    num_threads : int or None
+        torch threads while fitting (restored afterwards); ``None`` keeps torch's.
 
     Notes
     -----
@@ -99,6 +102,7 @@ class VInformation:
         lr: float = 1e-3,
         patience: int = 10,
         progress: bool = False,
+        num_threads: int | None = 1,
     ) -> None:
         if probe not in ("linear", "mlp"):
             raise ValueError(f"probe must be 'linear' or 'mlp', got {probe!r}")
@@ -114,6 +118,7 @@ class VInformation:
         self.lr = float(lr)
         self.patience = int(patience)
         self.progress = bool(progress)
+        self.num_threads = num_threads
 
     # -- probes -----------------------------------------------------------------
     def _fit_mlp(self, x_fit, y_fit, x_val, y_val, d_out, loss_fn, gen, init_seed):
@@ -184,6 +189,11 @@ class VInformation:
             Target.
         seed : int or None
         """
+        with torch_threads(self.num_threads):
+            return self._fit(x, t, seed)
+
+    def _fit(self, x: Any, t: Any, seed: int | None) -> MIEstimate:
+        """Body of :meth:`estimate`."""
         xa = as_2d_float(x, "x")
         labels = is_label_array(t)
         ta = as_labels(t, "t") if labels else as_2d_float(t, "t")
