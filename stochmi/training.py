@@ -74,7 +74,8 @@ class TrainResult:
     history : list of dict
         One record per epoch, epoch 0 being the untrained network:
         ``epoch``, ``loss`` (-ELBO per training example; nan at epoch 0),
-        ``train_acc``, ``test_acc`` (nan without a test set), ``seconds``
+        ``train_acc`` (predictive accuracy on up to ``train_eval_size``
+        training images), ``test_acc`` (nan without a test set), ``seconds``
         (training time of the epoch), plus whatever the callback returned.
     spec : ModelSpec
     """
@@ -125,6 +126,7 @@ def train(
     progress: bool = True,
     callback: Callable | None = None,
     guide=None,
+    train_eval_size: int | None = 2000,
 ) -> TrainResult:
     """Train a reference network by stochastic variational inference.
 
@@ -154,6 +156,11 @@ def train(
         (e.g. MI estimates for an information-plane plot).
     guide : MeanFieldGuide, optional
         Continue training this guide instead of a fresh ``model.make_guide(seed=seed)``.
+    train_eval_size : int or None
+        ``train_acc`` is measured on a fixed seeded subset of this many
+        training images (None: all of them); evaluation with
+        ``training.eval_samples`` draws per image otherwise costs more than an
+        epoch of training.
 
     Returns
     -------
@@ -181,6 +188,9 @@ def train(
     else:
         gen.manual_seed(int(seed))
     eval_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    train_eval = data
+    if train_eval_size is not None and train_eval_size < n:
+        train_eval = data.subset(int(train_eval_size), seed=eval_seed)
 
     history: list[dict] = []
     with rng_context(seed, dev):
@@ -197,7 +207,9 @@ def train(
             rec = {
                 "epoch": epoch,
                 "loss": loss,
-                "train_acc": accuracy(model, guide, data, n_samples=eval_samples, seed=eval_seed),
+                "train_acc": accuracy(
+                    model, guide, train_eval, n_samples=eval_samples, seed=eval_seed
+                ),
                 "test_acc": (
                     accuracy(model, guide, test, n_samples=eval_samples, seed=eval_seed)
                     if test is not None
