@@ -31,8 +31,13 @@ Training mode (``register_layers=False``, or :meth:`StochasticNet.train_forward`
 draws the layer noise by reparameterised sampling without registering the ``h``
 sites, so that SVI's ELBO is ``E_{q(W), noise} log p(y | x, W, noise) - KL(q || p)``
 with a correct gradient.  Randomness comes from torch's global RNG, as in all of
-Pyro; wrap calls in ``torch.random.fork_rng`` with a seed (the training and
-evaluation functions of :mod:`stochmi.training` do).
+Pyro; wrap calls in ``torch.random.fork_rng`` with a seed (:func:`rng_context`;
+the training and evaluation functions of :mod:`stochmi.training` do).
+
+Parameters are module-local: every forward pass runs under Pyro's
+``module_local_params`` setting, so the networks' and guides' parameters never
+enter Pyro's global param store.  Several models can coexist, and
+``pyro.clear_param_store()`` does not affect them; save them with ``state_dict``.
 """
 
 from __future__ import annotations
