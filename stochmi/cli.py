@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         default=None,
-        help="epochs at which to estimate MI (default 0 1 2 4 ... up to --epochs)",
+        help="epochs at which to estimate MI (default 0 1 2 3 4 6 8 10 ... up to --epochs)",
     )
     p.add_argument(
         "--sigma",
@@ -224,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="torch threads per cell under every executor (default: in-process keeps "
-        "torch's setting, --workers N uses cores/N, Ray uses [resources] cpus); the same "
-        "value gives bitwise identical numbers whichever executor runs a cell",
+        help="torch threads per cell under every executor (default: the experiment's "
+        "[resources] cpus, 1 unless set); a fixed count per cell gives bitwise identical "
+        "numbers whichever executor runs it. Keep workers x threads <= cores",
     )
     p.add_argument(
         "--force",

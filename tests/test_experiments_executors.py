@@ -86,7 +86,7 @@ def test_make_executor():
     assert isinstance(make_executor(), InProcessExecutor)
     assert isinstance(make_executor(workers=1), InProcessExecutor)
     ex = make_executor(workers=2)
-    assert isinstance(ex, ProcessExecutor) and ex.workers == 2 and ex.threads >= 1
+    assert isinstance(ex, ProcessExecutor) and ex.workers == 2 and ex.threads is None
     with pytest.raises(ValueError, match="unknown executor"):
         make_executor("threads")
     with pytest.raises(ValueError, match="--executor ray"):
@@ -106,7 +106,10 @@ def test_inprocess_threads_set_and_restored(exp_file):
     def threads(c, progress=False):
         return {"threads": torch.get_num_threads()}
 
-    (out,) = list(InProcessExecutor(threads=1).run(threads, [cell]))
+    (out,) = list(InProcessExecutor(threads=3).run(threads, [cell]))
+    assert out.result == {"threads": 3} and torch.get_num_threads() == before
+    # default: the cell's [resources] cpus
+    (out,) = list(InProcessExecutor().run(threads, [cell]))
     assert out.result == {"threads": 1} and torch.get_num_threads() == before
     assert make_executor(workers=2, threads=1).threads == 1
     with pytest.raises(ValueError, match="threads"):

@@ -14,9 +14,12 @@ which executor ran it, in which process, or after which other cell.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import platform
 import time
+import warnings
 from functools import lru_cache
 from typing import Any
 
@@ -95,6 +98,22 @@ def load_cell_data(data: DataSettings, n_inputs: int):
         )
     inputs = test.subset(n_inputs, seed=data.split_seed) if n_inputs < len(test) else test
     return source, train, test, inputs
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    if name == "arviz":  # ArviZ logs through its own Logger instance, not the registry
+        import arviz
+
+        logger = getattr(arviz, "_log", logging.getLogger(name))
+    else:
+        logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 def _jsonable(v: Any) -> Any:
@@ -226,17 +245,21 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
         if dpi:
             records["dpi_violations"][str(epoch)] = _jsonable(dpi)
         if est.conditional and guide is not None:
-            dfc = layer_mi(
-                model,
-                x_eval,
-                y_eval,
-                guide=guide,
-                weights="conditional",
-                seed=derive_seed(cell.seed, _TAG_MI_COND, epoch),
-                n_paths=est.n_paths,
-                n_weight_draws=est.n_weight_draws,
-                device=cell.device,
-            )
+            # layer_mi also builds an ArviZ summary of the draws (unused here), whose
+            # chain diagnostics warn for a single chain of few draws: keep that quiet
+            with warnings.catch_warnings(), _quiet_logger("arviz"):
+                warnings.simplefilter("ignore", RuntimeWarning)
+                dfc = layer_mi(
+                    model,
+                    x_eval,
+                    y_eval,
+                    guide=guide,
+                    weights="conditional",
+                    seed=derive_seed(cell.seed, _TAG_MI_COND, epoch),
+                    n_paths=est.n_paths,
+                    n_weight_draws=est.n_weight_draws,
+                    device=cell.device,
+                )
             per_draw = dfc.attrs.get("per_draw")
             draws = _per_draw_values(per_draw)
             for row in _rows(dfc, epoch):

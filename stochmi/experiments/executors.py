@@ -8,8 +8,7 @@ finished cell to disk at once:
     One cell after the other in the calling process (the default).
 ``ProcessExecutor``
     A :class:`concurrent.futures.ProcessPoolExecutor` with the ``spawn`` start
-    method; each worker process sets ``torch.set_num_threads(cores // workers)``
-    so that workers do not oversubscribe the cores.
+    method, ``workers`` cells at a time.
 ``RayExecutor``
     Ray tasks, one per cell, with the experiment's ``[resources]`` hints passed as
     ``.options(num_cpus=..., num_gpus=...)``.  Connects to ``address`` when given
@@ -17,12 +16,19 @@ finished cell to disk at once:
     with ``ray.init(num_cpus=...)`` and shuts it down afterwards.  Ray is optional:
     ``pip install -e ".[ray]"``.
 
+Torch threads: every executor runs a cell with the same number of torch threads,
+``threads`` when given, else the cell's ``[resources] cpus`` (default 1), and
+restores the previous setting afterwards.  Matrix products round differently with
+another thread count (differences of order 1e-8 nats after training), so a fixed
+count per cell is what makes the numbers bitwise identical whichever executor runs
+the cell.  Use ``workers x threads <= cores``.  On the project's 2-core machine, one
+thread per cell was also much the fastest: the noise_sweep example took 70 s in-process
+with 1 thread and 415 s with torch's default of 2 threads (same numbers to 5e-8;
+idle-spinning threads of small matrix products, measured under load from other jobs).
+
 A cell that raises is reported as a failed outcome (with its traceback) and the
-other cells go on.  Results do not depend on the executor, since a cell's numbers
-depend only on its configuration and seed (see :mod:`stochmi.experiments.cells`) -
-bitwise so when each cell runs with the same number of torch threads (``threads=``;
-matrix products may round differently with another thread count, differences of
-order 1e-8 nats, far below the Monte Carlo error).
+other cells go on.  A cell's numbers depend only on its configuration and seed (see
+:mod:`stochmi.experiments.cells`).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ __all__ = [
     "ProcessExecutor",
     "RayExecutor",
     "available_cpus",
+    "cell_threads",
     "make_executor",
 ]
 
@@ -75,12 +82,26 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _call(fn: CellFn, cell: CellSpec, progress: bool) -> tuple[str, Any]:
-    """Run ``fn(cell)`` and return ``("ok", result)`` or ``("error", traceback text)``."""
+def cell_threads(cell: CellSpec, threads: int | None = None) -> int:
+    """Torch threads for ``cell``: ``threads`` if given, else ``max(1, int(resources.cpus))``."""
+    return threads or max(1, int(cell.resources.cpus))
+
+
+def _call(fn: CellFn, cell: CellSpec, progress: bool, threads: int) -> tuple[str, Any]:
+    """Run ``fn(cell)`` with ``threads`` torch threads (restored afterwards).
+
+    Returns ``("ok", result)`` or ``("error", traceback text)``.
+    """
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         return "ok", fn(cell, progress=progress)
     except Exception:
         return "error", traceback.format_exc()
+    finally:
+        torch.set_num_threads(old)
 
 
 def _outcome(cell: CellSpec, status: str, payload: Any) -> CellOutcome:
@@ -114,14 +135,20 @@ class Executor(ABC):
         return self.name
 
 
+def _check_threads(threads) -> None:
+    if threads is not None and (
+        not isinstance(threads, int) or isinstance(threads, bool) or threads < 1
+    ):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+
+
 class InProcessExecutor(Executor):
     """Run cells one after the other in this process.
 
     Parameters
     ----------
     threads : int, optional
-        Torch threads while a cell runs (restored afterwards); default: leave
-        torch's setting as it is.
+        Torch threads per cell (default: the cell's ``resources.cpus``).
     """
 
     name = "inprocess"
@@ -131,35 +158,18 @@ class InProcessExecutor(Executor):
         self.threads = threads
 
     def describe(self) -> str:
-        import torch
-
-        return f"in-process ({self.threads or torch.get_num_threads()} torch threads)"
+        return "in-process"
 
     def run(self, fn, cells, *, progress=False):
-        import torch
-
         for cell in cells:
-            old = torch.get_num_threads()
-            if self.threads:
-                torch.set_num_threads(self.threads)
-            try:
-                status, payload = _call(fn, cell, progress)
-            finally:
-                torch.set_num_threads(old)
-            yield _outcome(cell, status, payload)
+            threads = cell_threads(cell, getattr(self, "threads", None))
+            yield _outcome(cell, *_call(fn, cell, progress, threads))
 
 
-def _check_threads(threads) -> None:
-    if threads is not None and (
-        not isinstance(threads, int) or isinstance(threads, bool) or threads < 1
-    ):
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
-
-
-def _init_worker(threads: int) -> None:
+def _init_worker() -> None:
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # pragma: no cover - already set in this process
@@ -167,14 +177,15 @@ def _init_worker(threads: int) -> None:
 
 
 class ProcessExecutor(Executor):
-    """Run cells in ``workers`` spawned processes, ``cores // workers`` torch threads each.
+    """Run cells in ``workers`` spawned processes.
 
     Parameters
     ----------
     workers : int
         Number of worker processes (>= 1).
     threads : int, optional
-        Torch threads per worker; default ``max(1, available_cpus() // workers)``.
+        Torch threads per cell (default: the cell's ``resources.cpus``); keep
+        ``workers * threads`` at most the number of cores.
     """
 
     name = "process"
@@ -184,11 +195,11 @@ class ProcessExecutor(Executor):
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
         _check_threads(threads)
         self.workers = workers
-        self.threads = threads or max(1, available_cpus() // workers)
+        self.threads = threads
         self._pool = None
 
     def describe(self) -> str:
-        return f"process pool ({self.workers} workers x {self.threads} torch threads)"
+        return f"process pool ({self.workers} workers)"
 
     def __enter__(self) -> ProcessExecutor:
         import multiprocessing
@@ -198,7 +209,6 @@ class ProcessExecutor(Executor):
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self.threads,),
         )
         return self
 
@@ -213,7 +223,10 @@ class ProcessExecutor(Executor):
 
         if self._pool is None:
             raise RuntimeError("use the ProcessExecutor as a context manager (with ...:)")
-        futures = {self._pool.submit(_call, fn, cell, False): cell for cell in cells}
+        futures = {
+            self._pool.submit(_call, fn, cell, False, cell_threads(cell, self.threads)): cell
+            for cell in cells
+        }
         try:
             for fut in as_completed(futures):
                 cell = futures[fut]
@@ -222,10 +235,8 @@ class ProcessExecutor(Executor):
                 except BrokenProcessPool:
                     status, payload = (
                         "error",
-                        (
-                            "a worker process died (out of memory or killed):\n"
-                            + traceback.format_exc()
-                        ),
+                        "a worker process died (out of memory or killed):\n"
+                        + traceback.format_exc(),
                     )
                 except Exception:  # result could not be unpickled, etc.
                     status, payload = "error", traceback.format_exc()
@@ -233,13 +244,6 @@ class ProcessExecutor(Executor):
         finally:
             for fut in futures:
                 fut.cancel()
-
-
-def _ray_call(fn: CellFn, cell: CellSpec, threads: int) -> tuple[str, Any]:
-    import torch
-
-    torch.set_num_threads(threads)
-    return _call(fn, cell, False)
 
 
 class RayExecutor(Executor):
@@ -255,7 +259,7 @@ class RayExecutor(Executor):
     num_cpus : int, optional
         CPUs of the local Ray (default: :func:`available_cpus`).
     threads : int, optional
-        Torch threads in every task; default ``max(1, int(resources.cpus))``.
+        Torch threads per cell (default: the cell's ``resources.cpus``).
 
     Raises
     ------
@@ -264,9 +268,8 @@ class RayExecutor(Executor):
 
     Notes
     -----
-    Each task gets the cell's ``resources.cpus`` / ``resources.gpus`` as Ray
-    resource requests and sets ``torch.set_num_threads(threads)``, by default
-    ``max(1, int(cpus))``.
+    Each task requests the cell's ``resources.cpus`` / ``resources.gpus`` from Ray
+    (``.options(num_cpus=..., num_gpus=...)``, fractions allowed).
     """
 
     name = "ray"
@@ -327,14 +330,14 @@ class RayExecutor(Executor):
 
         if not ray.is_initialized():
             raise RuntimeError("use the RayExecutor as a context manager (with ...:)")
-        remote = ray.remote(_ray_call)
+        remote = ray.remote(_call)
         pending: dict[Any, CellSpec] = {}
         for cell in cells:
             opts = {"num_cpus": cell.resources.cpus, "max_retries": 0}
             if cell.resources.gpus > 0:
                 opts["num_gpus"] = cell.resources.gpus
-            threads = self.threads or max(1, int(cell.resources.cpus))
-            pending[remote.options(**opts).remote(fn, cell, threads)] = cell
+            threads = cell_threads(cell, self.threads)
+            pending[remote.options(**opts).remote(fn, cell, False, threads)] = cell
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
@@ -375,12 +378,8 @@ def make_executor(
     num_cpus : int, optional
         CPUs of a locally started Ray (default ``workers`` or all cores).
     threads : int, optional
-        Torch threads per cell for every executor.  By default in-process leaves
-        torch's setting, the process pool uses ``cores // workers`` and Ray
-        ``int(resources.cpus)``.  Matrix products may round differently with a
-        different number of threads, so results are bitwise identical across
-        executors when the thread count per cell is the same (pass ``threads``),
-        and otherwise agree to float rounding.
+        Torch threads per cell, for every executor (default: each cell's
+        ``resources.cpus``); see the module docstring.
     """
     if kind not in ("inprocess", "process", "ray"):
         raise ValueError(f"unknown executor {kind!r}; choose inprocess, process or ray")

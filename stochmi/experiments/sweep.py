@@ -23,7 +23,13 @@ from typing import Any
 
 from stochmi.experiments.cells import load_cell_data, run_cell
 from stochmi.experiments.config import ConfigError, ExperimentConfig, load_experiment
-from stochmi.experiments.executors import Executor, make_executor
+from stochmi.experiments.executors import (
+    Executor,
+    ProcessExecutor,
+    available_cpus,
+    cell_threads,
+    make_executor,
+)
 from stochmi.experiments.store import ResultStore, assemble, write_outputs
 
 __all__ = ["SweepResult", "run_sweep"]
@@ -95,8 +101,8 @@ def run_sweep(
     ray_address : str, optional
         Address of an existing Ray cluster.
     threads : int, optional
-        Torch threads per cell under every executor (see
-        :func:`~stochmi.experiments.executors.make_executor`).
+        Torch threads per cell under every executor (default: each cell's
+        ``[resources] cpus``, 1 unless set); see :mod:`stochmi.experiments.executors`.
     force : bool
         Reuse a folder made by a different experiment file.
     device : str
@@ -139,7 +145,14 @@ def run_sweep(
     ex = executor if isinstance(executor, Executor) else None
     if ex is None:
         ex = make_executor(executor, workers=workers, ray_address=ray_address, threads=threads)
-    say(f"experiment {config.name!r}: {len(cells)} cells ({n_skipped} already done) -> {out_dir}")
+    if isinstance(ex, ProcessExecutor) and todo:
+        per_cell = max(cell_threads(c, ex.threads) for c in todo)
+        if ex.workers * per_cell > available_cpus():
+            say(
+                f"warning: {ex.workers} workers x {per_cell} torch threads per cell "
+                f"oversubscribe the {available_cpus()} cores; lower --workers or --threads"
+            )
+    say(f"experiment {config.name!r}: {len(cells)} cell(s), {n_skipped} already done -> {out_dir}")
     say(
         f"data: {source}; {len(train)} training / {len(test)} held-out images, "
         f"MI on {len(inputs)} held-out inputs"
@@ -150,8 +163,9 @@ def run_sweep(
     desc = ""
     if todo:
         with ex:
+            per_cell = sorted({cell_threads(c, getattr(ex, "threads", None)) for c in todo})
             desc = ex.describe()
-            say(f"executor: {desc}")
+            say(f"executor: {desc}; torch threads per cell: " + ", ".join(str(t) for t in per_cell))
             bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress)
             try:
                 inner = progress and ex.name == "inprocess"
