@@ -21,6 +21,7 @@ __all__ = [
     "split_indices",
     "scott_bandwidth",
     "torch_threads",
+    "standardize",
 ]
 
 
@@ -154,3 +155,18 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def standardize(a: np.ndarray, fit: np.ndarray | None = None, *, floor: float = 0.1) -> np.ndarray:
+    """``(a - mean) / sd`` with the statistics of the rows ``fit`` (default: all rows).
+
+    Per-coordinate standard deviations below ``floor`` times their mean are raised
+    to that floor, so that nearly constant coordinates (e.g. border pixels of
+    MNIST that are non-zero in one image) are not blown up to unit variance.
+    """
+    ref = a if fit is None else a[fit]
+    mu = ref.mean(0)
+    sd = ref.std(0)
+    scale = float(sd.mean())
+    sd = np.maximum(sd, floor * scale) if scale > 0 else np.ones_like(sd)
+    return (a - mu) / sd

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from stochmi.baselines._util import (
+    _to_numpy,
     as_2d_float,
     as_labels,
     check_pair,
@@ -207,7 +208,9 @@ class Binning:
             target = "I(T;Y)"
         else:
             layer = as_2d_float(t, "t")
-            xa = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+            xa = _to_numpy(x, "x")
+            if xa.ndim == 0:
+                raise ValueError("x must have shape (N, dx) or (N,)")
             cond = row_codes(xa.reshape(xa.shape[0], -1))
             target = "I(X;T)"
         n = check_pair(layer, cond[:, None])

@@ -15,7 +15,13 @@ import torch
 from scipy.spatial import cKDTree
 from scipy.special import digamma
 
-from stochmi.baselines._util import as_2d_float, as_labels, check_pair, is_label_array
+from stochmi.baselines._util import (
+    as_2d_float,
+    as_labels,
+    check_pair,
+    is_label_array,
+    standardize,
+)
 from stochmi.estimate import MIEstimate
 
 __all__ = ["KSG", "knn_radius", "count_within"]
@@ -119,7 +125,9 @@ class KSG:
         Number of neighbours (3-10 typical; larger k: less variance, more bias).
     standardize : bool
         Scale every coordinate to unit variance first (the estimator is not
-        invariant to per-coordinate scale at finite N).
+        invariant to per-coordinate scale at finite N); coordinates with a
+        standard deviation below 0.1 x the mean one are scaled by that floor
+        instead, so near-constant coordinates are not inflated.
     jitter : float
         Standard deviation (relative to each coordinate's std) of seeded Gaussian
         noise added to break ties (Kraskov et al. recommend ~1e-10); 0 disables.
@@ -151,11 +159,10 @@ class KSG:
         self.backend = backend
 
     def _prepare(self, a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.standardize:
+            a = standardize(a)
         sd = a.std(axis=0)
         sd[sd == 0] = 1.0
-        if self.standardize:
-            a = (a - a.mean(axis=0)) / sd
-            sd = np.ones_like(sd)
         if self.jitter > 0:
             a = a + self.jitter * sd * rng.standard_normal(a.shape)
         return a

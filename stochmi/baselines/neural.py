@@ -36,6 +36,7 @@ from stochmi.baselines._util import (
     is_label_array,
     make_generator,
     split_indices,
+    standardize,
     torch_threads,
 )
 from stochmi.estimate import MIEstimate
@@ -203,10 +204,11 @@ class _NeuralBound:
         torch threads while training (restored afterwards); 1 is fastest for
         these small networks.  ``None`` keeps torch's setting.
 
-    Inputs are standardised with the training statistics; integer labels are
-    one-hot encoded.  Randomness: ``seed`` drives the split, the batches and (via
-    ``torch.random.fork_rng``) the critic initialisation; the caller's global RNG
-    state is left untouched.
+    Inputs are standardised with the training statistics (see
+    :func:`stochmi.baselines._util.standardize`: near-constant coordinates are not
+    inflated); integer labels are one-hot encoded.  Randomness: ``seed`` drives the
+    split, the batches and (via ``torch.random.fork_rng``) the critic
+    initialisation; the caller's global RNG state is left untouched.
     """
 
     name = "neural"
@@ -245,7 +247,10 @@ class _NeuralBound:
         self.eval_repeats = int(eval_repeats)
         self.progress = bool(progress)
         self.num_threads = num_threads
-        Critic(1, 1, self.hidden, critic, self.embed_dim)  # validate the critic arguments
+        if critic not in ("concat", "separable"):
+            raise ValueError(f"critic kind must be 'concat' or 'separable', got {critic!r}")
+        if len(self.hidden) < 1 or min(self.hidden) < 1 or self.embed_dim < 1:
+            raise ValueError("hidden must hold positive widths and embed_dim must be >= 1")
 
     # subclasses define these two
     def _train_loss(self, s: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -313,10 +318,8 @@ class _NeuralBound:
         n = check_pair(xa, ta, min_n=8)
         rng = np.random.default_rng(seed)
         tr, te = split_indices(n, self.holdout, rng)
-        mx, sx = xa[tr].mean(0), xa[tr].std(0) + 1e-8
-        mt, st = ta[tr].mean(0), ta[tr].std(0) + 1e-8
-        xt = torch.as_tensor((xa - mx) / sx, dtype=torch.float32)
-        tt = torch.as_tensor((ta - mt) / st, dtype=torch.float32)
+        xt = torch.as_tensor(standardize(xa, tr), dtype=torch.float32)
+        tt = torch.as_tensor(standardize(ta, tr), dtype=torch.float32)
         x_tr, t_tr, x_te, t_te = xt[tr], tt[tr], xt[te], tt[te]
         gen = make_generator(int(rng.integers(2**62)))
         init_seed = int(rng.integers(2**62))

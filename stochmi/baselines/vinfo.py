@@ -22,6 +22,7 @@ from stochmi.baselines._util import (
     check_pair,
     is_label_array,
     split_indices,
+    standardize,
     torch_threads,
 )
 from stochmi.estimate import MIEstimate
@@ -38,9 +39,25 @@ def _gauss_nll(res: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     return 0.5 * (z * z).sum(0) + 0.5 * logdet + 0.5 * d * math.log(2 * math.pi)
 
 
-def _cov(res: torch.Tensor, ridge: float) -> torch.Tensor:
-    c = res.T @ res / max(res.shape[0], 1)
-    return c + ridge * torch.eye(res.shape[1], dtype=res.dtype) * (1.0 + c.diagonal().mean())
+def _cov(res: torch.Tensor) -> torch.Tensor:
+    """Ledoit-Wolf shrinkage covariance of zero-mean residuals (n, d), float64.
+
+    Shrinkage keeps the matrix well conditioned when d is not small against n
+    (e.g. a 128-unit layer predicted from a few hundred validation samples).
+    """
+    from sklearn.covariance import ledoit_wolf
+
+    r = res.detach().cpu().numpy()
+    if r.shape[1] == 1:
+        c = np.array([[max(float((r * r).mean()), 1e-12)]])
+    else:
+        c, _ = ledoit_wolf(r, assume_centered=True)
+        c = c + 1e-12 * np.trace(c) / c.shape[0] * np.eye(c.shape[0])
+    return torch.as_tensor(c, dtype=torch.float64)
+
+
+#: L2 strengths tried by ``weight_decay="auto"`` (linear probes).
+_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 class VInformation:
@@ -54,8 +71,9 @@ class VInformation:
       ``H_V(T|∅)`` is the held-out cross-entropy of the train class frequencies
       (add-one smoothed); ``H_V(T|X)`` the held-out cross-entropy of the probe.
     * Continuous ``t`` (N, dt): V = N(g(x), Σ) with ``g`` linear (ridge) or MLP
-      (MSE) and a full covariance Σ estimated from the validation residuals;
-      ``H_V(T|∅)`` uses N(mean, cov) of the train part.  For jointly Gaussian data
+      (MSE) and a full covariance Σ estimated from the validation residuals
+      (Ledoit-Wolf shrinkage); ``H_V(T|∅)`` uses N(mean, Σ_0) of the train part
+      (Σ_0 shrunk likewise).  For jointly Gaussian data
       and the linear probe this converges to the Shannon MI.
 
     .. math::
@@ -68,8 +86,12 @@ class VInformation:
     probe : {"linear", "mlp"}
     hidden : int
         Hidden width of the MLP probe.
-    weight_decay : float
-        L2 penalty (both probes; ridge strength of the linear regression).
+    weight_decay : float or "auto"
+        L2 penalty.  Linear probes: ``"auto"`` picks it from
+        ``(1e-4, 1e-3, 1e-2, 1e-1, 1)`` on the validation part (logistic
+        regression is then refitted on the whole train part; the ridge regression
+        stays fitted on the fitting part, since the validation residuals set the
+        noise covariance).  MLP probes: Adam weight decay, ``"auto"`` = 1e-4.
     holdout, val_fraction : float
         Held-out fraction of all data; validation fraction of the train part.
     max_epochs, batch_size, lr, patience : MLP training (Adam, early stopping on
@@ -83,8 +105,9 @@ class VInformation:
     -----
     ``stderr = std_i(d_i) / sqrt(n_test)`` with ``d_i`` the per-sample held-out
     log-loss differences (valid given the fitted probes).  Inputs are standardised
-    with the train statistics.  ``seed`` fixes the split, the MLP initialisation
-    (inside ``torch.random.fork_rng``) and the minibatches.
+    with the train statistics (near-constant coordinates are not inflated).
+    ``seed`` fixes the split, the MLP initialisation (inside
+    ``torch.random.fork_rng``) and the minibatches.
     """
 
     name = "vinfo"
@@ -94,7 +117,7 @@ class VInformation:
         probe: str = "linear",
         *,
         hidden: int = 64,
-        weight_decay: float = 1e-3,
+        weight_decay: float | str = "auto",
         holdout: float = 0.3,
         val_fraction: float = 0.2,
         max_epochs: int = 200,
@@ -106,11 +129,13 @@ class VInformation:
     ) -> None:
         if probe not in ("linear", "mlp"):
             raise ValueError(f"probe must be 'linear' or 'mlp', got {probe!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if weight_decay != "auto" and not (
+            isinstance(weight_decay, (int, float)) and weight_decay >= 0
+        ):
+            raise ValueError(f"weight_decay must be 'auto' or a float >= 0, got {weight_decay!r}")
         self.probe = probe
         self.hidden = int(hidden)
-        self.weight_decay = float(weight_decay)
+        self.weight_decay = weight_decay if weight_decay == "auto" else float(weight_decay)
         self.holdout = float(holdout)
         self.val_fraction = float(val_fraction)
         self.max_epochs = int(max_epochs)
@@ -129,7 +154,8 @@ class VInformation:
             net = nn.Sequential(
                 nn.Linear(x_fit.shape[1], self.hidden), nn.ReLU(), nn.Linear(self.hidden, d_out)
             ).double()
-        opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        wd = 1e-4 if self.weight_decay == "auto" else self.weight_decay
+        opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=wd)
         best, best_state, bad = math.inf, copy.deepcopy(net.state_dict()), 0
         n = x_fit.shape[0]
         for _ in tqdm(
@@ -154,11 +180,23 @@ class VInformation:
         net.eval()
         return net
 
-    def _fit_logistic(self, x_fit, y_fit, n_classes):
+    def _lambdas(self) -> tuple[float, ...]:
+        return _LAMBDAS if self.weight_decay == "auto" else (float(self.weight_decay),)
+
+    def _select(self, fit_fn, val_loss, x_fit, y_fit, x_val, y_val, x_all, y_all):
+        """Pick the L2 strength on the validation part, refit on ``x_all``."""
+        lams = self._lambdas()
+        if len(lams) == 1:
+            return fit_fn(x_all, y_all, lams[0]), lams[0]
+        losses = [val_loss(fit_fn(x_fit, y_fit, lam), x_val, y_val) for lam in lams]
+        best = lams[int(np.argmin(losses))]
+        return fit_fn(x_all, y_all, best), best
+
+    @staticmethod
+    def _fit_logistic(x_fit, y_fit, lam, n_classes):
         w = torch.zeros(x_fit.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
         b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, line_search_fn="strong_wolfe")
-        lam = self.weight_decay
 
         def closure():
             opt.zero_grad()
@@ -170,9 +208,10 @@ class VInformation:
         w, b = w.detach(), b.detach()
         return lambda z: z @ w + b
 
-    def _fit_ridge(self, x_fit, y_fit):
+    @staticmethod
+    def _fit_ridge(x_fit, y_fit, lam):
         xb = torch.cat([x_fit, torch.ones(x_fit.shape[0], 1, dtype=x_fit.dtype)], 1)
-        reg = self.weight_decay * x_fit.shape[0] * torch.eye(xb.shape[1], dtype=x_fit.dtype)
+        reg = lam * x_fit.shape[0] * torch.eye(xb.shape[1], dtype=x_fit.dtype)
         reg[-1, -1] = 0.0
         coef = torch.linalg.solve(xb.T @ xb + reg, xb.T @ y_fit)
         return lambda z: torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], 1) @ coef
@@ -202,8 +241,7 @@ class VInformation:
         tr, te = split_indices(n, self.holdout, rng)
         fit, val = split_indices(len(tr), self.val_fraction, rng)
         fit, val = tr[fit], tr[val]
-        mu, sd = xa[tr].mean(0), xa[tr].std(0) + 1e-8
-        xs = torch.as_tensor((xa - mu) / sd, dtype=torch.float64)
+        xs = torch.as_tensor(standardize(xa, tr), dtype=torch.float64)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         init_seed = int(rng.integers(2**62))
         if labels:
@@ -212,8 +250,13 @@ class VInformation:
             counts = torch.bincount(y[tr], minlength=c).double() + 1.0
             log_p0 = torch.log(counts / counts.sum())
             nll0 = -log_p0[y[te]]
+            lam = math.nan
             if self.probe == "linear":
-                g = self._fit_logistic(xs[tr], y[tr], c)
+                g, lam = self._select(
+                    lambda a, b, lm: self._fit_logistic(a, b, lm, c),
+                    lambda g_, a, b: float(nn.functional.cross_entropy(g_(a), b)),
+                    xs[fit], y[fit], xs[val], y[val], xs[tr], y[tr],
+                )  # fmt: skip
             else:
                 g = self._fit_mlp(
                     xs[fit], y[fit], xs[val], y[val], c,
@@ -225,16 +268,21 @@ class VInformation:
         else:
             tt = torch.as_tensor(ta, dtype=torch.float64)
             m0 = tt[tr].mean(0)
-            nll0 = _gauss_nll(tt[te] - m0, _cov(tt[tr] - m0, 1e-9))
+            nll0 = _gauss_nll(tt[te] - m0, _cov(tt[tr] - m0))
+            lam = math.nan
             if self.probe == "linear":
-                g = self._fit_ridge(xs[fit], tt[fit])
+                g, lam = self._select(
+                    self._fit_ridge,
+                    lambda g_, a, b: float(((g_(a) - b) ** 2).sum(1).mean()),
+                    xs[fit], tt[fit], xs[val], tt[val], xs[fit], tt[fit],
+                )  # fmt: skip
             else:
                 g = self._fit_mlp(
                     xs[fit], tt[fit], xs[val], tt[val], tt.shape[1],
                     lambda o, yy: ((o - yy) ** 2).sum(1), gen, init_seed,
                 )  # fmt: skip
             with torch.no_grad():
-                cov = _cov(tt[val] - g(xs[val]), 1e-9)
+                cov = _cov(tt[val] - g(xs[val]))
                 nll1 = _gauss_nll(tt[te] - g(xs[te]), cov)
         d = (nll0 - nll1).double()
         return MIEstimate(
@@ -247,6 +295,7 @@ class VInformation:
                 "H_V_null": float(nll0.mean()),
                 "H_V_cond": float(nll1.mean()),
                 "n_test": len(te),
+                "weight_decay": lam if self.probe == "linear" else self.weight_decay,
             },
         )
 

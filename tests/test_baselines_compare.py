@@ -1,0 +1,83 @@
+"""The comparison runner (tiny sizes) and the example script."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from stochmi.baselines import compare
+
+TINY = {
+    "n_task": 120,
+    "n_mnist": 150,
+    "epochs": 1,
+    "widths": (32, 4),
+    "bins": [2, 16],
+    "kde_var": [0.1, 1.0],
+    "ksg_k": [3],
+    "sigmas": [1.0],
+    "cert_seeds": [0, 1],
+    "cert_draws": [1],
+    "neural": {"max_steps": 20, "eval_every": 10, "eval_repeats": 1},
+}
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setitem(compare.SETTINGS, "quick", TINY)
+
+
+def test_run_comparison_writes_tables_and_plots(tiny, tmp_path):
+    df = compare.run_comparison(tmp_path, quick=True, seed=0, progress=False)
+    for f in ("tasks.csv", "tasks.png", "mnist_sweeps.csv", "mnist_layers.csv",
+              "mnist_sweeps.png", "comparison.csv", "summary.txt"):  # fmt: skip
+        assert (tmp_path / f).stat().st_size > 0, f
+    assert set(df["part"]) == {"task", "mnist_sweep", "mnist_layer"}
+    tasks = df[df["part"] == "task"]
+    assert {"certified", "ksg", "infonce"} <= set(tasks["estimator"])
+    assert len(tasks["case"].unique()) == 5
+    # the certified estimator tracks the truth on the tasks
+    cert = tasks[tasks["estimator"] == "certified"]
+    assert ((cert["value"] - cert["true_mi"]).abs() < 5 * cert["stderr"] + 0.1).all()
+    sweeps = df[df["part"] == "mnist_sweep"]
+    assert set(sweeps["case"]) == {"T1", "T2"}
+    # every histogram / KDE value on the deterministic layers is capped by log N
+    log_n = df.attrs["info"]["log_n"]
+    det = sweeps[sweeps["estimator"].isin(["naive", "binning", "kde"])]
+    assert (det["value"] <= log_n + 1e-9).all()
+    assert "shared" in df.attrs["info"]["test_source"] or "test" in df.attrs["info"]["test_source"]
+    back = pd.read_csv(tmp_path / "comparison.csv")
+    assert len(back) == len(df)
+
+
+def test_seed_reproducible_tasks_part(tiny, tmp_path):
+    a = compare.run_comparison(tmp_path / "a", quick=True, seed=1, progress=False, mnist=False)
+    b = compare.run_comparison(tmp_path / "b", quick=True, seed=1, progress=False, mnist=False)
+    pd.testing.assert_series_equal(a["value"], b["value"])
+
+
+def test_train_mlp_and_activations_are_seeded():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 10, generator=g)
+    y = torch.randint(0, 3, (64,), generator=g)
+    state = torch.get_rng_state()
+    n1 = compare.train_mlp(x, y, widths=(8, 4), epochs=2, seed=5)
+    n2 = compare.train_mlp(x, y, widths=(8, 4), epochs=2, seed=5)
+    assert torch.equal(state, torch.get_rng_state())
+    a1, a2 = compare.layer_activations(n1, x), compare.layer_activations(n2, x)
+    assert list(a1) == ["T1", "T2"] and a1["T2"].shape == (64, 4)
+    assert torch.equal(a1["T2"], a2["T2"])
+
+
+def test_example_script_runs(tiny, tmp_path, monkeypatch):
+    script = Path(__file__).resolve().parents[1] / "examples" / "compare_estimators.py"
+    monkeypatch.setattr(
+        sys, "argv", [str(script), "--quick", "--no-mnist", "--quiet", "--out", str(tmp_path)]
+    )
+    runpy.run_path(str(script), run_name="__main__")
+    assert (tmp_path / "tasks.csv").exists()
