@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on problems with known MI and on trained networks; write tables and plots.",
     )
     p.add_argument(
-        "--out", default="stochmi-compare", help="output folder (default ./stochmi-compare)"
+        "--out", default="results/compare", help="output folder (default ./results/compare)"
     )
     p.add_argument("--quick", action="store_true", help="small settings (a few minutes)")
     p.set_defaults(func=_cmd_compare)
@@ -487,6 +487,9 @@ def _cmd_compare(args) -> int:
         seed=_opt(args, "seed"),
         progress=not _opt(args, "quiet"),
     )
+    summary = Path(args.out) / "summary.txt"
+    if summary.is_file():
+        print(summary.read_text().rstrip())
     print(f"comparison written to {args.out}/")
     return 0
 
