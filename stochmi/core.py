@@ -97,11 +97,15 @@ class _Pass:
         n_draws: int,
         gen: torch.Generator,
         labels: torch.Tensor | None = None,
+        group: int | None = None,
     ) -> None:
         self.kernel = kernel
         n = kernel.n
         self.t = kernel.sample(n_draws, gen)
         self.diag = kernel.diagonal(self.t)  # (R, N)
+        self.diag_excl = (
+            kernel.diagonal_excluding_group(self.t, group) if group is not None else None
+        )
         total = n_draws * n
         dev = kernel.device
         self.lse_all = torch.empty(total, dtype=torch.float64, device=dev)
@@ -174,6 +178,7 @@ def mi_from_conditional(
     device: torch.device | str | None = None,
     bounds: bool = False,
     saturation_margin: float = 1.0,
+    path_group: int | None = None,
 ) -> MIEstimate:
     """Estimate I(S; T) for a channel with known conditional density.
 
@@ -199,6 +204,14 @@ def mi_from_conditional(
         stored in ``extra["pairwise_lower"]`` and ``extra["pairwise_upper"]``.
     saturation_margin : float, default 1.0
         ``saturated`` is set when ``lower > log N - saturation_margin``.
+    path_group : int, optional
+        For nested Monte Carlo channels ``p(t | s_i) ~ (1/K) sum_k q(t | path_ik)``
+        given as a ``MixtureSameFamily`` whose components come in ``K`` consecutive
+        groups of ``path_group`` (one group per path): ``lower`` then uses, for
+        each draw, the mixture of the *other* ``K - 1`` paths of its own source as
+        the InfoNCE critic.  That critic is independent of the draw, so ``lower``
+        stays a valid lower bound on the population MI in expectation, while
+        ``value`` and ``upper`` (which include the drawing path) overstate.
 
     Returns
     -------
@@ -221,7 +234,9 @@ def mi_from_conditional(
     n = _validate(cond, n_draws)
     kernel = LogDensityKernel(cond, chunk_size=chunk_size, device=device)
     gen, used_seed = make_generator(seed, kernel.device)
-    p = _Pass(kernel, n_draws, gen)
+    if path_group is not None and not kernel.is_gaussian:
+        raise ValueError("path_group needs a Gaussian (mixture) conditional")
+    p = _Pass(kernel, n_draws, gen, group=path_group)
     diag = p.diag.reshape(-1)
     log_n = math.log(n)
     t_val = _per_source(diag - (p.lse_all - log_n), n_draws, n)
@@ -229,6 +244,12 @@ def mi_from_conditional(
     value, se_pop = _mean_se(t_val)
     se = _dataset_se(diag - (p.lse_all - log_n), n_draws, n, se_pop)
     upper, se_up = _mean_se(t_up)
+    lower, se_lo = value, se_pop
+    if p.diag_excl is not None:
+        d_ex = p.diag_excl.reshape(-1)
+        lower, se_lo = _mean_se(
+            _per_source(d_ex - (torch.logaddexp(p.lse_loo, d_ex) - log_n), n_draws, n)
+        )
     extra: dict = {
         "seed": used_seed,
         "fast_path": kernel.is_gaussian,
@@ -249,11 +270,11 @@ def mi_from_conditional(
     return MIEstimate(
         value=value,
         stderr=se,
-        lower=value,
+        lower=lower,
         upper=upper,
-        lower_stderr=se_pop,
+        lower_stderr=se_lo,
         upper_stderr=se_up,
-        saturated=bool(value > log_n - saturation_margin),
+        saturated=bool(lower > log_n - saturation_margin),
         n=n,
         n_draws=n_draws,
         method="conditional",

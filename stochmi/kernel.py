@@ -98,6 +98,12 @@ class GaussianMixture:
         -------
         Tensor, shape (n_draws, N, d), float64
         """
+        return self.sample_with_components(n_draws, generator)[0]
+
+    def sample_with_components(
+        self, n_draws: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples ``(n_draws, N, d)`` and the component each came from ``(n_draws, N)``."""
         n, c, d = self.loc.shape
         dev = self.loc.device
         if c == 1:
@@ -109,7 +115,7 @@ class GaussianMixture:
         loc = self.loc[idx, comp]
         scale = self.scale[idx, comp]
         eps = torch.randn(loc.shape, generator=generator, dtype=loc.dtype, device=dev)
-        return loc + scale * eps
+        return loc + scale * eps, comp
 
 
 def _unwrap_normal(d: td.Distribution) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -297,7 +303,7 @@ class LogDensityKernel:
         ``generator``, so the caller's global RNG state is untouched.
         """
         if self.gauss is not None:
-            t = self.gauss.sample(n_draws, generator)
+            t, self.components = self.gauss.sample_with_components(n_draws, generator)
             if len(self.cond.event_shape) == 0:
                 t = t.squeeze(-1)
             return t
@@ -315,17 +321,42 @@ class LogDensityKernel:
     def diagonal(self, t: torch.Tensor) -> torch.Tensor:
         """``log p(t_rj | s_j)`` for samples ``t`` (R, N, *event) -> (R, N) float64."""
         if self.gauss is not None:
-            g = self.gauss
-            tt = t.to(torch.float64).reshape(t.shape[0], self.n, 1, g.dim)
-            z = (tt - g.loc.unsqueeze(0)) / g.scale.unsqueeze(0)  # (R, N, C, d)
-            comp = -0.5 * (z * z).sum(-1) - torch.log(g.scale).sum(-1) - 0.5 * g.dim * _LOG_2PI
-            return torch.logsumexp(comp + g.logw, dim=-1)
+            return torch.logsumexp(self._diag_components(t) + self.gauss.logw, dim=-1)
         lp = self.cond.log_prob(t.to(self._cond_dtype())).to(torch.float64)
         if bool(torch.isposinf(lp).any()):
             raise DeterministicLayerError(DETERMINISTIC_MESSAGE)
         if not bool(torch.isfinite(lp).all()):
             raise ValueError("log_prob of the conditional at its own samples is NaN or -inf")
         return lp
+
+    def _diag_components(self, t: torch.Tensor) -> torch.Tensor:
+        g = self.gauss
+        tt = t.to(torch.float64).reshape(t.shape[0], self.n, 1, g.dim)
+        z = (tt - g.loc.unsqueeze(0)) / g.scale.unsqueeze(0)  # (R, N, C, d)
+        return -0.5 * (z * z).sum(-1) - torch.log(g.scale).sum(-1) - 0.5 * g.dim * _LOG_2PI
+
+    def diagonal_excluding_group(self, t: torch.Tensor, group: int) -> torch.Tensor:
+        """``log p(t_rj | s_j)`` with the component group that drew ``t_rj`` left out.
+
+        Components ``c`` are grouped as ``c // group`` (one group per propagated
+        path).  The remaining groups are renormalised, so this is the log-density
+        under the mixture of the *other* paths, which is independent of the draw.
+        Needs the Gaussian path and a preceding :meth:`sample`.
+
+        Returns
+        -------
+        Tensor, shape (R, N), float64
+        """
+        g = self.gauss
+        if g is None or g.n_components % group or g.n_components // group < 2:
+            raise ValueError("group exclusion needs a Gaussian mixture of at least two groups")
+        own = (self.components // group).unsqueeze(-1)  # (R, N, 1)
+        cgroup = torch.arange(g.n_components, device=own.device) // group  # (C,)
+        mask = cgroup == own  # (R, N, C)
+        logw = g.logw.unsqueeze(0).expand(mask.shape)
+        kept = torch.where(mask, torch.full_like(logw, -math.inf), logw)
+        comp = self._diag_components(t) + kept
+        return torch.logsumexp(comp, dim=-1) - torch.logsumexp(kept, dim=-1)
 
     def _cond_dtype(self) -> torch.dtype:
         t = _first_tensor(self.cond, floating=True)

@@ -394,6 +394,14 @@ def _default_pairs(layers: list[str], with_y: bool) -> list[tuple[str, str]]:
     return pairs
 
 
+def _path_group(chain: _Chain, l: int) -> int | None:
+    """Components per path in ``p(t_l | x)`` (for the path-excluding lower bound)."""
+    if l == 0 or chain.k < 2:
+        return None
+    gm = as_gaussian_mixture(chain.conds[l])
+    return gm.n_components if gm is not None else None
+
+
 def _estimate_pairs(
     chain: _Chain, layers, pairs, y, seeds, n_draws, chunk_size, device, progress
 ) -> tuple[list[dict], dict]:
@@ -416,8 +424,14 @@ def _estimate_pairs(
             l = pos[tgt]
             cond = gx(l)
             k_used = chain.k if l > 0 else 1
+            group = _path_group(chain, l)
             est = mi_from_conditional(
-                cond, n_draws=n_draws, seed=seeds[pi], chunk_size=chunk_size, device=device
+                cond,
+                n_draws=n_draws,
+                seed=seeds[pi],
+                chunk_size=chunk_size,
+                device=device,
+                path_group=group,
             )
             if l > 0 and chain.k >= 2:
                 half = mi_from_conditional(
