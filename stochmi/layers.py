@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -752,7 +753,13 @@ def _conditional(
         )
         names[f"{src}->{tgt}"] = g["value"].to_numpy()[None, :]
     idata = az.from_dict(posterior=names)
-    summary = az.summary(idata, kind="all") if len(draws) > 1 else None
+    summary = None
+    if len(draws) > 1:
+        # draws come from one "chain" of independent guide samples: R-hat is undefined
+        # there (ArviZ warns), ESS and HDI are what matter
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            summary = az.summary(idata, kind="all")
     df = pd.DataFrame(out)
     df = _finish(df, layers, "conditional", f"conditional on each of {n_w} weight draws", {})
     df.attrs.update({"per_draw": per_df, "inference_data": idata, "summary": summary})
