@@ -531,9 +531,9 @@ def _task_table(tasks: pd.DataFrame) -> str:
 
 def _sweep_table(sweeps: pd.DataFrame) -> str:
     d = sweeps[sweeps["estimator"] != "certified"]
-    piv = d.pivot_table(
-        index=["estimator", "param_value"], columns="case", values="value", sort=False
-    )
+    order = list(dict.fromkeys(d["estimator"]))
+    piv = d.pivot_table(index=["estimator", "param_value"], columns="case", values="value")
+    piv = piv.reindex(order, level=0)
     c = sweeps[sweeps["estimator"] == "certified"]
     g = c.groupby(["param_value", "case"])
     cert = pd.DataFrame(
