@@ -84,7 +84,18 @@ def _codes_of(a: Any, name: str, n_bins: int, value_range: Any) -> np.ndarray:
     return bin_codes(as_2d_float(a, name), n_bins, value_range)
 
 
-class NaiveHistogram:
+class _BinnedEstimator:
+    """Shared constructor of the binning estimators: ``n_bins`` and ``value_range``."""
+
+    def __init__(self, n_bins: int = 30, value_range: Any = "adaptive") -> None:
+        if int(n_bins) < 1:
+            raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+        self.n_bins = int(n_bins)
+        self.value_range = value_range
+        _parse_range(value_range)
+
+
+class NaiveHistogram(_BinnedEstimator):
     r"""Plug-in MI from joint histograms of whole-vector bin codes ("naive").
 
     What people do when they flatten each layer, histogram it and subtract:
@@ -116,13 +127,6 @@ class NaiveHistogram:
 
     name = "naive"
 
-    def __init__(self, n_bins: int = 30, value_range: Any = "adaptive") -> None:
-        if int(n_bins) < 1:
-            raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-        self.n_bins = int(n_bins)
-        self.value_range = value_range
-        _parse_range(value_range)
-
     def estimate(self, x: Any, t: Any, *, seed: int | None = None) -> MIEstimate:
         """Estimate ``I(X; T)`` in nats.
 
@@ -146,7 +150,7 @@ class NaiveHistogram:
         )
 
 
-class Binning:
+class Binning(_BinnedEstimator):
     r"""Shwartz-Ziv & Tishby (2017) binning of a layer, input taken as discrete.
 
     Each unit of the layer is binned into ``n_bins`` equal-width bins (shared edges,
@@ -182,13 +186,6 @@ class Binning:
     """
 
     name = "binning"
-
-    def __init__(self, n_bins: int = 30, value_range: Any = "adaptive") -> None:
-        if int(n_bins) < 1:
-            raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-        self.n_bins = int(n_bins)
-        self.value_range = value_range
-        _parse_range(value_range)
 
     def estimate(self, x: Any, t: Any, *, seed: int | None = None) -> MIEstimate:
         """Estimate ``I(X; T)`` (or ``I(T; Y)`` when ``t`` holds labels) in nats.

@@ -86,6 +86,21 @@ def _parse(a: Any, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
     return as_2d_float(a, name), None
 
 
+def _parse_pair(x: Any, t: Any, sigma_x: float | str, sigma_t: float | str):
+    """Parse ``x`` and ``t`` (features or labels) and their kernel widths.
+
+    Returns ``(xa, xl, ta, tl, n, sx, st)``: for each side the float features
+    ``(N, d)`` or ``None`` and the integer labels ``(N,)`` or ``None``, the common
+    sample count ``N``, and the widths (1.0 for a label side, else :func:`kernel_width`).
+    """
+    xa, xl = _parse(x, "x")
+    ta, tl = _parse(t, "t")
+    n = check_pair((xa if xa is not None else xl[:, None]), (ta if ta is not None else tl[:, None]))
+    sx = 1.0 if xa is None else kernel_width(xa, sigma_x)
+    st = 1.0 if ta is None else kernel_width(ta, sigma_t)
+    return xa, xl, ta, tl, n, sx, st
+
+
 class MatrixRenyi:
     r"""Matrix-based Renyi alpha-order MI (Giraldo, Rao & Principe 2015; Yu et al. 2019).
 
@@ -144,13 +159,7 @@ class MatrixRenyi:
         t : tensor or array, shape (N, dt), or integer labels (N,)
         seed : ignored (deterministic)
         """
-        xa, xl = _parse(x, "x")
-        ta, tl = _parse(t, "t")
-        n = check_pair(
-            (xa if xa is not None else xl[:, None]), (ta if ta is not None else tl[:, None])
-        )
-        sx = 1.0 if xa is None else kernel_width(xa, self.sigma_x)
-        st = 1.0 if ta is None else kernel_width(ta, self.sigma_t)
+        xa, xl, ta, tl, n, sx, st = _parse_pair(x, t, self.sigma_x, self.sigma_t)
         kx = _gram(xa, xl, sx)
         kt = _gram(ta, tl, st)
         a = kx / n  # Gaussian / label kernels have unit diagonal
@@ -251,13 +260,7 @@ class ParzenQMI:
         t : tensor or array, shape (N, dt), or integer labels (N,)
         seed : ignored (deterministic)
         """
-        xa, xl = _parse(x, "x")
-        ta, tl = _parse(t, "t")
-        n = check_pair(
-            (xa if xa is not None else xl[:, None]), (ta if ta is not None else tl[:, None])
-        )
-        sx = 1.0 if xa is None else kernel_width(xa, self.sigma_x)
-        st = 1.0 if ta is None else kernel_width(ta, self.sigma_t)
+        xa, xl, ta, tl, n, sx, st = _parse_pair(x, t, self.sigma_x, self.sigma_t)
         zx = None if xa is None else torch.as_tensor(xa - xa.mean(0), dtype=torch.float64)
         zt = None if ta is None else torch.as_tensor(ta - ta.mean(0), dtype=torch.float64)
         vj = sum_x = sum_t = vc = 0.0
