@@ -266,7 +266,36 @@ class StochasticNet(PyroModule):
 # ----------------------------------------------------------------------------- noisy MLP
 
 
-class NoisyMLP(StochasticNet):
+class _NoiseInjectedNet(StochasticNet):
+    """Forward pass and channels shared by the noise-injected nets.
+
+    Subclasses define ``_mean(l, parent)`` (the deterministic map ``f_l``) and may
+    override ``_logits(h)`` (default ``self.out(h)``).
+    """
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(h)
+
+    def _noisy_forward(self, x, y, n_total, register_layers) -> torch.Tensor:
+        """``h_l = f_l(h_{l-1}) + sigma_l Z`` for every site, then the logits ``(N, n_classes)``."""
+        self._check_inputs(x, y)
+        with _local_params(), self._plate(x.shape[0], n_total, x.device):
+            h = x
+            for l, site in enumerate(self.layer_sites):
+                h = self._layer(site, self._mean(l, h), self.sigmas[l], register_layers)
+            logits = self._logits(h)
+            self._observe(logits, y)
+        return logits
+
+    def _noisy_conditional(self, site: str, parent: torch.Tensor) -> dist.Independent:
+        """``Normal(f_l(parent), sigma_l).to_event(1)``, batch ``(N,)``, event ``(d_l,)``."""
+        l = self._site_index(site)
+        with torch.no_grad():
+            mean = self._mean(l, parent)
+        return dist.Normal(mean, self.sigmas[l]).to_event(1)
+
+
+class NoisyMLP(_NoiseInjectedNet):
     """Noise-injected MLP (``kind = "noisy_mlp"``); see the module docstring for the maths.
 
     Parameters
@@ -317,14 +346,7 @@ class NoisyMLP(StochasticNet):
             True: the layers are ``pyro.sample`` sites ``h1..hL``.  False: noise
             is drawn by reparameterised sampling without sites (training).
         """
-        self._check_inputs(x, y)
-        with _local_params(), self._plate(x.shape[0], n_total, x.device):
-            h = x
-            for l, site in enumerate(self.layer_sites):
-                h = self._layer(site, self._mean(l, h), self.sigmas[l], register_layers)
-            logits = self._logits(h)
-            self._observe(logits, y)
-        return logits
+        return self._noisy_forward(x, y, n_total, register_layers)
 
     def conditional(self, site: str, parent: torch.Tensor) -> dist.Independent:
         """The channel ``p(h_l | h_{l-1} = parent)``: ``Normal(f_l(parent), sigma_l).to_event(1)``.
@@ -332,16 +354,13 @@ class NoisyMLP(StochasticNet):
         ``parent`` is ``x`` ``(N, input_dim)`` for ``"h1"``, else the previous
         site's value ``(N, d_{l-1})``.  Batch shape ``(N,)``, event ``(d_l,)``.
         """
-        l = self._site_index(site)
-        with torch.no_grad():
-            mean = self._mean(l, parent)
-        return dist.Normal(mean, self.sigmas[l]).to_event(1)
+        return self._noisy_conditional(site, parent)
 
 
 # ----------------------------------------------------------------------------- noisy CNN
 
 
-class NoisyCNN(StochasticNet):
+class NoisyCNN(_NoiseInjectedNet):
     """Noise-injected CNN (``kind = "noisy_cnn"``).
 
     Blocks ``conv(k x k, valid) -> act -> maxpool(pool) -> + sigma Z`` give the
@@ -391,21 +410,11 @@ class NoisyCNN(StochasticNet):
 
     def forward(self, x, y=None, *, n_total=None, register_layers=True):
         """Run the network; returns logits ``(N, n_classes)`` (arguments as :class:`NoisyMLP`)."""
-        self._check_inputs(x, y)
-        with _local_params(), self._plate(x.shape[0], n_total, x.device):
-            h = x
-            for l, site in enumerate(self.layer_sites):
-                h = self._layer(site, self._mean(l, h), self.sigmas[l], register_layers)
-            logits = self.out(h)
-            self._observe(logits, y)
-        return logits
+        return self._noisy_forward(x, y, n_total, register_layers)
 
     def conditional(self, site: str, parent: torch.Tensor) -> dist.Independent:
         """``p(h_l | h_{l-1} = parent) = Normal(f_l(parent), sigma_l).to_event(1)``, batch (N,)."""
-        l = self._site_index(site)
-        with torch.no_grad():
-            mean = self._mean(l, parent)
-        return dist.Normal(mean, self.sigmas[l]).to_event(1)
+        return self._noisy_conditional(site, parent)
 
 
 # ----------------------------------------------------------------------------- Bayesian MLP
