@@ -226,20 +226,23 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
         "dpi_violations": {},
     }
 
-    def callback(epoch: int, model, guide) -> None:
-        if epoch not in measured:
-            return
-        df = layer_mi(
+    def mi_table(model, guide, weights: str, tag: int, epoch: int):
+        return layer_mi(
             model,
             x_eval,
             y_eval,
             guide=guide,
-            weights="marginal",
-            seed=derive_seed(cell.seed, _TAG_MI, epoch),
+            weights=weights,
+            seed=derive_seed(cell.seed, tag, epoch),
             n_paths=est.n_paths,
             n_weight_draws=est.n_weight_draws,
             device=cell.device,
         )
+
+    def callback(epoch: int, model, guide) -> None:
+        if epoch not in measured:
+            return
+        df = mi_table(model, guide, "marginal", _TAG_MI, epoch)
         records["estimates"].extend(_rows(df, epoch))
         dpi = df.attrs.get("dpi")
         if dpi:
@@ -249,17 +252,7 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
             # chain diagnostics warn for a single chain of few draws: keep that quiet
             with warnings.catch_warnings(), _quiet_logger("arviz"):
                 warnings.simplefilter("ignore", RuntimeWarning)
-                dfc = layer_mi(
-                    model,
-                    x_eval,
-                    y_eval,
-                    guide=guide,
-                    weights="conditional",
-                    seed=derive_seed(cell.seed, _TAG_MI_COND, epoch),
-                    n_paths=est.n_paths,
-                    n_weight_draws=est.n_weight_draws,
-                    device=cell.device,
-                )
+                dfc = mi_table(model, guide, "conditional", _TAG_MI_COND, epoch)
             per_draw = dfc.attrs.get("per_draw")
             draws = _per_draw_values(per_draw)
             for row in _rows(dfc, epoch):
