@@ -59,15 +59,13 @@ class ResumeError(ValueError):
     """The output folder belongs to a different experiment (or to something else)."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
+def _replace_via_tmp(path: Path, prefix: str, suffix: str, fill) -> None:
+    """Create a temporary file next to ``path``, ``fill(fd, tmp_name)`` it, then
+    :func:`os.replace` it onto ``path``; on any error the temporary file is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        fill(fd, tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -75,6 +73,18 @@ def _atomic_write(path: Path, write) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+
+    def fill(fd, _tmp):
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    _replace_via_tmp(path, f".{path.name}.", ".tmp", fill)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -90,18 +100,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def _atomic_via_tmpfile(path: Path, writer) -> None:
     """Atomic write for libraries that want a file name: ``writer(tmp_name)``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+
+    def fill(fd, tmp):
+        os.close(fd)
         writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    _replace_via_tmp(path, f".{path.stem}.", path.suffix, fill)
 
 
 class ResultStore:
