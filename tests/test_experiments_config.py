@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import write_experiment
 
 from stochmi.experiments.config import (
     CellSpec,
@@ -39,9 +40,7 @@ grid = { "noise.sigma" = [0.5, 1.0, 2.0] }
 
 
 def _write(tmp_path, text, name="exp.toml"):
-    p = tmp_path / name
-    p.write_text(text)
-    return p
+    return write_experiment(tmp_path, text, name)
 
 
 def test_parse_and_expand():

