@@ -210,6 +210,13 @@ class StochasticNet(PyroModule):
     layer_dims: dict[str, int]
     sigmas: list[float]
 
+    def _set_input_transform(self, spec: ModelSpec) -> int:
+        """Set ``input_transform`` (a PCA projection when ``model.pca_components`` k > 0,
+        else None) and return the width of the first layer's input (k or ``input_dim``)."""
+        k = int(spec.get("model.pca_components"))
+        self.input_transform = _make_pca(spec) if k else None
+        return k if k else self.input_dim
+
     def _site_index(self, site: str) -> int:
         if site not in self.layer_sites:
             raise ValueError(f"unknown layer site {site!r}; this network has {self.layer_sites}")
@@ -310,9 +317,7 @@ class NoisyMLP(_NoiseInjectedNet):
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
         hidden = list(spec.get("model.hidden"))
-        k = int(spec.get("model.pca_components"))
-        self.input_transform = _make_pca(spec) if k else None
-        d_in = k if k else self.input_dim
+        d_in = self._set_input_transform(spec)
         dims = [d_in] + hidden
         self.hidden_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.out = nn.Linear(dims[-1], self.n_classes)
@@ -535,9 +540,7 @@ class BayesMLP(StochasticNet):
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
         hidden = list(spec.get("model.hidden"))
-        k = int(spec.get("model.pca_components"))
-        self.input_transform = _make_pca(spec) if k else None
-        d_in = k if k else self.input_dim
+        d_in = self._set_input_transform(spec)
         dims = [d_in] + hidden + [self.n_classes]
         scale = float(spec.get("prior.scale"))
         fan_in = bool(spec.get("prior.fan_in"))
