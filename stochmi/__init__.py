@@ -14,15 +14,20 @@ build_model           the Pyro network a spec describes
 train                 SVI training with progress bar, accuracy and a per-epoch callback
 accuracy              predictive test accuracy
 save_checkpoint, load_checkpoint   weights + spec round trip
+run_nuts              NUTS posterior of the small Bayesian net (ArviZ InferenceData)
+baselines             the estimators in common use, behind one protocol (module)
+tasks                 ground-truth tasks with known MI (module)
+experiments           sweeps, results, plots, executors (module, imported on first use)
 """
 
-from stochmi import closed_form
+from stochmi import baselines, closed_form, tasks
 from stochmi.bounds import pairwise_bounds
 from stochmi.core import mi_from_conditional, mi_with_labels
 from stochmi.data import load_mnist
 from stochmi.estimate import MIEstimate
 from stochmi.layers import layer_mi
 from stochmi.nets import build_model
+from stochmi.nuts import run_nuts
 from stochmi.spec import load_spec
 from stochmi.training import accuracy, load_checkpoint, save_checkpoint, train
 
@@ -40,5 +45,20 @@ __all__ = [
     "accuracy",
     "save_checkpoint",
     "load_checkpoint",
+    "run_nuts",
+    "baselines",
+    "tasks",
+    "experiments",
 ]
+
+
+def __getattr__(name: str):
+    # the experiments package pulls in xarray/matplotlib: import it on first use
+    if name == "experiments":
+        import importlib
+
+        return importlib.import_module("stochmi.experiments")
+    raise AttributeError(f"module 'stochmi' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
