@@ -30,7 +30,7 @@ used, which can only over-count the setup).  On CUDA it is
 Usage::
 
     python benchmarks/bench_core.py                      # N in {1000, 4000, 10000}, d in {64, 1024}
-    python benchmarks/bench_core.py --quick              # small smoke run (about a minute)
+    python benchmarks/bench_core.py --quick              # small smoke run (about 1.5 minutes)
     python benchmarks/bench_core.py --sizes 2000 --dims 256 --device cuda
 """
 
