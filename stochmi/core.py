@@ -21,6 +21,7 @@ terms are independent given the sources and the standard error is
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -47,8 +48,9 @@ def make_generator(
     """
     if seed is None:
         seed = int.from_bytes(os.urandom(7), "little")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    seed = int(seed)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen, seed
