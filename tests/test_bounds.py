@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import gen, load_textbook
+from conftest import gen as _gen
+from conftest import load_textbook
 from torch import distributions as td
 
 import stochmi
@@ -21,7 +22,7 @@ textbook = load_textbook()
 
 
 def _scales(kind: str, n: int, d: int, seed: int) -> torch.Tensor:
-    u = 0.4 + torch.rand(n, d, generator=gen(seed), dtype=F64)
+    u = 0.4 + torch.rand(n, d, generator=_gen(seed), dtype=F64)
     return {
         "iso": torch.full((n, d), 0.8, dtype=F64),
         "per_dim": u[0].expand(n, d),
@@ -36,7 +37,7 @@ KINDS = ["iso", "per_dim", "per_source_iso", "per_source_diag"]
 @pytest.mark.parametrize("kind", KINDS)
 def test_equals_brute_force_pairwise_computation(kind):
     n, d = 12, 3
-    loc = 1.5 * torch.randn(n, d, generator=gen(1), dtype=F64)
+    loc = 1.5 * torch.randn(n, d, generator=_gen(1), dtype=F64)
     scale = _scales(kind, n, d, 2)
     lo, hi = pairwise_bounds(loc, scale)
     ref_lo, ref_hi = textbook.brute_force_pairwise_bounds(loc.numpy(), scale.numpy())
@@ -47,12 +48,12 @@ def test_equals_brute_force_pairwise_computation(kind):
 
 def test_scale_forms_agree():
     n, d = 30, 4
-    loc = torch.randn(n, d, generator=gen(3), dtype=F64)
+    loc = torch.randn(n, d, generator=_gen(3), dtype=F64)
     full = pairwise_bounds(loc, torch.full((n, d), 0.6, dtype=F64))
     assert pairwise_bounds(loc, 0.6) == pytest.approx(full, rel=1e-12)
     assert pairwise_bounds(loc, torch.full((d,), 0.6, dtype=F64)) == pytest.approx(full, rel=1e-12)
     # 1-D means with per-source scales
-    s = 0.3 + torch.rand(n, generator=gen(4), dtype=F64)
+    s = 0.3 + torch.rand(n, generator=_gen(4), dtype=F64)
     one_d = pairwise_bounds(loc[:, 0], s)
     ref = textbook.brute_force_pairwise_bounds(loc[:, :1].numpy(), s[:, None].numpy())
     assert one_d == pytest.approx(ref, rel=1e-12)
@@ -61,7 +62,7 @@ def test_scale_forms_agree():
 def test_matches_information_plane_kde_code():
     # Kolchinsky's kde.py (Saxe et al.) with var = sigma^2 gives the same KL upper bound
     n, d, sigma = 300, 10, 0.9
-    loc = torch.randn(n, d, generator=gen(5), dtype=F64)
+    loc = torch.randn(n, d, generator=_gen(5), dtype=F64)
     lo, hi = pairwise_bounds(loc, sigma)
     kde_lo, kde_hi = textbook.kde_pairwise_mi(loc.numpy(), sigma**2, lower=True)
     assert hi == pytest.approx(kde_hi, rel=1e-10)
@@ -71,7 +72,7 @@ def test_matches_information_plane_kde_code():
 @pytest.mark.parametrize("kind", KINDS)
 def test_bracket_the_dataset_mi(kind):
     n, d = 500, 4
-    loc = 1.2 * torch.randn(n, d, generator=gen(6), dtype=F64)
+    loc = 1.2 * torch.randn(n, d, generator=_gen(6), dtype=F64)
     scale = _scales(kind, n, d, 7)
     lo, hi = pairwise_bounds(loc, scale)
     est = stochmi.mi_from_conditional(
@@ -88,7 +89,7 @@ def test_limits_identical_and_separated_means():
     n, d = 50, 3
     same = torch.zeros(n, d, dtype=F64)
     assert pairwise_bounds(same, 1.0) == pytest.approx((0.0, 0.0), abs=1e-12)
-    far = 1e3 * torch.randn(n, d, generator=gen(9), dtype=F64)
+    far = 1e3 * torch.randn(n, d, generator=_gen(9), dtype=F64)
     lo, hi = pairwise_bounds(far, 1.0)
     assert lo == pytest.approx(math.log(n), abs=1e-9)
     assert hi == pytest.approx(math.log(n), abs=1e-9)
@@ -102,7 +103,7 @@ def test_limits_identical_and_separated_means():
 @pytest.mark.parametrize("kind", ["iso", "per_source_diag"])
 def test_deterministic_and_chunk_independent(kind):
     n, d = 64, 5
-    loc = torch.randn(n, d, generator=gen(10), dtype=F64)
+    loc = torch.randn(n, d, generator=_gen(10), dtype=F64)
     scale = _scales(kind, n, d, 11)
     a = pairwise_bounds(loc, scale)
     assert pairwise_bounds(loc, scale) == a  # no Monte Carlo: bit-identical
@@ -112,7 +113,7 @@ def test_deterministic_and_chunk_independent(kind):
 
 def test_large_magnitude_means():
     n, d, sigma = 200, 6, 1e-2
-    loc = 100.0 + 3 * sigma * torch.randn(n, d, generator=gen(12), dtype=F64)
+    loc = 100.0 + 3 * sigma * torch.randn(n, d, generator=_gen(12), dtype=F64)
     lo, hi = pairwise_bounds(loc, sigma)
     ref_lo, ref_hi = textbook.brute_force_pairwise_bounds(loc[:40].numpy(), np.full((40, d), sigma))
     lo40, hi40 = pairwise_bounds(loc[:40], sigma)

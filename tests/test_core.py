@@ -13,7 +13,8 @@ import math
 import pyro.distributions as pdist
 import pytest
 import torch
-from conftest import gen, load_textbook
+from conftest import gen as _gen
+from conftest import load_textbook
 from torch import distributions as td
 
 import stochmi
@@ -35,7 +36,7 @@ def _scaled_map(d_t: int, d_x: int, sigma: float, target: float, seed: int) -> t
     I(c A) = 0.5 sum_k log(1 + c^2 lambda_k / sigma^2) over the eigenvalues of A A^T;
     the gain c is found by bisection on that sum (the test then checks the closed form).
     """
-    a0 = torch.randn(d_t, d_x, generator=gen(seed), dtype=F64) / math.sqrt(d_x)
+    a0 = torch.randn(d_t, d_x, generator=_gen(seed), dtype=F64) / math.sqrt(d_x)
     lam = [float(v) for v in torch.linalg.eigvalsh(a0 @ a0.T).clamp(min=0.0)]
 
     def mi(c):
@@ -50,7 +51,7 @@ def _scaled_map(d_t: int, d_x: int, sigma: float, target: float, seed: int) -> t
 
 def _linear_gaussian_channel(d_t, d_x, sigma, target, n, seed):
     a = _scaled_map(d_t, d_x, sigma, target, seed)
-    x = torch.randn(n, d_x, generator=gen(seed + 1), dtype=F64)
+    x = torch.randn(n, d_x, generator=_gen(seed + 1), dtype=F64)
     return td.Independent(td.Normal(x @ a.T, sigma), 1), linear_gaussian_mi(a, 1.0, sigma)
 
 
@@ -144,18 +145,18 @@ QN = 200
 
 
 def _sources(seed=5):
-    return 2.0 * torch.randn(QN, generator=gen(seed), dtype=F64)
+    return 2.0 * torch.randn(QN, generator=_gen(seed), dtype=F64)
 
 
 def _mix_logits(seed):
-    return torch.randn(QN, 2, generator=gen(seed), dtype=F64)
+    return torch.randn(QN, 2, generator=_gen(seed), dtype=F64)
 
 
 def _quad_cases():
     s = _sources()
     two = torch.stack([s - 1.0, s + 1.0], 1)
     comp_scale = torch.tensor([0.3, 0.7], dtype=F64).expand(QN, 2)
-    hetero = 0.2 + torch.rand(QN, generator=gen(6), dtype=F64)
+    hetero = 0.2 + torch.rand(QN, generator=_gen(6), dtype=F64)
     return {
         # name: (cond, expect fast path, reach of the quadrature grid); kinks: see _kinks
         "normal": (td.Normal(s, 0.5), True, 30.0),
@@ -212,7 +213,7 @@ def test_value_stderr_tracks_monte_carlo_error_with_draws():
 @pytest.mark.parametrize("n_draws", [1, 3])
 def test_duplicated_well_separated_inputs_give_log_m(family, n_draws):
     m, reps, d, sigma = 10, 30, 3, 0.1
-    centers = 100.0 * sigma * torch.randn(m, d, generator=gen(3), dtype=F64)
+    centers = 100.0 * sigma * torch.randn(m, d, generator=_gen(3), dtype=F64)
     # separation >> sigma: check it, so the truth is log M up to exp(-gap^2/(8 sigma^2))
     gaps = torch.cdist(centers, centers) + torch.eye(m, dtype=F64) * 1e9
     assert float(gaps.min()) > 40 * sigma
@@ -229,7 +230,7 @@ def test_duplicated_well_separated_inputs_give_log_m(family, n_draws):
 @pytest.mark.parametrize("structure", ["shared", "per_dim", "iso", "diag"])
 def test_large_magnitude_small_noise_matches_exact_reference(dtype, structure):
     n, d, sigma = 400, 6, 1e-2
-    g = gen(21)
+    g = _gen(21)
     centers = 100.0 + torch.randn(8, d, generator=g, dtype=F64)
     # clusters O(1) apart, members 1.5 sigma apart: MI strictly between log 8 and log N
     loc = centers[torch.arange(n) % 8] + 1.5 * sigma * torch.randn(n, d, generator=g, dtype=F64)
@@ -253,7 +254,7 @@ def test_large_magnitude_small_noise_matches_exact_reference(dtype, structure):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_large_magnitude_well_separated_gives_log_n(dtype):
     n, d, sigma = 500, 4, 1e-2
-    loc = 100.0 + torch.randn(n, d, generator=gen(4), dtype=F64)
+    loc = 100.0 + torch.randn(n, d, generator=_gen(4), dtype=F64)
     nn = torch.cdist(loc, loc) + 1e9 * torch.eye(n, dtype=F64)
     assert float(nn.min()) > 8 * sigma  # closest pair 8 sigma apart: overlap < exp(-8)/N
     est = stochmi.mi_from_conditional(td.Independent(td.Normal(loc.to(dtype), sigma), 1), seed=2)
@@ -264,7 +265,7 @@ def test_large_magnitude_well_separated_gives_log_n(dtype):
 # --------------------------------------------------------------------------- chunking, seeds
 def _chunk_conds():
     n = 60
-    g = gen(9)
+    g = _gen(9)
     loc = torch.randn(n, 3, generator=g, dtype=F64)
     return n, {
         "fast": td.Independent(td.Normal(loc, 0.7), 1),
@@ -410,7 +411,7 @@ def test_bounds_option_needs_single_gaussian():
 
 # --------------------------------------------------------------------------- labels
 def _two_class_channel(n=300, seed=2):
-    g = gen(seed)
+    g = _gen(seed)
     y = (torch.rand(n, generator=g) < 0.35).long()
     s = torch.where(y == 1, 1.0, -1.0).to(F64) + 0.8 * torch.randn(n, generator=g, dtype=F64)
     return s, y
@@ -450,7 +451,7 @@ def test_label_mi_of_perfectly_separated_classes_is_label_entropy():
     counts = [5, 20, 35]
     y = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
     centers = torch.tensor([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0]], dtype=F64)
-    loc = centers[y] + torch.randn(len(y), 2, generator=gen(1), dtype=F64)
+    loc = centers[y] + torch.randn(len(y), 2, generator=_gen(1), dtype=F64)
     est = stochmi.mi_with_labels(td.Independent(td.Normal(loc, 1.0), 1), y, seed=0)
     p = torch.tensor(counts, dtype=F64) / sum(counts)
     h_y = float(-(p * p.log()).sum())
@@ -477,7 +478,7 @@ def test_data_processing_on_a_linear_gaussian_markov_chain():
     holds for the brackets, and each bracket contains its truth.
     """
     n, dx, d1, d2, s1, s2 = 1000, 4, 6, 3, 0.5, 0.7
-    g = gen(17)
+    g = _gen(17)
     a1 = torch.randn(d1, dx, generator=g, dtype=F64)
     a2 = torch.randn(d2, d1, generator=g, dtype=F64) / 2
     x = torch.randn(n, dx, generator=g, dtype=F64)

@@ -11,7 +11,8 @@ import math
 import pyro.distributions as pdist
 import pytest
 import torch
-from conftest import gen, load_textbook
+from conftest import gen as _gen
+from conftest import load_textbook
 from torch import distributions as td
 
 import stochmi
@@ -53,13 +54,13 @@ N, D = 40, 5
 
 def _rows(cond: td.Distribution, m: int = 23, seed: int = 0) -> torch.Tensor:
     """Draws from the conditional of the first m sources, shape (m, *event)."""
-    gen = gen(seed)
+    gen = _gen(seed)
     kernel = LogDensityKernel(cond)
     return kernel.sample(1, gen)[0, :m]
 
 
 def _structures():
-    g = gen(1)
+    g = _gen(1)
     loc = torch.randn(N, D, generator=g, dtype=F64)
     u = 0.3 + torch.rand(N, D, generator=g, dtype=F64)
     return {
@@ -103,7 +104,7 @@ def test_gaussian_block_equals_textbook_broadcast_log_prob(name):
 
 def test_gaussian_block_equals_direct_differences_in_float64():
     # same check against a reference that shares no code with torch.distributions
-    g = gen(2)
+    g = _gen(2)
     loc = torch.randn(N, D, generator=g, dtype=F64)
     scale = 0.2 + torch.rand(N, D, generator=g, dtype=F64)
     cond = td.Independent(td.Normal(loc, scale), 1)
@@ -114,7 +115,7 @@ def test_gaussian_block_equals_direct_differences_in_float64():
 
 def _generic_twins():
     """Pairs (fast conditional, the same density through the generic path)."""
-    g = gen(3)
+    g = _gen(3)
     loc = torch.randn(N, D, generator=g, dtype=F64)
     u = 0.3 + torch.rand(N, D, generator=g, dtype=F64)
     shared = td.Independent(td.Normal(loc, u[0]), 1)
@@ -140,7 +141,7 @@ def test_fast_path_equals_generic_path_on_the_same_draws(name):
     fast, generic = _generic_twins()[name]
     kf, kg = LogDensityKernel(fast), LogDensityKernel(generic)
     assert kf.is_gaussian and not kg.is_gaussian
-    t = kf.sample(2, gen(4))  # (2, N, *event)
+    t = kf.sample(2, _gen(4))  # (2, N, *event)
     rows = t.reshape(2 * N, *t.shape[2:])
     torch.testing.assert_close(kf.block(rows), kg.block(rows), rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(kf.diagonal(t), kg.diagonal(t), rtol=1e-12, atol=1e-9)
@@ -149,7 +150,7 @@ def test_fast_path_equals_generic_path_on_the_same_draws(name):
 def test_generic_block_keeps_float64_for_wrapped_distributions():
     """Regression (core_bugs.md #1): Independent/MixtureSameFamily hide their tensors one level
     down; the generic path must still evaluate float64 samples in float64."""
-    g = gen(5)
+    g = _gen(5)
     loc = 100.0 + 1e-2 * torch.randn(N, 3, generator=g, dtype=F64)
     scale = torch.full((N, 3), 1e-3, dtype=F64)
     conds = [
@@ -170,14 +171,14 @@ def test_generic_block_keeps_float64_for_wrapped_distributions():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_large_magnitude_small_noise_blocks_are_exact(dtype):
     n, d, sigma = 300, 8, 1e-2
-    g = gen(6)
+    g = _gen(6)
     loc = (100.0 + torch.randn(n, d, generator=g, dtype=F64)).to(dtype)
     neighbours = loc.to(F64) + 2 * sigma * torch.randn(n, d, generator=g, dtype=F64)
     loc = torch.cat([loc, neighbours.to(dtype)])  # pairs 2 sigma apart: O(1) off-diagonals
     scale = torch.tensor(sigma, dtype=dtype)
     cond = td.Independent(td.Normal(loc, scale), 1)
     kernel = LogDensityKernel(cond)
-    t = kernel.sample(1, gen(7))[0]
+    t = kernel.sample(1, _gen(7))[0]
     ref = textbook.gaussian_log_prob_direct(loc, scale, t)
     blk = torch.cat([kernel.block(t[s : s + 64]) for s in range(0, t.shape[0], 64)])
     # entries that matter (within 50 nats of the row max) to 1e-6 relative
@@ -195,19 +196,19 @@ def test_large_magnitude_small_noise_blocks_are_exact(dtype):
 
 
 def test_diagonal_is_exact_for_own_draws():
-    g = gen(8)
+    g = _gen(8)
     loc = 1e3 + torch.randn(N, D, generator=g, dtype=F64)
     scale = 1e-4 * (1 + torch.rand(N, D, generator=g, dtype=F64))
     cond = td.Independent(td.Normal(loc, scale), 1)
     kernel = LogDensityKernel(cond)
-    t = kernel.sample(3, gen(9))
+    t = kernel.sample(3, _gen(9))
     torch.testing.assert_close(kernel.diagonal(t), cond.log_prob(t), rtol=1e-12, atol=1e-9)
 
 
 def test_iter_blocks_covers_every_row_once_with_exact_diagonal():
     cond = _structures()["per_source_diag"][0]
     kernel = LogDensityKernel(cond, chunk_size=7)
-    t = kernel.sample(2, gen(10))
+    t = kernel.sample(2, _gen(10))
     diag = kernel.diagonal(t)
     seen = torch.zeros(2 * N, dtype=torch.long)
     flat = t.reshape(2 * N, D)
@@ -226,14 +227,14 @@ def test_iter_blocks_covers_every_row_once_with_exact_diagonal():
 def test_sample_shapes_and_private_generator():
     vec = _structures()["per_dim"][0]
     sca = _structures()["scalar_event_shared"][0]
-    gen = gen(11)
+    gen = _gen(11)
     state = torch.get_rng_state()
     assert LogDensityKernel(vec).sample(3, gen).shape == (3, N, D)
     assert LogDensityKernel(sca).sample(3, gen).shape == (3, N)
     assert LogDensityKernel(Opaque(vec)).sample(2, gen).shape == (2, N, D)
     assert torch.equal(torch.get_rng_state(), state)
-    a = LogDensityKernel(Opaque(vec)).sample(2, gen(12))
-    b = LogDensityKernel(Opaque(vec)).sample(2, gen(12))
+    a = LogDensityKernel(Opaque(vec)).sample(2, _gen(12))
+    b = LogDensityKernel(Opaque(vec)).sample(2, _gen(12))
     assert torch.equal(a, b)
 
 
@@ -241,14 +242,14 @@ def test_gaussian_samples_have_the_right_moments():
     # 4000 draws per source of a 2-source diagonal Gaussian: mean within 5 se, sd within 5 %
     loc = torch.tensor([[0.0, 10.0], [-3.0, 2.0]], dtype=F64)
     scale = torch.tensor([[1.0, 0.5], [2.0, 0.1]], dtype=F64)
-    t = LogDensityKernel(td.Independent(td.Normal(loc, scale), 1)).sample(4000, gen(13))
+    t = LogDensityKernel(td.Independent(td.Normal(loc, scale), 1)).sample(4000, _gen(13))
     assert ((t.mean(0) - loc).abs() < 5 * scale / math.sqrt(4000)).all()
     assert ((t.std(0) / scale - 1).abs() < 0.05).all()
     mix = td.MixtureSameFamily(
         td.Categorical(probs=torch.tensor([[0.2, 0.8], [0.5, 0.5]], dtype=F64)),
         td.Normal(torch.tensor([[-5.0, 5.0], [0.0, 1.0]], dtype=F64), 0.1),
     )
-    tm = LogDensityKernel(mix).sample(4000, gen(14))
+    tm = LogDensityKernel(mix).sample(4000, _gen(14))
     frac = (tm[:, 0] > 0).to(F64).mean()
     assert abs(float(frac) - 0.8) < 5 * math.sqrt(0.8 * 0.2 / 4000)
 
@@ -294,7 +295,7 @@ def test_point_masses_raise_deterministic_error():
 def test_generator_seed_round_trip():
     gen, seed = make_generator(42)
     assert seed == 42
-    assert torch.equal(torch.randn(5, generator=gen), torch.randn(5, generator=gen(42)))
+    assert torch.equal(torch.randn(5, generator=gen), torch.randn(5, generator=_gen(42)))
     state = torch.get_rng_state()
     _, s2 = make_generator(None)
     assert isinstance(s2, int) and torch.equal(torch.get_rng_state(), state)
