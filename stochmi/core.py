@@ -152,6 +152,12 @@ class _Pass:
                 self.lse_cls_loo[base + r0 : base + r1] = cls_loo
                 self.lse_cls[base + r0 : base + r1] = torch.logaddexp(cls_loo, d)
 
+    def loo_upper(self, n_draws: int) -> tuple[float, float]:
+        """Leave-one-out upper ``mean_j(L[j,j] - logmeanexp_{i != j} L[j,i])``, stderr."""
+        n = self.kernel.n
+        terms = self.diag.reshape(-1) - (self.lse_loo - math.log(n - 1))
+        return _mean_se(_per_source(terms, n_draws, n))
+
 
 def _per_source(x: torch.Tensor, n_draws: int, n: int) -> torch.Tensor:
     return x.view(n_draws, n).mean(0)
@@ -239,13 +245,11 @@ def mi_from_conditional(
     if path_group is not None and not kernel.is_gaussian:
         raise ValueError("path_group needs a Gaussian (mixture) conditional")
     p = _Pass(kernel, n_draws, gen, group=path_group)
-    diag = p.diag.reshape(-1)
     log_n = math.log(n)
-    t_val = _per_source(diag - (p.lse_all - log_n), n_draws, n)
-    t_up = _per_source(diag - (p.lse_loo - math.log(n - 1)), n_draws, n)
-    value, se_pop = _mean_se(t_val)
-    se = _dataset_se(diag - (p.lse_all - log_n), n_draws, n, se_pop)
-    upper, se_up = _mean_se(t_up)
+    terms = p.diag.reshape(-1) - (p.lse_all - log_n)
+    value, se_pop = _mean_se(_per_source(terms, n_draws, n))
+    se = _dataset_se(terms, n_draws, n, se_pop)
+    upper, se_up = p.loo_upper(n_draws)
     lower, se_lo = value, se_pop
     if p.diag_excl is not None:
         d_ex = p.diag_excl.reshape(-1)
@@ -338,7 +342,6 @@ def mi_with_labels(
     y = y.to(kernel.device).long()
     gen, used_seed = make_generator(seed, kernel.device)
     p = _Pass(kernel, n_draws, gen, labels=y)
-    diag = p.diag.reshape(-1)
     counts = torch.bincount(p.class_of, minlength=p.n_classes).to(torch.float64)
     yrow = p.class_of.repeat(n_draws)
     log_n = math.log(n)
@@ -360,8 +363,7 @@ def mi_with_labels(
         lower = h_y + ba
     else:
         lower, se_lo = math.nan, math.nan
-    t_up = _per_source(diag - (p.lse_loo - math.log(n - 1)), n_draws, n)
-    up_st, se_up = _mean_se(t_up)
+    up_st, se_up = p.loo_upper(n_draws)
     upper = min(h_y, up_st)
     return MIEstimate(
         value=value,

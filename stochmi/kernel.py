@@ -31,7 +31,7 @@ the full ``N x N`` matrix is never held, and never ``N x N x d``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -414,14 +414,3 @@ class LogDensityKernel:
             blk = self.block(flat[start:stop])
             blk[torch.arange(stop - start, device=self.device), src] = dflat[start:stop]
             yield slice(start, stop), src, blk
-
-
-def reduce_blocks(
-    kernel: LogDensityKernel,
-    t: torch.Tensor,
-    diag: torch.Tensor,
-    reducer: Callable[[slice, torch.Tensor, torch.Tensor], None],
-) -> None:
-    """Run ``reducer(row_slice, src, block)`` over every block (convenience)."""
-    for sl, src, blk in kernel.iter_blocks(t, diag):
-        reducer(sl, src, blk)

@@ -225,7 +225,6 @@ def _mixture_over_draws(conds: list[td.Distribution]) -> td.Distribution:
     if len(conds) == 1:
         return conds[0]
     gms = [as_gaussian_mixture(c) for c in conds]
-    m = conds[0].batch_shape[0]
     if all(g is not None for g in gms):
         loc = torch.cat([g.loc for g in gms], dim=1)
         scale = torch.cat([g.scale for g in gms], dim=1)
@@ -238,7 +237,6 @@ def _mixture_over_draws(conds: list[td.Distribution]) -> td.Distribution:
         f"{type(conds[0]).__name__} is not supported with weights='marginal' - use "
         "weights='conditional'"
     )
-    del m  # pragma: no cover
 
 
 def _cuda_devices(*objs) -> list:
@@ -628,16 +626,19 @@ def layer_mi(
     else:
         pairs = [tuple(p) for p in pairs]
         for a, b in pairs:
-            for s in (a, b):
-                if s not in layers and s not in ("X", "Y"):
-                    raise ValueError(f"pair ({a}, {b}): unknown site {s!r}")
+            if (a, b) == ("X", "Y") or a not in layers and a != "X" or b not in layers and b != "Y":
+                raise ValueError(
+                    f"pair ({a}, {b}): sources are 'X' or a layer, targets a layer or 'Y', and "
+                    "at least one side is a layer; "
+                    f"the layers are {layers}"
+                )
             if b == "Y" and y is None:
                 raise ValueError(f"pair ({a}, Y) needs labels y")
     pair_seeds = _seeds(master[2], len(pairs))
+    # paths are needed only where p(t_l | x) is a mixture: X or Y paired with layer l >= 2
     k = (
         n_paths
-        if any(a == "X" and layers.index(b) > 0 for a, b in pairs if b != "Y")
-        or any(b == "Y" and layers.index(a) > 0 for a, b in pairs if a != "X")
+        if any(layers.index(b if a == "X" else a) > 0 for a, b in pairs if a == "X" or b == "Y")
         else 1
     )
 

@@ -237,6 +237,8 @@ def test_model_without_layers_is_refused():
         ({"weights": "joint"}, ValueError, "marginal"),
         ({"n_paths": 0}, ValueError, "n_paths"),
         ({"pairs": [("h1", "Y")]}, ValueError, "labels"),
+        ({"pairs": [("X", "Y")]}, ValueError, "sources are"),
+        ({"pairs": [("h2", "X")]}, ValueError, "sources are"),
     ],
 )
 def test_bad_input(kwargs, exc, match):
