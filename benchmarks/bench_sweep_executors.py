@@ -118,8 +118,8 @@ def main(argv=None) -> None:
 
     warm = parse_experiment(EXPERIMENT.format(hidden=args.hidden))
     load_cell_data(warm.data, warm.estimate.n_inputs)
-    import stochmi.layers  # noqa: F401
-    import stochmi.training  # noqa: F401
+    import stochmi.layers.estimation  # noqa: F401
+    import stochmi.models.training  # noqa: F401
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_exp_"))
     exp = tmp / "bench.toml"

@@ -47,8 +47,8 @@ def estimator_draws(cond: td.Distribution, n_draws: int, seed: int) -> torch.Ten
     Tensor, shape (n_draws, N, *event)
         Row ``t[r, j]`` is drawn from ``p(t | s_j)``.
     """
-    from stochmi.core import make_generator
-    from stochmi.kernel import LogDensityKernel
+    from stochmi.core.estimator import make_generator
+    from stochmi.core.kernel import LogDensityKernel
 
     kernel = LogDensityKernel(cond)
     gen, _ = make_generator(seed, kernel.device)

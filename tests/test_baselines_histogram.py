@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from stochmi.baselines import Binning, NaiveHistogram
-from stochmi.baselines.histogram import bin_codes
+from stochmi.benchmarking.baselines import Binning, NaiveHistogram
+from stochmi.benchmarking.baselines.histogram import bin_codes
 
 
 def _plugin_mi(a, b):
@@ -87,7 +87,7 @@ def test_binning_of_deterministic_mnist_layer_grows_with_bins(mnist_layer):
 
 @pytest.fixture(scope="module")
 def mnist_layer():
-    from stochmi.data import load_mnist
+    from stochmi.data.mnist import load_mnist
 
     data = load_mnist("shared-test", n=400, seed=0)
     with torch.random.fork_rng(devices=[]):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stochmi import baselines
-from stochmi.estimate import MIEstimate
+from stochmi.core.estimate import MIEstimate
 
 EXPECTED = {
     "naive", "binning", "kde", "ksg", "mine", "nwj", "infonce", "smile",

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import stochmi
-from stochmi.baselines import KDE
-from stochmi.baselines.kde import pairwise_log_mean_kernel
+from stochmi.benchmarking.baselines import KDE
+from stochmi.benchmarking.baselines.kde import pairwise_log_mean_kernel
 
 
 def test_hand_case_three_points():

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from stochmi.baselines import KSG
-from stochmi.closed_form import mixture_entropy_1d
-from stochmi.tasks import gaussian_task
+from stochmi.benchmarking.baselines import KSG
+from stochmi.benchmarking.tasks import gaussian_task
+from stochmi.core.closed_form import mixture_entropy_1d
 
 
 @pytest.mark.parametrize(

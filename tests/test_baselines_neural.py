@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from stochmi.baselines import MINE, NWJ, SMILE, InfoNCE
-from stochmi.baselines.neural import dv_terms, infonce_terms, js_fgan, nwj_terms
-from stochmi.tasks import additive_gaussian_task, gaussian_task
+from stochmi.benchmarking.baselines import MINE, NWJ, SMILE, InfoNCE
+from stochmi.benchmarking.baselines.neural import dv_terms, infonce_terms, js_fgan, nwj_terms
+from stochmi.benchmarking.tasks import additive_gaussian_task, gaussian_task
 
 FAST = {"max_steps": 400, "eval_every": 50, "patience": 4, "eval_repeats": 2}
 

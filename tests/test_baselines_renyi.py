@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from stochmi.baselines import MatrixRenyi, ParzenQMI
+from stochmi.benchmarking.baselines import MatrixRenyi, ParzenQMI
 
 X = np.array([[0.0], [0.5], [1.5], [3.0]])
 T = np.array([[0.0, 1.0], [0.2, 0.8], [1.0, -1.0], [2.0, 0.5]])

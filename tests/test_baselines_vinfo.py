@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from stochmi.baselines import VInfoLinear, VInfoMLP, VInformation
-from stochmi.tasks import additive_gaussian_task, gaussian_task
+from stochmi.benchmarking.baselines import VInfoLinear, VInfoMLP, VInformation
+from stochmi.benchmarking.tasks import additive_gaussian_task, gaussian_task
 
 
 def test_linear_probe_recovers_gaussian_mi():

@@ -1,4 +1,4 @@
-"""Tests of stochmi.bounds.pairwise_bounds (Kolchinsky-Tracey pairwise-distance bounds)."""
+"""Tests of stochmi.core.bounds.pairwise_bounds (Kolchinsky-Tracey pairwise-distance bounds)."""
 
 from __future__ import annotations
 

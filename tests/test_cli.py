@@ -120,10 +120,10 @@ def test_demo_cli(tmp_path, capsys):
 
 
 def test_compare_is_wired():
-    """`stochmi compare` calls stochmi.baselines.compare.run_comparison (checked by signature)."""
+    """`stochmi compare` calls benchmarking.compare.run_comparison (checked by signature)."""
     import inspect
 
-    from stochmi.baselines.compare import run_comparison
+    from stochmi.benchmarking.compare import run_comparison
 
     params = inspect.signature(run_comparison).parameters
     assert {"out_dir", "quick", "seed", "progress"} <= set(params)

@@ -1,4 +1,4 @@
-"""Tests of stochmi.closed_form: the references the estimator tests rely on."""
+"""Tests of stochmi.core.closed_form: the references the estimator tests rely on."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import distributions as td
 
-from stochmi.closed_form import gaussian_mi_from_cov, linear_gaussian_mi, mixture_entropy_1d
+from stochmi.core.closed_form import gaussian_mi_from_cov, linear_gaussian_mi, mixture_entropy_1d
 
 F64 = torch.float64
 

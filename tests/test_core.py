@@ -1,4 +1,4 @@
-"""Tests of stochmi.core: mi_from_conditional and mi_with_labels.
+"""Tests of stochmi.core.estimator: mi_from_conditional and mi_with_labels.
 
 Truths come from closed forms (linear-Gaussian channels) or from quadrature of
 1-D mixture entropies; every tolerance is a multiple ``Z`` of a reported standard
@@ -18,8 +18,8 @@ from conftest import load_textbook
 from torch import distributions as td
 
 import stochmi
-from stochmi.closed_form import gaussian_mi_from_cov, linear_gaussian_mi
-from stochmi.kernel import DeterministicLayerError
+from stochmi.core.closed_form import gaussian_mi_from_cov, linear_gaussian_mi
+from stochmi.core.kernel import DeterministicLayerError
 
 #: number of standard errors allowed (P(|N(0,1)| > 4) = 6e-5 per assertion)
 Z = 4.0

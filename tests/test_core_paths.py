@@ -6,7 +6,7 @@ import torch
 from torch import distributions as td
 
 from stochmi import mi_from_conditional
-from stochmi.kernel import LogDensityKernel
+from stochmi.core.kernel import LogDensityKernel
 
 
 def _mixture(n=40, k=3, c=2, d=2, seed=0):

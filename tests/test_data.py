@@ -1,4 +1,4 @@
-"""Tests for stochmi.data: the offline MNIST sources, normalisation, subsets, splits."""
+"""Tests for stochmi.data.mnist: the offline MNIST sources, normalisation, subsets, splits."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from stochmi.data import (
+from stochmi.data.mnist import (
     FASHION_MEAN,
     FASHION_STD,
     MNIST_MEAN,

@@ -165,7 +165,7 @@ def test_spec_errors_raised_at_expansion_before_training(tmp_path):
 
 
 def test_spec_path_relative_to_file_and_default_epochs(tmp_path):
-    from stochmi.spec import load_spec
+    from stochmi.models.spec import load_spec
 
     (tmp_path / "specs").mkdir()
     spec_text = load_spec("noisy_mlp", {"training.epochs": 3}).to_toml()

@@ -1,4 +1,4 @@
-"""Tests of stochmi.kernel: the pairwise log-density blocks L[j, i] = log p(t_j | s_i).
+"""Tests of stochmi.core.kernel: the pairwise log-density blocks L[j, i] = log p(t_j | s_i).
 
 Every block is compared with an independent reference: torch's own broadcast
 ``log_prob`` (benchmarks/textbook.py) or exact float64 differences.
@@ -16,8 +16,8 @@ from conftest import load_textbook
 from torch import distributions as td
 
 import stochmi
-from stochmi.core import make_generator
-from stochmi.kernel import (
+from stochmi.core.estimator import make_generator
+from stochmi.core.kernel import (
     DEFAULT_CHUNK_BYTES,
     DeterministicLayerError,
     LogDensityKernel,

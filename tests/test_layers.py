@@ -8,8 +8,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from stochmi.closed_form import mixture_entropy_1d
-from stochmi.layers import _dpi, find_layers, layer_mi
+from stochmi.core.closed_form import mixture_entropy_1d
+from stochmi.layers.estimation import _dpi, find_layers, layer_mi
 
 Z = 4.0  # z-score of every tolerance below
 
@@ -276,7 +276,7 @@ def test_dpi_checker_flags_only_real_violations():
 
 def test_generic_family_regrouping_matches_explicit_mixture():
     """Laplace layers go through the generic path; its K-path mixture is checked by hand."""
-    from stochmi.layers import _Chain
+    from stochmi.layers.chain import Chain
 
     def model(x):
         with pyro.plate("data", x.shape[0]):
@@ -285,7 +285,7 @@ def test_generic_family_regrouping_matches_explicit_mixture():
 
     x = _x(30, 2)
     gen = torch.Generator().manual_seed(0)
-    chain = _Chain(model, x, ["h1", "h2"], [], [], 4, "single", None, gen)
+    chain = Chain(model, x, ["h1", "h2"], [], [], 4, "single", None, gen)
     cond = chain.given_x(1)
     t = torch.randn(5, 2, dtype=torch.float64)
     got = cond.log_prob(t[:, None])  # (5, 30)

@@ -1,4 +1,4 @@
-"""Tests for stochmi.nets: site structure of the reference nets, channels, seeds."""
+"""Tests for stochmi.models.nets: site structure of the reference nets, channels, seeds."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from pyro import poutine
 
-from stochmi.data import load_mnist
-from stochmi.nets import BayesMLP, build_model, fit_pca, rng_context
-from stochmi.spec import load_spec
+from stochmi.data.mnist import load_mnist
+from stochmi.models.nets import BayesMLP, build_model, fit_pca, rng_context
+from stochmi.models.spec import load_spec
 
 EXPECTED_DIMS = {
     "noisy_mlp": {"h1": 256, "h2": 128, "h3": 64},

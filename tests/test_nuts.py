@@ -1,4 +1,4 @@
-"""Tests for stochmi.nuts: NUTS on the small Bayesian net, ArviZ diagnostics, SVI comparison."""
+"""Tests for stochmi.models.nuts: NUTS on the small Bayesian net, ArviZ, SVI comparison."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from stochmi.data import load_mnist
-from stochmi.nets import build_model
-from stochmi.nuts import compare_nuts_svi, nuts_predictive_log_proba, nuts_summary, run_nuts
+from stochmi.data.mnist import load_mnist
+from stochmi.models.nets import build_model
+from stochmi.models.nuts import compare_nuts_svi, nuts_predictive_log_proba, nuts_summary, run_nuts
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for stochmi.spec: loading, validation, overrides, TOML round-trip."""
+"""Tests for stochmi.models.spec: loading, validation, overrides, TOML round-trip."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from stochmi.spec import (
+from stochmi.models.spec import (
     ModelSpec,
     SpecError,
     dumps_toml,

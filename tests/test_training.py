@@ -1,4 +1,4 @@
-"""Tests for stochmi.training: SVI on real MNIST, seeds, callbacks, checkpoints."""
+"""Tests for stochmi.models.training: SVI on real MNIST, seeds, callbacks, checkpoints."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pyro
 import pytest
 import torch
 
-from stochmi.data import MNISTData, load_mnist
-from stochmi.nets import build_model
-from stochmi.spec import load_spec
-from stochmi.training import (
+from stochmi.data.mnist import MNISTData, load_mnist
+from stochmi.models.nets import build_model
+from stochmi.models.spec import load_spec
+from stochmi.models.training import (
     TrainResult,
     accuracy,
     load_checkpoint,

@@ -1,9 +1,9 @@
 """One cell of an experiment: train a model spec at one seed, measuring layer MI on the way.
 
 A cell is a model spec with overrides (one grid point) and a seed.  :func:`run_cell`
-loads the data, builds the network, trains it with :func:`stochmi.training.train`
+loads the data, builds the network, trains it with :func:`stochmi.models.training.train`
 and, through the training callback, calls :func:`stochmi.layer_mi` and
-:func:`stochmi.training.accuracy` at the epochs named in the experiment file.
+:func:`stochmi.models.training.accuracy` at the epochs named in the experiment file.
 
 Everything random is derived from the cell's seed (weight initialisation, training,
 the Monte Carlo draws of each estimate, predictive accuracy), and the whole cell runs
@@ -59,7 +59,7 @@ def package_versions() -> dict[str, str]:
 
 @lru_cache(maxsize=4)
 def _load_split(data: DataSettings):
-    from stochmi.data import load_mnist, train_test_split
+    from stochmi.data.mnist import load_mnist, train_test_split
 
     full = load_mnist(data.source, root=data.root, n=data.n, seed=data.split_seed)
     if data.test_source == "split":
@@ -202,10 +202,10 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
     import pyro
     import torch
 
-    from stochmi.layers import layer_mi
-    from stochmi.nets import build_model
-    from stochmi.spec import load_spec
-    from stochmi.training import train
+    from stochmi.layers.estimation import layer_mi
+    from stochmi.models.nets import build_model
+    from stochmi.models.spec import load_spec
+    from stochmi.models.training import train
 
     t0 = time.perf_counter()
     source, train_d, test_d, inputs = load_cell_data(cell.data, cell.estimate.n_inputs)

@@ -256,7 +256,7 @@ class ExperimentConfig:
             Unknown spec, rejected override, measured epoch beyond the training
             epochs, or two cells with the same identifier.
         """
-        from stochmi.spec import load_spec
+        from stochmi.models.spec import load_spec
 
         out: list[CellSpec] = []
         seen: dict[str, str] = {}

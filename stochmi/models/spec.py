@@ -160,7 +160,7 @@ _MISSING = object()
 
 def models_dir() -> Path:
     """The repository's ``models/`` folder (``Path(stochmi.__file__).parents[1] / "models"``)."""
-    return Path(__file__).resolve().parents[1] / "models"
+    return Path(__file__).resolve().parents[2] / "models"
 
 
 def list_specs() -> list[str]:

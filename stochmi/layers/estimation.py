@@ -32,311 +32,28 @@ computed for each posterior draw ``w`` of the weights, ``I(X; T | W = w)``, and
 summarised over draws (mean, sd, HDI, ESS by ArviZ).
 """
 
+
 from __future__ import annotations
 
 import math
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import distributions as td
 
-from stochmi.core import mi_from_conditional, mi_with_labels
-from stochmi.estimate import MIEstimate
-from stochmi.kernel import DETERMINISTIC_MESSAGE, as_gaussian_mixture
+from stochmi.core.estimate import MIEstimate
+from stochmi.core.estimator import mi_from_conditional, mi_with_labels
+from stochmi.core.kernel import DETERMINISTIC_MESSAGE, as_gaussian_mixture
+from stochmi.layers.chain import Chain, cuda_devices
+from stochmi.layers.sites import find_layers, trace_model
 
-__all__ = ["layer_mi", "find_layers"]
+__all__ = ["layer_mi", "find_layers", "COLUMNS"]
 
 COLUMNS = ["source", "target", "value", "stderr", "lower", "upper"]
-
-
-# ---------------------------------------------------------------------------
-# site discovery
-# ---------------------------------------------------------------------------
-@dataclass
-class _Sites:
-    layers: list[str]
-    weights: list[str]
-
-
-def _trace(fn: Callable, *args, **kwargs):
-    import pyro
-    import pyro.poutine as poutine
-
-    # argument validation off while tracing, so a zero-noise layer reaches our own
-    # check (which explains why its MI is infinite) instead of a constraint error
-    with pyro.validation_enabled(False):
-        return poutine.trace(fn).get_trace(*args, **kwargs)
-
-
-def _sample_sites(tr):
-    from pyro.poutine.util import site_is_subsample
-
-    for name, site in tr.nodes.items():
-        if site["type"] == "sample" and not site_is_subsample(site):
-            yield name, site
-
-
-def _is_local(site, n: int) -> bool:
-    frames = site["cond_indep_stack"]
-    if any(f.vectorized and f.size == n for f in frames):
-        return True
-    return not frames and tuple(site["fn"].batch_shape)[:1] == (n,)
-
-
-def find_layers(model: Callable, x: torch.Tensor) -> _Sites:
-    """Stochastic layers and weight sites of a Pyro model, in execution order.
-
-    Layers are latent, continuous sample sites inside a plate of size ``N``
-    (``x.shape[0]``); weights are latent sites outside any data plate.
-    Discrete latent sites (such as a label site sampled because no labels were
-    passed) and observed sites are not layers.
-    """
-    n = x.shape[0]
-    tr = _trace(model, x)
-    layers, weights = [], []
-    for name, site in _sample_sites(tr):
-        if site["is_observed"] or site["infer"].get("is_auxiliary"):
-            continue
-        if getattr(site["fn"].support, "is_discrete", False):
-            continue
-        (layers if _is_local(site, n) else weights).append(name)
-    return _Sites(layers, weights)
-
-
-# ---------------------------------------------------------------------------
-# conditionals: normalising site distributions, regrouping rows into mixtures
-# ---------------------------------------------------------------------------
-def _as_batch_n(fn: td.Distribution, m: int, name: str) -> td.Distribution:
-    """Reinterpret a site distribution so its batch shape is ``(m,)`` and event rank <= 1."""
-    bs = tuple(fn.batch_shape)
-    if not bs or bs[0] != m:
-        raise ValueError(
-            f"layer site '{name}' has batch shape {bs}; expected its first dimension to be the "
-            f"data dimension of size {m} (declare the site inside pyro.plate over the inputs)"
-        )
-    if len(bs) > 1:
-        fn = td.Independent(fn, len(bs) - 1)
-    if type(fn).__name__ == "Delta" or (
-        isinstance(fn, td.Independent) and type(fn.base_dist).__name__ == "Delta"
-    ):
-        raise ValueError(f"layer '{name}': {DETERMINISTIC_MESSAGE}")
-    if len(fn.event_shape) > 1:
-        gm = as_gaussian_mixture(_flat_normal(fn))
-        if gm is None:
-            raise ValueError(
-                f"layer '{name}' has event shape {tuple(fn.event_shape)}; only Normal layers "
-                "are flattened automatically - flatten the site to (N, d) in the model"
-            )
-        fn = _flat_normal(fn)
-    return fn
-
-
-def _flat_normal(fn: td.Distribution) -> td.Distribution:
-    base = fn
-    while isinstance(base, td.Independent):
-        base = base.base_dist
-    if not isinstance(base, td.Normal):
-        return fn
-    m = fn.batch_shape[0]
-    loc = base.loc.reshape(m, -1)
-    scale = torch.broadcast_to(base.scale, base.loc.shape).reshape(m, -1)
-    return td.Independent(td.Normal(loc, scale), 1)
-
-
-class _Regrouped(td.Distribution):
-    """Uniform mixture ``p_i(t) = (1/K) sum_k base[index[i, k]](t)`` for a generic base.
-
-    ``base`` has batch shape ``(M,)``; the result has batch shape ``(N,)``.
-    Used when the base family has no fast path; memory per ``log_prob`` call is
-    ``O(B * M * d)`` for ``B`` query rows.
-    """
-
-    arg_constraints: dict = {}
-    has_rsample = False
-
-    def __init__(self, base: td.Distribution, index: torch.Tensor) -> None:
-        self.base = base
-        self.index = index
-        super().__init__(torch.Size([index.shape[0]]), base.event_shape, validate_args=False)
-
-    @property
-    def support(self):
-        return self.base.support
-
-    def sample(self, sample_shape=()):
-        shape = torch.Size(sample_shape)
-        n, k = self.index.shape
-        reps = math.prod(shape) if shape else 1
-        draws = self.base.sample((reps,))  # (reps, M, *event)
-        pick = torch.randint(0, k, (reps, n), device=self.index.device)
-        rows = self.index[torch.arange(n, device=self.index.device), pick]  # (reps, n)
-        out = torch.stack([draws[r, rows[r]] for r in range(reps)])
-        return out.reshape(shape + self.batch_shape + self.event_shape)
-
-    def log_prob(self, value):
-        ev = len(self.event_shape)
-        lead = value.shape[: value.dim() - ev - 1]
-        q = value.shape[value.dim() - ev - 1]
-        n, k = self.index.shape
-        m = self.base.batch_shape[0]
-        v = value.reshape(-1, q, *self.event_shape)
-        if q == 1:
-            full = v.expand(v.shape[0], m, *self.event_shape)
-            lp = self.base.log_prob(full)  # (B, M)
-            out = lp[:, self.index]  # (B, n, k)
-        else:
-            if q != n:
-                raise ValueError(f"value has {q} rows, expected 1 or {n}")
-            vv = torch.zeros(v.shape[0], m, *self.event_shape, dtype=v.dtype, device=v.device)
-            out = torch.empty(v.shape[0], n, k, dtype=v.dtype, device=v.device)
-            for j in range(k):
-                vv[:, self.index[:, j]] = v
-                out[:, :, j] = self.base.log_prob(vv)[:, self.index[:, j]]
-        res = torch.logsumexp(out.to(torch.float64), dim=-1) - math.log(k)
-        return res.reshape(*lead, n)
-
-
-def _regroup(cond: td.Distribution, index: torch.Tensor) -> td.Distribution:
-    """Mixture over rows ``index[i, :]`` of ``cond`` (batch (M,)) -> batch (N,).
-
-    Gaussian conditionals (and mixtures of them) stay on the fast path as a
-    ``MixtureSameFamily`` of ``Independent(Normal)``; other families are wrapped.
-    """
-    gm = as_gaussian_mixture(cond)
-    n, k = index.shape
-    if gm is None:
-        return _Regrouped(cond, index)
-    loc = gm.loc[index].reshape(n, k * gm.n_components, gm.dim)
-    scale = gm.scale[index].reshape(n, k * gm.n_components, gm.dim)
-    logw = (gm.logw[index] - math.log(k)).reshape(n, k * gm.n_components)
-    if k * gm.n_components == 1:
-        return td.Independent(td.Normal(loc[:, 0], scale[:, 0]), 1)
-    comp = td.Independent(td.Normal(loc, scale), 1)
-    return td.MixtureSameFamily(td.Categorical(logits=logw), comp)
-
-
-def _mixture_over_draws(conds: list[td.Distribution]) -> td.Distribution:
-    """``(1/K) sum_k conds[k]`` for conditionals with the same batch (M,)."""
-    if len(conds) == 1:
-        return conds[0]
-    gms = [as_gaussian_mixture(c) for c in conds]
-    if all(g is not None for g in gms):
-        loc = torch.cat([g.loc for g in gms], dim=1)
-        scale = torch.cat([g.scale for g in gms], dim=1)
-        logw = torch.cat([g.logw for g in gms], dim=1) - math.log(len(conds))
-        comp = td.Independent(td.Normal(loc, scale), 1)
-        return td.MixtureSameFamily(td.Categorical(logits=logw), comp)
-    raise TypeError(
-        "Monte Carlo over weight draws needs Normal layer sites for the generic (non "
-        "local-reparameterised) marginal; this model's layer family "
-        f"{type(conds[0]).__name__} is not supported with weights='marginal' - use "
-        "weights='conditional'"
-    )
-
-
-def _cuda_devices(*objs) -> list:
-    """CUDA devices among tensors/distributions, for ``fork_rng``."""
-    from stochmi.kernel import _first_tensor
-
-    out = []
-    for o in objs:
-        t = o if isinstance(o, torch.Tensor) else _first_tensor(o)
-        if t is not None and t.device.type == "cuda" and t.device not in out:
-            out.append(t.device)
-    return out
-
-
-def _sample_rows(cond: td.Distribution, gen: torch.Generator) -> torch.Tensor:
-    """One draw per batch row, shape (M, *event), from ``gen`` (fork_rng for generic)."""
-    gm = as_gaussian_mixture(cond)
-    if gm is not None:
-        if gm.loc.device != gen.device:  # e.g. CUDA tensors, CPU master generator
-            seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
-            gen = torch.Generator(device=gm.loc.device).manual_seed(seed)
-        t = gm.sample(1, gen)[0]
-        return t.squeeze(-1) if len(cond.event_shape) == 0 else t
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
-    with torch.random.fork_rng(devices=_cuda_devices(cond)):
-        torch.manual_seed(seed)
-        return cond.sample()
-
-
-# ---------------------------------------------------------------------------
-# the chain
-# ---------------------------------------------------------------------------
-class _Chain:
-    """Samples ``K`` paths through the layers and the conditionals along them.
-
-    ``values[l]`` has shape (K*N, d_l) with row ``k*N + i`` = path ``k`` of input ``i``;
-    ``conds[l]`` has batch (K*N,): ``p(t_l | t_{l-1}[row])`` (``t_0 = x``).
-    """
-
-    def __init__(self, model, x, layers, weight_sites, weight_values, k, mode, guide, gen):
-        self.n = x.shape[0]
-        self.k = k
-        xk = x.repeat(k, *([1] * (x.dim() - 1)))
-        self.values: list[torch.Tensor] = []
-        self.conds: list[td.Distribution] = []
-        import pyro.poutine as poutine
-
-        if mode == "local_reparam":
-            parent = xk
-            for name in layers:
-                cond = model.local_reparam_conditional(name, parent, guide)
-                cond = _as_batch_n(cond, parent.shape[0], name)
-                t = _sample_rows(cond, gen).to(parent.dtype)
-                self.conds.append(cond)
-                self.values.append(t)
-                parent = t
-            return
-        if mode == "single":  # noise only, or one fixed weight draw: one trace has it all
-            wv = weight_values[0] if weight_values else {}
-            tr = self._run(poutine.condition(model, data=wv), xk, gen)
-            for name in layers:
-                site = tr.nodes[name]
-                self.conds.append(_as_batch_n(site["fn"], xk.shape[0], name))
-                self.values.append(site["value"].reshape(xk.shape[0], -1))
-            return
-        # mode == "mixture": per-example weight draws, K_w traces per layer
-        parent = None
-        for li, name in enumerate(layers):
-            conds = []
-            for wv in weight_values:
-                data = dict(wv)
-                if li > 0:
-                    data[layers[li - 1]] = parent
-                tr = self._run(poutine.condition(model, data=data), xk, gen)
-                conds.append(_as_batch_n(tr.nodes[name]["fn"], xk.shape[0], name))
-            cond = _mixture_over_draws(conds)
-            t = _sample_rows(cond, gen)
-            self.conds.append(cond)
-            self.values.append(t.reshape(xk.shape[0], -1))
-            parent = t.reshape(tr.nodes[name]["value"].shape).to(tr.nodes[name]["value"].dtype)
-
-    @staticmethod
-    def _run(model, xk, gen):
-        seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
-        with torch.random.fork_rng(devices=_cuda_devices(xk)):
-            torch.manual_seed(seed)
-            with torch.no_grad():
-                return _trace(model, xk)
-
-    def first_path(self, l: int) -> td.Distribution:
-        """``p(t_l | t_{l-1})`` on path 0 (batch N)."""
-        idx = torch.arange(self.n, device=self.values[l].device)[:, None]
-        return _regroup(self.conds[l], idx)
-
-    def given_x(self, l: int, k: int | None = None) -> td.Distribution:
-        """``p(t_l | x_i)`` as a mixture over the first ``k`` paths (batch N)."""
-        k = self.k if k is None else k
-        n = self.n
-        idx = (torch.arange(k)[None, :] * n + torch.arange(n)[:, None]).to(self.values[l].device)
-        return _regroup(self.conds[l], idx)
 
 
 # ---------------------------------------------------------------------------
@@ -374,10 +91,10 @@ def _weight_draws(model, guide, x, weight_sites, count, gen) -> list[dict]:
     src = guide if guide is not None else model
     for _ in range(count):
         seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
-        with torch.random.fork_rng(devices=_cuda_devices(x)):
+        with torch.random.fork_rng(devices=cuda_devices(x)):
             torch.manual_seed(seed)
             with torch.no_grad():
-                tr = _trace(src, x[:2])
+                tr = trace_model(src, x[:2])
         missing = [w for w in weight_sites if w not in tr.nodes]
         if missing:
             raise ValueError(f"the guide does not sample the weight sites {missing}")
@@ -393,7 +110,7 @@ def _default_pairs(layers: list[str], with_y: bool) -> list[tuple[str, str]]:
     return pairs
 
 
-def _path_group(chain: _Chain, l: int) -> int | None:
+def _path_group(chain: Chain, l: int) -> int | None:
     """Components per path in ``p(t_l | x)`` (for the path-excluding lower bound)."""
     if l == 0 or chain.k < 2:
         return None
@@ -402,7 +119,7 @@ def _path_group(chain: _Chain, l: int) -> int | None:
 
 
 def _estimate_pairs(
-    chain: _Chain, layers, pairs, y, seeds, n_draws, chunk_size, device, progress
+    chain: Chain, layers, pairs, y, seeds, n_draws, chunk_size, device, progress
 ) -> tuple[list[dict], dict]:
     from tqdm.auto import tqdm
 
@@ -603,7 +320,7 @@ def layer_mi(
         y = y.to(device) if y is not None else None
     master = _seeds(seed, 4)
     gen = torch.Generator().manual_seed(master[0])
-    with torch.random.fork_rng(devices=_cuda_devices(x)):
+    with torch.random.fork_rng(devices=cuda_devices(x)):
         torch.manual_seed(master[1])
         with torch.no_grad():
             sites = find_layers(model, x)
@@ -662,14 +379,14 @@ def layer_mi(
             progress,
         )
     if not has_weights:
-        chain = _Chain(model, x, layers, [], [], k, "single", guide, gen)
+        chain = Chain(model, x, layers, [], [], k, "single", guide, gen)
         mode = "noise"
     elif hasattr(model, "local_reparam_conditional") and guide is not None:
-        chain = _Chain(model, x, layers, sites.weights, [], k, "local_reparam", guide, gen)
+        chain = Chain(model, x, layers, sites.weights, [], k, "local_reparam", guide, gen)
         mode = "local_reparam"
     else:
         draws = _weight_draws(model, guide, x, sites.weights, n_weight_draws, gen)
-        chain = _Chain(model, x, layers, sites.weights, draws, k, "mixture", guide, gen)
+        chain = Chain(model, x, layers, sites.weights, draws, k, "mixture", guide, gen)
         mode = f"mixture over {n_weight_draws} weight draws"
     rows, conv = _estimate_pairs(
         chain, layers, pairs, y, pair_seeds, n_draws, chunk_size, device, progress
@@ -716,7 +433,7 @@ def _conditional(
     draws = _weight_draws(model, guide, x, weight_sites, n_w, gen)
     per = []
     for di, wv in enumerate(tqdm(draws, desc="weight draws", disable=not progress)):
-        chain = _Chain(model, x, layers, weight_sites, [wv], k, "single", guide, gen)
+        chain = Chain(model, x, layers, weight_sites, [wv], k, "single", guide, gen)
         rows, _ = _estimate_pairs(
             chain,
             layers,

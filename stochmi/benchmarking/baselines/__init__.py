@@ -1,7 +1,7 @@
 """Sample-only MI estimators that people use today, for comparison with stochmi.
 
 Every estimator is a class with a ``name`` and an ``estimate(x, t, *, seed=None)``
-method returning :class:`stochmi.estimate.MIEstimate` (nats).  ``x`` is (N, dx),
+method returning :class:`stochmi.core.estimate.MIEstimate` (nats).  ``x`` is (N, dx),
 ``t`` is (N, dt) or, for estimators that accept it, integer labels (N,); torch
 tensors and numpy arrays are both accepted.  None of them needs a conditional
 density: they see samples only, which is exactly why, on deterministic layers,
@@ -33,13 +33,13 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from stochmi.baselines.histogram import Binning, NaiveHistogram
-from stochmi.baselines.kde import KDE
-from stochmi.baselines.knn import KSG
-from stochmi.baselines.neural import MINE, NWJ, SMILE, InfoNCE
-from stochmi.baselines.renyi import MatrixRenyi, ParzenQMI
-from stochmi.baselines.vinfo import VInfoLinear, VInfoMLP, VInformation
-from stochmi.estimate import MIEstimate
+from stochmi.benchmarking.baselines.histogram import Binning, NaiveHistogram
+from stochmi.benchmarking.baselines.kde import KDE
+from stochmi.benchmarking.baselines.knn import KSG
+from stochmi.benchmarking.baselines.neural import MINE, NWJ, SMILE, InfoNCE
+from stochmi.benchmarking.baselines.renyi import MatrixRenyi, ParzenQMI
+from stochmi.benchmarking.baselines.vinfo import VInfoLinear, VInfoMLP, VInformation
+from stochmi.core.estimate import MIEstimate
 
 __all__ = [
     "MIEstimator",

@@ -37,7 +37,14 @@ from dataclasses import dataclass
 import torch
 from torch import distributions as td
 
-__all__ = ["GaussianMixture", "as_gaussian_mixture", "LogDensityKernel", "DeterministicLayerError"]
+__all__ = [
+    "GaussianMixture",
+    "as_gaussian_mixture",
+    "LogDensityKernel",
+    "DeterministicLayerError",
+    "DETERMINISTIC_MESSAGE",
+    "first_tensor",
+]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 #: default budget (bytes) for one chunk of the pairwise matrix or its intermediates
@@ -179,7 +186,7 @@ def as_gaussian_mixture(cond: td.Distribution) -> GaussianMixture | None:
     return GaussianMixture(loc, scale, logw.expand(loc.shape[:2]), structure)
 
 
-def _first_tensor(obj: object, floating: bool = False, _depth: int = 0) -> torch.Tensor | None:
+def first_tensor(obj: object, floating: bool = False, _depth: int = 0) -> torch.Tensor | None:
     """First (floating) tensor among a distribution's parameters, descending into
     wrapped distributions (``Independent.base_dist``, mixture components, ...)."""
     if _depth > 8:
@@ -190,7 +197,7 @@ def _first_tensor(obj: object, floating: bool = False, _depth: int = 0) -> torch
             return v
     for v in values:
         if isinstance(v, td.Distribution):
-            t = _first_tensor(v, floating, _depth + 1)
+            t = first_tensor(v, floating, _depth + 1)
             if t is not None:
                 return t
     return None
@@ -244,7 +251,7 @@ class LogDensityKernel:
 
     # ------------------------------------------------------------------ set-up
     def _cond_device(self) -> torch.device:
-        t = _first_tensor(self.cond)
+        t = first_tensor(self.cond)
         return t.device if t is not None else torch.device("cpu")
 
     @property
@@ -359,7 +366,7 @@ class LogDensityKernel:
         return torch.logsumexp(comp, dim=-1) - torch.logsumexp(kept, dim=-1)
 
     def _cond_dtype(self) -> torch.dtype:
-        t = _first_tensor(self.cond, floating=True)
+        t = first_tensor(self.cond, floating=True)
         return t.dtype if t is not None else torch.get_default_dtype()
 
     def block(self, rows: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from stochmi.baselines._util import (
+from stochmi.benchmarking.baselines._util import (
     _to_numpy,
     as_2d_float,
     as_labels,
@@ -29,7 +29,7 @@ from stochmi.baselines._util import (
     is_label_array,
     row_codes,
 )
-from stochmi.estimate import MIEstimate
+from stochmi.core.estimate import MIEstimate
 
 __all__ = ["NaiveHistogram", "Binning", "bin_codes"]
 

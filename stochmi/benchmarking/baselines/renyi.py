@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stochmi.baselines._util import (
+from stochmi.benchmarking.baselines._util import (
     as_2d_float,
     as_labels,
     check_pair,
@@ -26,7 +26,7 @@ from stochmi.baselines._util import (
     scott_bandwidth,
     torch_threads,
 )
-from stochmi.estimate import MIEstimate
+from stochmi.core.estimate import MIEstimate
 
 __all__ = ["MatrixRenyi", "ParzenQMI", "kernel_width", "renyi_matrix_entropy"]
 

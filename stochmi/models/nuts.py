@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from stochmi.data import MNISTData
-from stochmi.nets import BayesMLP, build_model, rng_context
-from stochmi.spec import ModelSpec, load_spec
-from stochmi.training import TrainResult, _predictive_from_draws, predictive_log_proba, train
+from stochmi.data.mnist import MNISTData
+from stochmi.models.nets import BayesMLP, build_model, rng_context
+from stochmi.models.spec import ModelSpec, load_spec
+from stochmi.models.training import TrainResult, _predictive_from_draws, predictive_log_proba, train
 
 __all__ = [
     "run_nuts",

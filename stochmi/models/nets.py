@@ -1,4 +1,4 @@
-"""Reference stochastic networks for MNIST, built from a :class:`~stochmi.spec.ModelSpec`.
+"""Reference stochastic networks for MNIST, built from a :class:`~stochmi.models.spec.ModelSpec`.
 
 Every network is a :class:`pyro.nn.PyroModule` called as ``model(x, y=None)`` with
 ``x`` of shape ``(N, 784)``.  Inside ``pyro.plate("data", N, dim=-1)`` each
@@ -32,7 +32,7 @@ draws the layer noise by reparameterised sampling without registering the ``h``
 sites, so that SVI's ELBO is ``E_{q(W), noise} log p(y | x, W, noise) - KL(q || p)``
 with a correct gradient.  Randomness comes from torch's global RNG, as in all of
 Pyro; wrap calls in ``torch.random.fork_rng`` with a seed (:func:`rng_context`;
-the training and evaluation functions of :mod:`stochmi.training` do).
+the training and evaluation functions of :mod:`stochmi.models.training` do).
 
 Parameters are module-local: every forward pass runs under Pyro's
 ``module_local_params`` setting, so the networks' and guides' parameters never
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
-from stochmi.spec import ModelSpec, load_spec
+from stochmi.models.spec import ModelSpec, load_spec
 
 __all__ = [
     "StochasticNet",
@@ -152,7 +152,7 @@ def fit_pca(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 @functools.lru_cache(maxsize=8)
 def _pca_for_source(source: str, k: int):
-    from stochmi.data import load_mnist
+    from stochmi.data.mnist import load_mnist
 
     data = load_mnist(source)
     mean, comps, scale = fit_pca(data.x, k)
@@ -686,7 +686,7 @@ def build_model(spec, *, seed: int | None = 0, overrides=None) -> StochasticNet:
     Parameters
     ----------
     spec : ModelSpec, str or path
-        A spec, or a name/path for :func:`stochmi.spec.load_spec`.
+        A spec, or a name/path for :func:`stochmi.models.spec.load_spec`.
     seed : int or None
         Seed of the deterministic weights' initialisation (noisy nets); the
         global RNG is restored afterwards.

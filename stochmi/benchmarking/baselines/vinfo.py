@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stochmi.baselines._util import (
+from stochmi.benchmarking.baselines._util import (
     as_2d_float,
     as_labels,
     check_pair,
@@ -25,7 +25,7 @@ from stochmi.baselines._util import (
     standardize,
     torch_threads,
 )
-from stochmi.estimate import MIEstimate
+from stochmi.core.estimate import MIEstimate
 
 __all__ = ["VInformation", "VInfoLinear", "VInfoMLP"]
 

@@ -8,7 +8,7 @@ function that :func:`stochmi.layer_mi` traces, called with
 ``h`` sites) and a subsampled ``pyro.plate("data", size=N_train, subsample=...)``
 so that the minibatch log-likelihood is scaled by ``N_train / B``:
 
-* ``bayes_mlp``: the guide is a :class:`~stochmi.nets.MeanFieldGuide` and
+* ``bayes_mlp``: the guide is a :class:`~stochmi.models.nets.MeanFieldGuide` and
   ``-ELBO = -E_{q(W), noise}[ sum_i log p(y_i | x_i, W, noise) ] + KL(q(W) || p(W))``.
 * ``noisy_mlp`` / ``noisy_cnn``: no global latents, so ``-ELBO`` reduces to the
   expected negative log-likelihood ``-E_noise sum_i log p(y_i | x_i, noise)``
@@ -43,9 +43,9 @@ from pyro.infer import Trace_ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
-from stochmi.data import MNISTData, load_mnist, train_test_split
-from stochmi.nets import StochasticNet, build_model, rng_context
-from stochmi.spec import ModelSpec, load_spec, spec_from_toml
+from stochmi.data.mnist import MNISTData, load_mnist, train_test_split
+from stochmi.models.nets import StochasticNet, build_model, rng_context
+from stochmi.models.spec import ModelSpec, load_spec, spec_from_toml
 
 __all__ = [
     "TrainResult",
@@ -133,7 +133,7 @@ def train(
     Parameters
     ----------
     model : StochasticNet
-        From :func:`stochmi.nets.build_model`.
+        From :func:`stochmi.models.nets.build_model`.
     data : MNISTData
         Training images, ``N_train`` of them.
     spec : ModelSpec, optional

@@ -15,14 +15,14 @@ import torch
 from scipy.spatial import cKDTree
 from scipy.special import digamma
 
-from stochmi.baselines._util import (
+from stochmi.benchmarking.baselines._util import (
     as_2d_float,
     as_labels,
     check_pair,
     is_label_array,
     standardize,
 )
-from stochmi.estimate import MIEstimate
+from stochmi.core.estimate import MIEstimate
 
 __all__ = ["KSG", "knn_radius", "count_within"]
 

@@ -27,8 +27,8 @@ import os
 import torch
 from torch import distributions as td
 
-from stochmi.estimate import MIEstimate
-from stochmi.kernel import LogDensityKernel
+from stochmi.core.estimate import MIEstimate
+from stochmi.core.kernel import LogDensityKernel
 
 __all__ = ["mi_from_conditional", "mi_with_labels", "make_generator"]
 
@@ -262,7 +262,7 @@ def mi_from_conditional(
         "chunk_size": kernel.chunk_size,
     }
     if bounds:
-        from stochmi.bounds import pairwise_bounds
+        from stochmi.core.bounds import pairwise_bounds
 
         if kernel.gauss is None or kernel.gauss.n_components != 1:
             raise ValueError(

@@ -379,8 +379,8 @@ def _find_shared_test(root, *, must_exist: bool = True) -> Path | None:
         candidates.append(Path(env))
     if root is None:
         here = Path(__file__).resolve()
+        candidates.append(here.parents[3] / "shared" / "data" / "mnist")
         candidates.append(here.parents[2] / "shared" / "data" / "mnist")
-        candidates.append(here.parents[1] / "shared" / "data" / "mnist")
     tried = []
     for cand in candidates:
         for folder in (cand, cand / "raw"):
