@@ -119,11 +119,12 @@ class PeakMemory:
 
 # ----------------------------------------------------------------------------- worker
 def _load_textbook():
-    """benchmarks/textbook.py by path (stochmi itself is imported the normal way, so
+    """tests/textbook.py by path (stochmi itself is imported the normal way, so
     PYTHONPATH can point the benchmark at a snapshot of the package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_bench_textbook", HERE / "textbook.py")
+    path = HERE.parent / "tests" / "textbook.py"
+    spec = importlib.util.spec_from_file_location("_bench_textbook", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -11,8 +11,6 @@ import math
 import pyro.distributions as pdist
 import pytest
 import torch
-from conftest import gen as _gen
-from conftest import load_textbook
 from torch import distributions as td
 
 import stochmi
@@ -23,6 +21,8 @@ from stochmi.core.kernel import (
     LogDensityKernel,
     as_gaussian_mixture,
 )
+from tests.helpers import gen as _gen
+from tests.helpers import load_textbook
 
 F64 = torch.float64
 

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import tiny_experiment, write_experiment
 
 from stochmi.experiments.cells import run_cell
 from stochmi.experiments.config import ConfigError
 from stochmi.experiments.executors import InProcessExecutor
 from stochmi.experiments.store import ResumeError, load_results
 from stochmi.experiments.sweep import run_sweep
+from tests.helpers import tiny_experiment, write_experiment
 
 TINY = tiny_experiment()
 

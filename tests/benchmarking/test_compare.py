@@ -89,7 +89,7 @@ def test_train_mlp_and_activations_are_seeded():
 
 
 def test_example_script_is_a_thin_wrapper(tmp_path, monkeypatch):
-    script = Path(__file__).resolve().parents[1] / "examples" / "compare_estimators.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / "compare_estimators.py"
     calls = []
     monkeypatch.setattr(
         compare, "run_comparison", lambda *a, **k: calls.append((a, k)) or _fake_result()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import tiny_experiment, write_experiment
 
 from stochmi.cli import main
+from tests.helpers import tiny_experiment, write_experiment
 
 TINY = tiny_experiment(seeds=[0])
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import write_experiment
 
 from stochmi.experiments.config import (
     CellSpec,
@@ -13,8 +12,9 @@ from stochmi.experiments.config import (
     load_experiment,
     parse_experiment,
 )
+from tests.helpers import write_experiment
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 BASE = """
 [experiment]

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import xarray as xr
-from conftest import tiny_experiment, write_experiment
 
 from stochmi.experiments.cells import run_cell
 from stochmi.experiments.executors import (
@@ -25,6 +24,7 @@ from stochmi.experiments.executors import (
 )
 from stochmi.experiments.store import load_results
 from stochmi.experiments.sweep import run_sweep
+from tests.helpers import tiny_experiment, write_experiment
 
 TINY = tiny_experiment(extra="[resources]\ncpus = 1\n\n")
 

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import gen as _gen
-from conftest import load_textbook
 from torch import distributions as td
 
 import stochmi
 from stochmi import pairwise_bounds
+from tests.helpers import gen as _gen
+from tests.helpers import load_textbook
 
 F64 = torch.float64
 Z = 4.0

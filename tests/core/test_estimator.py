@@ -13,13 +13,13 @@ import math
 import pyro.distributions as pdist
 import pytest
 import torch
-from conftest import gen as _gen
-from conftest import load_textbook
 from torch import distributions as td
 
 import stochmi
 from stochmi.core.closed_form import gaussian_mi_from_cov, linear_gaussian_mi
 from stochmi.core.kernel import DeterministicLayerError
+from tests.helpers import gen as _gen
+from tests.helpers import load_textbook
 
 #: number of standard errors allowed (P(|N(0,1)| > 4) = 6e-5 per assertion)
 Z = 4.0

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_experiment
 
 from stochmi.experiments.cells import derive_seed, load_cell_data, run_cell
 from stochmi.experiments.config import DataSettings, parse_experiment
+from tests.helpers import tiny_experiment
 
 TINY = tiny_experiment(
     epochs=2,
