@@ -235,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="small settings (a few minutes)")
     p.set_defaults(func=_cmd_compare)
+
+    # models -----------------------------------------------------------------------------
+    p = sub.add_parser(
+        "models",
+        parents=[common_noseed],
+        help="list the reference model specs shipped with stochmi",
+        description="List the model specs that load by name (train, sweeps, load_spec): "
+        "one line each, name and description. Any other spec loads by its .toml path.",
+    )
+    p.set_defaults(func=_cmd_models)
     return parser
 
 
@@ -474,6 +484,18 @@ def _cmd_compare(args) -> int:
     if summary.is_file():
         print(summary.read_text().rstrip())
     print(f"comparison written to {args.out}/")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from stochmi.models.spec import describe_specs, models_dir
+
+    specs = describe_specs()
+    if not specs:
+        raise _UsageError(f"no model specs found in {models_dir()}")
+    width = max(map(len, specs))
+    for name, text in specs.items():
+        print(f"{name:<{width}}  {text}")
     return 0
 
 

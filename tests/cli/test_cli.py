@@ -16,14 +16,14 @@ from tests.helpers import tiny_experiment, write_experiment
 TINY = tiny_experiment(seeds=[0])
 
 
-@pytest.mark.parametrize("sub", ["", "demo", "train", "estimate", "sweep", "compare"])
+@pytest.mark.parametrize("sub", ["", "demo", "train", "estimate", "sweep", "compare", "models"])
 def test_help(sub, capsys):
     with pytest.raises(SystemExit) as exc:
         main([sub, "--help"] if sub else ["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: stochmi")
-    if sub not in ("", "sweep"):
+    if sub not in ("", "sweep", "models"):
         assert "--seed" in out
     if sub:
         assert "--device" in out and "--quiet" in out
@@ -127,3 +127,11 @@ def test_compare_is_wired():
 
     params = inspect.signature(run_comparison).parameters
     assert {"out_dir", "quick", "seed", "progress"} <= set(params)
+
+
+def test_models_lists_shipped_specs(capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert {"noisy_mlp", "noisy_cnn", "bayes_mlp", "bayes_small"} <= set(names)
+    assert all(len(line.split(None, 1)) == 2 for line in lines)  # name + description

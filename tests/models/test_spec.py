@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -172,3 +173,12 @@ def test_user_file_by_path_and_save(tmp_path):
     assert load_spec(out).data == s.data
     assert load_spec(s) is s
     assert isinstance(load_spec(s, {"noise.sigma": 0.3}), ModelSpec)
+
+
+def test_specs_found_as_package_data_from_any_cwd(tmp_path, monkeypatch):
+    """``models/`` is the package ``stochmi.models.specs`` (importlib.resources)."""
+    from importlib.resources import files
+
+    monkeypatch.chdir(tmp_path)
+    assert models_dir() == Path(str(files("stochmi.models.specs")))
+    assert load_spec("noisy_mlp").path == models_dir() / "noisy_mlp.toml"
