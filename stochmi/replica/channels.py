@@ -41,8 +41,8 @@ def _gauss_hermite(n: int) -> tuple[np.ndarray, np.ndarray]:
     return x, w / np.sqrt(2.0 * np.pi)
 
 
-_GH = {n: _gauss_hermite(n) for n in (24, 32, 48, 64, 96)}
-_GL = {n: np.polynomial.legendre.leggauss(n) for n in (32, 48, 64)}
+_GH = {n: _gauss_hermite(n) for n in (16, 24, 32, 48, 64, 96)}
+_GL = {n: np.polynomial.legendre.leggauss(n) for n in (16, 24, 32, 48, 64)}
 
 
 def _log_phi_diff(alpha, beta):
@@ -232,8 +232,8 @@ class Activation:
         return float(w @ logp), float(w @ mm)
 
     # ---- inner layer: t seen through R = t + N(0, 1/b)
-    def inner_terms(self, a: float, b: float, rho_h: float, delta: float, *, n_r: int = 48,
-                    n_u: int = 48, n_e: int = 32) -> tuple[float, float, float]:
+    def inner_terms(self, a: float, b: float, rho_h: float, delta: float, *, n_r: int = 32,
+                    n_u: int = 16, n_e: int = 24) -> tuple[float, float, float]:
         """``(E log p(R | r), E Var(h | r, R), E Var(t | r, R))`` for an inner layer."""
         ia, ib = 1.0 / a, 1.0 / b
         q = max(rho_h - ia, 0.0)
@@ -259,9 +259,25 @@ class Activation:
         for s, o, lo, hi in self.pieces:
             ulo = np.maximum(lo, r_nodes - 10 * sv)
             uhi = np.minimum(hi, r_nodes + 10 * sv)
-            width = np.maximum(uhi - ulo, 0.0)
-            u = 0.5 * (ulo + uhi)[:, None] + 0.5 * width[:, None] * xg[None, :]  # (n_r, n_u)
-            wu = 0.5 * width[:, None] * wg[None, :] * np.exp(-0.5 * (u - r_nodes[:, None]) ** 2 / v) / np.sqrt(2 * np.pi * v)
+            # graded sub-intervals next to a finite end of the piece: there the posterior
+            # switches between the atom and the piece on the scale of the R-noise
+            eps = np.sqrt(ib) / abs(s)
+            cuts = [ulo]
+            for k in (0.5, 2.0, 8.0):
+                if np.isfinite(lo):
+                    cuts.append(np.clip(lo + k * eps, ulo, uhi))
+                if np.isfinite(hi):
+                    cuts.append(np.clip(hi - k * eps, ulo, uhi))
+            cuts.append(uhi)
+            cuts = np.sort(np.stack(cuts, 1), axis=1)  # (n_r, n_cuts)
+            us, wus = [], []
+            for c0, c1 in zip(cuts[:, :-1].T, cuts[:, 1:].T):
+                width = np.maximum(c1 - c0, 0.0)
+                uu = 0.5 * (c0 + c1)[:, None] + 0.5 * width[:, None] * xg[None, :]
+                us.append(uu)
+                wus.append(0.5 * width[:, None] * wg[None, :])
+            u = np.concatenate(us, 1)  # (n_r, n_sub * n_u)
+            wu = np.concatenate(wus, 1) * np.exp(-0.5 * (u - r_nodes[:, None]) ** 2 / v) / np.sqrt(2 * np.pi * v)
             t = s * u + o
             RR = t[:, :, None] + np.sqrt(ib) * ze[None, None, :]
             ww = wr[:, None, None] * wu[:, :, None] * we[None, None, :]

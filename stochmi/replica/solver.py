@@ -64,6 +64,10 @@ def _clip(x):
     return float(np.clip(x, _LO, _HI))
 
 
+def _inv(v):
+    return 1.0 / max(float(v), 1e-300)
+
+
 class _Chain:
     def __init__(self, prior: Prior, specs: list[Spectrum], acts: list[Activation], deltas: list[float]):
         self.prior, self.specs, self.acts, self.deltas = prior, specs, acts, deltas
@@ -86,21 +90,21 @@ class _Chain:
         L = self.L
         new = lambda old, val: _clip(old ** (1 - damp) * _clip(val) ** damp)  # noqa: E731
         _, v0 = self.prior.terms(b_t[0])
-        a_t[0] = new(a_t[0], 1.0 / v0 - b_t[0])
+        a_t[0] = new(a_t[0], _inv(v0) - b_t[0])
         for l in range(1, L + 1):
             _, _, vh = _linear_block(self.specs[l - 1], a_t[l - 1], b_h[l])
-            a_h[l] = new(a_h[l], 1.0 / vh - b_h[l])
+            a_h[l] = new(a_h[l], _inv(vh) - b_h[l])
             if l < L:
                 _, _, vt = self.inner(l, a_h[l], b_t[l])
-                a_t[l] = new(a_t[l], 1.0 / vt - b_t[l])
+                a_t[l] = new(a_t[l], _inv(vt) - b_t[l])
         _, vh = self.last(a_h[L])
-        b_h[L] = new(b_h[L], 1.0 / vh - a_h[L])
+        b_h[L] = new(b_h[L], _inv(vh) - a_h[L])
         for l in range(L, 0, -1):
             _, vt, _ = _linear_block(self.specs[l - 1], a_t[l - 1], b_h[l])
-            b_t[l - 1] = new(b_t[l - 1], 1.0 / vt - a_t[l - 1])
+            b_t[l - 1] = new(b_t[l - 1], _inv(vt) - a_t[l - 1])
             if l - 1 >= 1:
                 _, vh, _ = self.inner(l - 1, a_h[l - 1], b_t[l - 1])
-                b_h[l - 1] = new(b_h[l - 1], 1.0 / vh - a_h[l - 1])
+                b_h[l - 1] = new(b_h[l - 1], _inv(vh) - a_h[l - 1])
 
     def free_entropy(self, a_t, b_t, a_h, b_h) -> float:
         L, n = self.L, self.n
