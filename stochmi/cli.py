@@ -336,7 +336,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from stochmi.experiments.cells import _TAG_INIT, _TAG_TRAIN, derive_seed
+    from stochmi.experiments.cells import TAG_INIT, TAG_TRAIN, derive_seed
     from stochmi.models.nets import build_model
     from stochmi.models.spec import load_spec
     from stochmi.models.training import save_checkpoint, train
@@ -347,14 +347,14 @@ def _cmd_train(args) -> int:
     source, train_d, test_d = _load_data(args)
     _say(args, f"spec {spec.name}; data: {source}")
     _say(args, f"{len(train_d)} training / {len(test_d)} held-out images")
-    model = build_model(spec, seed=derive_seed(seed, _TAG_INIT))
+    model = build_model(spec, seed=derive_seed(seed, TAG_INIT))
     res = train(
         model,
         train_d,
         spec,
         test=test_d,
         epochs=args.epochs,
-        seed=derive_seed(seed, _TAG_TRAIN),
+        seed=derive_seed(seed, TAG_TRAIN),
         device=device,
         progress=not _opt(args, "quiet"),
     )

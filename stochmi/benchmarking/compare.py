@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from stochmi.benchmarking.baselines import REGISTRY, get
-from stochmi.benchmarking.baselines._util import torch_threads
+from stochmi.benchmarking.baselines.util import torch_threads
 from stochmi.core.estimate import MIEstimate
 
 __all__ = ["run_comparison", "train_mlp", "layer_activations", "SETTINGS"]

@@ -44,6 +44,7 @@ __all__ = [
     "DeterministicLayerError",
     "DETERMINISTIC_MESSAGE",
     "first_tensor",
+    "is_delta",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -125,13 +126,19 @@ class GaussianMixture:
         return loc + scale * eps, comp
 
 
+def is_delta(d: td.Distribution) -> bool:
+    """Whether ``d`` is a point mass: a ``Delta`` (Pyro's), or ``Independent`` of one.
+
+    The one test of the package for a deterministic site (no density).
+    """
+    return type(d).__name__ == "Delta" or (
+        isinstance(d, td.Independent) and type(d.base_dist).__name__ == "Delta"
+    )
+
+
 def _unwrap_normal(d: td.Distribution) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(loc, scale) with a trailing event dim for Normal / Independent(Normal, 1)."""
-    if (
-        type(d).__name__ == "Delta"
-        or isinstance(d, td.Independent)
-        and (type(d.base_dist).__name__ == "Delta")
-    ):
+    if is_delta(d):
         return None
     if isinstance(d, td.Normal) and len(d.event_shape) == 0:
         return d.loc.unsqueeze(-1), d.scale.unsqueeze(-1)
@@ -238,9 +245,7 @@ class LogDensityKernel:
                 g.loc.to(self.device), g.scale.to(self.device), g.logw.to(self.device), g.structure
             )
             self._prepare_gaussian()
-        elif type(cond).__name__ == "Delta" or (
-            isinstance(cond, td.Independent) and type(cond.base_dist).__name__ == "Delta"
-        ):
+        elif is_delta(cond):
             raise DeterministicLayerError(DETERMINISTIC_MESSAGE)
         self.event_numel = max(1, math.prod(cond.event_shape))
         if chunk_size is not None and (

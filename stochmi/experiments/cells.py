@@ -41,7 +41,7 @@ def derive_seed(seed: int, *parts: int) -> int:
 
 
 # tags for derive_seed
-_TAG_INIT, _TAG_TRAIN, _TAG_MI, _TAG_MI_COND = 1, 2, 3, 4
+TAG_INIT, TAG_TRAIN, TAG_MI, TAG_MI_COND = 1, 2, 3, 4
 
 
 def package_versions() -> dict[str, str]:
@@ -242,7 +242,7 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
     def callback(epoch: int, model, guide) -> None:
         if epoch not in measured:
             return
-        df = mi_table(model, guide, "marginal", _TAG_MI, epoch)
+        df = mi_table(model, guide, "marginal", TAG_MI, epoch)
         records["estimates"].extend(_rows(df, epoch))
         dpi = df.attrs.get("dpi")
         if dpi:
@@ -252,7 +252,7 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
             # chain diagnostics warn for a single chain of few draws: keep that quiet
             with warnings.catch_warnings(), _quiet_logger("arviz"):
                 warnings.simplefilter("ignore", RuntimeWarning)
-                dfc = mi_table(model, guide, "conditional", _TAG_MI_COND, epoch)
+                dfc = mi_table(model, guide, "conditional", TAG_MI_COND, epoch)
             per_draw = dfc.attrs.get("per_draw")
             draws = _per_draw_values(per_draw)
             for row in _rows(dfc, epoch):
@@ -260,14 +260,14 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
                 records["conditional"].append(row)
 
     with torch.random.fork_rng(devices=[]), pyro.get_param_store().scope():
-        torch.manual_seed(derive_seed(cell.seed, _TAG_INIT))
-        model = build_model(spec, seed=derive_seed(cell.seed, _TAG_INIT))
+        torch.manual_seed(derive_seed(cell.seed, TAG_INIT))
+        model = build_model(spec, seed=derive_seed(cell.seed, TAG_INIT))
         result = train(
             model,
             train_d,
             spec,
             epochs=cell.training_epochs,
-            seed=derive_seed(cell.seed, _TAG_TRAIN),
+            seed=derive_seed(cell.seed, TAG_TRAIN),
             device=cell.device,
             test=test_d,
             progress=progress,

@@ -40,10 +40,10 @@ def _figure(nrows: int, ncols: int, *, panel=(4.2, 3.4)):
 
 
 def _save(fig, path: str | Path) -> Path:
-    from stochmi.experiments.store import _atomic_via_tmpfile
+    from stochmi.experiments.store import atomic_via_tmpfile
 
     path = Path(path)
-    _atomic_via_tmpfile(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    atomic_via_tmpfile(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     return path
 
 

@@ -97,7 +97,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _atomic_via_tmpfile(path: Path, writer) -> None:
+def atomic_via_tmpfile(path: Path, writer) -> None:
     """Atomic write for libraries that want a file name: ``writer(tmp_name)``."""
     path = Path(path)
 
@@ -530,12 +530,12 @@ def write_outputs(out_dir: str | Path, ds, summary, idata=None) -> dict[str, Pat
     """Write ``results.nc``, ``summary.csv`` and (if any) ``bayes_per_draw.nc`` atomically."""
     out = Path(out_dir)
     files = {}
-    _atomic_via_tmpfile(out / RESULTS_NC, lambda p: ds.to_netcdf(p, engine="h5netcdf"))
+    atomic_via_tmpfile(out / RESULTS_NC, lambda p: ds.to_netcdf(p, engine="h5netcdf"))
     files["results"] = out / RESULTS_NC
     atomic_write_text(out / SUMMARY_CSV, summary.to_csv(index=False))
     files["summary"] = out / SUMMARY_CSV
     if idata is not None:
-        _atomic_via_tmpfile(out / PER_DRAW_NC, lambda p: idata.to_netcdf(p, engine="h5netcdf"))
+        atomic_via_tmpfile(out / PER_DRAW_NC, lambda p: idata.to_netcdf(p, engine="h5netcdf"))
         files["per_draw"] = out / PER_DRAW_NC
     return files
 

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import distributions as td
 
-from stochmi.core.kernel import DETERMINISTIC_MESSAGE, as_gaussian_mixture
+from stochmi.core.kernel import DETERMINISTIC_MESSAGE, as_gaussian_mixture, is_delta
 from stochmi.layers.sites import trace_model
 
 __all__ = [
@@ -37,9 +37,7 @@ def as_batch_n(fn: td.Distribution, m: int, name: str) -> td.Distribution:
         )
     if len(bs) > 1:
         fn = td.Independent(fn, len(bs) - 1)
-    if type(fn).__name__ == "Delta" or (
-        isinstance(fn, td.Independent) and type(fn.base_dist).__name__ == "Delta"
-    ):
+    if is_delta(fn):
         raise ValueError(f"layer '{name}': {DETERMINISTIC_MESSAGE}")
     if len(fn.event_shape) > 1:
         gm = as_gaussian_mixture(_flat_normal(fn))

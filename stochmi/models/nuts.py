@@ -30,7 +30,7 @@ import torch
 from stochmi.data.mnist import MNISTData
 from stochmi.models.nets import BayesMLP, build_model, rng_context
 from stochmi.models.spec import ModelSpec, load_spec
-from stochmi.models.training import TrainResult, _predictive_from_draws, predictive_log_proba, train
+from stochmi.models.training import TrainResult, predictive_from_draws, predictive_log_proba, train
 
 __all__ = [
     "run_nuts",
@@ -201,7 +201,7 @@ def nuts_predictive_log_proba(
     buf = next(iter(model.buffers()))
     draws, s = _posterior_draws(idata, buf.device)
     with rng_context(seed, buf.device), torch.no_grad():
-        return _predictive_from_draws(model, x.to(buf.device), draws, s, batch_size)
+        return predictive_from_draws(model, x.to(buf.device), draws, s, batch_size)
 
 
 def _scores(log_proba: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:

@@ -281,7 +281,7 @@ def _weight_draws(guide, n_samples: int):
             }
 
 
-def _predictive_from_draws(model, x, draws, n_draws: int, batch_size: int) -> torch.Tensor:
+def predictive_from_draws(model, x, draws, n_draws: int, batch_size: int) -> torch.Tensor:
     """log of the mean predictive probabilities over ``draws``: ``(N, C)`` float64."""
     acc = None
     for w in draws:
@@ -338,7 +338,7 @@ def predictive_log_proba(
     device = dev.device if dev is not None else torch.device("cpu")
     x = x.to(device)
     with rng_context(seed, device), torch.no_grad():
-        return _predictive_from_draws(
+        return predictive_from_draws(
             model, x, _weight_draws(guide, n_samples), n_samples, batch_size
         )
 

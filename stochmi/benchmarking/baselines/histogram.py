@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from stochmi.benchmarking.baselines._util import (
-    _to_numpy,
+from stochmi.benchmarking.baselines.util import (
     as_2d_float,
     as_labels,
     check_pair,
     entropy_from_codes,
     is_label_array,
     row_codes,
+    to_numpy,
 )
 from stochmi.core.estimate import MIEstimate
 
@@ -205,7 +205,7 @@ class Binning(_BinnedEstimator):
             target = "I(T;Y)"
         else:
             layer = as_2d_float(t, "t")
-            xa = _to_numpy(x, "x")
+            xa = to_numpy(x, "x")
             if xa.ndim == 0:
                 raise ValueError("x must have shape (N, dx) or (N,)")
             cond = row_codes(xa.reshape(xa.shape[0], -1))

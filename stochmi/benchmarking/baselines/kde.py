@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stochmi.benchmarking.baselines._util import as_2d_float, as_labels, check_pair, is_label_array
+from stochmi.benchmarking.baselines.util import as_2d_float, as_labels, check_pair, is_label_array
 from stochmi.core.estimate import MIEstimate
 
 __all__ = ["KDE", "pairwise_log_mean_kernel"]

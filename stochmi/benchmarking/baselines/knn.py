@@ -15,7 +15,7 @@ import torch
 from scipy.spatial import cKDTree
 from scipy.special import digamma
 
-from stochmi.benchmarking.baselines._util import (
+from stochmi.benchmarking.baselines.util import (
     as_2d_float,
     as_labels,
     check_pair,

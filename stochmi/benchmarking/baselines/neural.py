@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stochmi.benchmarking.baselines._util import (
+from stochmi.benchmarking.baselines.util import (
     as_2d_float,
     as_labels,
     check_pair,
@@ -205,7 +205,7 @@ class _NeuralBound:
         these small networks.  ``None`` keeps torch's setting.
 
     Inputs are standardised with the training statistics (see
-    :func:`stochmi.benchmarking.baselines._util.standardize`: near-constant coordinates are not
+    :func:`stochmi.benchmarking.baselines.util.standardize`: near-constant coordinates are not
     inflated); integer labels are one-hot encoded.  Randomness: ``seed`` drives the
     split, the batches and (via ``torch.random.fork_rng``) the critic
     initialisation; the caller's global RNG state is left untouched.

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stochmi.benchmarking.baselines._util import (
+from stochmi.benchmarking.baselines.util import (
     as_2d_float,
     as_labels,
     check_pair,

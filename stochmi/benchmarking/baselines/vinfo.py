@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stochmi.benchmarking.baselines._util import (
+from stochmi.benchmarking.baselines.util import (
     as_2d_float,
     as_labels,
     check_pair,

@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 
-def _to_numpy(a: Any, name: str) -> np.ndarray:
+def to_numpy(a: Any, name: str) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         return a.detach().cpu().numpy()
     if isinstance(a, np.ndarray):
@@ -37,7 +37,7 @@ def _to_numpy(a: Any, name: str) -> np.ndarray:
 
 def is_label_array(a: Any) -> bool:
     """True when ``a`` holds integer class labels of shape (N,) or (N, 1)."""
-    arr = _to_numpy(a, "t")
+    arr = to_numpy(a, "t")
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     return arr.ndim == 1 and (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_)
@@ -45,7 +45,7 @@ def is_label_array(a: Any) -> bool:
 
 def as_labels(a: Any, name: str = "t") -> np.ndarray:
     """Integer labels (N,) as a contiguous int64 array, relabelled to 0..C-1."""
-    arr = _to_numpy(a, name)
+    arr = to_numpy(a, name)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 1:
@@ -58,7 +58,7 @@ def as_labels(a: Any, name: str = "t") -> np.ndarray:
 
 def as_2d_float(a: Any, name: str) -> np.ndarray:
     """Float64 array of shape (N, d); 1-D input becomes (N, 1).  Rejects NaN/inf."""
-    arr = _to_numpy(a, name)
+    arr = to_numpy(a, name)
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2:
