@@ -18,6 +18,7 @@ run_nuts              NUTS posterior of the small Bayesian net (ArviZ InferenceD
 baselines             the estimators in common use, behind one protocol (module)
 tasks                 ground-truth tasks with known MI (module)
 experiments           sweeps, results, plots, executors (module)
+replica               replica-formula oracle (Gabrie et al. 2018): per-layer entropy and MI (module)
 
 Layout
 ------
@@ -58,6 +59,7 @@ __all__ = [
     "baselines",
     "tasks",
     "experiments",
+    "replica",
 ]
 
 # public name -> (module, attribute or None for the module itself), imported on first use
@@ -74,6 +76,7 @@ _LAZY = {
     "baselines": ("stochmi.benchmarking.baselines", None),
     "tasks": ("stochmi.benchmarking.tasks", None),
     "experiments": ("stochmi.experiments", None),
+    "replica": ("stochmi.replica", None),
 }
 
 
