@@ -1,0 +1,92 @@
+"""Mutual information from a precomputed log-density matrix.
+
+When ``p(t | s_i)`` has no closed form (a deep layer, ``p(t_l | x_i)``) the matrix
+``L[j, i] = log p(t_j | s_i)`` is estimated elsewhere (:mod:`stochmi.layers.deep`);
+the same reductions as :func:`stochmi.mi_from_conditional` then give the dataset MI
+and the population bracket:
+
+.. math::
+
+    \\hat I = \\frac1N \\sum_j \\Big( L_{jj} - \\log \\frac1N \\sum_i e^{L_{ji}} \\Big),
+    \\qquad
+    U = \\frac1N \\sum_j \\Big( L_{jj} - \\log \\frac1{N-1} \\sum_{i \\ne j} e^{L_{ji}} \\Big),
+
+and, for discrete labels ``y``, ``I(T; Y) = mean_j (log p(t_j | y_j) - log p(t_j))``
+with ``p(t | y) = mean_{i: y_i = y} p(t | s_i)``.  Reductions are logsumexp in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["mi_terms_from_log_density", "label_terms_from_log_density"]
+
+
+def _check(L: torch.Tensor) -> torch.Tensor:
+    if not isinstance(L, torch.Tensor) or L.dim() != 2 or L.shape[0] != L.shape[1]:
+        raise ValueError("L must be a square (N, N) tensor of log densities")
+    if L.shape[0] < 2:
+        raise ValueError("need at least two sources (N >= 2)")
+    if bool(torch.isnan(L).any()):
+        raise ValueError("L holds NaN entries")
+    return L.to(torch.float64)
+
+
+def mi_terms_from_log_density(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query terms of the dataset MI and of its leave-one-out upper bound.
+
+    Parameters
+    ----------
+    L : Tensor, shape (N, N)
+        ``L[j, i] = log p(t_j | s_i)``, the query ``t_j`` drawn from source ``j``.
+
+    Returns
+    -------
+    full, loo : Tensor, shape (N,)
+        ``L[j,j] - logmeanexp_i L[j,i]`` and ``L[j,j] - logmeanexp_{i != j} L[j,i]``;
+        their means are the dataset MI (= InfoNCE lower bound on the population MI)
+        and the leave-one-out upper bound.
+    """
+    L = _check(L)
+    n = L.shape[0]
+    idx = torch.arange(n, device=L.device)
+    diag = L[idx, idx]
+    full = diag - (torch.logsumexp(L, 1) - math.log(n))
+    off = L.clone()
+    off[idx, idx] = -math.inf
+    loo = diag - (torch.logsumexp(off, 1) - math.log(n - 1))
+    return full, loo
+
+
+def label_terms_from_log_density(L: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-query terms of ``I(T; Y)``: ``log p(t_j | y_j) - log p(t_j)``.
+
+    Parameters
+    ----------
+    L : Tensor, shape (N, N)
+        ``L[j, i] = log p(t_j | s_i)``.
+    y : Tensor, shape (N,)
+        Integer labels of the sources.
+
+    Returns
+    -------
+    Tensor, shape (N,)
+    """
+    L = _check(L)
+    n = L.shape[0]
+    y = y.to(L.device).long().reshape(-1)
+    if y.shape[0] != n:
+        raise ValueError(f"y has {y.shape[0]} labels for {n} sources")
+    classes, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    m = L.max(1, keepdim=True).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(L - m)  # (N, N)
+    onehot = torch.zeros(n, len(classes), dtype=L.dtype, device=L.device)
+    onehot[torch.arange(n, device=L.device), inv] = 1.0
+    per_class = e @ onehot  # (N, C)
+    own = per_class[torch.arange(n, device=L.device), inv]
+    log_cond = torch.log(own) + m[:, 0] - torch.log(counts[inv].to(L.dtype))
+    log_marg = torch.log(per_class.sum(1)) + m[:, 0] - math.log(n)
+    return log_cond - log_marg
