@@ -7,15 +7,21 @@ Monte Carlo noise of each estimate); with one seed, that estimate's Monte Carlo
 standard error.
 
 - :func:`plot_information_plane`: I(X;T_l) against I(T_l;Y), one trajectory over
-  the measured epochs per layer, one panel per configuration (noise level).
+  the measured epochs per layer, one panel per configuration (noise level), with
+  error bars on both axes and, with ``bracket=True``, the population bracket.
 - :func:`plot_mi_vs_noise`: I(X;T_l) and I(T_l;Y) at the last measured epoch
-  against the noise level sigma, one line per layer and model.
+  against the noise level sigma, one line per layer and model; with several seeds a
+  band spans the seeds' smallest to largest value.
 - :func:`plot_layer_to_layer`: I(T_{l-1};T_l) over the epochs, one panel per layer
-  pair, one line per configuration.
+  pair, one line per configuration, seeds as bands.
+
+Every figure carries a caption with the number of MI inputs N, the noise levels, the
+estimator settings (paths K per input, weight draws) and the number of seeds.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -59,6 +65,51 @@ def _mean_err(ds, var: str = "value"):
     return mean, err
 
 
+def _seed_band(ds, var: str = "value"):
+    """Smallest and largest value over seeds (dims config, epoch, pair), or None for one seed."""
+    if ds.sizes.get("seed", 1) < 2:
+        return None
+    v = ds[var]
+    return v.min("seed", skipna=True), v.max("seed", skipna=True)
+
+
+def _caption(ds, *, err: bool = True) -> str:
+    """N, noise levels, estimator settings and seeds of the results, for a figure caption."""
+    try:
+        settings = json.loads(ds.attrs.get("estimate_settings") or "{}")
+    except (TypeError, ValueError):
+        settings = {}
+    n = ds.attrs.get("n_inputs") or settings.get("n_inputs")
+    sig = np.asarray(ds["sigma"].values, dtype=float) if "sigma" in ds else np.array([])
+    sig = sorted({float(x) for x in sig[np.isfinite(sig)]})
+    parts = []
+    if n:
+        parts.append(f"N = {int(n)} held-out inputs")
+    if sig:
+        parts.append("noise sigma = " + ", ".join(f"{x:g}" for x in sig))
+    if settings.get("n_paths"):
+        parts.append(f"K = {settings['n_paths']} paths per input for I(X;T_l), l >= 2")
+    specs = " ".join(map(str, ds["spec"].values)) if "spec" in ds.coords else ""
+    if settings.get("n_weight_draws") and "bayes" in specs:
+        parts.append(f"{settings['n_weight_draws']} weight draws")
+    seeds = ds.sizes.get("seed", 1)
+    parts.append(f"{seeds} seed{'s' if seeds != 1 else ''}")
+    if err:
+        parts.append(
+            "error bars: s.e. of the mean over seeds"
+            if seeds > 1
+            else "error bars: Monte Carlo s.e."
+        )
+    return "; ".join(parts)
+
+
+def _add_caption(fig, text: str) -> None:
+    import textwrap
+
+    width = max(60, int(fig.get_figwidth() * 14))
+    fig.supxlabel("\n".join(textwrap.wrap(text, width)), fontsize=7, color="0.3")
+
+
 def _layers(ds) -> list[str]:
     """Layers with both an input pair X->T and a label pair T->Y, in pair order."""
     src = list(ds["source"].values)
@@ -77,7 +128,7 @@ def _config_title(ds, i: int) -> str:
     return s + (f" ({', '.join(extra)})" if extra else "")
 
 
-def plot_information_plane(ds, path: str | Path) -> Path | None:
+def plot_information_plane(ds, path: str | Path, *, bracket: bool = False) -> Path | None:
     """Information plane: I(X;T_l) (x) against I(T_l;Y) (y) over training.
 
     Parameters
@@ -86,6 +137,10 @@ def plot_information_plane(ds, path: str | Path) -> Path | None:
         Sweep results (needs pairs ``X->T`` and ``T->Y``).
     path : str or Path
         PNG file to write.
+    bracket : bool
+        Also draw the population bracket ``[lower, upper]`` of each point (mean over
+        seeds) as a thin line along each axis; upper bounds beyond the panel (vacuous,
+        see :ref:`saturation`) are cut at its edge.
 
     Returns
     -------
@@ -97,7 +152,9 @@ def plot_information_plane(ds, path: str | Path) -> Path | None:
         return None
     from matplotlib import colormaps
 
-    mean, _ = _mean_err(ds)
+    mean, err = _mean_err(ds)
+    lower = ds["lower"].mean("seed", skipna=True) if bracket else None
+    upper = ds["upper"].mean("seed", skipna=True) if bracket else None
     pairs = list(ds["pair"].values)
     epochs = ds["epoch"].values
     n_cfg = ds.sizes["config"]
@@ -107,15 +164,31 @@ def plot_information_plane(ds, path: str | Path) -> Path | None:
     layer_colors = colormaps["tab10"]
     norm_epochs = (epochs - epochs.min()) / max(1, epochs.max() - epochs.min())
     cmap = colormaps["viridis"]
+    brackets: list = []
     for i in range(n_cfg):
         ax = axes[i // ncols][i % ncols]
         for li, layer in enumerate(layers):
-            xs = mean.isel(config=i, pair=pairs.index(f"X->{layer}")).values
-            ys = mean.isel(config=i, pair=pairs.index(f"{layer}->Y")).values
+            px, py = pairs.index(f"X->{layer}"), pairs.index(f"{layer}->Y")
+            xs = mean.isel(config=i, pair=px).values
+            ys = mean.isel(config=i, pair=py).values
             ok = np.isfinite(xs) & np.isfinite(ys)
             if not ok.any():
                 continue
-            ax.plot(xs[ok], ys[ok], "-", color=layer_colors(li % 10), lw=1.5, label=layer)
+            color = layer_colors(li % 10)
+            ax.plot(xs[ok], ys[ok], "-", color=color, lw=1.5, label=layer)
+            ax.errorbar(
+                xs[ok],
+                ys[ok],
+                xerr=np.nan_to_num(err.isel(config=i, pair=px).values[ok]),
+                yerr=np.nan_to_num(err.isel(config=i, pair=py).values[ok]),
+                fmt="none",
+                ecolor=color,
+                elinewidth=1.0,
+                capsize=2,
+                zorder=2,
+            )
+            if bracket:
+                brackets.append((ax, color, xs[ok], ys[ok], i, px, py, ok))
             ax.scatter(
                 xs[ok], ys[ok], c=cmap(norm_epochs[ok]), s=28, zorder=3, edgecolors="k", lw=0.4
             )
@@ -147,6 +220,16 @@ def plot_information_plane(ds, path: str | Path) -> Path | None:
         ax.grid(alpha=0.3)
         if i == 0:
             ax.legend(fontsize=8, title="layer", title_fontsize=8)
+    for ax, color, xs, ys, i, px, py, ok in brackets:
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        xl = np.clip(lower.isel(config=i, pair=px).values[ok], x0, x1)
+        xu = np.clip(upper.isel(config=i, pair=px).values[ok], x0, x1)
+        yl = np.clip(lower.isel(config=i, pair=py).values[ok], y0, y1)
+        yu = np.clip(upper.isel(config=i, pair=py).values[ok], y0, y1)
+        ax.hlines(ys, xl, xu, colors=[color], lw=3, alpha=0.25, zorder=1)
+        ax.vlines(xs, yl, yu, colors=[color], lw=3, alpha=0.25, zorder=1)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
     for j in range(n_cfg, nrows * ncols):
         axes[j // ncols][j % ncols].set_visible(False)
     from matplotlib.cm import ScalarMappable
@@ -157,6 +240,10 @@ def plot_information_plane(ds, path: str | Path) -> Path | None:
     seeds = ds.sizes["seed"]
     over = f", mean over {seeds} seeds" if seeds > 1 else ""
     fig.suptitle(f"Information plane ({ds.attrs.get('experiment_name', '')}{over})")
+    caption = _caption(ds)
+    if bracket:
+        caption += "; shaded bars: population bracket [lower, upper]"
+    _add_caption(fig, caption)
     return _save(fig, path)
 
 
@@ -183,6 +270,7 @@ def plot_mi_vs_noise(ds, path: str | Path, *, epoch: int | None = None) -> Path 
     epoch = int(ds["epoch"].values[-1]) if epoch is None else int(epoch)
     sub = ds.sel(epoch=epoch)
     mean, err = _mean_err(sub)
+    band = _seed_band(sub)
     pairs = list(ds["pair"].values)
     src, tgt = list(ds["source"].values), list(ds["target"].values)
     input_layers = [t for s, t in zip(src, tgt) if s == "X"]
@@ -208,6 +296,15 @@ def plot_mi_vs_noise(ds, path: str | Path, *, epoch: int | None = None) -> Path 
                 e = err.isel(config=order, pair=p).values
                 if not np.isfinite(y).any():
                     continue
+                if band is not None:
+                    ax.fill_between(
+                        sigma[order],
+                        band[0].isel(config=order, pair=p).values,
+                        band[1].isel(config=order, pair=p).values,
+                        color=colors(li % 10),
+                        alpha=0.18,
+                        lw=0,
+                    )
                 ax.errorbar(
                     sigma[order],
                     y,
@@ -228,7 +325,9 @@ def plot_mi_vs_noise(ds, path: str | Path, *, epoch: int | None = None) -> Path 
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("I(X; T_l)  [nats]")
     axes[0][1].set_ylabel("I(T_l; Y)  [nats]")
-    fig.suptitle(f"MI against noise level at epoch {epoch} (mean over seeds, error bars: s.e.)")
+    seeds = ds.sizes.get("seed", 1)
+    fig.suptitle(f"MI against noise level at epoch {epoch} (mean over seeds)")
+    _add_caption(fig, _caption(ds) + ("; bands: smallest to largest seed" if seeds > 1 else ""))
     return _save(fig, path)
 
 
@@ -245,6 +344,7 @@ def plot_layer_to_layer(ds, path: str | Path) -> Path | None:
     if not pairs:
         return None
     mean, err = _mean_err(ds)
+    band = _seed_band(ds)
     allpairs = list(ds["pair"].values)
     from matplotlib import colormaps
 
@@ -258,6 +358,16 @@ def plot_layer_to_layer(ds, path: str | Path) -> Path | None:
             y = mean.isel(config=i, pair=p).values
             if not np.isfinite(y).any():
                 continue
+            color = colors(i / max(1, n_cfg - 1))
+            if band is not None:
+                ax.fill_between(
+                    epochs,
+                    band[0].isel(config=i, pair=p).values,
+                    band[1].isel(config=i, pair=p).values,
+                    color=color,
+                    alpha=0.18,
+                    lw=0,
+                )
             ax.errorbar(
                 epochs,
                 y,
@@ -265,7 +375,7 @@ def plot_layer_to_layer(ds, path: str | Path) -> Path | None:
                 marker="o",
                 ms=4,
                 capsize=2,
-                color=colors(i / max(1, n_cfg - 1)),
+                color=color,
                 label=_config_title(ds, i),
             )
         src, tgt = pair.split("->")
@@ -274,7 +384,9 @@ def plot_layer_to_layer(ds, path: str | Path) -> Path | None:
         ax.set_ylabel("nats")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    seeds = ds.sizes.get("seed", 1)
     fig.suptitle("Layer-to-layer MI over training (mean over seeds)")
+    _add_caption(fig, _caption(ds) + ("; bands: smallest to largest seed" if seeds > 1 else ""))
     return _save(fig, path)
 
 
