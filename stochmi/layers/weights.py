@@ -1,0 +1,847 @@
+"""Epistemic information: how much of what a layer carries is about the weights.
+
+For a fixed input ``x`` the ``M`` posterior draws ``w_1..w_M`` of the weights are the
+sources and ``p(t_l | x, w_m)`` is the channel, so the dataset-MI machinery of
+:func:`stochmi.mi_from_conditional` gives ``I(T_l; W | X = x)`` (``W`` uniform over the
+draws) and a population bracket for the posterior ``q(W)``: with
+``L[j, i] = log p(t_j | x, w_i)``, ``t_j ~ p(t | x, w_j)``,
+
+.. math::
+
+    \\hat I(x) = \\frac1M \\sum_j \\Big(L_{jj} - \\log\\frac1M\\sum_i e^{L_{ji}}\\Big)
+    \\le I_{q}(T_l; W \\mid X = x) \\lesssim
+    \\frac1M \\sum_j \\Big(L_{jj} - \\log\\frac1{M-1}\\sum_{i\\ne j} e^{L_{ji}}\\Big)
+
+(lower and upper hold in expectation; :func:`stochmi.core.from_matrix.mi_terms_from_log_density`).
+Averaged over the ``N`` inputs this is ``I(T_l; W | X)``.
+
+* **Layer 1** (the first stochastic layer): ``p(t_1 | x, w)`` is the site's own
+  distribution, so ``L`` is exact.
+* **Deeper layers**: ``p(t_l | x, w) = \\int p(t_1 | x, w) \\prod_k p(t_k | t_{k-1}, w)``
+  integrates the earlier layers' noise, and every link depends on the source ``w_i``.
+  Each entry ``L[j, i]`` is an importance-sampling estimate over the path
+  ``z = (t_1, .., t_{l-1})`` with two proposals combined by the balance heuristic:
+  (1) ``n_is`` draws from the Gaussian posterior of ``z`` given ``t_j`` in the chain
+  linearised around the mean path under ``w_i`` (exact for linear-Gaussian chains,
+  where that entry then has zero variance), covariance inflated by ``inflate``;
+  (2) ``n_fwd`` forward paths under ``w_i`` (shared by all queries).  The links must be
+  Gaussian (Normal site distributions with a mean differentiable in the parent).
+  Convergence: every entry is recomputed with the first half of both sample sets
+  (``attrs["convergence"]``); a warning is raised when the two values differ by more
+  than ``3 stderr + 2%``.
+* **The prediction** (target ``"Y"``, a categorical label site in the data plate,
+  observed or sampled): BALD, ``I(Y; W | X = x) = H[E_W p(y|x,W)] - E_W H[p(y|x,W)]``,
+  exact over the ``M`` draws; ``p(y | x, w)`` averages ``n_noise`` draws of the layer
+  noise.  Its leave-one-out counterpart is the upper bound.
+
+Chain rule: ``I(X, W; T_l) = I(X; T_l) + I(W; T_l | X)``, with ``I(X; T_l)`` the
+marginal-weights MI of :func:`stochmi.layer_mi` (``attrs["chain_rule"]``).
+
+Information in the weights: :func:`weight_kl`, ``KL(q(W) || p(W))`` per weight site
+(analytic for Normal/Normal, Monte Carlo otherwise), an upper bound on ``I(W; D)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import distributions as td
+
+from stochmi.core.from_matrix import mi_terms_from_log_density
+from stochmi.core.kernel import DETERMINISTIC_MESSAGE, is_delta
+from stochmi.layers.chain import as_batch_n, cuda_devices
+from stochmi.layers.sites import find_layers, is_local, sample_sites, trace_model
+
+__all__ = ["weight_mi", "weight_kl", "COLUMNS"]
+
+COLUMNS = ["target", "value", "stderr", "lower", "upper"]
+_LOG2PI = math.log(2 * math.pi)
+
+
+# ---------------------------------------------------------------------------
+# weight draws
+# ---------------------------------------------------------------------------
+def _seeds(seed: int | None, count: int) -> list[int]:
+    if seed is None:
+        seed = int.from_bytes(os.urandom(7), "little")
+    ss = np.random.SeedSequence(int(seed))
+    return [int(s.generate_state(1, np.uint64)[0] >> np.uint64(2)) for s in ss.spawn(count)]
+
+
+def _trace(fn, x, seed: int, data: Mapping | None = None):
+    import pyro.poutine as poutine
+
+    if data:
+        fn = poutine.condition(fn, data=dict(data))
+    with torch.random.fork_rng(devices=cuda_devices(x)):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return trace_model(fn, x)
+
+
+def _as_sample_dict(samples) -> dict[str, torch.Tensor]:
+    """NUTS draws: a dict of tensors/arrays, or an ArviZ InferenceData (its posterior)."""
+    if hasattr(samples, "posterior"):
+        post = samples.posterior
+        return {
+            str(k): torch.as_tensor(np.asarray(post[k].values)).flatten(0, 1)
+            for k in post.data_vars
+        }
+    return {
+        k: torch.as_tensor(np.asarray(v)) if not torch.is_tensor(v) else v
+        for k, v in samples.items()
+    }
+
+
+def _weight_draws(model, guide, x, weight_sites, m, gen) -> list[dict]:
+    """``m`` draws of the global latent sites from a guide, a dict of samples, or the prior."""
+    if guide is not None and (isinstance(guide, Mapping) or hasattr(guide, "posterior")):
+        samples = _as_sample_dict(guide)
+        ref = _trace(model, x[:2], 0)
+        missing = [w for w in weight_sites if w not in samples]
+        if missing:
+            raise ValueError(f"the samples have no entry for the weight sites {missing}")
+        draws = None
+        for w in weight_sites:
+            shape = tuple(ref.nodes[w]["value"].shape)
+            v = samples[w]
+            lead = v.dim() - len(shape)
+            if lead < 1 or tuple(v.shape[lead:]) != shape:
+                raise ValueError(
+                    f"samples of '{w}' have shape {tuple(v.shape)}; expected (S, *{shape})"
+                )
+            v = v.reshape(-1, *shape)
+            if draws is None:
+                s = v.shape[0]
+                if s < 2:
+                    raise ValueError("need at least two posterior draws")
+                idx = torch.linspace(0, s - 1, min(m, s)).round().long()
+                draws = [{} for _ in idx]
+            for d, i in zip(draws, idx):
+                d[w] = v[i].to(device=x.device, dtype=ref.nodes[w]["value"].dtype)
+        return draws
+    src = guide if guide is not None else model
+    out = []
+    for _ in range(m):
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        try:
+            tr = _trace(src, x, seed)
+        except Exception:  # guides that take no arguments
+            if src is model:
+                raise
+            tr = _trace(lambda *_: src(), x, seed)
+        missing = [w for w in weight_sites if w not in tr.nodes]
+        if missing:
+            raise ValueError(f"the guide does not sample the weight sites {missing}")
+        out.append({w: tr.nodes[w]["value"].detach() for w in weight_sites})
+    return out
+
+
+# ---------------------------------------------------------------------------
+# site helpers
+# ---------------------------------------------------------------------------
+def _label_site(tr, n: int) -> str | None:
+    for name, site in sample_sites(tr):
+        if site["infer"].get("is_auxiliary"):
+            continue
+        if getattr(site["fn"].support, "is_discrete", False) and is_local(site, n):
+            return name
+    return None
+
+
+def _class_probs(fn: td.Distribution) -> torch.Tensor:
+    """``(B, C)`` class probabilities of a Categorical / Bernoulli label site."""
+    base = fn
+    while isinstance(base, td.Independent):
+        base = base.base_dist
+    if isinstance(base, td.Categorical):
+        p = base.probs
+    elif isinstance(base, td.Bernoulli):
+        p1 = base.probs
+        p = torch.stack([1 - p1, p1], -1)
+    else:
+        raise TypeError(
+            f"the label site's distribution {type(base).__name__} is not Categorical or "
+            "Bernoulli; BALD needs class probabilities"
+        )
+    return p.reshape(-1, p.shape[-1]).to(torch.float64)
+
+
+def _normal_grad(fn: td.Distribution, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loc, scale)`` ``(B, d)`` of a Normal / Independent(Normal) site, graph kept."""
+    base = fn
+    while isinstance(base, td.Independent):
+        base = base.base_dist
+    if not isinstance(base, td.Normal):
+        raise TypeError(
+            f"deeper layers need Gaussian links; this layer's family is {type(base).__name__}"
+        )
+    loc = base.loc.reshape(b, -1)
+    scale = torch.broadcast_to(base.scale, base.loc.shape).reshape(b, -1)
+    return loc, scale
+
+
+def _site_logp(site, b: int) -> torch.Tensor:
+    """``log p`` of a layer site's value per row, ``(B,)`` float64."""
+    lp = site["fn"].log_prob(site["value"])
+    return lp.reshape(b, -1).sum(1).to(torch.float64)
+
+
+def _check_layer(fn: td.Distribution, name: str, b: int) -> td.Distribution:
+    if is_delta(fn):
+        raise ValueError(
+            f"layer '{name}' is deterministic given the weights, so I(T; W | X) is infinite: "
+            f"{DETERMINISTIC_MESSAGE}"
+        )
+    return as_batch_n(fn, b, name)
+
+
+# ---------------------------------------------------------------------------
+# layer 1: exact log-density matrix
+# ---------------------------------------------------------------------------
+def _first_layer_L(fns: list[td.Distribution], queries: torch.Tensor) -> torch.Tensor:
+    """``L[n, j, i] = log p(t_{n j} | x_n, w_i)``; ``queries`` ``(M, N, d)``."""
+    m, n = queries.shape[:2]
+    out = torch.empty(n, m, m, dtype=torch.float64)
+    for i, fn in enumerate(fns):
+        out[:, :, i] = fn.log_prob(queries).to(torch.float64).T.cpu()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# deeper layers: importance sampling over paths, per source
+# ---------------------------------------------------------------------------
+class _Deep:
+    """Evaluates ``log p(t_l | x_n, w_i)`` for all queries of a chunk of inputs."""
+
+    def __init__(self, model, layers, l, shapes, n_is, n_fwd, inflate, gen):
+        self.model = model
+        self.layers = layers
+        self.l = l  # index of the target layer (>= 1)
+        self.shapes = shapes  # per-row value shape of every layer site
+        self.n_is, self.n_fwd = n_is, n_fwd
+        self.inflate = inflate
+        self.gen = gen
+
+    def _seed(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self.gen))
+
+    def _cond(self, w, x, values: dict[str, torch.Tensor]):
+        data = dict(w)
+        b = x.shape[0]
+        for k, v in values.items():
+            data[k] = v.reshape(b, *self.shapes[k]).to(
+                x.dtype if x.is_floating_point() else v.dtype
+            )
+        return _trace(self.model, x, self._seed(), data)
+
+    def _linearise(self, w, x):
+        """Mean path, Jacobians and scales under ``w`` -> posterior-proposal pieces."""
+        import pyro.poutine as poutine
+
+        b = x.shape[0]
+        names = self.layers[: self.l + 1]
+        means, scales, jacs = [], [], []
+        fixed: dict[str, torch.Tensor] = {}
+        for k, name in enumerate(names):
+            if k == 0:
+                tr = self._cond(w, x, {})
+                loc, sc = _normal_grad(tr.nodes[name]["fn"], b)
+                means.append(loc.detach().to(torch.float64))
+                scales.append(sc.detach().to(torch.float64))
+            else:
+                parent = means[-1].to(x.dtype).clone().requires_grad_(True)
+                data = dict(w)
+                data.update({kk: v.reshape(b, *self.shapes[kk]) for kk, v in fixed.items()})
+                data[names[k - 1]] = parent.reshape(b, *self.shapes[names[k - 1]])
+                with torch.random.fork_rng(devices=cuda_devices(x)):
+                    torch.manual_seed(self._seed())
+                    with torch.enable_grad():
+                        tr = trace_model(poutine.condition(self.model, data=data), x)
+                        loc, sc = _normal_grad(tr.nodes[name]["fn"], b)
+                        if not loc.requires_grad:
+                            raise TypeError(
+                                f"layer '{name}': its mean does not depend differentiably "
+                                "on the previous layer"
+                            )
+                        d_out = loc.shape[1]
+                        eye = torch.eye(d_out, dtype=loc.dtype, device=loc.device)
+                        grads = eye[:, None, :].expand(d_out, b, d_out)
+                        try:
+                            (jac,) = torch.autograd.grad(
+                                loc, parent, grad_outputs=grads, is_grads_batched=True
+                            )
+                        except RuntimeError:
+                            jac = torch.stack(
+                                [
+                                    torch.autograd.grad(loc[:, o].sum(), parent, retain_graph=True)[
+                                        0
+                                    ]
+                                    for o in range(d_out)
+                                ]
+                            )
+                jacs.append(jac.permute(1, 0, 2).detach().to(torch.float64))  # (b, d_k, d_{k-1})
+                means.append(loc.detach().to(torch.float64))
+                scales.append(sc.detach().to(torch.float64))
+            fixed[name] = means[-1].to(x.dtype)
+        # joint Gaussian of the path z = (t_1..t_{l-1}) in the linearised chain
+        dims = [mm.shape[1] for mm in means[:-1]]
+        off = np.concatenate([[0], np.cumsum(dims)]).tolist()
+        dd = off[-1]
+        P = torch.zeros(b, dd, dd, dtype=torch.float64, device=x.device)
+        P[:, : off[1], : off[1]] = torch.diag_embed(scales[0] ** 2)
+        for k in range(1, len(dims)):
+            a0, a1, b0, b1 = off[k - 1], off[k], off[k], off[k + 1]
+            J = jacs[k - 1]
+            cross = J @ P[:, a0:a1, :b0]  # Cov(t_k, earlier)
+            P[:, b0:b1, :b0] = cross
+            P[:, :b0, b0:b1] = cross.transpose(1, 2)
+            P[:, b0:b1, b0:b1] = J @ P[:, a0:a1, a0:a1] @ J.transpose(1, 2) + torch.diag_embed(
+                scales[k] ** 2
+            )
+        J = jacs[-1]  # (b, d_l, d_{l-1})
+        a0, a1 = off[-2], off[-1]
+        PH = P[:, :, a0:a1] @ J.transpose(1, 2)  # (b, D, d_l)
+        S = J @ PH[:, a0:a1, :] + torch.diag_embed(scales[-1] ** 2)
+        Sc = torch.linalg.cholesky(S)
+        K = torch.cholesky_solve(PH.transpose(1, 2), Sc).transpose(1, 2)  # (b, D, d_l)
+        C = P - K @ PH.transpose(1, 2)
+        C = 0.5 * (C + C.transpose(1, 2)) * self.inflate**2
+        jitter = 1e-10 * torch.diagonal(C, dim1=1, dim2=2).mean(1).clamp_min(1e-30)
+        Lc, info = torch.linalg.cholesky_ex(C + jitter[:, None, None] * torch.eye(dd))
+        if bool((info != 0).any()):
+            Lc = torch.linalg.cholesky(
+                C + 1e-6 * torch.eye(dd) * torch.diagonal(C, dim1=1, dim2=2).mean(1)[:, None, None]
+            )
+        m0 = torch.cat(means[:-1], 1)
+        return m0, means[-1], K, Lc, off
+
+    def block(self, w, x, queries):
+        """``(full, half, ess)`` for source ``w``: log-density of every query, ``(b, M)``.
+
+        ``queries``: ``(b, M, d_l)`` float64 (query ``j`` of input ``n``).
+        """
+        b, m, _ = queries.shape
+        names = self.layers[: self.l + 1]
+        tgt = names[-1]
+        r, kf = self.n_is, self.n_fwd
+        m0, mu, K, Lc, off = self._linearise(w, x)
+        dd = m0.shape[1]
+        logdet = torch.log(torch.diagonal(Lc, dim1=1, dim2=2)).sum(1)  # (b,)
+        # proposal means for every query: m0 + K (t_j - mu)
+        means = m0[:, None, :] + ((queries - mu[:, None, :]) @ K.transpose(1, 2))  # (b, M, D)
+        eps = torch.randn((b, m, r, dd), generator=self.gen, dtype=torch.float64)
+        z = means[:, :, None, :] + eps @ Lc.transpose(1, 2)[:, None]  # (b, M, R, D)
+        logq = -0.5 * (eps * eps).sum(-1) - logdet[:, None, None] - 0.5 * dd * _LOG2PI
+        rows = b * m * r
+        xr = x.repeat_interleave(m * r, 0)
+        vals = {
+            nm: z[..., off[k] : off[k + 1]].reshape(rows, -1) for k, nm in enumerate(names[:-1])
+        }
+        vals[tgt] = queries[:, :, None, :].expand(b, m, r, queries.shape[-1]).reshape(rows, -1)
+        tr = self._cond(w, xr, vals)
+        lp = sum(_site_logp(tr.nodes[nm], rows) for nm in names[:-1]).reshape(b, m, r)
+        lg = _site_logp(tr.nodes[tgt], rows).reshape(b, m, r)
+        # forward paths under w: K per input, shared by all queries
+        xf = x.repeat_interleave(kf, 0)
+        trf = self._cond(w, xf, {})
+        zf = torch.cat(
+            [trf.nodes[nm]["value"].reshape(b * kf, -1).to(torch.float64) for nm in names[:-1]], 1
+        ).reshape(b, kf, dd)
+        lpf = sum(_site_logp(trf.nodes[nm], b * kf) for nm in names[:-1]).reshape(b, kf)
+        # p(t_j | z_f) needs the target site's conditional at the forward path's parents
+        fn = _check_layer(trf.nodes[tgt]["fn"], tgt, b * kf)
+        qv = queries.to(trf.nodes[tgt]["value"].dtype)  # (b, M, d)
+        qv = qv[:, None].expand(b, kf, m, qv.shape[-1]).reshape(b * kf, m, -1).transpose(0, 1)
+        lgf = fn.log_prob(qv).to(torch.float64).T.reshape(b, kf, m)  # (b, K, M)
+        # q_j at the forward paths
+        A = torch.linalg.solve_triangular(Lc, zf.transpose(1, 2), upper=False)  # (b, D, K)
+        B = torch.linalg.solve_triangular(Lc, means.transpose(1, 2), upper=False)  # (b, D, M)
+        u = A.transpose(1, 2)[:, :, None, :] - B.transpose(1, 2)[:, None, :, :]  # (b, K, M, D)
+        logqf = -0.5 * (u * u).sum(-1) - logdet[:, None, None] - 0.5 * dd * _LOG2PI
+        res = []
+        for r_u, k_u in ((r, kf), (r // 2, kf // 2)):
+            lr, lk = math.log(r_u), math.log(k_u)
+            num = lp[:, :, :r_u] + lg[:, :, :r_u]
+            den = torch.logaddexp(lr + logq[:, :, :r_u], lk + lp[:, :, :r_u])
+            is_t = torch.logsumexp(num - den, -1)  # (b, M)
+            num_f = lpf[:, :k_u, None] + lgf[:, :k_u]
+            den_f = torch.logaddexp(lr + logqf[:, :k_u], lk + lpf[:, :k_u, None])
+            fw_t = torch.logsumexp(num_f - den_f, 1)  # (b, M)
+            res.append(torch.logaddexp(is_t, fw_t))
+            if r_u == r:
+                wts = num - den
+                ess = torch.exp(2 * torch.logsumexp(wts, -1) - torch.logsumexp(2 * wts, -1))
+        return res[0], res[1], ess
+
+
+# ---------------------------------------------------------------------------
+# reductions
+# ---------------------------------------------------------------------------
+def _per_input(L: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-input value, MC variance of it, and leave-one-out upper from ``L`` ``(N, M, M)``."""
+    vals, var, ups = [], [], []
+    for Ln in L:
+        full, loo = mi_terms_from_log_density(Ln)
+        vals.append(float(full.mean()))
+        var.append(float(full.var(unbiased=True)) / full.numel())
+        ups.append(float(loo.mean()))
+    return {"value": np.array(vals), "var": np.array(var), "upper": np.array(ups)}
+
+
+def _summary_row(target, pi: dict, m: int, method: str) -> dict:
+    n = len(pi["value"])
+    value = float(pi["value"].mean())
+    return {
+        "target": target,
+        "value": value,
+        "stderr": float(math.sqrt(pi["var"].sum()) / n),
+        "lower": value,
+        "upper": float(pi["upper"].mean()),
+        "n_inputs": n,
+        "n_weight_draws": m,
+        "saturated": bool(value > math.log(m) - 1.0),
+        "method": method,
+    }
+
+
+def _bald(probs: torch.Tensor) -> dict:
+    """BALD per input from ``probs`` ``(M, N, C)``: exact over the draws, plus LOO upper."""
+    m = probs.shape[0]
+    logp = torch.log(probs.clamp_min(1e-300))
+    mean = probs.mean(0)
+    total = -(mean * torch.log(mean.clamp_min(1e-300))).sum(-1)  # (N,)
+    ent = -(probs * logp).sum(-1)  # (M, N)
+    alea = ent.mean(0)
+    terms = (probs * (logp - torch.log(mean.clamp_min(1e-300))[None])).sum(-1)  # (M, N)
+    loo_mean = (mean[None] * m - probs) / (m - 1)
+    loo = (probs * (logp - torch.log(loo_mean.clamp_min(1e-300)))).sum(-1)
+    return {
+        "value": (total - alea).numpy(),
+        "var": (terms.var(0, unbiased=True) / m).numpy(),
+        "upper": loo.mean(0).numpy(),
+        "total": total.numpy(),
+        "aleatoric": alea.numpy(),
+    }
+
+
+# ---------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------
+def weight_mi(
+    model: Callable,
+    x: torch.Tensor,
+    *,
+    guide,
+    layers: list[str] | None = None,
+    seed: int | None = None,
+    n_weight_draws: int = 64,
+    n_is: int = 16,
+    n_fwd: int = 16,
+    n_noise: int = 16,
+    inflate: float = 1.2,
+    chain_rule: bool = True,
+    prediction: bool = True,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Epistemic information ``I(T_l; W | X)`` per stochastic layer and BALD for the prediction.
+
+    Parameters
+    ----------
+    model : callable
+        A Pyro model called as ``model(x)``: stochastic layers are latent continuous
+        sample sites in the data plate, weights are global latent sites.
+    x : Tensor, shape (N, ...)
+        Inputs (``N >= 1``); every number is an average over them.
+    guide : callable, dict or arviz.InferenceData
+        The posterior of the weights: a guide (``AutoNormal``, the reference nets'
+        ``MeanFieldGuide``, ...; called as ``guide(x)``), or posterior samples (NUTS)
+        as ``{site: tensor (S, *shape)}`` or an InferenceData; ``None`` draws from the prior.
+    layers : list of str, optional
+        Layer sites (default: all, in execution order).
+    seed : int, optional
+        Seed of every draw (the global RNG is left as it was).
+    n_weight_draws : int, default 64
+        ``M``, posterior draws; the dataset MI over them is at most ``log M``.
+    n_is, n_fwd : int, default 16
+        Deeper layers: proposal draws per (query, source) and forward paths per source
+        (even).
+    n_noise : int, default 16
+        Layer-noise draws per weight draw averaged in ``p(y | x, w)`` (BALD).
+    inflate : float, default 1.2
+        Standard-deviation inflation of the Gaussian path proposal.
+    chain_rule : bool, default True
+        Also compute ``I(X; T_l)`` with :func:`stochmi.layer_mi` (marginal weights)
+        and report ``I(X, W; T_l)`` in ``attrs["chain_rule"]``.
+    prediction : bool, default True
+        Add the ``"Y"`` (BALD) row when the model has a label site.
+    chunk_size : int, optional
+        Inputs per block of the deep-layer computation.
+    progress : bool
+        Progress bar over layers and blocks.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per target (layer sites, then ``"Y"``), columns ``target, value,
+        stderr, lower, upper`` (nats; ``value`` = dataset MI over the draws averaged
+        over inputs, ``stderr`` its Monte Carlo error, ``lower``/``upper`` the
+        population bracket) and ``n_inputs, n_weight_draws, saturated, method``.
+        ``attrs``: ``per_input`` (DataFrame, one row per input, one column per
+        target), ``decomposition`` (``{"per_input": DataFrame(total, aleatoric,
+        epistemic), "mean": dict}``), ``chain_rule`` (DataFrame), ``convergence``
+        (deep layers: value with half the draws, median diagonal ESS), ``seed``.
+
+    Raises
+    ------
+    ValueError
+        Bad inputs, unknown layers, a layer deterministic given the weights, a model
+        without weight sites.
+    TypeError
+        Deeper layers whose links are not Gaussian.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must have at least one input, got shape {tuple(x.shape)}")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf values")
+    for nm, v in (("n_weight_draws", n_weight_draws), ("n_noise", n_noise)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{nm} must be a positive int, got {v!r}")
+    if n_weight_draws < 2:
+        raise ValueError("n_weight_draws must be >= 2 (the draws are the sources)")
+    for nm, v in (("n_is", n_is), ("n_fwd", n_fwd)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 2 or v % 2:
+            raise ValueError(f"{nm} must be an even int >= 2, got {v!r}")
+    from tqdm.auto import tqdm
+
+    used_seed = seed if seed is not None else int.from_bytes(os.urandom(7), "little")
+    master = _seeds(used_seed, 6)
+    gen = torch.Generator().manual_seed(master[0])
+    n = x.shape[0]
+    xs = x if n >= 2 else x.repeat(2, *([1] * (x.dim() - 1)))  # site discovery needs N >= 2
+    with torch.random.fork_rng(devices=cuda_devices(x)):
+        torch.manual_seed(master[1])
+        with torch.no_grad():
+            sites = find_layers(model, xs)
+    if not sites.weights:
+        raise ValueError(
+            "the model has no weight sites (global latent sample sites outside the data plate): "
+            "with fixed weights I(T; W | X) = 0"
+        )
+    if layers is None:
+        layers = list(sites.layers)
+    else:
+        unknown = [s for s in layers if s not in sites.layers]
+        if unknown:
+            raise ValueError(
+                f"unknown layer sites {unknown}; the model's stochastic layers are {sites.layers}"
+            )
+        layers = [s for s in sites.layers if s in layers]
+    draws = _weight_draws(model, guide, x, sites.weights, n_weight_draws, gen)
+    m = len(draws)
+    # one forward trace per draw: layer-1 conditionals, queries for every layer, labels
+    traces = [_trace(model, x, int(torch.randint(0, 2**62, (1,), generator=gen)), w) for w in draws]
+    label = _label_site(traces[0], n) if prediction else None
+    shapes = {}
+    for name in sites.layers:
+        v = traces[0].nodes[name]["value"]
+        shapes[name] = tuple(v.shape[1:])
+    rows, per_input, conv = [], {}, {}
+    bar = tqdm(total=len(layers), desc="weight MI", disable=not progress, leave=False)
+    pos = {nm: k for k, nm in enumerate(sites.layers)}
+    for name in layers:
+        fns = [_check_layer(tr.nodes[name]["fn"], name, n) for tr in traces]
+        queries = torch.stack([tr.nodes[name]["value"].reshape(n, -1) for tr in traces])  # (M,N,d)
+        l = pos[name]
+        if l == 0:
+            L = _first_layer_L(fns, queries)
+            pi = _per_input(L)
+            method = "exact"
+        else:
+            L, Lh, ess = _deep_matrix(
+                model,
+                sites.layers,
+                l,
+                shapes,
+                draws,
+                x,
+                queries,
+                n_is,
+                n_fwd,
+                inflate,
+                torch.Generator().manual_seed(master[2] + l),
+                chunk_size,
+                bar,
+            )
+            pi = _per_input(L)
+            half = _per_input(Lh)
+            v_full, v_half = float(pi["value"].mean()), float(half["value"].mean())
+            se = math.sqrt(pi["var"].sum()) / n
+            conv[name] = {
+                "value": v_full,
+                "value_half": v_half,
+                "upper": float(pi["upper"].mean()),
+                "upper_half": float(half["upper"].mean()),
+                "diag_ess_median": float(ess.median()),
+                "n_is": n_is,
+                "n_fwd": n_fwd,
+            }
+            if abs(v_full - v_half) > 3 * se + 0.02 * abs(v_full):
+                warnings.warn(
+                    f"weight_mi: layer '{name}': the importance-sampling estimate has not "
+                    f"converged (value {v_full:.4f} with all draws, {v_half:.4f} with half); "
+                    "raise n_is / n_fwd",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            method = "importance sampling over paths"
+        per_input[name] = pi["value"]
+        rows.append(_summary_row(name, pi, m, method))
+        bar.update(1)
+    bar.close()
+    decomposition = None
+    if label is not None:
+        probs = _label_probs(model, draws, x, label, sites.layers, n_noise, gen)
+        b = _bald(probs)
+        rows.append(_summary_row("Y", b, m, "BALD"))
+        per_input["Y"] = b["value"]
+        dec = pd.DataFrame(
+            {"total": b["total"], "aleatoric": b["aleatoric"], "epistemic": b["value"]}
+        )
+        decomposition = {"per_input": dec, "mean": dec.mean().to_dict()}
+    df = pd.DataFrame(rows)
+    chain = None
+    if chain_rule and layers:
+        chain = _chain_rule(model, x, guide, layers, df, master[3])
+    df.attrs.update(
+        {
+            "per_input": pd.DataFrame(per_input),
+            "decomposition": decomposition,
+            "chain_rule": chain,
+            "convergence": conv,
+            "label_site": label,
+            "layers": list(layers),
+            "n_weight_draws": m,
+            "seed": used_seed,
+        }
+    )
+    return df
+
+
+def _deep_matrix(
+    model, all_layers, l, shapes, draws, x, queries, n_is, n_fwd, inflate, gen, chunk_size, bar
+):
+    n = x.shape[0]
+    m = len(draws)
+    deep = _Deep(model, all_layers, l, shapes, n_is, n_fwd, inflate, gen)
+    dd = sum(int(np.prod(shapes[nm])) if shapes[nm] else 1 for nm in all_layers[:l])
+    if chunk_size is None:
+        per_input = m * n_is * (dd + int(np.prod(x.shape[1:])) + 8) + m * n_fwd * dd + dd * dd
+        chunk_size = max(1, min(n, int(2e7 // max(1, per_input))))
+    q = queries.to(torch.float64).transpose(0, 1)  # (N, M, d)
+    L = torch.empty(n, m, m, dtype=torch.float64)
+    Lh = torch.empty_like(L)
+    ess = torch.empty(n, m, dtype=torch.float64)
+    for start in range(0, n, chunk_size):
+        sl = slice(start, min(n, start + chunk_size))
+        xb = x[sl]
+        for i, w in enumerate(draws):
+            full, half, e = deep.block(w, xb, q[sl])
+            L[sl, :, i] = full.cpu()
+            Lh[sl, :, i] = half.cpu()
+            ess[sl, i] = e[:, i].cpu()
+    return L, Lh, ess
+
+
+def _label_probs(model, draws, x, label, layer_sites, n_noise, gen) -> torch.Tensor:
+    """``p(y | x_n, w_m)`` ``(M, N, C)``, averaging ``n_noise`` layer-noise draws."""
+    n = x.shape[0]
+    k = n_noise if layer_sites else 1
+    out = []
+    for w in draws:
+        xr = x.repeat(k, *([1] * (x.dim() - 1)))
+        tr = _trace(model, xr, int(torch.randint(0, 2**62, (1,), generator=gen)), w)
+        p = _class_probs(tr.nodes[label]["fn"])
+        out.append(p.reshape(k, n, -1).mean(0).cpu())
+    return torch.stack(out)
+
+
+def _chain_rule(model, x, guide, layers, df, seed) -> pd.DataFrame | None:
+    """``I(X; T_l)`` (marginal weights) + ``I(W; T_l | X)`` = ``I(X, W; T_l)``."""
+    from stochmi.layers.estimation import layer_mi
+
+    if x.shape[0] < 2:
+        return None
+    g = guide
+    if guide is not None and (isinstance(guide, Mapping) or hasattr(guide, "posterior")):
+        g = _SampleGuide(_as_sample_dict(guide))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tab = layer_mi(
+                model,
+                x,
+                guide=g,
+                weights="marginal",
+                seed=seed,
+                pairs=[("X", nm) for nm in layers],
+            )
+    except Exception as exc:  # keep the epistemic numbers; say why the chain rule is missing
+        warnings.warn(f"weight_mi: chain rule not computed: {exc}", RuntimeWarning, stacklevel=3)
+        return None
+    wt = df.set_index("target")
+    out = []
+    for r in tab.itertuples():
+        e = wt.loc[r.target]
+        out.append(
+            {
+                "target": r.target,
+                "I(X;T)": r.value,
+                "I(X;T) stderr": r.stderr,
+                "I(W;T|X)": e["value"],
+                "I(W;T|X) stderr": e["stderr"],
+                "I(X,W;T)": r.value + e["value"],
+                "I(X,W;T) stderr": math.sqrt(r.stderr**2 + e["stderr"] ** 2),
+            }
+        )
+    return pd.DataFrame(out)
+
+
+class _SampleGuide:
+    """A guide that replays a random one of a set of posterior samples."""
+
+    def __init__(self, samples: dict[str, torch.Tensor]):
+        self.samples = samples
+        self.count = next(iter(samples.values())).shape[0]
+
+    def __call__(self, *args, **kwargs):
+        import pyro
+        import pyro.distributions as dist
+
+        i = int(torch.randint(0, self.count, (1,)))
+        out = {}
+        for k, v in self.samples.items():
+            val = v[i]
+            out[k] = pyro.sample(k, dist.Delta(val, event_dim=val.dim()))
+        return out
+
+
+# ---------------------------------------------------------------------------
+# information in the weights
+# ---------------------------------------------------------------------------
+def _unwrap(d: td.Distribution) -> td.Distribution:
+    while isinstance(d, td.Independent):
+        d = d.base_dist
+    return d
+
+
+def _guide_normal(gtr, name) -> td.Normal | None:
+    """The guide's Normal for a weight site (its own, or AutoNormal's unconstrained one
+    when the transform is the identity)."""
+    fn = _unwrap(gtr.nodes[name]["fn"])
+    if isinstance(fn, td.Normal):
+        return fn
+    aux = gtr.nodes.get(name + "_unconstrained")
+    if aux is not None and is_delta(gtr.nodes[name]["fn"]):
+        afn = _unwrap(aux["fn"])
+        if isinstance(afn, td.Normal) and torch.equal(aux["value"], gtr.nodes[name]["value"]):
+            return afn
+    return None
+
+
+def weight_kl(
+    model: Callable,
+    guide,
+    x: torch.Tensor | None = None,
+    *,
+    n_samples: int = 64,
+    seed: int | None = 0,
+) -> pd.DataFrame:
+    """Information in the weights: ``KL(q(W) || p(W))`` per weight site and in total.
+
+    Analytic where the guide's and the prior's site distributions are both Normal
+    (``torch.distributions.kl_divergence``, summed over the site's entries); Monte Carlo
+    ``E_q[log q(w) - log p(w)]`` over ``n_samples`` guide draws otherwise.  The total
+    bounds the information the weights hold about the training data, ``I(W; D)``
+    (PAC-Bayes; Achille & Soatto 2018).
+
+    Parameters
+    ----------
+    model, guide : callables
+        Called as ``model(x)`` and ``guide(x)``.
+    x : Tensor, optional
+        Any valid input (the priors must not depend on it); default
+        ``zeros(2, model.input_dim)`` when the model has ``input_dim``.
+    n_samples : int
+        Monte Carlo draws for non-Normal sites.
+    seed : int, optional
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``site, kl, stderr, method`` (nats; stderr 0 when analytic), one row per
+        weight site; ``attrs["total"]`` and ``attrs["total_stderr"]``.
+    """
+    if x is None:
+        if not hasattr(model, "input_dim"):
+            raise ValueError("pass x (any valid input) to trace the model's priors")
+        p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        x = torch.zeros(2, int(model.input_dim), device=p.device if p is not None else "cpu")
+    seeds = _seeds(seed, 2 + n_samples)
+    with torch.random.fork_rng(devices=cuda_devices(x)):
+        torch.manual_seed(seeds[0])
+        with torch.no_grad():
+            sites = find_layers(model, x)
+    gtrs = []
+    for s in range(max(1, n_samples)):
+        try:
+            gtrs.append(_trace(guide, x, seeds[2 + s]))
+        except Exception:
+            gtrs.append(_trace(lambda *_: guide(), x, seeds[2 + s]))
+        if s == 0 and all(_guide_normal(gtrs[0], w) is not None for w in sites.weights):
+            break
+    rows = []
+    for w in sites.weights:
+        ptr = _trace(model, x, seeds[1], {w: gtrs[0].nodes[w]["value"]})
+        prior = ptr.nodes[w]["fn"]
+        q = _guide_normal(gtrs[0], w)
+        pn = _unwrap(prior)
+        if q is not None and isinstance(pn, td.Normal):
+            shape = gtrs[0].nodes[w]["value"].shape
+            qn = td.Normal(torch.broadcast_to(q.loc, shape), torch.broadcast_to(q.scale, shape))
+            pp = td.Normal(torch.broadcast_to(pn.loc, shape), torch.broadcast_to(pn.scale, shape))
+            with torch.no_grad():
+                kl = float(td.kl_divergence(qn, pp).sum())
+            rows.append({"site": w, "kl": kl, "stderr": 0.0, "method": "analytic"})
+            continue
+        vals = []
+        for gtr in gtrs:
+            lq = float(_guide_site_logq(gtr, w))
+            ptr = _trace(model, x, seeds[1], {w: gtr.nodes[w]["value"]})
+            lp = float(ptr.nodes[w]["fn"].log_prob(gtr.nodes[w]["value"]).sum())
+            vals.append(lq - lp)
+        v = np.array(vals)
+        se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
+        rows.append({"site": w, "kl": float(v.mean()), "stderr": se, "method": "monte carlo"})
+    df = pd.DataFrame(rows, columns=["site", "kl", "stderr", "method"])
+    df.attrs["total"] = float(df["kl"].sum())
+    df.attrs["total_stderr"] = float(math.sqrt((df["stderr"].fillna(0) ** 2).sum()))
+    return df
+
+
+def _guide_site_logq(gtr, name) -> torch.Tensor:
+    site = gtr.nodes[name]
+    lq = site["fn"].log_prob(site["value"]).sum()
+    aux = gtr.nodes.get(name + "_unconstrained")
+    if aux is not None and is_delta(site["fn"]):
+        lq = lq + aux["fn"].log_prob(aux["value"]).sum()
+    return lq
