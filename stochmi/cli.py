@@ -12,13 +12,16 @@ Subcommands (``stochmi SUBCOMMAND --help`` for each):
 
 ``--seed``, ``--device`` and ``--quiet`` are accepted by every subcommand (where they
 apply) before or after its name.  Exit status: 0 success, 1 some sweep cells failed,
-2 invalid input (bad experiment file, spec, data source, or output folder).
+2 invalid input or environment (bad option value, experiment file, spec, checkpoint,
+data source, unusable output folder or file; checked before any training where it
+can be), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -266,6 +269,39 @@ class _UsageError(Exception):
     pass
 
 
+def _at_least(value: int | None, flag: str, minimum: int, why: str = "") -> None:
+    """Refuse ``flag value`` below ``minimum`` (None = not given)."""
+    if value is not None and value < minimum:
+        raise _UsageError(f"{flag} {value}: must be at least {minimum}{why}")
+
+
+def _writable_parent(path: Path, flag: str) -> None:
+    """The nearest existing folder above ``path`` must be a folder we can write into."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise _UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise _UsageError(f"{flag} {path}: cannot write into {parent} (permission denied)")
+            return
+
+
+def _check_out_file(path: Path, flag: str) -> None:
+    """``path`` can be written as a file (checked before any work)."""
+    if path.is_dir():
+        raise _UsageError(f"{flag} {path} is a folder; give a file name")
+    _writable_parent(path, flag)
+
+
+def _check_out_dir(path: Path, flag: str = "--out") -> None:
+    """``path`` can be (or become) an output folder (checked before any work)."""
+    if path.exists():
+        if not path.is_dir():
+            raise _UsageError(f"{flag} {path} is a file, not a folder")
+        return  # an existing folder: writability is checked when writing (read-only reruns)
+    _writable_parent(path, flag)
+
+
 def _format_mi_table(df) -> str:
     headers = ["source", "target", "MI [nats]", "stderr", "lower", "upper", "flags"]
     rows = []
@@ -307,6 +343,10 @@ def _load_data(args):
 def _cmd_demo(args) -> int:
     from stochmi.experiments.demo import format_table, run_demo
 
+    _at_least(args.epochs, "--epochs", 0)
+    _at_least(args.n_inputs, "--n-inputs", 2, " (MI needs at least two inputs)")
+    _at_least(args.n_paths, "--n-paths", 1)
+    _check_out_dir(Path(args.out))
     t0 = time.perf_counter()
     res = run_demo(
         args.out,
@@ -342,6 +382,9 @@ def _cmd_train(args) -> int:
     from stochmi.models.training import save_checkpoint, train
 
     spec = load_spec(args.spec, args.overrides or None)
+    out = Path(args.out or f"{spec.name}.pt")
+    _check_out_file(out, "--out")
+    _at_least(args.epochs, "--epochs", 1)
     seed = _opt(args, "seed")
     device = _opt(args, "device")
     source, train_d, test_d = _load_data(args)
@@ -358,7 +401,6 @@ def _cmd_train(args) -> int:
         device=device,
         progress=not _opt(args, "quiet"),
     )
-    out = Path(args.out or f"{spec.name}.pt")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, res, res.guide, spec)
     if res.history:
@@ -382,6 +424,11 @@ def _cmd_estimate(args) -> int:
     path = Path(args.checkpoint)
     if not path.is_file():
         raise _UsageError(f"checkpoint {path} not found")
+    _at_least(args.n_inputs, "--n-inputs", 2, " (MI needs at least two inputs)")
+    _at_least(args.n_paths, "--n-paths", 1)
+    _at_least(args.n_weight_draws, "--n-weight-draws", 1)
+    if args.csv:
+        _check_out_file(Path(args.csv), "--csv")
     model, guide, spec = load_checkpoint(path)
     source, _, test = _load_data(args)
     if args.n_inputs > len(test):
@@ -421,9 +468,12 @@ def _cmd_sweep(args) -> int:
     from stochmi.experiments.config import load_experiment
     from stochmi.experiments.sweep import run_sweep
 
+    _at_least(args.workers, "--workers", 1)
+    _at_least(args.threads, "--threads", 1)
     config = load_experiment(args.experiment)
     device = _opt(args, "device")
     out = args.out or str(Path("results") / config.name)
+    _check_out_dir(Path(out))
     if args.dry_run:
         cells = config.cells(device=device)
         print(f"experiment {config.name!r} ({args.experiment}): {len(cells)} cells")
@@ -431,10 +481,6 @@ def _cmd_sweep(args) -> int:
             print(f"  {c.cell_id}  ({c.training_epochs} epochs, MI at {list(c.estimate.epochs)})")
         return 0
     executor = args.executor or ("process" if (args.workers or 1) > 1 else "inprocess")
-    if args.workers is not None and args.workers < 1:
-        raise _UsageError("--workers must be at least 1")
-    if args.threads is not None and args.threads < 1:
-        raise _UsageError("--threads must be at least 1")
     t0 = time.perf_counter()
     res = run_sweep(
         config,
@@ -474,6 +520,7 @@ def _cmd_compare(args) -> int:
         from stochmi.benchmarking.compare import run_comparison
     except ImportError as exc:
         raise _UsageError(f"the comparison module is not available: {exc}") from exc
+    _check_out_dir(Path(args.out))
     run_comparison(
         args.out,
         quick=args.quick,
@@ -500,28 +547,27 @@ def _cmd_models(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``stochmi`` console script; returns the exit status."""
-    from stochmi.experiments.config import ConfigError
+    """Entry point of the ``stochmi`` console script; returns the exit status.
+
+    0 success; 1 some sweep cells failed (the others are saved); 2 invalid input or
+    environment (bad option value, experiment file, spec, checkpoint, data source,
+    output folder, or a file that cannot be read or written), as one line on stderr;
+    130 interrupted.
+    """
     from stochmi.experiments.executors import RAY_INSTALL_HINT
-    from stochmi.experiments.store import ResumeError
-    from stochmi.models.spec import SpecError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ResumeError, _UsageError) as exc:
-        print(f"stochmi {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, SpecError) as exc:
-        # unknown spec name, bad --set override, data source not on disk
-        print(f"stochmi {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (_UsageError, OSError, ValueError) as exc:
+        # ConfigError, ResumeError and SpecError are ValueErrors; OSError covers missing,
+        # unreadable or unwritable files and folders
+        return _error(args, exc)
     except RuntimeError as exc:
         if str(exc) != RAY_INSTALL_HINT:
             raise
-        print(f"stochmi {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(args, exc)
     except KeyboardInterrupt:
         print(
             f"stochmi {args.command}: interrupted; finished sweep cells are saved, "
@@ -529,6 +575,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+
+
+def _error(args, exc: BaseException) -> int:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    print(f"stochmi {args.command}: error: {text}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -75,10 +75,21 @@ def pairwise_bounds(
     scale = torch.as_tensor(scale, dtype=torch.float64, device=loc.device)
     if scale.dim() == 1 and loc.shape[1] == 1 and scale.shape[0] == loc.shape[0]:
         scale = scale[:, None]
-    scale = torch.broadcast_to(scale, loc.shape)
+    try:
+        scale = torch.broadcast_to(scale, loc.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"scale of shape {tuple(scale.shape)} does not match loc of shape "
+            f"{tuple(loc.shape)}: give a scalar, a per-dimension ({loc.shape[1]},) or a "
+            f"per-source ({loc.shape[0]}, {loc.shape[1]}) scale"
+        ) from None
     if not (torch.isfinite(loc).all() and torch.isfinite(scale).all()):
         raise ValueError("loc and scale must be finite")
-    if (scale <= 0).any():
+    if (scale < 0).any():
+        raise ValueError(
+            f"scale must be positive, got negative values (smallest {float(scale.min()):.3g})"
+        )
+    if (scale == 0).any():
         raise ValueError("scale must be positive: a zero-noise channel has infinite MI")
     n, d = loc.shape
     shared = bool((scale == scale[:1]).all())

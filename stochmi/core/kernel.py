@@ -24,6 +24,27 @@ to a reducer.  Two paths:
   ``B`` samples of shape ``(B, 1, *event)`` against the batch ``(N,)``.  The
   chunk is sized so ``B * N * d`` elements fit the memory budget.
 
+Precision (Gaussian path).  The cross term of each block is one matrix product; with
+``precision="auto"`` it runs in float32 (TF32 on CUDA where even that bound allows) when a
+rounding-error bound on the block, computed from the row norms of the block, the largest
+column norm after centring and scaling, the inner dimension ``w`` and the bias magnitudes,
+
+.. math::
+
+    E_j = \\lambda (\\sqrt{w} u_{acc} + \\sqrt{2} u_{in}) \\lVert a_j \\rVert
+          \\max_i \\lVert b_i \\rVert + 2 u \\max_i |\\beta_i| + (\\log_2 N + 8) u,
+
+(probabilistic rounding analysis, Higham & Mary 2019, with ``lambda = 5``; ``u = 2^-24``
+for float32, ``u_in = 2^-11`` for TF32 inputs) has its mean over the rows of the block
+below ``tolerance`` (default 1e-3 nats).  ``E_j`` bounds the error of every entry of row
+``j`` relative to the row offset, hence of its log-sum-exp, hence (averaged over rows) of
+the estimate.  Blocks whose bound is larger, e.g. activations of magnitude 100 with noise
+1e-2, are computed in float64 as before.  Float32 blocks are returned *shifted*:
+``L[j, i] = blk[j, i] + off[j]`` with the large row and constant terms kept in the float64
+offset, so the float32 values stay O(1) to O(100) nats.  ``"auto"`` only switches to
+float32 when the work is large enough for it to matter (``N * M * w >= AUTO_MIN_WORK``
+multiply-adds per draw); small problems stay bit-identical to float64.
+
 Memory is ``O(chunk * N)`` (``O(chunk * N * C)`` for ``C``-component mixtures);
 the full ``N x N`` matrix is never held, and never ``N x N x d``.
 """
@@ -45,11 +66,22 @@ __all__ = [
     "DETERMINISTIC_MESSAGE",
     "first_tensor",
     "is_delta",
+    "PRECISIONS",
+    "DEFAULT_TOLERANCE",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 #: default budget (bytes) for one chunk of the pairwise matrix or its intermediates
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+#: accepted values of ``precision=``
+PRECISIONS = ("auto", "float64", "float32")
+#: default bound (nats) on the error float32 blocks may add to the estimate
+DEFAULT_TOLERANCE = 1e-3
+#: "auto" uses float32 only from this many multiply-adds per draw (N * M * w)
+AUTO_MIN_WORK = 2**24
+_LAMBDA = 5.0  # probabilistic rounding-error bound: lambda * sqrt(w) * u
+_U32 = 2.0**-24  # unit roundoff of float32
+_UTF32 = 2.0**-11  # unit roundoff of TF32 inputs (10-bit mantissa)
 
 
 class DeterministicLayerError(ValueError):
@@ -181,7 +213,13 @@ def as_gaussian_mixture(cond: td.Distribution) -> GaussianMixture | None:
     scale = torch.broadcast_to(scale.to(torch.float64), loc.shape)
     _check_finite(loc, "location")
     _check_finite(scale, "scale")
-    if (scale <= 0).any():
+    _check_mixture_weights(cond)
+    if (scale < 0).any():
+        raise ValueError(
+            "the conditional's scale has negative values (smallest "
+            f"{float(scale.min()):.3g}): a standard deviation must be positive"
+        )
+    if (scale == 0).any():
         raise DeterministicLayerError(DETERMINISTIC_MESSAGE)
     flat = scale.reshape(-1, scale.shape[-1])
     if bool((flat == flat[:1]).all()):
@@ -215,6 +253,29 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"the conditional's {what} contains NaN or inf values")
 
 
+def _check_mixture_weights(cond: td.Distribution) -> None:
+    """NaN (or +inf) mixture weights of a ``MixtureSameFamily``: a clear ValueError
+    instead of torch's 'probability tensor contains either inf, nan or element < 0'."""
+    if not isinstance(cond, td.MixtureSameFamily):
+        return
+    mix = cond.mixture_distribution
+    # read what the Categorical was built from (accessing the other computes it lazily)
+    w = mix.__dict__.get("logits", mix.__dict__.get("probs"))
+    if w is None:
+        w = mix.logits
+    w = w.detach()
+    is_probs = "logits" not in mix.__dict__
+    bad = torch.isnan(w) | torch.isposinf(w)
+    if is_probs:
+        bad = bad | (w < 0)
+    if bool(bad.any()) or bool(torch.isnan(mix.logits.detach()).any()):
+        raise ValueError(
+            "the conditional's mixture weights contain NaN, inf or negative values "
+            f"({int(bad.sum())} of {w.numel()} entries); mixture weights must be finite "
+            "and non-negative with a positive sum for every source"
+        )
+
+
 class LogDensityKernel:
     """Row-chunked evaluation of ``L[j, i] = log p(t_j | s_i)``.
 
@@ -226,6 +287,13 @@ class LogDensityKernel:
         Rows of ``L`` per block; chosen from a 64 MiB budget when omitted.
     device : torch.device or str, optional
         Where the work runs (defaults to the conditional's device).
+    precision : {"auto", "float64", "float32"}
+        Arithmetic of the cross-term product in :meth:`shifted_block` (Gaussian path):
+        ``"auto"`` uses float32 (TF32 on CUDA) per block where the rounding-error bound
+        is below ``tolerance`` and the problem is large enough to gain, float64
+        elsewhere; ``"float32"`` forces float32; ``"float64"`` never uses it.
+    tolerance : float, default 1e-3
+        Bound (nats) on the mean row error a float32 block may carry.
     """
 
     def __init__(
@@ -234,7 +302,24 @@ class LogDensityKernel:
         *,
         chunk_size: int | None = None,
         device: torch.device | str | None = None,
+        precision: str = "auto",
+        tolerance: float = DEFAULT_TOLERANCE,
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if (
+            isinstance(tolerance, bool)
+            or not isinstance(tolerance, (int, float))
+            or not tolerance > 0
+            or not math.isfinite(tolerance)
+        ):
+            raise ValueError(f"tolerance must be a positive finite number, got {tolerance!r}")
+        self.precision = precision
+        self.tolerance = float(tolerance)
+        #: blocks computed per precision, and the summed row bounds of the float32 ones
+        self.counts = {"float64": 0, "float32": 0, "tf32": 0}
+        self.bound_sum = 0.0
+        self.rows_done = 0
         self.cond = cond
         self.n = int(cond.batch_shape[0])
         self.gauss = as_gaussian_mixture(cond)
@@ -247,6 +332,8 @@ class LogDensityKernel:
             self._prepare_gaussian()
         elif is_delta(cond):
             raise DeterministicLayerError(DETERMINISTIC_MESSAGE)
+        else:
+            _check_mixture_weights(cond)
         self.event_numel = max(1, math.prod(cond.event_shape))
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
@@ -305,6 +392,25 @@ class LogDensityKernel:
         log_norm = g.logw.reshape(n * c) - log_det - 0.5 * d * _LOG_2PI
         self._bias = (log_norm - 0.5 * quad).contiguous()
         self._colsT = self._cols.T.contiguous()
+        self._width = self._cols.shape[1]
+        work = n * n * c * self._width
+        self._lowp = self.precision == "float32" or (
+            self.precision == "auto" and work >= AUTO_MIN_WORK
+        )
+        if self._lowp:
+            # float32 copies; the largest bias becomes the float64 offset so that the
+            # float32 block holds O(1) values relative to it
+            self._c0 = float(self._bias.max())
+            bias_rel = self._bias - self._c0
+            self._bias32 = bias_rel.to(torch.float32)
+            self._colsT32 = self._colsT.to(torch.float32)
+            self._col_norm = float(self._cols.norm(dim=1).max())
+            self._bias_abs = float(bias_rel.abs().max())
+            if self._col_prec is not None:
+                self._col_prec32 = self._col_prec.to(torch.float32)
+                self._prec_max = float(self._col_prec.max())
+            # exp, max-subtraction and the row sum in float32 (cascade summation)
+            self._fixed_err = (math.log2(max(2, n * c)) + 8.0) * _U32
 
     # ------------------------------------------------------------------ samples
     def sample(self, n_draws: int, generator: torch.Generator) -> torch.Tensor:
@@ -405,6 +511,117 @@ class LogDensityKernel:
         if g.n_components > 1:
             logp = torch.logsumexp(logp.view(rows.shape[0], self.n, g.n_components), dim=-1)
         return logp
+
+    def row_bounds(self, rows: torch.Tensor, tf32: bool = False) -> torch.Tensor:
+        """Bound (nats) on the float32 error of each row of :meth:`shifted_block`.
+
+        ``E_j`` (see the module docstring) bounds ``|blk32[j, i] - (L[j, i] - off[j])|``
+        for every ``i``, and so the error of row ``j``'s log-sum-exp.
+
+        Returns
+        -------
+        Tensor, shape (B,), float64
+        """
+        if self.gauss is None or not self._lowp:
+            raise ValueError("row bounds need a Gaussian kernel with a float32 path")
+        feats, tt = self._row_features(rows)
+        return self._bounds(feats, tt, tf32)
+
+    def _bounds(self, feats: torch.Tensor, tt: torch.Tensor, tf32: bool) -> torch.Tensor:
+        u_in = _UTF32 if tf32 else _U32
+        coef = _LAMBDA * (math.sqrt(self._width) * _U32 + math.sqrt(2.0) * u_in)
+        e = (coef * self._col_norm) * feats.norm(dim=1)
+        e.add_(2 * _U32 * self._bias_abs + self._fixed_err)
+        if self.gauss.structure == "iso":
+            e.add_((tt * tt).sum(1), alpha=_U32 * self._prec_max)
+        return e
+
+    def _row_features(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.gauss
+        t = rows.to(torch.float64).reshape(rows.shape[0], g.dim) - self._centre
+        if g.structure == "shared":
+            a = t.mul_(self._inv_s)
+            return a, a
+        if g.structure == "iso":
+            return t, t
+        return torch.cat([t * t, t], dim=1), t
+
+    def shifted_block(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``L`` for a block of samples as ``(blk, off)`` with ``L[j, i] = blk[j, i] + off[j]``.
+
+        ``blk`` is float32 when the block qualifies for the float32 path (see
+        ``precision``), else the exact float64 block with ``off = 0``.  The counters
+        ``counts`` and ``bound_sum`` record which path each block took.
+
+        Parameters
+        ----------
+        rows : Tensor, shape (B, *event)
+
+        Returns
+        -------
+        (Tensor (B, N) float32 or float64, Tensor (B,) float64)
+        """
+        b = rows.shape[0]
+        if self.gauss is not None and self._lowp:
+            g = self.gauss
+            feats, tt = self._row_features(rows)
+            tf32 = False
+            if self.precision == "auto" and self.device.type == "cuda":
+                bound = self._bounds(feats, tt, tf32=True)
+                tf32 = float(bound.mean()) <= self.tolerance
+            if not tf32:
+                bound = self._bounds(feats, tt, tf32=False)
+            if self.precision == "float32" or float(bound.mean()) <= self.tolerance:
+                blk = self._addmm32(feats.to(torch.float32), tf32)
+                if g.structure == "iso":
+                    blk.addr_((tt * tt).sum(1).to(torch.float32), self._col_prec32, alpha=-0.5)
+                off = torch.full((b,), self._c0, dtype=torch.float64, device=self.device)
+                if g.structure == "shared":
+                    off.add_((feats * feats).sum(1), alpha=-0.5)
+                if g.n_components > 1:
+                    blk = torch.logsumexp(blk.view(b, self.n, g.n_components), dim=-1)
+                self.counts["tf32" if tf32 else "float32"] += 1
+                self.bound_sum += float(bound.sum())
+                self.rows_done += b
+                return blk, off
+        self.counts["float64"] += 1
+        self.rows_done += b
+        return self.block(rows), torch.zeros(b, dtype=torch.float64, device=self.device)
+
+    def _addmm32(self, a: torch.Tensor, tf32: bool) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.addmm(self._bias32, a, self._colsT32)
+        flags = torch.backends.cuda.matmul
+        old = flags.allow_tf32
+        flags.allow_tf32 = tf32
+        try:
+            return torch.addmm(self._bias32, a, self._colsT32)
+        finally:
+            flags.allow_tf32 = old
+
+    @property
+    def mean_bound(self) -> float:
+        """Mean over all rows done of the float32 error bound (0 for float64 rows)."""
+        return self.bound_sum / self.rows_done if self.rows_done else 0.0
+
+    def iter_shifted_blocks(
+        self, t: torch.Tensor, diag: torch.Tensor
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Like :meth:`iter_blocks`, yielding ``(row_slice, src, blk, off)`` from
+        :meth:`shifted_block` (``L = blk + off[:, None]``); the exact diagonal is
+        written at ``(row, src)`` as ``diag - off`` in ``blk``'s dtype."""
+        r = t.shape[0]
+        flat = t.reshape(r * self.n, *t.shape[2:])
+        dflat = diag.reshape(-1)
+        total = r * self.n
+        for start in range(0, total, self.chunk_size):
+            stop = min(start + self.chunk_size, total)
+            rows = torch.arange(start, stop, device=self.device)
+            src = rows % self.n
+            blk, off = self.shifted_block(flat[start:stop])
+            dg = (dflat[start:stop] - off).to(blk.dtype)
+            blk[torch.arange(stop - start, device=self.device), src] = dg
+            yield slice(start, stop), src, blk, off
 
     def iter_blocks(
         self, t: torch.Tensor, diag: torch.Tensor

@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stochmi.core.rng import make_generator
+
 __all__ = [
     "MNISTData",
     "load_mnist",
@@ -261,12 +263,7 @@ def load_mnist(
 
 
 def _generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(_check_int(seed, "seed"))
-    return g
+    return make_generator(seed)[0]
 
 
 def _check_int(value, name: str) -> int:

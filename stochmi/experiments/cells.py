@@ -25,19 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from stochmi.core.rng import derive_seed
 from stochmi.experiments.config import CellSpec, DataSettings
 
 __all__ = ["run_cell", "derive_seed", "package_versions", "load_cell_data"]
-
-
-def derive_seed(seed: int, *parts: int) -> int:
-    """A 31-bit seed derived from ``seed`` and integer tags (NumPy ``SeedSequence``).
-
-    Different tags give statistically independent streams; the same inputs give the
-    same seed on every platform.
-    """
-    state = np.random.SeedSequence([int(seed), *map(int, parts)]).generate_state(1)
-    return int(state[0] & 0x7FFFFFFF)
 
 
 # tags for derive_seed
@@ -183,7 +174,8 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
     Returns
     -------
     dict
-        JSON-able record with keys ``cell_id``, ``key`` (:meth:`CellSpec.key`),
+        JSON-able record with keys ``cell_id``, ``key`` (:meth:`CellSpec.key`), ``fingerprint``
+        (:meth:`CellSpec.fingerprint`, what the key is made of),
         ``cell`` (the spec as a dict), ``data_source``, ``n_train``, ``n_test``,
         ``n_inputs``, ``layer_sites``, ``estimates`` (one row per epoch x pair:
         ``epoch, source, target, value, stderr, lower, upper, n, k_paths,
@@ -294,6 +286,7 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
     return {
         "cell_id": cell.cell_id,
         "key": cell.key(),
+        "fingerprint": cell.fingerprint(),
         "cell": cell.to_dict(),
         "data_source": source,
         "n_train": len(train_d),

@@ -49,6 +49,7 @@ A *config* is one model entry at one grid point; a *cell* is a config at one see
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -201,13 +202,60 @@ class CellSpec:
         d["estimate"]["epochs"] = list(self.estimate.epochs)
         return d
 
-    def key(self) -> str:
-        """SHA-256 of what determines the cell's numbers (all but device and resources)."""
+    def settings(self) -> dict[str, Any]:
+        """The cell's settings that determine its numbers (all fields but device and
+        resources), JSON-able."""
         d = self.to_dict()
         d.pop("device")
         d.pop("resources")
-        blob = json.dumps(d, sort_keys=True, default=str).encode()
+        return d
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a stored record must match to be reused: ``settings`` (SHA-256 of
+        :meth:`settings`), ``versions`` of the packages that compute the numbers
+        (stochmi, torch, pyro-ppl, numpy) and ``estimator``, the default settings of
+        :func:`stochmi.layer_mi` (those an experiment file does not set)."""
+        blob = json.dumps(self.settings(), sort_keys=True, default=str).encode()
+        return {
+            "settings": hashlib.sha256(blob).hexdigest(),
+            "versions": dict(_numeric_versions()),
+            "estimator": dict(_estimator_defaults()),
+        }
+
+    def key(self) -> str:
+        """SHA-256 of :meth:`fingerprint`: the cell's settings, the versions of the
+        packages that compute its numbers and the estimator's default settings."""
+        blob = json.dumps(self.fingerprint(), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _numeric_versions() -> tuple[tuple[str, str], ...]:
+    import importlib.metadata as md
+
+    out = []
+    for name in ("stochmi", "torch", "pyro-ppl", "numpy"):
+        try:
+            out.append((name, md.version(name)))
+        except md.PackageNotFoundError:  # pragma: no cover - all are dependencies
+            out.append((name, "not installed"))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
+def _estimator_defaults() -> tuple[tuple[str, str], ...]:
+    import inspect
+
+    from stochmi.layers.estimation import layer_mi
+
+    params = inspect.signature(layer_mi).parameters.values()
+    out = []
+    for p in params:
+        if p.default is inspect.Parameter.empty or p.name in ("device", "progress"):
+            continue
+        text = repr(p.default)
+        out.append((p.name, type(p.default).__name__ if " at 0x" in text else text))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "load_results",
+    "stale_reason",
+    "validate_record",
     "write_outputs",
 ]
 
@@ -59,12 +62,24 @@ class ResumeError(ValueError):
     """The output folder belongs to a different experiment (or to something else)."""
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _replace_via_tmp(path: Path, prefix: str, suffix: str, fill) -> None:
     """Create a temporary file next to ``path``, ``fill(fd, tmp_name)`` it, then
-    :func:`os.replace` it onto ``path``; on any error the temporary file is removed."""
+    :func:`os.replace` it onto ``path``; on any error the temporary file is removed.
+
+    :func:`tempfile.mkstemp` creates files with mode 0600; the file gets the mode
+    that :func:`open` would give it (0666 less the umask) before it is moved into place.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         fill(fd, tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -108,6 +123,9 @@ def atomic_via_tmpfile(path: Path, writer) -> None:
     _replace_via_tmp(path, f".{path.stem}.", path.suffix, fill)
 
 
+LOCK = ".lock"
+
+
 class ResultStore:
     """Per-cell records of one sweep folder.
 
@@ -120,26 +138,103 @@ class ResultStore:
     def __init__(self, out_dir: str | Path) -> None:
         self.out_dir = Path(out_dir)
         self.cells_dir = self.out_dir / "cells"
+        self._lock_fd: int | None = None
 
     # -- folder ownership -------------------------------------------------------------
 
+    def writable(self) -> bool:
+        """Whether files can be created in the folder (True when it does not exist yet)."""
+        if not self.out_dir.exists():
+            return True
+        return os.access(self.out_dir, os.W_OK | os.X_OK) and (
+            not self.cells_dir.exists() or os.access(self.cells_dir, os.W_OK | os.X_OK)
+        )
+
+    def check_folder(self) -> None:
+        """Raise :class:`ResumeError` when ``out_dir`` cannot be a sweep folder (a file,
+        or inside a file)."""
+        for p in (self.out_dir, *self.out_dir.parents):
+            if p.exists():
+                if not p.is_dir():
+                    raise ResumeError(f"--out {self.out_dir}: {p} is a file, not a folder")
+                break
+
+    def lock(self) -> None:
+        """Take the folder's lock (``DIR/.lock``) for this process.
+
+        Raises
+        ------
+        ResumeError
+            Another process holds it (the message names its pid and host).
+        """
+        if self._lock_fd is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            return
+        self.check_folder()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise ResumeError(
+                f"{self.out_dir} is in use by another stochmi sweep ({holder}); wait for it "
+                "to finish, or use another --out folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (the lock file stays)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unlock()
+
+    def _read_manifest(self, path: Path, force: bool) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            if force:
+                return {}
+            raise ResumeError(
+                f"{path} is corrupt ({exc}); the folder cannot be matched to an experiment. "
+                f"If it holds results of this experiment, delete {path.name} and rerun "
+                "(finished cells are checked against their settings and kept), or pass "
+                "--force, or use another --out folder."
+            ) from None
+
     def open(self, config: ExperimentConfig, cells: Sequence[CellSpec], *, force=False) -> None:
         """Claim the folder for ``config``: check the manifest, then (re)write it.
+
+        Files whose content is unchanged are not rewritten, so a finished sweep in a
+        read-only folder can be opened again.
 
         Raises
         ------
         ResumeError
             When ``out_dir`` holds results of a different experiment file (different
-            text) or is a non-empty folder that is not a sweep folder, unless
-            ``force`` (then records whose cell settings are unchanged are reused and
-            the others recomputed).
+            text), has a corrupt manifest, or is a non-empty folder that is not a sweep
+            folder, unless ``force`` (then records whose cell settings are unchanged are
+            reused and the others recomputed); when ``out_dir`` is a file.
         """
+        self.check_folder()
         manifest_path = self.out_dir / MANIFEST
         if manifest_path.exists():
-            try:
-                old = json.loads(manifest_path.read_text())
-            except (OSError, ValueError):
-                old = {}
+            old = self._read_manifest(manifest_path, force)
             if old.get("experiment_sha256") != config.sha256 and not force:
                 raise ResumeError(
                     f"{self.out_dir} holds results of a different experiment file "
@@ -147,20 +242,40 @@ class ResultStore:
                     f"); refusing to mix them. Use another --out folder, or pass --force to "
                     "reuse it (cells whose settings are unchanged are kept, the rest recomputed)."
                 )
-        elif self.out_dir.exists() and any(self.out_dir.iterdir()) and not force:
-            raise ResumeError(
-                f"{self.out_dir} is not empty and is not a stochmi sweep folder (no {MANIFEST}); "
-                "choose an empty or new --out folder, or pass --force"
-            )
-        self.cells_dir.mkdir(parents=True, exist_ok=True)
+        elif self.out_dir.exists() and not force:
+            if any(p.name != LOCK for p in self.out_dir.iterdir()):
+                raise ResumeError(
+                    f"{self.out_dir} is not empty and is not a stochmi sweep folder "
+                    f"(no {MANIFEST}); choose an empty or new --out folder, or pass --force"
+                )
         manifest = {
             "experiment_name": config.name,
             "experiment_file": config.path,
             "experiment_sha256": config.sha256,
             "cells": [c.cell_id for c in cells],
         }
-        atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
-        atomic_write_text(self.out_dir / "experiment.toml", config.text)
+        _write_if_changed(manifest_path, json.dumps(manifest, indent=1) + "\n")
+        _write_if_changed(self.out_dir / "experiment.toml", config.text)
+        if not self.cells_dir.is_dir():
+            self.cells_dir.mkdir(parents=True, exist_ok=True)
+
+    def open_read_only(self, config: ExperimentConfig) -> None:
+        """Check, without writing, that the folder holds results of ``config``.
+
+        Raises
+        ------
+        ResumeError
+            No manifest, a corrupt one, or one of a different experiment file.
+        """
+        manifest_path = self.out_dir / MANIFEST
+        if not manifest_path.is_file():
+            raise ResumeError(f"{self.out_dir} is read-only and is not a stochmi sweep folder")
+        old = self._read_manifest(manifest_path, force=False)
+        if old.get("experiment_sha256") != config.sha256:
+            raise ResumeError(
+                f"{self.out_dir} is read-only and holds results of a different experiment "
+                f"file ({old.get('experiment_name', '?')!r}); use another --out folder"
+            )
 
     # -- records -----------------------------------------------------------------------
 
@@ -172,16 +287,29 @@ class ResultStore:
         cell_id = cell if isinstance(cell, str) else cell.cell_id
         return self.cells_dir / f"{cell_id}.error.txt"
 
-    def load(self, cell: CellSpec) -> dict[str, Any] | None:
-        """The finished record of ``cell``, or None (missing, unreadable or stale key)."""
+    def check(self, cell: CellSpec) -> tuple[dict[str, Any] | None, str | None]:
+        """``(record, None)`` for a finished, valid record of ``cell``; otherwise
+        ``(None, reason)``, with reason ``None`` when there is no record at all."""
         path = self.record_path(cell)
+        if not path.exists():
+            return None, None
         try:
             rec = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
+        except (OSError, ValueError) as exc:
+            return None, f"unreadable record ({exc})"
+        if not isinstance(rec, dict):
+            return None, "the record is not a JSON object"
         if rec.get("key") != cell.key():
-            return None
-        return rec
+            return None, stale_reason(rec, cell)
+        problem = validate_record(rec, cell)
+        if problem:
+            return None, f"invalid record: {problem}"
+        return rec, None
+
+    def load(self, cell: CellSpec) -> dict[str, Any] | None:
+        """The finished record of ``cell``, or None (missing, unreadable, stale key or
+        content that does not match what the cell must contain)."""
+        return self.check(cell)[0]
 
     def is_done(self, cell: CellSpec) -> bool:
         return self.load(cell) is not None
@@ -206,11 +334,94 @@ class ResultStore:
         """Records of ``cells`` in their order; raises if any is not finished."""
         out = []
         for cell in cells:
-            rec = self.load(cell)
+            rec, reason = self.check(cell)
             if rec is None:
-                raise FileNotFoundError(f"cell {cell.cell_id} has no finished record")
+                why = f" ({reason})" if reason else ""
+                raise FileNotFoundError(f"cell {cell.cell_id} has no finished record{why}")
             out.append(rec)
         return out
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` atomically unless ``path`` already holds exactly that text."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, ValueError):
+        pass
+    atomic_write_text(path, text)
+
+
+def stale_reason(record: dict[str, Any], cell: CellSpec) -> str:
+    """Why a stored record's key differs from ``cell.key()``, in words."""
+    old = record.get("fingerprint")
+    new = cell.fingerprint()
+    if not isinstance(old, dict):
+        return "record written by an older stochmi without a fingerprint"
+    changed = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            if k == "versions":
+                a, b = old.get(k) or {}, new.get(k) or {}
+                changed += [
+                    f"{n} {a.get(n)} -> {b.get(n)}"
+                    for n in sorted(set(a) | set(b))
+                    if a.get(n) != b.get(n)
+                ]
+            elif k == "settings" and isinstance(record.get("cell"), dict):
+                a, b = record["cell"], cell.to_dict()
+                names = [n for n in sorted(set(a) | set(b)) if n not in ("device", "resources")]
+                changed += [f"{n} changed" for n in names if a.get(n) != b.get(n)] or [
+                    "cell settings changed"
+                ]
+            else:
+                changed.append(f"{k} settings changed" if k == "estimator" else f"{k} changed")
+    return ", ".join(changed) or "cell settings changed"
+
+
+def validate_record(rec: dict[str, Any], cell: CellSpec) -> str | None:
+    """What is wrong with a record's content for ``cell``, or None when it is complete.
+
+    A record must name the cell, hold at least one estimate per measured epoch (rows
+    with ``epoch``, ``source``, ``target``, ``value``), one accuracy entry per measured
+    epoch, and the data description fields that :func:`assemble` reads.
+    """
+    if rec.get("cell_id") != cell.cell_id:
+        return f"cell_id {rec.get('cell_id')!r} is not {cell.cell_id!r}"
+    for name, typ in (
+        ("data_source", str),
+        ("n_train", int),
+        ("n_test", int),
+        ("n_inputs", int),
+        ("versions", dict),
+    ):
+        if not isinstance(rec.get(name), typ):
+            return f"{name!r} missing or not a {typ.__name__}"
+    epochs = set(cell.estimate.epochs)
+    for name, fields in (
+        ("estimates", ("epoch", "source", "target", "value")),
+        ("accuracy", ("epoch",)),
+    ):
+        rows = rec.get(name)
+        if not isinstance(rows, list) or not rows:
+            return f"{name!r} missing or empty"
+        for row in rows:
+            if not isinstance(row, dict) or any(f not in row for f in fields):
+                return f"a row of {name!r} lacks one of {', '.join(fields)}"
+        missing = epochs - {row["epoch"] for row in rows}
+        if missing:
+            return f"{name!r} has no rows for epochs {sorted(missing)}"
+        if {row["epoch"] for row in rows} - epochs:
+            return f"{name!r} has rows for epochs that are not measured"
+    cond = rec.get("conditional", [])
+    if not isinstance(cond, list) or any(
+        not isinstance(r, dict)
+        or any(f not in r for f in ("epoch", "source", "target"))
+        or r["epoch"] not in epochs
+        for r in cond
+    ):
+        return "'conditional' rows malformed"
+    return None
 
 
 # -- assembling -------------------------------------------------------------------------

@@ -42,7 +42,6 @@ enter Pyro's global param store.  Several models can coexist, and
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
+from stochmi.core.rng import make_generator, rng_context
 from stochmi.models.spec import ModelSpec, load_spec
 
 __all__ = [
@@ -78,30 +78,6 @@ def _local_params():
     ``pyro.clear_param_store()`` never touches them.
     """
     return pyro.settings.context(module_local_params=True)
-
-
-@contextlib.contextmanager
-def rng_context(seed: int | None, device=None):
-    """Run a block on a private copy of torch's global RNG, seeded with ``seed``.
-
-    Pyro draws from torch's global RNG; this forks it (``torch.random.fork_rng``)
-    so that the caller's RNG state is restored afterwards, and seeds the CPU
-    generator (and, for a CUDA ``device``, that device's generator) with
-    ``seed``.  ``seed=None`` forks without seeding (continues the caller's stream
-    on a copy).
-    """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    cuda = dev.type == "cuda"
-    devices = []
-    if cuda:
-        devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        if seed is not None:
-            torch.random.default_generator.manual_seed(int(seed))
-            if cuda:
-                with torch.cuda.device(devices[0]):
-                    torch.cuda.manual_seed(int(seed))
-        yield
 
 
 # ----------------------------------------------------------------------------- PCA input
@@ -478,11 +454,7 @@ class MeanFieldGuide(PyroModule):
         super().__init__()
         if not init_scale > 0:
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
-        g = torch.Generator()
-        if seed is None:
-            g.seed()
-        else:
-            g.manual_seed(int(seed))
+        g = make_generator(seed)[0]
         self.site_names = [name for name, _ in sites]
         self.site_shapes = {name: tuple(shape) for name, shape in sites}
         self.locs = nn.ParameterDict()

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from stochmi.core.rng import chain_seeds, rng_context
 from stochmi.data.mnist import MNISTData
-from stochmi.models.nets import BayesMLP, build_model, rng_context
+from stochmi.models.nets import BayesMLP, build_model
 from stochmi.models.spec import ModelSpec, load_spec
 from stochmi.models.training import TrainResult, predictive_from_draws, predictive_log_proba, train
 
@@ -50,11 +51,6 @@ def _check_nuts_model(model: BayesMLP) -> None:
             "noise.sigma = 0 (with noise each example's layer values would be extra latent "
             "variables to sample). Override with noise.sigma=0."
         )
-
-
-def _chain_seeds(seed: int | None, num_chains: int) -> list[int]:
-    ss = np.random.SeedSequence(seed)
-    return [int(s) for s in ss.generate_state(num_chains, dtype=np.uint32)]
 
 
 def run_nuts(
@@ -123,7 +119,7 @@ def run_nuts(
         # The potential of this tiny net is latency bound: one intra-op thread is
         # faster than several, and much faster on a loaded machine (restored below).
         torch.set_num_threads(1)
-        for chain_seed in _chain_seeds(seed, num_chains):
+        for chain_seed in chain_seeds(seed, num_chains):
             with rng_context(chain_seed, buf.device):
                 kernel = NUTS(model, max_tree_depth=depth, jit_compile=False)
                 mcmc = MCMC(

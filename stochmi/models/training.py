@@ -43,8 +43,9 @@ from pyro.infer import Trace_ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
+from stochmi.core.rng import make_generator, rng_context
 from stochmi.data.mnist import MNISTData, load_mnist, train_test_split
-from stochmi.models.nets import StochasticNet, build_model, rng_context
+from stochmi.models.nets import StochasticNet, build_model
 from stochmi.models.spec import ModelSpec, load_spec, spec_from_toml
 
 __all__ = [
@@ -182,11 +183,7 @@ def train(
     model.to(dev)
     x, y = data.x.to(dev), data.y.to(dev)
     n = len(data)
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(int(seed))
+    gen = make_generator(seed)[0]
     eval_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     train_eval = data
     if train_eval_size is not None and train_eval_size < n:
@@ -460,9 +457,17 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         The rebuilt network with its trained state, its guide (None for noisy
         nets) and the spec.  The saved history is in ``model.history``.
     """
-    payload = torch.load(Path(path), map_location=device, weights_only=True)
+    try:
+        payload = torch.load(Path(path), map_location=device, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # torch raises IndexError, RuntimeError, UnpicklingError, ...
+        raise ValueError(
+            f"{path} is not a stochmi checkpoint (torch.load failed: {type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]}); write one with `stochmi train`"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a stochmi checkpoint")
+        raise ValueError(f"{path} is not a stochmi checkpoint; write one with `stochmi train`")
     spec = spec_from_toml(payload["spec_toml"], payload["spec_name"])
     model = build_model(spec, seed=0).to(device)
     model.load_state_dict(payload["model_state"])

@@ -135,3 +135,100 @@ def test_models_lists_shipped_specs(capsys):
     names = [line.split()[0] for line in lines]
     assert {"noisy_mlp", "noisy_cnn", "bayes_mlp", "bayes_small"} <= set(names)
     assert all(len(line.split(None, 1)) == 2 for line in lines)  # name + description
+
+
+# -- issue 11 item 1: bad input or environment is exit 2 with a one-line message --------
+
+
+def _exit2(capsys, argv, *fragments):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"stochmi {argv[0]}: error: ") and err.count("\n") == 1, err
+    for f in fragments:
+        assert f in err, err
+    return err
+
+
+def test_sweep_out_is_a_file_exit_2(tmp_path, capsys):
+    exp = write_experiment(tmp_path, TINY)
+    (tmp_path / "f").write_text("x")
+    _exit2(capsys, ["sweep", str(exp), "--out", str(tmp_path / "f")], "is a file")
+    _exit2(capsys, ["sweep", str(exp), "--out", str(tmp_path / "f" / "sub")], "is a file")
+
+
+def test_sweep_out_in_read_only_folder_exit_2(tmp_path, capsys, monkeypatch):
+    import os
+
+    exp = write_experiment(tmp_path, TINY)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, m, **k: False if str(p) == str(ro) else real(p, m, **k)
+    )
+    _exit2(capsys, ["sweep", str(exp), "--out", str(ro / "o")], "permission denied")
+
+
+def test_unwritable_file_during_work_exit_2(tmp_path, capsys, monkeypatch):
+    """Any OSError (here a PermissionError while claiming the folder) is exit 2."""
+    import stochmi.experiments.store as store_mod
+
+    exp = write_experiment(tmp_path, TINY)
+
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(store_mod, "_replace_via_tmp", refuse)
+    _exit2(capsys, ["sweep", str(exp), "--out", str(tmp_path / "o"), "-q"], "Permission denied")
+
+
+def test_estimate_bad_input_exit_2(tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    _exit2(capsys, ["estimate", str(junk)], "not a stochmi checkpoint")
+    for n in ("0", "1"):
+        _exit2(capsys, ["estimate", str(junk), "--n-inputs", n], f"--n-inputs {n}", "at least 2")
+    _exit2(capsys, ["estimate", str(junk), "--n-paths", "0"], "--n-paths 0")
+    _exit2(capsys, ["estimate", str(junk), "--n-weight-draws", "0"], "--n-weight-draws 0")
+    _exit2(capsys, ["estimate", str(junk), "--csv", str(tmp_path)], "is a folder")
+
+
+def test_train_out_existing_folder_refused_before_training(tmp_path, capsys, monkeypatch):
+    import stochmi.models.training as training
+
+    def no_training(*a, **k):  # pragma: no cover - must not run
+        raise AssertionError("trained before validating --out")
+
+    monkeypatch.setattr(training, "train", no_training)
+    _exit2(capsys, ["train", "noisy_mlp", "--out", str(tmp_path), "-q"], "is a folder")
+    _exit2(capsys, ["train", "noisy_mlp", "--epochs", "0", "-q"], "--epochs 0")
+
+
+def test_demo_bad_counts_exit_2(tmp_path, capsys):
+    _exit2(capsys, ["demo", "--out", str(tmp_path / "d"), "--n-inputs", "1"], "--n-inputs 1")
+    _exit2(capsys, ["demo", "--out", str(tmp_path / "d"), "--n-paths", "0"], "--n-paths 0")
+    assert not (tmp_path / "d").exists()
+
+
+def test_sweep_rerun_into_read_only_finished_folder_exit_0(tmp_path, capsys, monkeypatch):
+    import os
+
+    import stochmi.experiments.store as store_mod
+
+    exp = write_experiment(tmp_path, TINY)
+    out = tmp_path / "o"
+    assert main(["sweep", str(exp), "--out", str(out), "-q", "--no-plots"]) == 0
+    capsys.readouterr()
+    real = os.access
+    monkeypatch.setattr(
+        os,
+        "access",
+        lambda p, m, **k: False if str(p).startswith(str(out)) and m & os.W_OK else real(p, m, **k),
+    )
+
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(store_mod, "_replace_via_tmp", refuse)
+    assert main(["sweep", str(exp), "--out", str(out), "-q", "--no-plots"]) == 0
+    assert "0 cells run, 2 reused" in capsys.readouterr().out

@@ -138,3 +138,22 @@ def test_rejects_bad_input():
         pairwise_bounds(bad, 1.0)
     with pytest.raises(ValueError, match="chunk_size"):
         pairwise_bounds(loc, 1.0, chunk_size=0)
+
+
+def test_scale_shape_mismatch_is_a_clear_value_error():
+    """Issue 11 #8: scale (55, 3) against loc (60, 3) gave a raw broadcasting RuntimeError."""
+    loc = torch.randn(60, 3, generator=_gen(13), dtype=F64)
+    with pytest.raises(ValueError, match=r"scale of shape \(55, 3\) does not match loc"):
+        pairwise_bounds(loc, torch.ones(55, 3, dtype=F64))
+    with pytest.raises(ValueError, match=r"scale of shape \(4,\) does not match"):
+        pairwise_bounds(loc, torch.ones(4, dtype=F64))
+
+
+def test_negative_scale_is_reported_as_negative():
+    """Issue 11 #9 (bounds side): a negative scale is not a zero-noise channel."""
+    loc = torch.randn(10, 3, generator=_gen(14), dtype=F64)
+    scale = torch.ones(10, 3, dtype=F64)
+    scale[2, 1] = -2.0
+    with pytest.raises(ValueError, match="negative values") as info:
+        pairwise_bounds(loc, scale)
+    assert "zero-noise" not in str(info.value)

@@ -299,3 +299,52 @@ def test_generator_seed_round_trip():
     state = torch.get_rng_state()
     _, s2 = make_generator(None)
     assert isinstance(s2, int) and torch.equal(torch.get_rng_state(), state)
+
+
+# ------------------------------------------------------------------ issue 11, items 7 and 9
+@pytest.mark.parametrize("family", ["normal", "laplace"])
+@pytest.mark.parametrize("param", ["logits", "probs"])
+def test_nan_mixture_weights_give_a_clear_error(family, param):
+    """Issue 11 #7: NaN mixture weights used to surface as torch's raw RuntimeError
+    'probability tensor contains either inf, nan or element < 0'."""
+    loc = torch.randn(N, D, generator=_gen(30), dtype=F64)
+    w = torch.full((N, 2), 0.5, dtype=F64)
+    w[3, 1] = math.nan
+    comp_cls = td.Normal if family == "normal" else td.Laplace
+    comp = td.Independent(comp_cls(torch.stack([loc, loc + 1], 1), 1.0), 1)
+    mix = td.MixtureSameFamily(
+        td.Categorical(validate_args=False, **{param: w}), comp, validate_args=False
+    )
+    with pytest.raises(ValueError, match="mixture weights contain NaN"):
+        stochmi.mi_from_conditional(mix, seed=0)
+    with pytest.raises(ValueError, match="mixture weights contain NaN"):
+        stochmi.mi_with_labels(mix, torch.arange(N) % 2, seed=0)
+
+
+def test_zero_weight_components_are_still_accepted():
+    loc = torch.randn(N, D, generator=_gen(31), dtype=F64)
+    probs = torch.tensor([1.0, 0.0], dtype=F64).expand(N, 2)
+    mix = td.MixtureSameFamily(
+        td.Categorical(probs=probs), td.Independent(td.Normal(torch.stack([loc, loc], 1), 1.0), 1)
+    )
+    plain = td.Independent(td.Normal(loc, 1.0), 1)
+    a = stochmi.mi_from_conditional(mix, seed=0)
+    assert math.isfinite(a.value)
+    assert a.value == pytest.approx(stochmi.mi_from_conditional(plain, seed=0).value, abs=0.2)
+
+
+@pytest.mark.parametrize("event", ["scalar", "vector"])
+def test_negative_scale_is_reported_as_negative(event):
+    """Issue 11 #9: a negative scale was reported as 'a point mass: zero noise scale'."""
+    loc = torch.randn(N, D, generator=_gen(32), dtype=F64)
+    scale = torch.ones(N, D, dtype=F64)
+    scale[5, 2] = -0.5
+    cond = (
+        td.Normal(loc[:, 0], scale[:, 2], validate_args=False)
+        if event == "scalar"
+        else td.Independent(td.Normal(loc, scale, validate_args=False), 1)
+    )
+    with pytest.raises(ValueError, match="negative") as info:
+        stochmi.mi_from_conditional(cond, seed=0)
+    assert not isinstance(info.value, DeterministicLayerError)
+    assert "point mass" not in str(info.value) and "-0.5" in str(info.value)
