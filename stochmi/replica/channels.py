@@ -42,7 +42,7 @@ def _gauss_hermite(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 _GH = {n: _gauss_hermite(n) for n in (16, 24, 32, 48, 64, 96)}
-_GL = {n: np.polynomial.legendre.leggauss(n) for n in (16, 24, 32, 48, 64)}
+_GL = {n: np.polynomial.legendre.leggauss(n) for n in (6, 8, 12, 16, 24, 32, 48, 64)}
 
 
 def _log_phi_diff(alpha, beta):
@@ -233,7 +233,7 @@ class Activation:
 
     # ---- inner layer: t seen through R = t + N(0, 1/b)
     def inner_terms(self, a: float, b: float, rho_h: float, delta: float, *, n_r: int = 32,
-                    n_u: int = 16, n_e: int = 24) -> tuple[float, float, float]:
+                    n_u: int = 6, n_e: int = 24) -> tuple[float, float, float]:
         """``(E log p(R | r), E Var(h | r, R), E Var(t | r, R))`` for an inner layer."""
         ia, ib = 1.0 / a, 1.0 / b
         q = max(rho_h - ia, 0.0)
@@ -257,27 +257,26 @@ class Activation:
             ww = (wr * p)[:, None] * we[None, :]
             rs.append(rr), Rs.append(RR), ws.append(ww.ravel())
         for s, o, lo, hi in self.pieces:
-            ulo = np.maximum(lo, r_nodes - 10 * sv)
-            uhi = np.minimum(hi, r_nodes + 10 * sv)
-            # graded sub-intervals next to a finite end of the piece: there the posterior
-            # switches between the atom and the piece on the scale of the R-noise
-            eps = np.sqrt(ib) / abs(s)
-            cuts = [ulo]
-            for k in (0.5, 2.0, 8.0):
+            # standardised coordinate z = (u - r) / sqrt(V) on [max(lo, -9), min(hi, 9)],
+            # cut into unit-scale sub-intervals plus graded ones next to a finite end of
+            # the piece (there the posterior switches between atom and piece on the
+            # scale of the R-noise); n_u Gauss-Legendre nodes in each
+            za = np.maximum((lo - r_nodes) / sv, -9.0)
+            zb = np.minimum((hi - r_nodes) / sv, 9.0)
+            zb = np.maximum(zb, za)
+            eps = np.sqrt(ib) / abs(s) / sv
+            cuts = [za, zb] + [np.clip(np.full_like(za, g), za, zb) for g in np.arange(-6.0, 6.1, 2.0)]
+            for k in (0.25, 1.0, 4.0, 16.0, 64.0):
                 if np.isfinite(lo):
-                    cuts.append(np.clip(lo + k * eps, ulo, uhi))
+                    cuts.append(np.clip(za + k * eps, za, zb))
                 if np.isfinite(hi):
-                    cuts.append(np.clip(hi - k * eps, ulo, uhi))
-            cuts.append(uhi)
+                    cuts.append(np.clip(zb - k * eps, za, zb))
             cuts = np.sort(np.stack(cuts, 1), axis=1)  # (n_r, n_cuts)
-            us, wus = [], []
-            for c0, c1 in zip(cuts[:, :-1].T, cuts[:, 1:].T):
-                width = np.maximum(c1 - c0, 0.0)
-                uu = 0.5 * (c0 + c1)[:, None] + 0.5 * width[:, None] * xg[None, :]
-                us.append(uu)
-                wus.append(0.5 * width[:, None] * wg[None, :])
-            u = np.concatenate(us, 1)  # (n_r, n_sub * n_u)
-            wu = np.concatenate(wus, 1) * np.exp(-0.5 * (u - r_nodes[:, None]) ** 2 / v) / np.sqrt(2 * np.pi * v)
+            c0, c1 = cuts[:, :-1, None], cuts[:, 1:, None]
+            zz = 0.5 * (c0 + c1) + 0.5 * (c1 - c0) * xg[None, None, :]
+            wz = 0.5 * (c1 - c0) * wg[None, None, :] * np.exp(-0.5 * zz**2) / np.sqrt(2 * np.pi)
+            u = r_nodes[:, None] + sv * zz.reshape(n_r, -1)
+            wu = wz.reshape(n_r, -1)
             t = s * u + o
             RR = t[:, :, None] + np.sqrt(ib) * ze[None, None, :]
             ww = wr[:, None, None] * wu[:, :, None] * we[None, None, :]
