@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Sites", "find_layers", "trace_model", "sample_sites", "is_local"]
+__all__ = ["Sites", "find_layers", "is_local", "no_layers_message", "sample_sites", "trace_model"]
 
 
 # ---------------------------------------------------------------------------
@@ -68,3 +68,40 @@ def find_layers(model: Callable, x: torch.Tensor) -> Sites:
     return Sites(layers, weights)
 
 
+def no_layers_message(model: Callable, x: torch.Tensor) -> str:
+    """Why :func:`find_layers` found no layer in ``model``, in words.
+
+    The zero-noise explanation (infinite MI) is given only when the model has
+    deterministic sites (``pyro.deterministic`` or a ``Delta``); a site that has the
+    data dimension but is declared outside ``pyro.plate`` gets the plate advice.
+    """
+    from stochmi.core.kernel import DETERMINISTIC_MESSAGE, is_delta
+
+    n = x.shape[0]
+    tr = trace_model(model, x)
+    outside, deterministic = [], []
+    for name, site in sample_sites(tr):
+        fn = base = site["fn"]
+        while hasattr(base, "base_dist") and not is_delta(base):  # Masked, Independent
+            base = base.base_dist
+        if is_delta(base):
+            deterministic.append(name)
+        elif not site["is_observed"] and not is_local(site, n):
+            shape = tuple(fn.batch_shape) + tuple(fn.event_shape)
+            if shape[:1] == (n,):
+                outside.append(name)
+    msg = (
+        "no stochastic layers found: the model has no latent continuous sample site "
+        f"inside a plate over the {n} inputs."
+    )
+    if outside:
+        msg += (
+            f" Sites {outside} have a first dimension of size {n} but are not inside "
+            "pyro.plate over the inputs, so they are taken as global weights: declare each "
+            "layer inside `with pyro.plate('data', x.shape[0]):`."
+        )
+    if deterministic:
+        msg += f" Sites {deterministic} are deterministic: {DETERMINISTIC_MESSAGE}"
+    if not outside and not deterministic:
+        msg += " Declare each stochastic layer with pyro.sample inside pyro.plate over the inputs."
+    return msg

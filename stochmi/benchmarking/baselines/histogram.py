@@ -24,6 +24,7 @@ from stochmi.benchmarking.baselines.util import (
     as_2d_float,
     as_labels,
     check_pair,
+    checked_estimate,
     entropy_from_codes,
     is_label_array,
     row_codes,
@@ -79,7 +80,7 @@ def bin_codes(a: np.ndarray, n_bins: int, value_range: Any = "adaptive") -> np.n
 
 
 def _codes_of(a: Any, name: str, n_bins: int, value_range: Any) -> np.ndarray:
-    if is_label_array(a):
+    if is_label_array(a, name):
         return as_labels(a, name)
     return bin_codes(as_2d_float(a, name), n_bins, value_range)
 
@@ -127,6 +128,7 @@ class NaiveHistogram(_BinnedEstimator):
 
     name = "naive"
 
+    @checked_estimate
     def estimate(self, x: Any, t: Any, *, seed: int | None = None) -> MIEstimate:
         """Estimate ``I(X; T)`` in nats.
 
@@ -187,6 +189,7 @@ class Binning(_BinnedEstimator):
 
     name = "binning"
 
+    @checked_estimate
     def estimate(self, x: Any, t: Any, *, seed: int | None = None) -> MIEstimate:
         """Estimate ``I(X; T)`` (or ``I(T; Y)`` when ``t`` holds labels) in nats.
 

@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from stochmi.benchmarking.baselines.util import as_2d_float, as_labels, check_pair, is_label_array
+from stochmi.benchmarking.baselines.util import (
+    as_2d_float,
+    as_labels,
+    check_pair,
+    checked_estimate,
+    is_label_array,
+)
 from stochmi.core.estimate import MIEstimate
 
 __all__ = ["KDE", "pairwise_log_mean_kernel"]
@@ -106,6 +112,7 @@ class KDE:
         lm = pairwise_log_mean_kernel(t, factor * self.noise_variance, chunk_size=self.chunk_size)
         return float(-lm.mean())
 
+    @checked_estimate
     def estimate(self, x: Any, t: Any, *, seed: int | None = None) -> MIEstimate:
         """Estimate ``I(X; T + noise)`` (or ``I(T + noise; Y)`` for labels) in nats.
 
@@ -134,7 +141,7 @@ class KDE:
                 extra={"noise_variance": self.noise_variance, "target": "I(T;Y)"},
             )
         layer = as_2d_float(t, "t")
-        n = check_pair(as_2d_float(x, "x") if not is_label_array(x) else layer, layer)
+        n = check_pair(as_2d_float(x, "x") if not is_label_array(x, "x") else layer, layer)
         upper = self._bound(layer, 2.0)
         lower = self._bound(layer, 8.0)
         return MIEstimate(

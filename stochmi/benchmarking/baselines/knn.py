@@ -19,6 +19,7 @@ from stochmi.benchmarking.baselines.util import (
     as_2d_float,
     as_labels,
     check_pair,
+    checked_estimate,
     is_label_array,
     standardize,
 )
@@ -167,6 +168,7 @@ class KSG:
             a = a + self.jitter * sd * rng.standard_normal(a.shape)
         return a
 
+    @checked_estimate
     def estimate(self, x: Any, t: Any, *, seed: int | None = None) -> MIEstimate:
         """Estimate ``I(X; T)`` in nats.
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from stochmi.benchmarking.baselines.util import (
     as_2d_float,
     as_labels,
     check_pair,
+    checked_estimate,
     is_label_array,
     make_generator,
     split_indices,
@@ -41,7 +43,7 @@ from stochmi.benchmarking.baselines.util import (
 )
 from stochmi.core.estimate import MIEstimate
 
-__all__ = ["MINE", "NWJ", "InfoNCE", "SMILE", "Critic"]
+__all__ = ["MINE", "NWJ", "InfoNCE", "SMILE", "Critic", "DIVERGED_BELOW", "divergence_reason"]
 
 
 class Critic(nn.Module):
@@ -159,6 +161,26 @@ def js_fgan(s: torch.Tensor) -> torch.Tensor:
     return first - second
 
 
+#: a held-out bound below minus this many nats is reported as divergence
+DIVERGED_BELOW = 1.0
+
+
+def divergence_reason(value: float, terms: torch.Tensor, history) -> str:
+    """Why a neural bound's result is a divergence, or ``""`` when it is not."""
+    if not math.isfinite(value):
+        return f"non-finite held-out value {value}"
+    bad = [s for s, v in history if not math.isfinite(v)]
+    if bad:
+        return f"non-finite held-out evaluation at step {bad[0]}"
+    if len(terms) and not bool(torch.isfinite(terms).all()):
+        return "non-finite held-out row terms"
+    if len(terms) and float(terms.abs().max()) > 1e6:
+        return f"exploding held-out row terms (|term| up to {float(terms.abs().max()):.3g})"
+    if value < -DIVERGED_BELOW:
+        return f"value {value:.4g} nats is far below 0"
+    return ""
+
+
 class _NeuralBound:
     r"""Shared training / evaluation loop of the neural-critic bounds.
 
@@ -176,6 +198,17 @@ class _NeuralBound:
     linearisation of the log-mean-exp); it ignores the coupling of rows within a
     batch, the optimisation noise and the selection effect: a cheap indication,
     not a bootstrap.
+
+    Divergence: on heavy-tailed data the exponential terms of NWJ and MINE can blow
+    up (values such as -1.7e7 nats).  A result is flagged ``extra["diverged"] = True``
+    (reason in ``extra["divergence"]``) and a :class:`RuntimeWarning` is issued when
+    the value or a held-out evaluation is not finite, when the value is below
+    ``-DIVERGED_BELOW`` nats (a lower bound on MI that far below 0 carries no
+    information), or when a held-out row term exceeds ``1e6`` in magnitude.
+    Rerunning with another ``seed`` or a smaller ``lr`` usually helps.
+
+    ``seed=None`` draws a fresh seed, so two calls differ; the seed used is returned
+    in ``extra["seed"]``.
 
     The critic (:class:`Critic`) is ``separable`` by default, ``f = g(x)^T h(t)``
     (Poole et al.): the B x B scores cost one matrix product, fast on a CPU;
@@ -264,7 +297,7 @@ class _NeuralBound:
 
     @staticmethod
     def _as_features(a: Any, name: str) -> np.ndarray:
-        if is_label_array(a):
+        if is_label_array(a, name):
             y = as_labels(a, name)
             return np.eye(int(y.max()) + 1)[y]
         return as_2d_float(a, name)
@@ -289,6 +322,7 @@ class _NeuralBound:
         used = row_cnt > 0
         return float(np.mean(values)), row_sum[used] / row_cnt[used]
 
+    @checked_estimate
     def estimate(self, x: Any, t: Any, *, seed: int | None = None) -> MIEstimate:
         """Train the critic and return the held-out bound in nats.
 
@@ -303,8 +337,10 @@ class _NeuralBound:
         -------
         MIEstimate
             ``value`` (held-out bound), ``stderr`` (see class notes), ``n`` = N;
-            ``extra`` holds ``steps``, ``best_step``, ``n_heldout``, ``batch_size``
-            and the held-out ``history`` [(step, value)].
+            ``extra`` holds ``steps``, ``best_step``, ``n_heldout``, ``batch_size``,
+            the held-out ``history`` [(step, value)], ``seed`` (the seed used: a
+            fresh one when ``seed=None``), ``diverged`` and ``divergence`` (see the
+            class notes), ``x_discrete`` and ``t_discrete``.
         """
         with torch_threads(self.num_threads):
             return self._fit(x, t, seed)
@@ -316,7 +352,7 @@ class _NeuralBound:
         xa = self._as_features(x, "x")
         ta = self._as_features(t, "t")
         n = check_pair(xa, ta, min_n=8)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed)  # seed: resolved by checked_estimate
         tr, te = split_indices(n, self.holdout, rng)
         xt = torch.as_tensor(standardize(xa, tr), dtype=torch.float32)
         tt = torch.as_tensor(standardize(ta, tr), dtype=torch.float32)
@@ -356,6 +392,14 @@ class _NeuralBound:
         f.load_state_dict(best_state)
         value, terms = self._evaluate(f, x_te, t_te, self.eval_repeats, gen)
         stderr = float(terms.std() / math.sqrt(len(terms))) if len(terms) > 1 else math.nan
+        divergence = divergence_reason(value, terms, history)
+        if divergence:
+            warnings.warn(
+                f"{self.name}: the critic diverged ({divergence}); value {value:.4g} nats is "
+                "meaningless. Try another seed or a smaller lr.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return MIEstimate(
             value=value,
             stderr=stderr,
@@ -367,6 +411,9 @@ class _NeuralBound:
                 "n_heldout": len(te),
                 "batch_size": min(self.batch_size, len(te)),
                 "history": history,
+                "seed": seed,
+                "diverged": bool(divergence),
+                "divergence": divergence,
             },
         )
 

@@ -22,6 +22,7 @@ from stochmi.benchmarking.baselines.util import (
     as_2d_float,
     as_labels,
     check_pair,
+    checked_estimate,
     is_label_array,
     scott_bandwidth,
     torch_threads,
@@ -81,7 +82,7 @@ def renyi_matrix_entropy(a: torch.Tensor, alpha: float) -> float:
 
 
 def _parse(a: Any, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
-    if is_label_array(a):
+    if is_label_array(a, name):
         return None, as_labels(a, name)
     return as_2d_float(a, name), None
 
@@ -150,6 +151,7 @@ class MatrixRenyi:
         self.sigma_t = sigma_t
         self.num_threads = num_threads
 
+    @checked_estimate
     def estimate(self, x: Any, t: Any, *, seed: int | None = None) -> MIEstimate:
         """Estimate ``I_alpha(X; T)`` in nats.
 
@@ -251,6 +253,7 @@ class ParzenQMI:
         d2 = (sq[sl, None] + sq[None, :] - 2.0 * z[sl] @ z.T).clamp_(min=0.0)
         return torch.exp(-d2 / (4.0 * sigma**2))
 
+    @checked_estimate
     def estimate(self, x: Any, t: Any, *, seed: int | None = None) -> MIEstimate:
         """Estimate the quadratic MI of ``x`` and ``t`` in nats.
 

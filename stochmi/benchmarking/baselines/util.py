@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,9 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from stochmi.core import rng
+
 __all__ = [
     "as_2d_float",
     "as_labels",
+    "checked_estimate",
     "check_pair",
     "entropy_from_codes",
     "is_label_array",
@@ -26,18 +30,56 @@ __all__ = [
 
 
 def to_numpy(a: Any, name: str) -> np.ndarray:
+    """``a`` as a NumPy array: tensors, arrays, pandas DataFrames/Series, (nested) lists."""
     if isinstance(a, torch.Tensor):
         return a.detach().cpu().numpy()
     if isinstance(a, np.ndarray):
         return a
     if isinstance(a, (list, tuple)):
         return np.asarray(a)
-    raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(a).__name__}")
+    if hasattr(a, "to_numpy") and hasattr(a, "shape"):  # pandas DataFrame / Series
+        return np.array(a.to_numpy())
+    raise TypeError(
+        f"{name} must be a torch.Tensor, numpy array, pandas DataFrame/Series or (nested) "
+        f"list, got {type(a).__name__}"
+    )
 
 
-def is_label_array(a: Any) -> bool:
+def checked_estimate(method):
+    """Wrap an estimator's ``estimate(x, t, *, seed=None)`` with the checks every
+    baseline shares, and announce what it did in ``extra``.
+
+    Before the estimator runs: ``x`` and ``t`` must be arrays of shape (N,) or (N, d)
+    with the same N >= 2 and no NaN/inf (one message for every estimator); ``seed=None``
+    is replaced by a fresh seed (:func:`stochmi.core.rng.resolve_seed`).  Afterwards
+    ``extra["seed"]`` holds the seed used (pass it back to replay the run) and
+    ``extra["x_discrete"]``/``extra["t_discrete"]`` say whether an input was taken as
+    class labels (integer or bool dtype, shape (N,) or (N, 1)); float arrays are always
+    taken as continuous.
+    """
+
+    @functools.wraps(method)
+    def estimate(self, x: Any, t: Any, *, seed: int | None = None, **kwargs: Any):
+        arrays = {name: to_numpy(a, name) for name, a in (("x", x), ("t", t))}
+        for name, arr in arrays.items():
+            if arr.ndim not in (1, 2):
+                raise ValueError(f"{name} must have shape (N, d) or (N,), got {arr.shape}")
+            if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+                raise ValueError(f"{name} contains NaN or inf values")
+        check_pair(arrays["x"], arrays["t"])
+        used = rng.resolve_seed(seed)
+        result = method(self, x, t, seed=used, **kwargs)
+        result.extra.setdefault("seed", used)
+        result.extra["x_discrete"] = is_label_array(arrays["x"])
+        result.extra["t_discrete"] = is_label_array(arrays["t"])
+        return result
+
+    return estimate
+
+
+def is_label_array(a: Any, name: str = "t") -> bool:
     """True when ``a`` holds integer class labels of shape (N,) or (N, 1)."""
-    arr = to_numpy(a, "t")
+    arr = to_numpy(a, name)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     return arr.ndim == 1 and (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_)
@@ -100,13 +142,8 @@ def entropy_from_codes(codes: np.ndarray) -> float:
 
 
 def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded with ``seed`` (fresh random seed when None)."""
-    g = torch.Generator()
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(int(seed))
-    return g
+    """A CPU ``torch.Generator`` seeded by the rule of :mod:`stochmi.core.rng`."""
+    return rng.make_generator(seed)[0]
 
 
 def split_indices(

@@ -20,6 +20,7 @@ from stochmi.benchmarking.baselines.util import (
     as_2d_float,
     as_labels,
     check_pair,
+    checked_estimate,
     is_label_array,
     split_indices,
     standardize,
@@ -217,6 +218,7 @@ class VInformation:
         return lambda z: torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], 1) @ coef
 
     # -- estimate ---------------------------------------------------------------
+    @checked_estimate
     def estimate(self, x: Any, t: Any, *, seed: int | None = None) -> MIEstimate:
         """Estimate ``I_V(X -> T)`` in nats (``t`` predicted from ``x``).
 

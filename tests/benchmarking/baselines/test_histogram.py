@@ -109,5 +109,5 @@ def test_errors():
         NaiveHistogram().estimate(np.zeros((5, 2)), np.zeros((4, 2)))
     with pytest.raises(ValueError, match="NaN"):
         Binning().estimate(np.zeros((5, 2)), np.full((5, 2), np.nan))
-    with pytest.raises(TypeError, match="torch.Tensor or numpy array"):
+    with pytest.raises(TypeError, match="torch.Tensor, numpy array, pandas DataFrame"):
         Binning().estimate("abc", np.zeros((5, 2)))
