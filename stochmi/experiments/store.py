@@ -682,21 +682,16 @@ def _settings_dict(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def _hdi(x: np.ndarray, prob: float = 0.94) -> tuple[float, float]:
-    """Narrowest interval holding ``prob`` of the draws (the algorithm of ``arviz.hdi``).
+    """94% highest-density interval of the finite draws (:func:`arviz.hdi`); NaNs when
+    fewer than two draws are finite."""
+    import arviz as az
 
-    Sort the ``n`` draws, take ``k = floor(prob * n)``; the interval is the pair
-    ``(x_(i), x_(i + k))`` of smallest width.
-    """
-    x = np.sort(np.asarray(x, dtype=float)[np.isfinite(x)])
-    n = len(x)
-    if n < 2:
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
         return math.nan, math.nan
-    k = int(math.floor(prob * n))
-    if k >= n:
-        k = n - 1
-    widths = x[k:] - x[: n - k]
-    i = int(np.argmin(widths))
-    return float(x[i]), float(x[i + k])
+    lo, hi = az.hdi(x, hdi_prob=prob)
+    return float(lo), float(hi)
 
 
 def _per_draw_idata(draws, config_ids, seeds, epochs, pair_names, records, cells, config, attrs):
