@@ -107,11 +107,11 @@ class _Pass:
         # one exp pass per block: with m the off-diagonal row max,
         #   lse_loo = m + log sum_{i != j} exp(L[j, i] - m),  lse_all = logaddexp(lse_loo, L[j, j])
         # and class sums of the same exponentials as one small matrix product.
-        # Rows are reduced in sub-blocks of ~2M elements.  L = blk + off[:, None]: a float32
-        # blk holds values relative to the float64 row offset; sums accumulate in float64.
+        # Rows are reduced in sub-blocks of 16 MiB.  L = blk + off[:, None]: a float32 blk
+        # holds values relative to the float64 row offset.
         diag = self.diag.reshape(-1)[sl]
         base = sl.start
-        step = max(32, _SUB_ELEMS // max(1, blk.shape[1]))
+        step = max(32, _SUB_ELEMS * 8 // (blk.element_size() * max(1, blk.shape[1])))
         for r0 in range(0, blk.shape[0], step):
             r1 = min(r0 + step, blk.shape[0])
             sub = blk[r0:r1]
@@ -121,7 +121,9 @@ class _Pass:
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             sub.sub_(m[:, None]).exp_()
             m = m.to(torch.float64) + off[r0:r1]
-            loo = m + torch.log(sub.sum(1, dtype=torch.float64))
+            # row sums in blk's dtype (float32: cascade summation, relative error within
+            # the kernel's bound); everything after them in float64
+            loo = m + torch.log(sub.sum(1).to(torch.float64))
             d = diag[r0:r1]
             self.lse_loo[base + r0 : base + r1] = loo
             self.lse_all[base + r0 : base + r1] = torch.logaddexp(loo, d)

@@ -211,17 +211,20 @@ def as_gaussian_mixture(cond: td.Distribution) -> GaussianMixture | None:
         return None
     loc = loc.to(torch.float64)
     scale = torch.broadcast_to(scale.to(torch.float64), loc.shape)
+    # checks on the distinct values only: a broadcast (stride-0) scale, e.g. one sigma for
+    # every source, is looked at once instead of N * d times
+    compact = scale[tuple(slice(0, 1) if st == 0 else slice(None) for st in scale.stride())]
     _check_finite(loc, "location")
-    _check_finite(scale, "scale")
+    _check_finite(compact, "scale")
     _check_mixture_weights(cond)
-    if (scale < 0).any():
+    if (compact < 0).any():
         raise ValueError(
             "the conditional's scale has negative values (smallest "
-            f"{float(scale.min()):.3g}): a standard deviation must be positive"
+            f"{float(compact.min()):.3g}): a standard deviation must be positive"
         )
-    if (scale == 0).any():
+    if (compact == 0).any():
         raise DeterministicLayerError(DETERMINISTIC_MESSAGE)
-    flat = scale.reshape(-1, scale.shape[-1])
+    flat = compact.reshape(-1, compact.shape[-1])
     if bool((flat == flat[:1]).all()):
         structure = "shared"
     elif bool((scale == scale[..., :1]).all()):
@@ -389,9 +392,10 @@ class LogDensityKernel:
             quad = (mu_p * mu_p * prec).sum(1)
             self._col_prec = None
             log_det = torch.log(sc).sum(1)
+        self._log_det = log_det.reshape(n, c)
         log_norm = g.logw.reshape(n * c) - log_det - 0.5 * d * _LOG_2PI
         self._bias = (log_norm - 0.5 * quad).contiguous()
-        self._colsT = self._cols.T.contiguous()
+        self._colsT64: torch.Tensor | None = None  # built on first float64 block
         self._width = self._cols.shape[1]
         work = n * n * c * self._width
         self._lowp = self.precision == "float32" or (
@@ -403,7 +407,7 @@ class LogDensityKernel:
             self._c0 = float(self._bias.max())
             bias_rel = self._bias - self._c0
             self._bias32 = bias_rel.to(torch.float32)
-            self._colsT32 = self._colsT.to(torch.float32)
+            self._colsT32 = self._cols.T.to(torch.float32).contiguous()
             self._col_norm = float(self._cols.norm(dim=1).max())
             self._bias_abs = float(bias_rel.abs().max())
             if self._col_prec is not None:
@@ -411,6 +415,12 @@ class LogDensityKernel:
                 self._prec_max = float(self._col_prec.max())
             # exp, max-subtraction and the row sum in float32 (cascade summation)
             self._fixed_err = (math.log2(max(2, n * c)) + 8.0) * _U32
+
+    @property
+    def _colsT(self) -> torch.Tensor:
+        if self._colsT64 is None:
+            self._colsT64 = self._cols.T.contiguous()
+        return self._colsT64
 
     # ------------------------------------------------------------------ samples
     def sample(self, n_draws: int, generator: torch.Generator) -> torch.Tensor:
@@ -451,7 +461,7 @@ class LogDensityKernel:
         g = self.gauss
         tt = t.to(torch.float64).reshape(t.shape[0], self.n, 1, g.dim)
         z = (tt - g.loc.unsqueeze(0)) / g.scale.unsqueeze(0)  # (R, N, C, d)
-        return -0.5 * (z * z).sum(-1) - torch.log(g.scale).sum(-1) - 0.5 * g.dim * _LOG_2PI
+        return -0.5 * (z * z).sum(-1) - self._log_det - 0.5 * g.dim * _LOG_2PI
 
     def diagonal_excluding_group(self, t: torch.Tensor, group: int) -> torch.Tensor:
         """``log p(t_rj | s_j)`` with the component group that drew ``t_rj`` left out.
