@@ -168,7 +168,9 @@ def _worker(spec: dict) -> dict:
         bounds = method == "ours_bounds"
 
         def run():
-            est = stochmi.mi_from_conditional(cond, seed=SEED, bounds=bounds, device=device)
+            est = stochmi.mi_from_conditional(
+                cond, seed=SEED, bounds=bounds, device=device, precision=spec["precision"]
+            )
             _sync(device)
             return est
 
@@ -249,6 +251,7 @@ def _run_case(method: str, n: int, d: int, args) -> dict:
         "textbook_budget_gb": args.textbook_budget_gb,
         "textbook_limit": args.textbook_limit,
         "sample_s": args.textbook_sample,
+        "precision": args.precision,
     }
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -386,6 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float64", "float32"],
+        help="precision= of ours (default auto; older tables: float64 only)",
+    )
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--textbook-budget-gb", type=float, default=1.0)
     p.add_argument("--textbook-limit", type=float, default=300.0, help="seconds")
