@@ -243,3 +243,13 @@ def test_orthogonal_ensemble_and_scale():
 def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         replica.mutual_information(**kwargs)
+
+
+@pytest.mark.slow
+def test_hardtanh_small_weights_behaves_linearly():
+    # at weight scale 0.1 a hardtanh unit is linear with probability ~1: the two networks
+    # must give the same I(X;T_2) (regression: coarse quadrature once gave a negative MI)
+    kw = dict(widths=[100, 100, 10], noise=[0.0, 2.0], weight_scale=[0.1, 1.0])
+    ht = replica.mutual_information(activations=["hardtanh", "linear"], **kw).mi[1]
+    lin = replica.mutual_information(activations=["linear", "linear"], **kw).mi[1]
+    assert 0 < ht and abs(ht - lin) < 1e-3 * max(lin, 1e-3) + 1e-6
