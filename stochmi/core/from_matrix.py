@@ -21,7 +21,11 @@ import math
 
 import torch
 
-__all__ = ["mi_terms_from_log_density", "label_terms_from_log_density"]
+__all__ = [
+    "mi_terms_from_log_density",
+    "label_terms_from_log_density",
+    "label_bounds_from_log_density",
+]
 
 
 def _check(L: torch.Tensor) -> torch.Tensor:
@@ -90,3 +94,43 @@ def label_terms_from_log_density(L: torch.Tensor, y: torch.Tensor) -> torch.Tens
     log_cond = torch.log(own) + m[:, 0] - torch.log(counts[inv].to(L.dtype))
     log_marg = torch.log(per_class.sum(1)) + m[:, 0] - math.log(n)
     return log_cond - log_marg
+
+
+def label_bounds_from_log_density(
+    L: torch.Tensor, y: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """``I(T; Y)`` terms, Barber-Agakov lower-bound terms and the label entropy.
+
+    The lower bound is ``H(Y) + mean_j log q(y_j | t_j)`` with the leave-one-out
+    mixture classifier ``q(y | t_j) ∝ sum_{i != j, y_i = y} p(t_j | s_i)`` (fixed for the
+    pair ``(t_j, y_j)``), mixed with ``eps`` of the uniform classifier so it stays finite;
+    as in :func:`stochmi.mi_with_labels`.
+
+    Returns
+    -------
+    terms : Tensor, shape (N,)
+    ba_terms : Tensor, shape (N,), or None when a class has fewer than two members
+    h_y : float
+        Plug-in entropy of the labels (nats).
+    """
+    terms = label_terms_from_log_density(L, y)
+    L = _check(L)
+    n = L.shape[0]
+    y = y.to(L.device).long().reshape(-1)
+    classes, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    freq = counts.to(torch.float64) / n
+    h_y = float(-(freq * torch.log(freq)).sum())
+    if bool((counts < 2).any()):
+        return terms, None, h_y
+    off = L.clone()
+    idx = torch.arange(n, device=L.device)
+    off[idx, idx] = -math.inf
+    m = off.max(1, keepdim=True).values
+    e = torch.exp(off - m)
+    onehot = torch.zeros(n, len(classes), dtype=L.dtype, device=L.device)
+    onehot[idx, inv] = 1.0
+    per_class = e @ onehot
+    log_q = torch.log(per_class[idx, inv]) - torch.log(per_class.sum(1))
+    k = len(classes)
+    log_q = torch.logaddexp(log_q + math.log1p(-eps), torch.full_like(log_q, math.log(eps / k)))
+    return terms, log_q, h_y

@@ -146,7 +146,18 @@ def _per_draw_values(per_draw) -> dict[str, list[float]]:
 
 
 def _rows(df, epoch: int) -> list[dict[str, Any]]:
-    keep = ["value", "stderr", "lower", "upper", "n", "k_paths", "saturated", "dpi_ok"]
+    keep = [
+        "value",
+        "stderr",
+        "lower",
+        "upper",
+        "n",
+        "k_paths",
+        "saturated",
+        "dpi_ok",
+        "converged",
+        "mc_bias",
+    ]
     rows = []
     for rec in df.to_dict(orient="records"):
         row = {"epoch": epoch, "source": str(rec["source"]), "target": str(rec["target"])}
@@ -227,6 +238,7 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
             weights=weights,
             seed=derive_seed(cell.seed, tag, epoch),
             n_paths=est.n_paths,
+            tolerance=est.tolerance,
             n_weight_draws=est.n_weight_draws,
             device=cell.device,
         )

@@ -29,7 +29,10 @@ optional; the values shown are the defaults)::
     [estimate]
     epochs = [0, 1, 2, 4]           # required: epochs at which MI is estimated (0 = at init)
     n_inputs = 500                  # held-out images used as X for the MI estimates
-    n_paths = 8                     # propagated paths K per input (I(X;T_l), l >= 2)
+    n_paths = 16                    # forward paths per input for densities across layers
+                                    # (I(X;T_l), l >= 2; I(T_l;Y)); even
+    tolerance = 0.02                # target accuracy (nats) of those rows; effort doubles
+                                    # (up to 4x) until the half-sample check meets it
     n_weight_draws = 16             # posterior weight draws (Bayesian models)
     conditional = false             # also I(X;T | W=w) per posterior draw (Bayesian models)
 
@@ -85,6 +88,7 @@ _ALLOWED = {
         "epochs",
         "n_inputs",
         "n_paths",
+        "tolerance",
         "n_weight_draws",
         "conditional",
     },
@@ -117,7 +121,8 @@ class EstimateSettings:
 
     epochs: tuple[int, ...] = (0,)
     n_inputs: int = 500
-    n_paths: int = 8
+    n_paths: int = 16
+    tolerance: float = 0.02
     n_weight_draws: int = 16
     conditional: bool = False
 
@@ -485,10 +490,15 @@ def parse_experiment(
     estimate = EstimateSettings(
         epochs=tuple(sorted(epochs)),
         n_inputs=v.integer(e, "estimate.n_inputs", default=500, minimum=2),
-        n_paths=v.integer(e, "estimate.n_paths", default=8, minimum=1),
+        n_paths=v.integer(e, "estimate.n_paths", default=16, minimum=2),
+        tolerance=v.number(e, "estimate.tolerance", default=0.02),
         n_weight_draws=v.integer(e, "estimate.n_weight_draws", default=16, minimum=1),
         conditional=v.boolean(e, "estimate.conditional", default=False),
     )
+    if not estimate.tolerance > 0:
+        raise ConfigError(f"{path}: estimate.tolerance must be > 0, got {estimate.tolerance}")
+    if estimate.n_paths % 2:
+        raise ConfigError(f"{path}: estimate.n_paths must be even, got {estimate.n_paths}")
     if estimate.conditional and estimate.n_weight_draws < 2:
         raise ConfigError(
             f"{path}: estimate.n_weight_draws must be at least 2 when "

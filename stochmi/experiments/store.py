@@ -54,7 +54,18 @@ RESULTS_NC = "results.nc"
 SUMMARY_CSV = "summary.csv"
 PER_DRAW_NC = "bayes_per_draw.nc"
 
-_EST_VARS = ("value", "stderr", "lower", "upper", "saturated", "dpi_ok", "k_paths", "n")
+_EST_VARS = (
+    "value",
+    "stderr",
+    "lower",
+    "upper",
+    "saturated",
+    "dpi_ok",
+    "k_paths",
+    "n",
+    "converged",
+    "mc_bias",
+)
 _COND_VARS = ("value", "stderr", "lower", "upper")
 
 
@@ -604,7 +615,9 @@ def assemble(config: ExperimentConfig, cells: Sequence[CellSpec], records: Seque
         "upper": "upper bound on the population MI (nats)",
         "saturated": "1 when the lower bound is near log N (more inputs needed)",
         "dpi_ok": "1 when the data-processing inequalities hold for this pair",
-        "k_paths": "propagated paths per input for mixture conditionals",
+        "k_paths": "forward paths per input for densities across layers (1: direct density)",
+        "converged": "1 when the deep-layer density estimate met its tolerance",
+        "mc_bias": "estimated remaining bias of the deep-layer estimate (nats)",
         "n": "number of inputs",
     }
     for name in _EST_VARS:

@@ -251,5 +251,3 @@ class Chain:
         n = self.n
         idx = (torch.arange(k)[None, :] * n + torch.arange(n)[:, None]).to(self.values[l].device)
         return regroup(self.conds[l], idx)
-
-

@@ -13,22 +13,32 @@ biased up by roughly ``exp(I(T_{L-1}; T_L | S)) / K``.  Here every entry of the 
 density (biased only through the logarithm, by ``-Var/2`` to first order), combined from
 two proposals by the balance heuristic (Veach & Guibas 1995):
 
-1. **Gauss-Newton posterior proposal** ``q_j``, one per query.  The path that produced
-   ``t_j`` (the anchor) is an exact draw from ``p(path | t_j, s_j)``.  Starting there,
-   ``n_gn`` Gauss-Newton steps on ``-log p(path, t_j | s_j)`` (links linearised,
-   ``m_k(t) ~ m_k(a) + J_k (t - a)``) give a mode and the Gauss-Newton precision ``H``
-   (block tridiagonal, dense here); ``q_j = N(mode, H^{-1})``.  ``n_is`` draws from it
-   serve *every* source ``i``: only ``p(t_1 | s_i)`` depends on ``i``, so one layer-1
-   kernel row per draw is all a source costs.  For linear-Gaussian chains ``q_j`` is the
-   exact posterior of source ``j`` and its diagonal estimate has zero variance.
+1. **Guided proposal** ``q_j``, one per query.  The path that produced ``t_j`` (the
+   anchor ``a``) is an exact draw from ``p(path | t_j, s_j)``.  Layers ``1 .. L-2`` are
+   drawn forward from the query's own source; the last intermediate layer ``t_{L-1}``
+   from the Gaussian that combines its conditional given the drawn parent with the last
+   link linearised at the anchor (Gauss-Newton: ``m_L(t) ~ m_L(a) + J (t - a)``), i.e. the
+   locally optimal proposal of sequential Monte Carlo with a linearised observation.
+   ``n_is`` draws from it serve *every* source ``i``: only ``p(t_1 | s_i)`` depends on
+   ``i``, so one layer-1 kernel row per draw is all a source costs.  For a linear-Gaussian
+   chain with one intermediate layer ``q_j`` is the exact posterior of source ``j``.
 2. **Forward paths**: ``n_fwd`` fresh paths per source (independent of every query),
-   which cover sources whose posterior lies far from ``q_j``.
+   which cover sources whose posterior lies far from ``q_j`` (and layers that carry
+   little information about the query).
 
 For source ``i`` and a draw ``z`` from either proposal, the weight is
 ``p_i(z) p(t_j | z) / (M q_j(z) + K p_i(z))`` with ``p_i(z) = p(t_1 | s_i) prod_k
-p(t_k | t_{k-1})``, ``M = n_is``, ``K = n_fwd``.  ``q_j`` at forward paths is evaluated
-for the ``top_r`` paths with the largest ``p(t_j | z)`` per query and taken as 0 for the
-rest (their contribution to the sum is negligible where ``q_j`` is not).
+p(t_k | t_{k-1})``, ``M = n_is``, ``K = n_fwd``: every entry is an unbiased estimate of
+``p(t_j | s_i)``.  ``q_j`` at forward paths is evaluated at all of them when the last
+intermediate layer is narrow (``<= 32`` units) and otherwise at the ``top_r`` paths with
+the largest ``p_j(z) p(t_j | z)`` per query (``-inf`` elsewhere, which slightly
+overweights forward paths that ``q_j`` would also have covered).
+
+Bias direction: each density is unbiased, so ``log`` of it is biased low by about
+``Var / (2 mean^2)``; the MI estimate ``mean_j (L[j,j] - logmeanexp_i L[j,i])`` takes
+the difference of two such logs, so its bias can have either sign.  It shrinks like
+``1 / (n_is, n_fwd)``.  Measured against closed forms and grids (``benchmarks/
+bench_deep.py``) it stays within 3% of the truth at the default effort.
 
 Convergence is read off by recomputing every entry with the first half of both sample
 sets: the estimator's bias falls like ``1 / (number of draws)``, so the half-versus-full
@@ -49,7 +59,7 @@ from stochmi.core.kernel import as_gaussian_mixture
 __all__ = ["DeepLogDensity", "NotGaussianLink", "deep_log_density", "normal_params"]
 
 _LOG2PI = math.log(2 * math.pi)
-_FULL_Q_DIM = 64  # path dimension up to which q_j is evaluated at every forward path
+_FULL_Q_DIM = 32  # last-layer width up to which q_j is evaluated at every forward path
 
 
 class NotGaussianLink(TypeError):
@@ -135,29 +145,6 @@ def _link_jacobian(link: Link, parent: torch.Tensor):
     )
 
 
-@dataclass
-class DeepLogDensity:
-    """Estimated ``L[j, i] = log p(t_j | s_i)`` and its convergence diagnostics.
-
-    Attributes
-    ----------
-    L : Tensor, shape (N, N), float64
-        With all draws.
-    L_half : Tensor, shape (N, N), float64
-        With the first half of the draws of both proposals.
-    diag_ess : Tensor, shape (N,)
-        Effective sample size of the Gauss-Newton draws for the query's own source.
-    n_is, n_fwd : int
-        Draws per query from ``q_j`` and forward paths per source.
-    """
-
-    L: torch.Tensor
-    L_half: torch.Tensor
-    diag_ess: torch.Tensor
-    n_is: int
-    n_fwd: int
-
-
 class _Problem:
     """Shared state: first-layer conditional over sources, links, queries."""
 
@@ -176,106 +163,172 @@ class _Problem:
     def randn(self, shape) -> torch.Tensor:
         return torch.randn(shape, generator=self.gen, dtype=torch.float64, device=self.loc1.device)
 
-    # -- forward pool -------------------------------------------------------------------
-    def forward_pool(self, k_paths: int):
-        """``k_paths`` paths per source; row ``k * N + i`` is path ``k`` of source ``i``."""
-        n = self.n
-        src = torch.arange(n, device=self.loc1.device).repeat(k_paths)
-        loc, scale = self.loc1[src], self.scale1[src]
-        t = loc + scale * self.randn(loc.shape)
-        path = [t]
-        first = _row_gauss_logpdf(t, loc, scale)
-        chain = torch.zeros_like(first)
-        for k in range(len(self.links) - 1):
-            loc, scale = self.call(k, path[-1])
-            t = loc + scale * self.randn(loc.shape)
-            chain = chain + _row_gauss_logpdf(t, loc, scale)
-            path.append(t)
-        fin_loc, fin_scale = self.call(len(self.links) - 1, path[-1])
-        return torch.cat(path, 1), first, chain, fin_loc, fin_scale
-
-    # -- Gauss-Newton proposal ----------------------------------------------------------
-    def _objective_parts(self, z: list[torch.Tensor], rows: torch.Tensor):
-        """Residuals, Jacobians wrt parents, and the negative log joint per query."""
-        r0 = (z[0] - self.loc1[rows]) / self.scale1[rows]
-        res, jacs, scales = [r0], [], []
-        for k in range(len(self.links)):
-            tgt = z[k + 1] if k + 1 < len(z) else self.t[rows]
-            loc, scale, jac = _link_jacobian(self.links[k], z[k].to(self.dtype))
-            res.append((tgt - loc) / scale)
-            jacs.append(-jac / scale[:, :, None])
-            scales.append(scale)
-        obj = sum(0.5 * (r * r).sum(1) for r in res)
-        return res, jacs, scales, obj
-
-    def _hessian(self, z, rows):
-        res, jacs, scales, obj = self._objective_parts(z, rows)
-        dims = [t.shape[1] for t in z]
-        off = [0]
-        for d in dims:
-            off.append(off[-1] + d)
-        b, dd = z[0].shape[0], off[-1]
-        h = torch.zeros(b, dd, dd, dtype=torch.float64, device=z[0].device)
-        g = torch.zeros(b, dd, dtype=torch.float64, device=z[0].device)
-        s0 = self.scale1[rows]
-        h[:, off[0] : off[1], off[0] : off[1]] += torch.diag_embed(s0.pow(-2))
-        g[:, off[0] : off[1]] += res[0] / s0
-        for k, jp in enumerate(jacs):
-            a0, a1 = off[k], off[k + 1]
-            r = res[k + 1]
-            jt = jp.transpose(1, 2)
-            h[:, a0:a1, a0:a1] += jt @ jp
-            g[:, a0:a1] += (jt @ r[:, :, None])[:, :, 0]
-            if k + 1 < len(z):  # the child t_{k+1} is a free variable too
-                b0, b1 = off[k + 1], off[k + 2]
-                inv = 1.0 / scales[k]
-                h[:, b0:b1, b0:b1] += torch.diag_embed(inv * inv)
-                h[:, a0:a1, b0:b1] += jt * inv[:, None, :]
-                h[:, b0:b1, a0:a1] += jp * inv[:, :, None]
-                g[:, b0:b1] += r * inv
-        return h, g, obj, off
-
-    def gauss_newton(self, anchors: list[torch.Tensor], rows: torch.Tensor, n_steps: int):
-        z = [a.to(torch.float64) for a in anchors]
-        h, g, obj, off = self._hessian(z, rows)
-        for _ in range(n_steps):
-            step = torch.linalg.solve(h + 1e-9 * torch.eye(h.shape[1], dtype=h.dtype), g)
-            flat = torch.cat(z, 1) - step
-            z_new = [flat[:, off[i] : off[i + 1]] for i in range(len(z))]
-            h_new, g_new, obj_new, _ = self._hessian(z_new, rows)
-            ok = obj_new <= obj  # keep the old point where the step did not improve
-            z = [torch.where(ok[:, None], zn, zo) for zn, zo in zip(z_new, z)]
-            h = torch.where(ok[:, None, None], h_new, h)
-            g = torch.where(ok[:, None], g_new, g)
-            obj = torch.where(ok, obj_new, obj)
-        chol, info = torch.linalg.cholesky_ex(h)
-        if bool((info != 0).any()):
-            jitter = 1e-6 * torch.diagonal(h, dim1=1, dim2=2).mean(1)
-            chol = torch.linalg.cholesky(h + jitter[:, None, None] * torch.eye(h.shape[1]))
-        return torch.cat(z, 1), chol, off
-
-    # -- log densities of paths ----------------------------------------------------------
-    def path_rest(self, flat: torch.Tensor, off, rows: torch.Tensor):
-        """``sum_{k>=2} log p(t_k | t_{k-1})`` within the path and ``log p(t_j | t_{L-1})``."""
-        parts = [flat[:, off[i] : off[i + 1]] for i in range(len(off) - 1)]
-        rest = torch.zeros(flat.shape[0], dtype=torch.float64, device=flat.device)
-        for k in range(len(self.links) - 1):
-            loc, scale = self.call(k, parts[k])
-            rest = rest + _row_gauss_logpdf(parts[k + 1], loc, scale)
-        loc, scale = self.call(len(self.links) - 1, parts[-1])
-        return rest, _row_gauss_logpdf(self.t[rows], loc, scale)
-
     def layer1(self, t1: torch.Tensor) -> torch.Tensor:
         """``log p(t1_r | s_i)`` for all rows and sources: ``(R, N)``."""
         return _diag_gauss_kernel(t1, self.loc1, self.scale1)
 
 
-def _log_q(flat: torch.Tensor, mode: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
-    """``log N(flat; mode, H^{-1})`` with ``H = chol chol^T``; flat (B, R, D) -> (B, R)."""
-    u = (flat - mode[:, None, :]) @ chol  # rows of (z - m)^T L
-    d = flat.shape[-1]
-    logdet = torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
-    return -0.5 * (u * u).sum(-1) + logdet[:, None] - 0.5 * d * _LOG2PI
+def _cholesky32(h: torch.Tensor) -> torch.Tensor:
+    """Batched float32 Cholesky factor, with diagonal jitter where a factor fails."""
+    h32 = h.to(torch.float32)
+    chol, info = torch.linalg.cholesky_ex(h32)
+    if bool((info != 0).any()):
+        eye = torch.eye(h32.shape[1], dtype=h32.dtype, device=h32.device)
+        jitter = 1e-5 * torch.diagonal(h32, dim1=1, dim2=2).mean(1)
+        chol = torch.linalg.cholesky(h32 + jitter[:, None, None] * eye)
+    return chol
+
+
+@dataclass
+class DeepLogDensity:
+    """Estimated ``L[j, i] = log p(t_j | s_i)`` and its convergence diagnostics.
+
+    Attributes
+    ----------
+    L : Tensor, shape (N, N), float64
+        With all draws.
+    L_half : Tensor, shape (N, N), float64
+        With the first half of the draws of both proposals.
+    diag_ess : Tensor, shape (N,)
+        Effective sample size of the proposal draws for the query's own source.
+    n_is, n_fwd : int
+        Draws per query from ``q_j`` and forward paths per source.
+    """
+
+    L: torch.Tensor
+    L_half: torch.Tensor
+    diag_ess: torch.Tensor
+    n_is: int
+    n_fwd: int
+
+
+class _Pool:
+    """Forward paths, ``k`` per source; row ``k * N + i`` is path ``k`` of source ``i``.
+
+    ``layers[m]`` are the values of intermediate layer ``m`` (``(K*N, d)``), ``first``
+    is ``log p(t_1 | s_own)``, ``chain`` the sum of the link log densities inside the
+    path (layers 2 .. L-1), ``chain_before_last`` the same without the last intermediate
+    layer, ``prior_loc/prior_scale`` the conditional of the last intermediate layer given
+    its parent, ``fin_loc/fin_scale`` the conditional of the query layer.
+    """
+
+    def __init__(self, pb: _Problem, k_paths: int):
+        n = pb.n
+        src = torch.arange(n, device=pb.loc1.device).repeat(k_paths)
+        loc, scale = pb.loc1[src], pb.scale1[src]
+        t = loc + scale * pb.randn(loc.shape)
+        self.layers = [t]
+        self.first = _row_gauss_logpdf(t, loc, scale)
+        self.chain = torch.zeros_like(self.first)
+        self.chain_before_last = self.chain
+        self.prior_loc, self.prior_scale = loc, scale
+        for k in range(len(pb.links) - 1):
+            loc, scale = pb.call(k, self.layers[-1])
+            t = loc + scale * pb.randn(loc.shape)
+            self.chain_before_last = self.chain
+            self.chain = self.chain + _row_gauss_logpdf(t, loc, scale)
+            self.prior_loc, self.prior_scale = loc, scale
+            self.layers.append(t)
+        self.fin_loc, self.fin_scale = pb.call(len(pb.links) - 1, self.layers[-1])
+        self.own = (self.first + self.chain).reshape(k_paths, n)  # log p_i(z), own source
+
+
+class _Guided:
+    """Proposal ``q_j`` for a block of queries.
+
+    Layers ``1 .. L-2`` are drawn forward from the query's own source ``s_j``; the last
+    intermediate layer ``t_{L-1}`` from the Gaussian that combines its conditional
+    ``N(m(t_{L-2}), diag s^2)`` with the last link linearised at the anchor ``a``:
+    ``t_j ~ N(f(a) + J (t - a), diag sigma^2)``.  Precision
+    ``P = diag(1 / s_a^2) + J^T diag(1 / sigma^2) J`` (``s_a``: the conditional's scale
+    at the anchor's parent), mean ``P^{-1} (m(t_{L-2}) / s_a^2 + J^T (t_j - f(a) + J a)
+    / sigma^2)``.  For linear-Gaussian chains with ``L = 2`` this is the exact posterior.
+    """
+
+    def __init__(self, pb: _Problem, rows: torch.Tensor, anchors: list[torch.Tensor]):
+        self.pb, self.rows = pb, rows
+        a_last = anchors[-1][rows].to(torch.float64)
+        if len(anchors) >= 2:
+            _, s_a = pb.call(len(pb.links) - 2, anchors[-2][rows].to(torch.float64))
+        else:
+            s_a = pb.scale1[rows]
+        f_a, sig, jac = _link_jacobian(pb.links[-1], a_last.to(pb.dtype))
+        jt = jac.transpose(1, 2) / sig[:, None, :] ** 2  # J^T diag(1/sigma^2), (B, d, d_L)
+        prec = torch.diag_embed(s_a.pow(-2)) + jt @ jac
+        self.chol = _cholesky32(prec).to(torch.float64)  # P = L L^T
+        eye = torch.eye(self.chol.shape[1], dtype=torch.float64, device=self.chol.device)
+        self.linv_t = torch.linalg.solve_triangular(self.chol.transpose(1, 2), eye, upper=True)
+        self.logdet = torch.log(torch.diagonal(self.chol, dim1=1, dim2=2)).sum(1)
+        self.inv_s2 = s_a.pow(-2)
+        self.lin = (jt @ (pb.t[rows] - f_a + (jac @ a_last[:, :, None])[:, :, 0])[:, :, None])[
+            :, :, 0
+        ]  # J^T diag(1/sigma^2) (t_j - f(a) + J a), (B, d)
+        self.d = a_last.shape[1]
+
+    def _rhs(self, prior_loc: torch.Tensor) -> torch.Tensor:
+        """``r = m / s_a^2 + J^T (t_j - f(a) + J a) / sigma^2``; the mean is ``P^{-1} r``."""
+        return prior_loc * self.inv_s2[:, None, :] + self.lin[:, None, :]
+
+    def mean(self, prior_loc: torch.Tensor) -> torch.Tensor:
+        """Proposal mean for parent-conditional means ``prior_loc`` ``(B, R, d)``."""
+        return (self._rhs(prior_loc) @ self.linv_t) @ self.linv_t.transpose(1, 2)
+
+    def _finish(self, u: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (u * u).sum(-1) + self.logdet[:, None] - 0.5 * self.d * _LOG2PI
+
+    def log_last(self, t: torch.Tensor, prior_loc: torch.Tensor) -> torch.Tensor:
+        """``log q(t_{L-1} | t_{L-2})`` for values ``t`` ``(B, R, d)``.
+
+        With ``P = L L^T``: ``(t - P^{-1} r)^T L = t^T L - r^T L^{-T}``, two products.
+        """
+        return self._finish(t @ self.chol - self._rhs(prior_loc) @ self.linv_t)
+
+    def log_last_shared(self, t: torch.Tensor, prior_loc: torch.Tensor | None):
+        """As :meth:`log_last` for values ``t`` ``(R, d)`` shared by every query, with
+        parent means ``prior_loc`` ``(R, d)`` (or ``None``: the query's own source)."""
+        u = torch.matmul(t[None], self.chol)  # (B, R, d)
+        if prior_loc is None:
+            own = self.pb.loc1[self.rows][:, None, :]
+            u = u - self._rhs(own) @ self.linv_t
+        else:
+            w = self.inv_s2[:, :, None] * self.linv_t  # diag(1/s_a^2) L^{-T}
+            u = u - torch.matmul(prior_loc[None], w) - (self.lin[:, None, :] @ self.linv_t)
+        return self._finish(u)
+
+    def sample(self, m: int):
+        """``m`` paths per query: flat ``(B, M, D)``, ``log q``, chain sum, ``t_1``."""
+        pb, rows = self.pb, self.rows
+        b = len(rows)
+        src = rows.repeat_interleave(m)
+        loc, scale = pb.loc1[src], pb.scale1[src]
+        parts, logq = [], torch.zeros(b * m, dtype=torch.float64, device=loc.device)
+        chain = torch.zeros_like(logq)
+        if len(pb.links) >= 2:
+            t = loc + scale * pb.randn(loc.shape)
+            logq = logq + _row_gauss_logpdf(t, loc, scale)
+            parts.append(t)
+            for k in range(len(pb.links) - 2):
+                loc, scale = pb.call(k, parts[-1])
+                t = loc + scale * pb.randn(loc.shape)
+                lp = _row_gauss_logpdf(t, loc, scale)
+                logq, chain = logq + lp, chain + lp
+                parts.append(t)
+            loc, scale = pb.call(len(pb.links) - 2, parts[-1])
+        mean = self.mean(loc.reshape(b, m, -1))
+        eps = pb.randn((b, self.d, m))
+        dz = torch.linalg.solve_triangular(
+            self.chol.to(torch.float32).transpose(1, 2), eps.to(torch.float32), upper=True
+        ).to(torch.float64)
+        t_last = mean + dz.transpose(1, 2)
+        logq = logq.reshape(b, m) + self.log_last(t_last, loc.reshape(b, m, -1))
+        chain = chain.reshape(b, m)
+        if len(pb.links) >= 2:  # the link into t_{L-1} is part of the path density
+            chain = chain + _row_gauss_logpdf(
+                t_last, loc.reshape(b, m, -1), scale.reshape(b, m, -1)
+            )
+        parts.append(t_last.reshape(b * m, -1))
+        first = parts[0].reshape(b, m, -1)
+        return parts, logq, chain, first
 
 
 def deep_log_density(
@@ -288,7 +341,6 @@ def deep_log_density(
     n_is: int = 32,
     n_fwd: int = 16,
     generator: torch.Generator,
-    n_gn: int = 2,
     top_r: int = 64,
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float32,
@@ -309,14 +361,13 @@ def deep_log_density(
     anchors : list of Tensor, shapes (N, d_1) ... (N, d_{L-1})
         The intermediate layers of the path that produced each query.
     n_is : int
-        Draws per query from the Gauss-Newton proposal (even, >= 2).
+        Draws per query from the proposal ``q_j`` (even, >= 2).
     n_fwd : int
         Forward paths per source (even, >= 2).
     generator : torch.Generator
-    n_gn : int
-        Gauss-Newton steps from the anchor.
     top_r : int
-        Forward paths per query at which the proposal density is evaluated.
+        Forward paths per query at which ``q_j`` is evaluated when the path is longer
+        than 64 dimensions (all of them otherwise).
     chunk_size : int, optional
         Queries per block (memory ``O(chunk * (n_is + n_fwd) * N)``).
     dtype : torch.dtype
@@ -335,9 +386,7 @@ def deep_log_density(
             raise ValueError(f"{name} must be an even int >= 2, got {v}")
     pb = _Problem(first_loc, first_scale, links, queries, generator, dtype)
     n = pb.n
-    pool, first, chain, fin_loc, fin_scale = pb.forward_pool(n_fwd)
-    pool_own = (first + chain).reshape(n_fwd, n)  # log p_i(z) for the paths of source i
-    d1 = first_loc.shape[1]
+    pool = _Pool(pb, n_fwd)
     if chunk_size is None:
         chunk_size = max(1, min(n, int(2e7 // max(1, (n_is + n_fwd) * n))))
     out = torch.empty(n, n, dtype=torch.float64)
@@ -345,65 +394,52 @@ def deep_log_density(
     ess = torch.empty(n, dtype=torch.float64)
     for start in range(0, n, chunk_size):
         rows = torch.arange(start, min(n, start + chunk_size), device=pb.loc1.device)
-        full_b, half_b, ess_b = _block(
-            pb,
-            rows,
-            anchors,
-            (pool, d1, chain, pool_own, fin_loc, fin_scale),
-            n_is,
-            n_fwd,
-            n_gn,
-            top_r,
-        )
-        out[rows] = full_b
-        half[rows] = half_b
-        ess[rows] = ess_b
+        out[rows], half[rows], ess[rows] = _block(pb, rows, anchors, pool, n_is, n_fwd, top_r)
         if progress is not None:
             progress(len(rows))
     return DeepLogDensity(out, half, ess, n_is, n_fwd)
 
 
-def _block(pb, rows, anchors, pool_state, n_is, n_fwd, n_gn, top_r):
-    pool, d1, chain, pool_own, fin_loc, fin_scale = pool_state
+def _pool_logq(pb, q: _Guided, pool: _Pool, rows, top_r):
+    """``log q_j`` at forward paths ``(B, K*N)``: exact at the ``top_r`` paths where
+    source ``j``'s unnormalised posterior is largest (all paths for short paths), else
+    ``-inf``; also ``log p(t_j | z)`` at every forward path."""
+    b = len(rows)
+    log_g = _diag_gauss_kernel(pb.t[rows], pool.fin_loc, pool.fin_scale)  # (B, K*N)
+    first_j = _diag_gauss_kernel(pool.layers[0], pb.loc1[rows], pb.scale1[rows]).T
+    fwd_part = pool.chain_before_last[None, :] + (first_j if len(pb.links) >= 2 else 0.0)
+    fwd_part = fwd_part.expand(b, -1)
+    t_last = pool.layers[-1]
+    logq = torch.full_like(log_g, -math.inf)
+    if t_last.shape[1] <= _FULL_Q_DIM:  # narrow last layer: q_j at every forward path
+        step = max(1, int(4e6 // max(1, b * t_last.shape[1])))
+        prior_all = pool.prior_loc if len(pb.links) >= 2 else None
+        for c in range(0, t_last.shape[0], step):
+            sl = slice(c, c + step)
+            prior = prior_all[sl] if prior_all is not None else None
+            logq[:, sl] = fwd_part[:, sl] + q.log_last_shared(t_last[sl], prior)
+        return logq, log_g
+    score = log_g + pool.chain[None, :] + first_j
+    idx = torch.topk(score, min(top_r, score.shape[1]), dim=1).indices
+    if len(pb.links) >= 2:
+        prior = pool.prior_loc[idx]
+    else:  # t_{L-1} = t_1: its prior is the query's own source
+        prior = pb.loc1[rows][:, None, :].expand(b, idx.shape[1], -1)
+    last = q.log_last(t_last[idx], prior)
+    vals = torch.gather(fwd_part, 1, idx) + last
+    logq.scatter_(1, idx, vals)
+    return logq, log_g
+
+
+def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r):
     n, b = pb.n, len(rows)
-    mode, chol, off = pb.gauss_newton([a[rows] for a in anchors], rows, n_gn)
-    d = mode.shape[1]
-    # draws from q_j: z = mode + L^{-T} eps
-    eps = pb.randn((b, d, n_is))
-    dz = torch.linalg.solve_triangular(chol.transpose(1, 2), eps, upper=True)
-    draws = (mode[:, :, None] + dz).transpose(1, 2)  # (B, M, D)
-    logq_is = (
-        -0.5 * (eps * eps).sum(1)
-        + torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)[:, None]
-        - 0.5 * d * _LOG2PI
-    )  # (B, M)
-    flat = draws.reshape(b * n_is, d)
-    rows_rep = rows.repeat_interleave(n_is)
-    rest, log_g = pb.path_rest(flat, off, rows_rep)
-    rest, log_g = rest.reshape(b, n_is), log_g.reshape(b, n_is)
-    k1 = pb.layer1(flat[:, : off[1]]).reshape(b, n_is, n)  # log p(t_1 | s_i)
-    lp = k1 + rest[:, :, None]  # log p_i(z)
-    # forward paths: log p(t_j | z) for every pool path
-    log_g_pool = _diag_gauss_kernel(pb.t[rows], fin_loc, fin_scale)  # (B, K*N)
-    # q_j is evaluated where source j's unnormalised posterior p_j(z) p(t_j | z) is largest
-    score = (
-        log_g_pool
-        + chain[None, :]
-        + _diag_gauss_kernel(pool[:, :d1], pb.loc1[rows], pb.scale1[rows]).T
-    )
-    if d <= _FULL_Q_DIM:  # small paths: q_j at every forward path
-        logq_pool = torch.cat(
-            [
-                _log_q(pool[None, c : c + 4096].expand(b, -1, -1), mode, chol)
-                for c in range(0, pool.shape[0], 4096)
-            ],
-            1,
-        )
-    else:
-        logq_pool = torch.full_like(log_g_pool, -math.inf)
-        r = min(top_r, log_g_pool.shape[1])
-        top = torch.topk(score, r, dim=1).indices  # (B, r)
-        logq_pool.scatter_(1, top, _log_q(pool[top], mode, chol))
+    q = _Guided(pb, rows, anchors)
+    parts, logq_is, chain, first = q.sample(n_is)
+    loc, scale = pb.call(len(pb.links) - 1, parts[-1])
+    log_g = _row_gauss_logpdf(pb.t[rows].repeat_interleave(n_is, 0), loc, scale).reshape(b, n_is)
+    k1 = pb.layer1(first.reshape(b * n_is, -1)).reshape(b, n_is, n)  # log p(t_1 | s_i)
+    lp = k1 + chain[:, :, None]  # log p_i(z)
+    logq_pool, log_g_pool = _pool_logq(pb, q, pool, rows, top_r)
     res = []
     for m_used, k_used in ((n_is, n_fwd), (n_is // 2, n_fwd // 2)):
         lm, lk = math.log(m_used), math.log(k_used)
@@ -412,7 +448,7 @@ def _block(pb, rows, anchors, pool_state, n_is, n_fwd, n_gn, top_r):
         is_term = torch.logsumexp(num - den, 1)  # (B, N)
         g_pool = log_g_pool.reshape(b, n_fwd, n)[:, :k_used]
         q_pool = logq_pool.reshape(b, n_fwd, n)[:, :k_used]
-        own = pool_own[:k_used][None]
+        own = pool.own[:k_used][None]
         den_f = torch.logaddexp(lm + q_pool, lk + own)
         fwd_term = torch.logsumexp(own + g_pool - den_f, 1)
         res.append(torch.logaddexp(is_term, fwd_term))

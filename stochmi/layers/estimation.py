@@ -32,13 +32,12 @@ computed for each posterior draw ``w`` of the weights, ``I(X; T | W = w)``, and
 summarised over draws (mean, sd, HDI, ESS by ArviZ).
 """
 
-
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -47,9 +46,13 @@ from torch import distributions as td
 
 from stochmi.core.estimate import MIEstimate
 from stochmi.core.estimator import mi_from_conditional, mi_with_labels
-from stochmi.core.kernel import DETERMINISTIC_MESSAGE, as_gaussian_mixture
+from stochmi.core.from_matrix import label_bounds_from_log_density, mi_terms_from_log_density
+from stochmi.core.kernel import as_gaussian_mixture
+from stochmi.core.rng import spawn_seeds
 from stochmi.layers.chain import Chain, cuda_devices
-from stochmi.layers.sites import find_layers, trace_model
+from stochmi.layers.deep import NotGaussianLink, deep_log_density, normal_params
+from stochmi.layers.links import model_links
+from stochmi.layers.sites import find_layers, no_layers_message, trace_model
 
 __all__ = ["layer_mi", "find_layers", "COLUMNS"]
 
@@ -76,13 +79,6 @@ def _check_inputs(x, y):
         if y.is_floating_point():
             raise TypeError("y must hold integer class labels")
     return y
-
-
-def _seeds(seed: int | None, count: int) -> list[int]:
-    if seed is None:
-        seed = int.from_bytes(os.urandom(7), "little")
-    ss = np.random.SeedSequence(seed)
-    return [int(s.generate_state(1, np.uint64)[0] >> np.uint64(2)) for s in ss.spawn(count)]
 
 
 def _weight_draws(model, guide, x, weight_sites, count, gen) -> list[dict]:
@@ -118,8 +114,135 @@ def _path_group(chain: Chain, l: int) -> int | None:
     return gm.n_components if gm is not None else None
 
 
+@dataclass
+class DeepOptions:
+    """Effort and accuracy settings of the deep-layer estimator (:mod:`stochmi.layers.deep`).
+
+    Attributes
+    ----------
+    n_is : int
+        Gauss-Newton proposal draws per query.
+    n_fwd : int
+        Forward paths per source (``n_paths``).
+    tolerance : float
+        A row is converged when its estimated remaining bias (full minus half-sample
+        estimate) is at most ``max(tolerance, rel_tolerance * value)`` nats.
+    rel_tolerance : float
+    max_effort : int
+        Effort doubles (both sample sizes) until converged or this multiple of the
+        starting sizes is reached.
+    """
+
+    n_is: int = 32
+    n_fwd: int = 16
+    tolerance: float = 0.02
+    rel_tolerance: float = 0.01
+    max_effort: int = 4
+
+
+class _Deep:
+    """``L[j, i] = log p(t_b,j | s_i)`` for sources ``X`` (a = -1) or layer ``a`` and a
+    later layer ``b``, estimated to tolerance; cached per pair of layer indices."""
+
+    def __init__(self, chain: Chain, links, opts: DeepOptions, gen, dtype, progress):
+        self.chain, self.links, self.opts = chain, links, opts
+        self.gen, self.dtype, self.progress = gen, dtype, progress
+        self.cache: dict[tuple[int, int], dict] = {}
+
+    def get(self, a: int, b: int) -> dict:
+        if (a, b) not in self.cache:
+            self.cache[(a, b)] = self._run(a, b)
+        return self.cache[(a, b)]
+
+    def _once(self, a, b, n_is, n_fwd):
+        ch = self.chain
+        loc, scale = normal_params(ch.conds[a + 1])
+        return deep_log_density(
+            loc,
+            scale,
+            [self.links[m] for m in range(a + 2, b + 1)],
+            ch.values[b],
+            [ch.values[m] for m in range(a + 1, b)],
+            n_is=n_is,
+            n_fwd=n_fwd,
+            generator=self.gen,
+            dtype=self.dtype,
+        )
+
+    def _run(self, a: int, b: int) -> dict:
+        o = self.opts
+        effort = 1
+        while True:
+            res = self._once(a, b, o.n_is * effort, o.n_fwd * effort)
+            full, loo = mi_terms_from_log_density(res.L)
+            half, _ = mi_terms_from_log_density(res.L_half)
+            value = float(full.mean())
+            bias = abs(float(half.mean()) - value)
+            ok = bias <= max(o.tolerance, o.rel_tolerance * abs(value))
+            if ok or effort * 2 > o.max_effort:
+                break
+            effort *= 2
+        return {
+            "res": res,
+            "full": full,
+            "loo": loo,
+            "bias": bias,
+            "converged": ok,
+            "n_is": res.n_is,
+            "n_fwd": res.n_fwd,
+        }
+
+
+def _conv_entry(d: dict) -> dict:
+    half, _ = mi_terms_from_log_density(d["res"].L_half)
+    return {
+        "k": d["n_fwd"],
+        "n_is": d["n_is"],
+        "value": float(d["full"].mean()),
+        "k_half": d["n_fwd"] // 2,
+        "value_half": float(half.mean()),
+        "converged": d["converged"],
+        "diag_ess_median": float(d["res"].diag_ess.median()),
+    }
+
+
+def _deep_row(src, tgt, d: dict, terms: torch.Tensor, lower, upper, n: int) -> dict:
+    value = float(terms.mean())
+    se = float(terms.std(unbiased=True)) / math.sqrt(n)
+    return {
+        "source": src,
+        "target": tgt,
+        "value": value,
+        "stderr": se,
+        "lower": lower,
+        "upper": upper,
+        "lower_stderr": se,
+        "upper_stderr": float(d["loo"].std(unbiased=True)) / math.sqrt(n),
+        "n": n,
+        "k_paths": d["n_fwd"],
+        "n_is": d["n_is"],
+        "saturated": bool(lower > math.log(n) - 1.0),
+        "converged": d["converged"],
+        "mc_bias": d["bias"],
+    }
+
+
+def _deep_xy_row(src, tgt, d: dict, n: int) -> dict:
+    value = float(d["full"].mean())
+    lower = max(0.0, value - d["bias"])
+    upper = float(d["loo"].mean()) + d["bias"]
+    return _deep_row(src, tgt, d, d["full"], lower, upper, n)
+
+
+def _deep_label_row(src, d: dict, y: torch.Tensor, n: int) -> dict:
+    terms, ba, h_y = label_bounds_from_log_density(d["res"].L, y)
+    lower = max(0.0, h_y + float(ba.mean()) - d["bias"]) if ba is not None else math.nan
+    upper = min(h_y, float(d["loo"].mean()) + d["bias"])
+    return _deep_row(src, "Y", d, terms, lower, upper, n)
+
+
 def _estimate_pairs(
-    chain: Chain, layers, pairs, y, seeds, n_draws, chunk_size, device, progress
+    chain: Chain, layers, pairs, y, seeds, n_draws, chunk_size, device, progress, deep=None
 ) -> tuple[list[dict], dict]:
     from tqdm.auto import tqdm
 
@@ -132,10 +255,23 @@ def _estimate_pairs(
             given_x_cache[l] = chain.given_x(l) if l > 0 else chain.first_path(0)
         return given_x_cache[l]
 
+    n = chain.n
     it = tqdm(list(enumerate(pairs)), desc="layer MI", disable=not progress, leave=False)
     for pi, (src, tgt) in it:
         it.set_postfix_str(f"{src}->{tgt}")
         k_used = 1
+        a = -1 if src == "X" else pos[src]
+        b = None if tgt == "Y" else pos[tgt]
+        if deep is not None and tgt == "Y" and a > 0:
+            d = deep.get(-1, a)
+            rows.append(_deep_label_row(src, d, y, n))
+            conv[f"{src}->Y"] = _conv_entry(d)
+            continue
+        if deep is not None and tgt != "Y" and b > a + 1:
+            d = deep.get(a, b)
+            rows.append(_deep_xy_row(src, tgt, d, n))
+            conv[f"{src}->{tgt}"] = _conv_entry(d)
+            continue
         if src == "X":
             l = pos[tgt]
             cond = gx(l)
@@ -174,8 +310,8 @@ def _estimate_pairs(
             ls, lt = pos[src], pos[tgt]
             if lt != ls + 1:
                 raise ValueError(
-                    f"pair ({src}, {tgt}): only consecutive layers have a known conditional "
-                    "density; estimate non-adjacent layer pairs through X"
+                    f"pair ({src}, {tgt}): this model's layer family has no Gaussian links, so "
+                    "only consecutive layers have a known conditional density here"
                 )
             est = mi_from_conditional(
                 chain.first_path(lt),
@@ -184,7 +320,11 @@ def _estimate_pairs(
                 chunk_size=chunk_size,
                 device=device,
             )
-        rows.append(_row(src, tgt, est, k_used))
+        row = _row(src, tgt, est, k_used)
+        nested = (src == "X" and pos[tgt] > 0) or (tgt == "Y" and pos[src] > 0)
+        row["converged"] = not nested
+        row["mc_bias"] = 0.0 if not nested else math.nan
+        rows.append(row)
     return rows, conv
 
 
@@ -245,7 +385,10 @@ def layer_mi(
     guide: Callable | None = None,
     weights: str = "marginal",
     seed: int | None = None,
-    n_paths: int = 8,
+    n_paths: int = 16,
+    n_is: int = 32,
+    tolerance: float = 0.02,
+    max_effort: int = 4,
     n_weight_draws: int = 16,
     n_draws: int = 1,
     pairs: list[tuple[str, str]] | None = None,
@@ -276,8 +419,20 @@ def layer_mi(
         ``"conditional"``: ``I(. ; . | W = w)`` per posterior draw, summarised.
     seed : int, optional
         Seed for every draw (the global RNG is left as it was).
-    n_paths : int, default 8
-        ``K``, paths propagated per input for ``I(X; T_l)``, ``l >= 2``.
+    n_paths : int, default 16
+        Forward paths per source for densities across several layers (``I(X; T_l)``,
+        ``l >= 2``, non-adjacent layer pairs, ``I(T_l; Y)``); see
+        :mod:`stochmi.layers.deep`.  Even.
+    n_is : int, default 32
+        Gauss-Newton proposal draws per query for the same densities.  Even.
+    tolerance : float, default 0.02
+        Target accuracy (nats) of those rows: the remaining bias, estimated as the
+        difference between the estimate with all draws and with half of them, must be
+        at most ``max(tolerance, 1% of the value)``; otherwise both sample sizes double,
+        up to ``max_effort`` times the starting sizes.  Unconverged rows are flagged
+        (``converged`` False) and their bracket is widened by the bias estimate.
+    max_effort : int, default 4
+        Largest multiple of ``n_paths`` / ``n_is`` tried.
     n_weight_draws : int, default 16
         Weight draws: mixture components for the generic marginal, or posterior
         draws in conditional mode.
@@ -311,14 +466,26 @@ def layer_mi(
     """
     if weights not in ("marginal", "conditional"):
         raise ValueError(f"weights must be 'marginal' or 'conditional', got {weights!r}")
-    for nm, v in (("n_paths", n_paths), ("n_weight_draws", n_weight_draws), ("n_draws", n_draws)):
+    for nm, v in (
+        ("n_paths", n_paths),
+        ("n_is", n_is),
+        ("max_effort", max_effort),
+        ("n_weight_draws", n_weight_draws),
+        ("n_draws", n_draws),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{nm} must be a positive int, got {v!r}")
+    for nm, v in (("n_paths", n_paths), ("n_is", n_is)):
+        if v < 2 or v % 2:
+            raise ValueError(f"{nm} must be an even int >= 2, got {v!r}")
+    if not isinstance(tolerance, int | float) or not tolerance > 0:
+        raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
+    opts = DeepOptions(n_is=n_is, n_fwd=n_paths, tolerance=float(tolerance), max_effort=max_effort)
     y = _check_inputs(x, y)
     if device is not None:
         x = x.to(device)
         y = y.to(device) if y is not None else None
-    master = _seeds(seed, 4)
+    master = spawn_seeds(seed, 4)
     gen = torch.Generator().manual_seed(master[0])
     with torch.random.fork_rng(devices=cuda_devices(x)):
         torch.manual_seed(master[1])
@@ -327,10 +494,7 @@ def layer_mi(
     if layers is None:
         layers = sites.layers
         if not layers:
-            raise ValueError(
-                "no stochastic layers found: the model has no latent continuous sample site "
-                f"inside a plate over the {x.shape[0]} inputs. {DETERMINISTIC_MESSAGE}"
-            )
+            raise ValueError(no_layers_message(model, x))
     else:
         unknown = [s for s in layers if s not in sites.layers]
         if unknown:
@@ -349,10 +513,16 @@ def layer_mi(
                     "at least one side is a layer; "
                     f"the layers are {layers}"
                 )
+            if a in layers and b in layers and layers.index(b) <= layers.index(a):
+                raise ValueError(
+                    f"pair ({a}, {b}): the source must come before the target in the chain "
+                    f"{layers} (MI is symmetric: ask for ({b}, {a}))"
+                )
             if b == "Y" and y is None:
                 raise ValueError(f"pair ({a}, Y) needs labels y")
-    pair_seeds = _seeds(master[2], len(pairs))
-    # paths are needed only where p(t_l | x) is a mixture: X or Y paired with layer l >= 2
+    pair_seeds = spawn_seeds(master[2], len(pairs))
+    # nested Monte Carlo paths only for models without Gaussian links (generic marginal
+    # over weight draws); every other model goes through stochmi.layers.deep
     k = (
         n_paths
         if any(layers.index(b if a == "X" else a) > 0 for a, b in pairs if a == "X" or b == "Y")
@@ -369,7 +539,7 @@ def layer_mi(
             layers,
             sites.weights,
             pairs,
-            k,
+            opts,
             gen,
             n_weight_draws,
             pair_seeds,
@@ -378,23 +548,88 @@ def layer_mi(
             device,
             progress,
         )
+    deep = None
     if not has_weights:
-        chain = Chain(model, x, layers, [], [], k, "single", guide, gen)
+        chain = Chain(model, x, layers, [], [], 1, "single", guide, gen)
+        links = model_links(model, x, layers, "noise")
         mode = "noise"
     elif hasattr(model, "local_reparam_conditional") and guide is not None:
-        chain = Chain(model, x, layers, sites.weights, [], k, "local_reparam", guide, gen)
+        chain = Chain(model, x, layers, sites.weights, [], 1, "local_reparam", guide, gen)
+        links = model_links(model, x, layers, "local_reparam", guide=guide)
         mode = "local_reparam"
     else:
         draws = _weight_draws(model, guide, x, sites.weights, n_weight_draws, gen)
         chain = Chain(model, x, layers, sites.weights, draws, k, "mixture", guide, gen)
-        mode = f"mixture over {n_weight_draws} weight draws"
-    rows, conv = _estimate_pairs(
-        chain, layers, pairs, y, pair_seeds, n_draws, chunk_size, device, progress
+        links = None
+        mode = f"mixture over {n_weight_draws} weight draws (nested Monte Carlo, {k} paths)"
+    if links is not None and not _gaussian_links(chain):
+        # generic families (Laplace, Student-t, ...): no Gauss-Newton proposal; paths
+        # for the densities across layers come from nested Monte Carlo (flagged rows)
+        chain = (
+            Chain(model, x, layers, [], [], k, "single", guide, gen)
+            if mode == "noise"
+            else (Chain(model, x, layers, sites.weights, [], k, "local_reparam", guide, gen))
+        )
+        links = None
+        mode += f" (non-Gaussian layers: nested Monte Carlo, {k} paths)"
+    if links is not None:
+        deep = _Deep(chain, links, opts, gen, x.dtype if x.is_floating_point() else None, progress)
+    rows, conv = _run_pairs(
+        chain, layers, pairs, y, pair_seeds, n_draws, chunk_size, device, progress, deep
     )
     return _finish(pd.DataFrame(rows), layers, weights, mode, conv)
 
 
+def _gaussian_links(chain: Chain) -> bool:
+    """Every layer after the first is a single Gaussian given its parent."""
+    for cond in chain.conds[1:]:
+        gm = as_gaussian_mixture(cond)
+        if gm is None or gm.n_components != 1:
+            return False
+    return True
+
+
+def _run_pairs(chain, layers, pairs, y, seeds, n_draws, chunk_size, device, progress, deep):
+    """:func:`_estimate_pairs`, falling back to nested Monte Carlo for non-Gaussian links."""
+    try:
+        return _estimate_pairs(
+            chain, layers, pairs, y, seeds, n_draws, chunk_size, device, progress, deep
+        )
+    except NotGaussianLink as err:
+        raise ValueError(
+            "densities across several layers need Gaussian layer sites (Normal or "
+            f"Independent(Normal)) whose mean is differentiable in the parent: {err}. "
+            "Restrict the pairs to X with the first layer and consecutive layers, or make "
+            "the layers Gaussian."
+        ) from err
+
+
+def _combine_dpi_bounds(df: pd.DataFrame, layers) -> None:
+    """Tighten brackets with data processing (in place, in chain order).
+
+    ``lower I(X;T_l) >= max(0, lower I(T_l;Y))`` and ``upper I(X;T_l) <= min(upper
+    I(X;T_{l-1}), upper I(T_{l-1};T_l))``; lower bounds are never negative.
+    """
+    key = {(r.source, r.target): i for i, r in enumerate(df.itertuples())}
+    lo = df["lower"].to_numpy(dtype=float).copy()
+    hi = df["upper"].to_numpy(dtype=float).copy()
+    lo = np.where(np.isnan(lo), lo, np.maximum(lo, 0.0))
+    for l, name in enumerate(layers):
+        i = key.get(("X", name))
+        if i is None:
+            continue
+        j = key.get((name, "Y"))
+        if j is not None and not math.isnan(lo[j]):
+            lo[i] = max(lo[i], lo[j])
+        if l > 0:
+            for other in (key.get(("X", layers[l - 1])), key.get((layers[l - 1], name))):
+                if other is not None and not math.isnan(hi[other]):
+                    hi[i] = min(hi[i], hi[other])
+    df["lower"], df["upper"] = lo, hi
+
+
 def _finish(df: pd.DataFrame, layers, weights, mode, conv) -> pd.DataFrame:
+    _combine_dpi_bounds(df, layers)
     viol = _dpi(df, layers, conv=conv)
     bad = {p for v in viol for p in (v["larger"], v["smaller"])}
     df["dpi_ok"] = [(s, t) not in bad for s, t in zip(df["source"], df["target"])]
@@ -418,7 +653,7 @@ def _conditional(
     layers,
     weight_sites,
     pairs,
-    k,
+    opts,
     gen,
     n_w,
     pair_seeds,
@@ -433,8 +668,14 @@ def _conditional(
     draws = _weight_draws(model, guide, x, weight_sites, n_w, gen)
     per = []
     for di, wv in enumerate(tqdm(draws, desc="weight draws", disable=not progress)):
-        chain = Chain(model, x, layers, weight_sites, [wv], k, "single", guide, gen)
-        rows, _ = _estimate_pairs(
+        chain = Chain(model, x, layers, weight_sites, [wv], 1, "single", guide, gen)
+        deep = None
+        if _gaussian_links(chain):
+            links = model_links(model, x, layers, "fixed", weight_values=wv)
+            deep = _Deep(chain, links, opts, gen, x.dtype, False)
+        else:
+            chain = Chain(model, x, layers, weight_sites, [wv], opts.n_fwd, "single", guide, gen)
+        rows, _ = _run_pairs(
             chain,
             layers,
             pairs,
@@ -444,6 +685,7 @@ def _conditional(
             chunk_size,
             device,
             False,
+            deep,
         )
         for r in rows:
             r["draw"] = di
@@ -467,6 +709,8 @@ def _conditional(
                 "k_paths": int(g["k_paths"].iloc[0]),
                 "saturated": bool(g["saturated"].any()),
                 "posterior_sd": g["value"].std(ddof=1),
+                "converged": bool(g["converged"].all()),
+                "mc_bias": float(g["mc_bias"].max()),
             }
         )
         names[f"{src}->{tgt}"] = g["value"].to_numpy()[None, :]
@@ -480,5 +724,7 @@ def _conditional(
             summary = az.summary(idata, kind="all")
     df = pd.DataFrame(out)
     df = _finish(df, layers, "conditional", f"conditional on each of {n_w} weight draws", {})
-    df.attrs.update({"per_draw": per_df, "inference_data": idata, "summary": summary})
+    df.attrs.update(
+        {"per_draw": per_df, "inference_data": idata, "summary": summary, "weight_draws": draws}
+    )
     return df

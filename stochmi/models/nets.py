@@ -273,7 +273,8 @@ class _NoiseInjectedNet(StochasticNet):
     def _noisy_conditional(self, site: str, parent: torch.Tensor) -> dist.Independent:
         """``Normal(f_l(parent), sigma_l).to_event(1)``, batch ``(N,)``, event ``(d_l,)``."""
         l = self._site_index(site)
-        with torch.no_grad():
+        # keep the graph only for a parent that asks for it (Jacobians in stochmi.layers.deep)
+        with torch.set_grad_enabled(parent.requires_grad):
             mean = self._mean(l, parent)
         return dist.Normal(mean, self.sigmas[l]).to_event(1)
 
@@ -605,7 +606,7 @@ class BayesMLP(StochasticNet):
         l = self._site_index(site)
         if parent.dim() != 2:
             raise ValueError(f"parent must be (N, d), got shape {tuple(parent.shape)}")
-        with torch.no_grad():
+        with torch.set_grad_enabled(parent.requires_grad):
             a = self._parent_activation(l, parent)
             if a.shape[1] != self._dims[l]:
                 raise ValueError(

@@ -49,7 +49,7 @@ def test_record_contents(record, cells):
     for r in record["estimates"]:
         assert math.isfinite(r["value"]) and r["stderr"] >= 0
         assert r["value"] <= math.log(40) + 1e-9
-        assert r["k_paths"] in (1, 2)
+        assert r["k_paths"] >= 1
     accs = {a["epoch"]: a for a in record["accuracy"]}
     assert set(accs) == {0, 2} and 0 <= accs[2]["test_accuracy"] <= 1
     assert math.isnan(accs[0]["loss"]) and math.isfinite(accs[2]["loss"])

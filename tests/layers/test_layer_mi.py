@@ -81,29 +81,18 @@ def test_linear_gaussian_chain_matches_closed_forms():
     assert df["dpi_ok"].all()
 
 
-def test_nested_paths_overstate_and_converge():
-    """The K-path mixture overstates I(X; T_2) (convexity); more paths shrink the excess."""
-    m = LinearChain()
-    x = _x(1000, 3)
-    v2 = layer_mi(m, x, seed=3, n_paths=2, pairs=[("X", "h2")])["value"].iloc[0]
-    v32 = layer_mi(m, x, seed=3, n_paths=32, pairs=[("X", "h2")])
-    truth = m.truths()[("X", "h2")]
-    se = v32["stderr"].iloc[0]
-    assert v2 > v32["value"].iloc[0] - Z * se
-    assert v2 - truth > v32["value"].iloc[0] - truth - Z * se
-
-
-def test_nested_bracket_is_certified_even_with_few_paths():
-    """A very noisy first layer makes the K-path mixture spiky: the value overstates
-    I(X; h2) badly at small K, but the bracket still holds and the DPI check flags it."""
+def test_noisy_first_layer_no_longer_overstates():
+    """A very noisy first layer made 4 nested paths overstate I(X; h2) badly (issue 9);
+    the importance-sampled densities are accurate at default settings and the data
+    processing check passes."""
     m = LinearChain(s=(2.0, 0.5))
     truth = m.truths()[("X", "h2")]
-    df = layer_mi(m, _x(1000, 3), seed=1, n_paths=4, pairs=[("X", "h1"), ("X", "h2")])
+    df = layer_mi(m, _x(1000, 3), seed=1, pairs=[("X", "h1"), ("X", "h2")])
     r = df.iloc[1]
     assert r.lower - Z * r.lower_stderr <= truth <= r.upper + Z * r.upper_stderr
-    assert r.value - truth > Z * r.stderr  # the documented upward bias is real here
-    assert [(v["larger"], v["smaller"]) for v in df.attrs["dpi"]] == [(("X", "h1"), ("X", "h2"))]
-    assert not df["dpi_ok"].any()
+    assert abs(r.value - truth) <= 0.03 * truth + Z * r.stderr
+    assert bool(r.converged)
+    assert df.attrs["dpi"] == [] and df["dpi_ok"].all()
 
 
 def test_label_mi_against_quadrature():

