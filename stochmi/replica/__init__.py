@@ -25,7 +25,12 @@ import numpy as np
 
 from stochmi.replica.channels import make_activation, make_prior
 from stochmi.replica.solver import FixedPoint, solve
-from stochmi.replica.spectra import Spectrum, empirical_spectrum, marchenko_pastur, orthogonal_spectrum
+from stochmi.replica.spectra import (
+    Spectrum,
+    empirical_spectrum,
+    marchenko_pastur,
+    orthogonal_spectrum,
+)
 
 __all__ = [
     "mutual_information",
@@ -174,14 +179,21 @@ def mutual_information(
         for l, w in enumerate(weights, 1):
             s = empirical_spectrum(w)
             if (s.n_out, s.n_in) != (widths[l], widths[l - 1]):
-                raise ValueError(f"W_{l} has shape {(s.n_out, s.n_in)}, expected {(widths[l], widths[l - 1])}")
+                raise ValueError(
+                    f"W_{l} has shape {(s.n_out, s.n_in)}, expected {(widths[l], widths[l - 1])}"
+                )
             specs.append(s)
     else:
         scales = _per_layer(weight_scale, L, "weight_scale")
         if ensemble == "gaussian":
-            specs = [marchenko_pastur(widths[l], widths[l - 1], scales[l - 1]) for l in range(1, L + 1)]
+            specs = [
+                marchenko_pastur(widths[l], widths[l - 1], scales[l - 1]) for l in range(1, L + 1)
+            ]
         elif ensemble == "orthogonal":
-            specs = [orthogonal_spectrum(widths[l], widths[l - 1], scales[l - 1]) for l in range(1, L + 1)]
+            specs = [
+                orthogonal_spectrum(widths[l], widths[l - 1], scales[l - 1])
+                for l in range(1, L + 1)
+            ]
         else:
             raise ValueError(f"ensemble must be 'gaussian' or 'orthogonal', got {ensemble!r}")
 
@@ -200,12 +212,27 @@ def mutual_information(
             fp = solve(pri, specs[:l], acts[:l], noise[:l], tol=tol, max_iter=max_iter)
             ent, conv, it = fp.entropy, fp.converged, fp.n_iter
             mi = ent - cond
-        rows.append(dict(layer=l, quantity=quantity, entropy_per_unit=ent / n0, cond_entropy_per_unit=cond / n0,
-                         mi_per_unit=mi / n0, mi=mi, converged=bool(conv), n_iter=int(it)))
+        rows.append(
+            dict(
+                layer=l,
+                quantity=quantity,
+                entropy_per_unit=ent / n0,
+                cond_entropy_per_unit=cond / n0,
+                mi_per_unit=mi / n0,
+                mi=mi,
+                converged=bool(conv),
+                n_iter=int(it),
+            )
+        )
         rho_t = act.second_moment(rho_h, delta)
     df = pd.DataFrame(rows)
-    df.attrs.update(widths=widths, activations=activations, noise=noise, prior=prior,
-                    weights="given" if weights is not None else ensemble)
+    df.attrs.update(
+        widths=widths,
+        activations=activations,
+        noise=noise,
+        prior=prior,
+        weights="given" if weights is not None else ensemble,
+    )
     return df
 
 

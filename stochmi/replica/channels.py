@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import log_ndtr, ndtr
+from scipy.special import log_ndtr
 
 __all__ = ["Prior", "Activation", "make_prior", "make_activation"]
 
@@ -96,7 +96,11 @@ class Prior:
         z, w = _GH[96]
         if self.kind == "bimodal":
             r = 1.0 + np.sqrt(s2) * z  # by symmetry condition on x = +1
-            logp = np.logaddexp(-0.5 * (r - 1) ** 2 / s2, -0.5 * (r + 1) ** 2 / s2) - np.log(2) - 0.5 * np.log(2 * np.pi * s2)
+            logp = (
+                np.logaddexp(-0.5 * (r - 1) ** 2 / s2, -0.5 * (r + 1) ** 2 / s2)
+                - np.log(2)
+                - 0.5 * np.log(2 * np.pi * s2)
+            )
             return float(w @ logp), float(1.0 - w @ np.tanh(r / s2) ** 2)
         if self.kind == "spike_slab":
             rho = self.rho
@@ -105,7 +109,11 @@ class Prior:
                 if p_comp <= 0:
                     continue
                 r = np.sqrt(var_r) * z
-                l0 = np.log1p(-rho) - 0.5 * np.log(2 * np.pi * s2) - 0.5 * r**2 / s2 if rho < 1 else -np.inf * r
+                l0 = (
+                    np.log1p(-rho) - 0.5 * np.log(2 * np.pi * s2) - 0.5 * r**2 / s2
+                    if rho < 1
+                    else -np.inf * r
+                )
                 l1 = np.log(rho) - 0.5 * np.log(2 * np.pi * (1 + s2)) - 0.5 * r**2 / (1 + s2)
                 lp = np.logaddexp(l0, l1)
                 pi = np.exp(l1 - lp)
@@ -232,14 +240,21 @@ class Activation:
         return float(w @ logp), float(w @ mm)
 
     # ---- inner layer: t seen through R = t + N(0, 1/b)
-    def inner_terms(self, a: float, b: float, rho_h: float, delta: float, *, n_r: int = 32,
-                    n_u: int = 6, n_e: int = 24) -> tuple[float, float, float]:
+    def inner_terms(
+        self,
+        a: float,
+        b: float,
+        rho_h: float,
+        delta: float,
+        *,
+        n_r: int = 32,
+        n_u: int = 6,
+        n_e: int = 24,
+    ) -> tuple[float, float, float]:
         """``(E log p(R | r), E Var(h | r, R), E Var(t | r, R))`` for an inner layer."""
         ia, ib = 1.0 / a, 1.0 / b
         q = max(rho_h - ia, 0.0)
         v = ia + delta
-        kappa = ia / v
-        vh_u = ia - ia * kappa
         if self.is_linear:
             tot = v + ib
             return (-0.5 * np.log(2 * np.pi * np.e * tot), ia - ia**2 / tot, v - v**2 / tot)
@@ -265,7 +280,9 @@ class Activation:
             zb = np.minimum((hi - r_nodes) / sv, 9.0)
             zb = np.maximum(zb, za)
             eps = np.sqrt(ib) / abs(s) / sv
-            cuts = [za, zb] + [np.clip(np.full_like(za, g), za, zb) for g in np.arange(-6.0, 6.1, 2.0)]
+            cuts = [za, zb] + [
+                np.clip(np.full_like(za, g), za, zb) for g in np.arange(-6.0, 6.1, 2.0)
+            ]
             for k in (0.25, 1.0, 4.0, 16.0, 64.0):
                 if np.isfinite(lo):
                     cuts.append(np.clip(za + k * eps, za, zb))
@@ -313,7 +330,11 @@ class Activation:
             logz, mu, vu = _trunc_moments(mj, vj, lo, hi)
             eu2 = vu + mu**2
             m1, m2 = h_moments(mu, eu2)
-            logw.append(lmarg + logz), et.append(s * mu + o), et2.append(s * s * eu2 + 2 * s * o * mu + o * o)
+            (
+                logw.append(lmarg + logz),
+                et.append(s * mu + o),
+                et2.append(s * s * eu2 + 2 * s * o * mu + o * o),
+            )
             eh.append(m1), eh2.append(m2)
         logw = np.stack(logw)
         lp = np.logaddexp.reduce(logw, axis=0)
@@ -332,9 +353,14 @@ def make_activation(name: str, *, slope: float = 0.01) -> Activation:
     if name == "relu":
         return Activation("relu", ((0.0, -_INF, 0.0),), ((1.0, 0.0, 0.0, _INF),))
     if name == "hardtanh":
-        return Activation("hardtanh", ((-1.0, -_INF, -1.0), (1.0, 1.0, _INF)), ((1.0, 0.0, -1.0, 1.0),))
+        return Activation(
+            "hardtanh", ((-1.0, -_INF, -1.0), (1.0, 1.0, _INF)), ((1.0, 0.0, -1.0, 1.0),)
+        )
     if name == "leaky_relu":
         return Activation("leaky_relu", (), ((slope, 0.0, -_INF, 0.0), (1.0, 0.0, 0.0, _INF)))
     if name == "probit":
         return Activation("probit", ((-1.0, -_INF, 0.0), (1.0, 0.0, _INF)), ())
-    raise ValueError(f"unknown activation {name!r}: use linear, relu, hardtanh, leaky_relu or probit (last layer)")
+    raise ValueError(
+        f"unknown activation {name!r}: use linear, relu, hardtanh, leaky_relu or probit "
+        "(last layer)"
+    )

@@ -27,7 +27,14 @@ import torch
 from torch import distributions as td
 from torch.distributions import constraints
 
-__all__ = ["CensoredNormal", "random_weights", "sample_inputs", "forward", "conditional", "make_model"]
+__all__ = [
+    "CensoredNormal",
+    "random_weights",
+    "sample_inputs",
+    "forward",
+    "conditional",
+    "make_model",
+]
 
 
 class CensoredNormal(td.Distribution):
@@ -43,17 +50,23 @@ class CensoredNormal(td.Distribution):
     has_rsample = False
 
     def __init__(self, loc, scale, low: float = 0.0, high: float = math.inf, validate_args=None):
-        self.loc, self.scale = torch.broadcast_tensors(torch.as_tensor(loc), torch.as_tensor(scale, dtype=torch.as_tensor(loc).dtype))
+        self.loc, self.scale = torch.broadcast_tensors(
+            torch.as_tensor(loc), torch.as_tensor(scale, dtype=torch.as_tensor(loc).dtype)
+        )
         self.low, self.high = float(low), float(high)
         super().__init__(self.loc.shape, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
-        return CensoredNormal(self.loc.expand(batch_shape), self.scale.expand(batch_shape), self.low, self.high)
+        return CensoredNormal(
+            self.loc.expand(batch_shape), self.scale.expand(batch_shape), self.low, self.high
+        )
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=torch.Size()):  # noqa: B008 - torch convention
         with torch.no_grad():
             shape = self._extended_shape(sample_shape)
-            u = self.loc.expand(shape) + self.scale.expand(shape) * torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+            u = self.loc.expand(shape) + self.scale.expand(shape) * torch.randn(
+                shape, dtype=self.loc.dtype, device=self.loc.device
+            )
             return u.clamp(self.low, self.high)
 
     def log_prob(self, value):
@@ -88,13 +101,25 @@ def _phi(name: str, u: torch.Tensor, slope: float) -> torch.Tensor:
     raise ValueError(f"unknown activation {name!r}")
 
 
-def random_weights(widths: Sequence[int], *, weight_scale=1.0, ensemble: str = "gaussian", seed: int | None = None,
-                   dtype=torch.float64) -> list[torch.Tensor]:
+def random_weights(
+    widths: Sequence[int],
+    *,
+    weight_scale=1.0,
+    ensemble: str = "gaussian",
+    seed: int | None = None,
+    dtype=torch.float64,
+) -> list[torch.Tensor]:
     """Weights ``W_l`` of shape ``(n_l, n_{l-1})``: i.i.d. ``N(0, scale^2 / n_{l-1})`` or
     scaled orthonormal rows/columns with the same Frobenius norm."""
-    gen = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**62))
+    gen = torch.Generator().manual_seed(
+        int(seed) if seed is not None else int(torch.seed() % 2**62)
+    )
     L = len(widths) - 1
-    scales = [float(weight_scale)] * L if np.ndim(weight_scale) == 0 else [float(s) for s in weight_scale]
+    scales = (
+        [float(weight_scale)] * L
+        if np.ndim(weight_scale) == 0
+        else [float(s) for s in weight_scale]
+    )
     out = []
     for l in range(1, L + 1):
         n_out, n_in = widths[l], widths[l - 1]
@@ -112,9 +137,13 @@ def random_weights(widths: Sequence[int], *, weight_scale=1.0, ensemble: str = "
     return out
 
 
-def sample_inputs(n: int, n0: int, prior="normal", *, seed: int | None = None, dtype=torch.float64) -> torch.Tensor:
+def sample_inputs(
+    n: int, n0: int, prior="normal", *, seed: int | None = None, dtype=torch.float64
+) -> torch.Tensor:
     """``n`` inputs of width ``n0`` with i.i.d. coordinates from ``prior``."""
-    gen = torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**62))
+    gen = torch.Generator().manual_seed(
+        int(seed) if seed is not None else int(torch.seed() % 2**62)
+    )
     if prior in ("normal", "gaussian"):
         return torch.randn(n, n0, generator=gen, dtype=dtype)
     if prior == "bimodal":
@@ -125,8 +154,15 @@ def sample_inputs(n: int, n0: int, prior="normal", *, seed: int | None = None, d
     raise ValueError(f"unknown prior {prior!r}")
 
 
-def forward(x: torch.Tensor, weights, activations, noise, *, leaky_slope: float = 0.01,
-            generator: torch.Generator | None = None) -> list[torch.Tensor]:
+def forward(
+    x: torch.Tensor,
+    weights,
+    activations,
+    noise,
+    *,
+    leaky_slope: float = 0.01,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
     """Sample every layer ``[t_1, ..., t_L]`` for inputs ``x`` (shape ``(N, n0)``)."""
     t, out = x, []
     for w, name, d in zip(weights, activations, noise):
@@ -138,7 +174,9 @@ def forward(x: torch.Tensor, weights, activations, noise, *, leaky_slope: float 
     return out
 
 
-def conditional(t_prev: torch.Tensor, w: torch.Tensor, activation: str, noise: float) -> td.Distribution:
+def conditional(
+    t_prev: torch.Tensor, w: torch.Tensor, activation: str, noise: float
+) -> td.Distribution:
     """``p(t_l | t_{l-1})`` with batch ``(N,)`` and event ``(n_l,)`` for a noisy layer."""
     if noise <= 0:
         raise ValueError("a noiseless layer has no density: MI with it is infinite")
@@ -149,7 +187,9 @@ def conditional(t_prev: torch.Tensor, w: torch.Tensor, activation: str, noise: f
     if activation in _CLIP:
         lo, hi = _CLIP[activation]
         return td.Independent(CensoredNormal(h, scale, lo, hi), 1)
-    raise NotImplementedError(f"no conditional density implemented for a noisy {activation!r} layer")
+    raise NotImplementedError(
+        f"no conditional density implemented for a noisy {activation!r} layer"
+    )
 
 
 def _pyro_conditional(t_prev, w, activation, noise):
@@ -162,8 +202,12 @@ def _pyro_conditional(t_prev, w, activation, noise):
 
         class _PyroCensoredNormal(CensoredNormal, TorchDistributionMixin):  # noqa: N801
             def expand(self, batch_shape, _instance=None):
-                return _PyroCensoredNormal(self.loc.expand(batch_shape), self.scale.expand(batch_shape),
-                                           self.low, self.high)
+                return _PyroCensoredNormal(
+                    self.loc.expand(batch_shape),
+                    self.scale.expand(batch_shape),
+                    self.low,
+                    self.high,
+                )
 
     if noise <= 0:
         raise ValueError("a noiseless layer has no density: MI with it is infinite")
@@ -173,7 +217,9 @@ def _pyro_conditional(t_prev, w, activation, noise):
         return pd.Normal(h, scale).to_event(1)
     if activation in _CLIP:
         return _PyroCensoredNormal(h, scale, *_CLIP[activation]).to_event(1)
-    raise NotImplementedError(f"no conditional density implemented for a noisy {activation!r} layer")
+    raise NotImplementedError(
+        f"no conditional density implemented for a noisy {activation!r} layer"
+    )
 
 
 _PyroCensoredNormal = None

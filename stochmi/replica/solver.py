@@ -55,8 +55,9 @@ def _linear_block(spec: Spectrum, a: float, b: float) -> tuple[float, float, flo
     """(log Z, mean posterior var of t, mean posterior var of h) of ``h = W t``."""
     vt = spec.sum_over_in(lambda lam: 1.0 / (a + b * lam), 1.0 / a) / spec.n_in
     vh = spec.sum_over_in(lambda lam: lam / (a + b * lam), 0.0) / spec.n_out
-    logz = -0.5 * spec.sum_over_out(lambda mu: np.log(2 * np.pi * np.e * (mu / a + 1.0 / b)),
-                                    np.log(2 * np.pi * np.e / b))
+    logz = -0.5 * spec.sum_over_out(
+        lambda mu: np.log(2 * np.pi * np.e * (mu / a + 1.0 / b)), np.log(2 * np.pi * np.e / b)
+    )
     return logz, vt, vh
 
 
@@ -69,7 +70,9 @@ def _inv(v):
 
 
 class _Chain:
-    def __init__(self, prior: Prior, specs: list[Spectrum], acts: list[Activation], deltas: list[float]):
+    def __init__(
+        self, prior: Prior, specs: list[Spectrum], acts: list[Activation], deltas: list[float]
+    ):
         self.prior, self.specs, self.acts, self.deltas = prior, specs, acts, deltas
         self.L = len(specs)
         self.n = [specs[0].n_in] + [s.n_out for s in specs]
@@ -119,9 +122,17 @@ class _Chain:
         return float(phi)
 
 
-def solve(prior: Prior, specs: list[Spectrum], acts: list[Activation], deltas: list[float], *,
-          tol: float = 1e-9, max_iter: int = 1000, damping: float = 0.7,
-          inits: tuple[float, ...] = (1e-6, 1.0, 1e6)) -> FixedPoint:
+def solve(
+    prior: Prior,
+    specs: list[Spectrum],
+    acts: list[Activation],
+    deltas: list[float],
+    *,
+    tol: float = 1e-9,
+    max_iter: int = 1000,
+    damping: float = 0.7,
+    inits: tuple[float, ...] = (1e-6, 1.0, 1e6),
+) -> FixedPoint:
     """Iterate the fixed point from several initial conditions; keep the largest ``Phi``.
 
     Each initial condition sets every data-side precision ``b`` to the given value
@@ -141,7 +152,7 @@ def solve(prior: Prior, specs: list[Spectrum], acts: list[Activation], deltas: l
         for l in range(L):
             a_t[l] = 1.0 / max(chain.rho_t[l], 1e-12)
         converged, it = False, 0
-        for it in range(1, max_iter + 1):
+        for it in range(1, max_iter + 1):  # noqa: B007 - it is read after the loop
             old = np.log(np.concatenate([a_t, b_t, a_h[1:], b_h[1:]]))
             chain.sweep(a_t, b_t, a_h, b_h, damping)
             cur = np.log(np.concatenate([a_t, b_t, a_h[1:], b_h[1:]]))
@@ -157,5 +168,6 @@ def solve(prior: Prior, specs: list[Spectrum], acts: list[Activation], deltas: l
     if conv:
         best = max(conv, key=lambda r: r[1])
     _, phi, converged, it, a_t, b_t, a_h, b_h = best
-    return FixedPoint(-phi, phi, converged, it, a_t, b_t, a_h, b_h,
-                      [(r[0], r[1], r[2]) for r in results])
+    return FixedPoint(
+        -phi, phi, converged, it, a_t, b_t, a_h, b_h, [(r[0], r[1], r[2]) for r in results]
+    )

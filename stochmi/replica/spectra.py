@@ -53,11 +53,15 @@ class Spectrum:
 
     def sum_over_out(self, f_nonzero, f_zero) -> float:
         """Sum over the ``n_out`` eigenvalues of ``W W^T`` of ``f``."""
-        return float(np.dot(self.counts, f_nonzero(self.values)) + (self.n_out - self.n_nonzero) * f_zero)
+        return float(
+            np.dot(self.counts, f_nonzero(self.values)) + (self.n_out - self.n_nonzero) * f_zero
+        )
 
     def sum_over_in(self, f_nonzero, f_zero) -> float:
         """Sum over the ``n_in`` eigenvalues of ``W^T W`` of ``f``."""
-        return float(np.dot(self.counts, f_nonzero(self.values)) + (self.n_in - self.n_nonzero) * f_zero)
+        return float(
+            np.dot(self.counts, f_nonzero(self.values)) + (self.n_in - self.n_nonzero) * f_zero
+        )
 
 
 def empirical_spectrum(w, *, rtol: float = 1e-12) -> Spectrum:

@@ -12,7 +12,7 @@ from scipy.special import ndtr
 from stochmi import replica
 from stochmi.replica.channels import make_activation, make_prior
 from stochmi.replica.solver import solve
-from stochmi.replica.spectra import empirical_spectrum, marchenko_pastur
+from stochmi.replica.spectra import marchenko_pastur
 
 COLUMNS = {"layer", "quantity", "entropy_per_unit", "mi_per_unit", "mi", "converged"}
 
@@ -78,10 +78,14 @@ def test_linear_two_gaussian_layers_finite_size():
 def test_bimodal_prior_orthogonal_linear_layer_exact():
     # H(W x + xi) = H(x + W^T xi) = n H(x_1 + xi_1) for orthogonal W and isotropic noise
     n, delta = 100, 0.3
-    df = replica.mutual_information([n, n], ["linear"], delta, prior="bimodal", weights=[_orth(n, 3)])
+    df = replica.mutual_information(
+        [n, n], ["linear"], delta, prior="bimodal", weights=[_orth(n, 3)]
+    )
     s = math.sqrt(delta)
     dens = lambda r: 0.5 * (stats.norm.pdf(r, 1, s) + stats.norm.pdf(r, -1, s))  # noqa: E731
-    h = -integrate.quad(lambda r: dens(r) * math.log(dens(r)), -1 - 12 * s, 1 + 12 * s, limit=200)[0]
+    h = -integrate.quad(lambda r: dens(r) * math.log(dens(r)), -1 - 12 * s, 1 + 12 * s, limit=200)[
+        0
+    ]
     assert abs(df.entropy_per_unit[0] - h) < 1e-6
 
 
@@ -92,7 +96,9 @@ def _censored_entropy(m, v, lo, hi):
     """Entropy of clip(N(m, v), lo, hi) w.r.t. Lebesgue + atoms, by direct quadrature."""
     s = math.sqrt(v)
     h = 0.0
-    for p in ([ndtr((lo - m) / s)] if math.isfinite(lo) else []) + ([ndtr((m - hi) / s)] if math.isfinite(hi) else []):
+    for p in ([ndtr((lo - m) / s)] if math.isfinite(lo) else []) + (
+        [ndtr((m - hi) / s)] if math.isfinite(hi) else []
+    ):
         if p > 0:
             h -= p * math.log(p)
     f = lambda t: -stats.norm.pdf(t, m, s) * stats.norm.logpdf(t, m, s)  # noqa: E731
@@ -109,7 +115,9 @@ def test_single_layer_orthogonal_decouples_exactly(act, lo, hi):
     n, delta = 120, 0.3
     df = replica.mutual_information([n, n], [act], delta, weights=[_orth(n, 2)])
     h = _censored_entropy(0.0, 1.0 + delta, lo, hi)
-    cond = integrate.quad(lambda z: stats.norm.pdf(z) * _censored_entropy(z, delta, lo, hi), -9, 9, limit=100)[0]
+    cond = integrate.quad(
+        lambda z: stats.norm.pdf(z) * _censored_entropy(z, delta, lo, hi), -9, 9, limit=100
+    )[0]
     assert abs(df.entropy_per_unit[0] - h) < 1e-6
     assert abs(df.mi_per_unit[0] - (h - cond)) < 1e-6
     assert df.converged[0]
@@ -120,7 +128,9 @@ def test_inner_noisy_relu_layer_exact():
     # t1 = relu(W1 x + xi1) with W1 orthogonal (i.i.d. units), t2 = t1 + xi2 (W2 = I):
     # H(T2) = n H(relu(u) + e), u ~ N(0, 1 + d1), e ~ N(0, d2), by 1-D quadrature
     n, d1, d2 = 80, 0.2, 0.1
-    df = replica.mutual_information([n, n, n], ["relu", "linear"], [d1, d2], weights=[_orth(n, 4), np.eye(n)])
+    df = replica.mutual_information(
+        [n, n, n], ["relu", "linear"], [d1, d2], weights=[_orth(n, 4), np.eye(n)]
+    )
     v, s2 = 1 + d1, math.sqrt(d2)
     p0 = ndtr(0.0)
 
@@ -130,7 +140,13 @@ def test_inner_noisy_relu_layer_exact():
         cont = stats.norm.pdf(r, 0, math.sqrt(vv)) * ndtr(m / math.sqrt(v * d2 / vv))
         return p0 * stats.norm.pdf(r, 0, s2) + cont
 
-    h = -integrate.quad(lambda r: dens(r) * math.log(dens(r)), -12 * s2, 12 * math.sqrt(v + d2), limit=400, points=[0.0])[0]
+    h = -integrate.quad(
+        lambda r: dens(r) * math.log(dens(r)),
+        -12 * s2,
+        12 * math.sqrt(v + d2),
+        limit=400,
+        points=[0.0],
+    )[0]
     assert abs(df.entropy_per_unit[1] - h) < 1e-5
 
 
@@ -142,10 +158,17 @@ def _glm_gaussian_weights(alpha, delta):
     z, wz = 8 * z, 8 * wz * stats.norm.pdf(8 * z)
 
     def psi(q):  # E_V -H(relu(N(sqrt(q) V, 1 - q + delta)))
-        return -sum(w * _censored_entropy(math.sqrt(q) * v, 1 - q + delta, 0.0, math.inf) for v, w in zip(z, wz))
+        return -sum(
+            w * _censored_entropy(math.sqrt(q) * v, 1 - q + delta, 0.0, math.inf)
+            for v, w in zip(z, wz)
+        )
 
-    res = optimize.minimize_scalar(lambda q: -(0.5 * math.log(1 - q) + 0.5 * q + alpha * psi(q)),
-                                   bounds=(0.0, 0.99), method="bounded", options={"xatol": 1e-6})
+    res = optimize.minimize_scalar(
+        lambda q: -(0.5 * math.log(1 - q) + 0.5 * q + alpha * psi(q)),
+        bounds=(0.0, 0.99),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
     return -res.fun
 
 
@@ -203,7 +226,9 @@ def test_pyro_model_has_one_site_when_inner_layers_are_noiseless():
 
 @pytest.mark.slow
 def test_table_columns_and_semantics():
-    df = replica.mutual_information([200, 100, 50], ["hardtanh", "probit"], [0.0, 0.1], prior=("spike_slab", 0.5))
+    df = replica.mutual_information(
+        [200, 100, 50], ["hardtanh", "probit"], [0.0, 0.1], prior=("spike_slab", 0.5)
+    )
     assert COLUMNS <= set(df.columns)
     assert list(df.layer) == [1, 2]
     assert df.quantity.tolist() == ["I(X;T_1)", "I(X;T_2)"]
@@ -232,14 +257,20 @@ def test_orthogonal_ensemble_and_scale():
     assert hi.mi[0] > lo.mi[0] > 0
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(widths=[10], activations=[], noise=0.1), "widths"),
-    (dict(widths=[10, 5, 5], activations=["probit", "linear"], noise=0.1), "last layer"),
-    (dict(widths=[10, 5], activations=["tanh"], noise=0.1), "unknown activation"),
-    (dict(widths=[10, 5], activations=["relu"], noise=-1.0), "noise"),
-    (dict(widths=[10, 5], activations=["relu"], noise=0.1, prior="laplace"), "prior"),
-    (dict(widths=[10, 5], activations=["relu"], noise=0.1, weights=[np.ones((4, 10))]), "shape"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(widths=[10], activations=[], noise=0.1), "widths"),
+        (dict(widths=[10, 5, 5], activations=["probit", "linear"], noise=0.1), "last layer"),
+        (dict(widths=[10, 5], activations=["tanh"], noise=0.1), "unknown activation"),
+        (dict(widths=[10, 5], activations=["relu"], noise=-1.0), "noise"),
+        (dict(widths=[10, 5], activations=["relu"], noise=0.1, prior="laplace"), "prior"),
+        (
+            dict(widths=[10, 5], activations=["relu"], noise=0.1, weights=[np.ones((4, 10))]),
+            "shape",
+        ),
+    ],
+)
 def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         replica.mutual_information(**kwargs)
