@@ -59,6 +59,7 @@ from stochmi.core.kernel import as_gaussian_mixture
 __all__ = ["DeepLogDensity", "NotGaussianLink", "deep_log_density", "normal_params"]
 
 _LOG2PI = math.log(2 * math.pi)
+_DIAG_FACTOR = 8  # draws for the query's own source, as a multiple of n_is
 _FULL_Q_DIM = 32  # last-layer width up to which q_j is evaluated at every forward path
 
 
@@ -253,47 +254,51 @@ class _Guided:
         else:
             s_a = pb.scale1[rows]
         f_a, sig, jac = _link_jacobian(pb.links[-1], a_last.to(pb.dtype))
-        jt = jac.transpose(1, 2) / sig[:, None, :] ** 2  # J^T diag(1/sigma^2), (B, d, d_L)
-        prec = torch.diag_embed(s_a.pow(-2)) + jt @ jac
-        self.chol = _cholesky32(prec).to(torch.float64)  # P = L L^T
-        eye = torch.eye(self.chol.shape[1], dtype=torch.float64, device=self.chol.device)
-        self.linv_t = torch.linalg.solve_triangular(self.chol.transpose(1, 2), eye, upper=True)
-        self.logdet = torch.log(torch.diagonal(self.chol, dim1=1, dim2=2)).sum(1)
-        self.inv_s2 = s_a.pow(-2)
-        self.lin = (jt @ (pb.t[rows] - f_a + (jac @ a_last[:, :, None])[:, :, 0])[:, :, None])[
-            :, :, 0
-        ]  # J^T diag(1/sigma^2) (t_j - f(a) + J a), (B, d)
+        # linear-Gaussian update in observation space (Kalman form): only a d_L x d_L
+        # factorisation per query.  y = t_j - f(a) + J a ~ N(J t, diag sigma^2).
+        self.s2, self.sig2, self.jac = s_a.pow(2), sig.pow(2), jac
+        self.y = pb.t[rows] - f_a + (jac @ a_last[:, :, None])[:, :, 0]
+        js = jac * self.s2[:, None, :]  # J S, (B, d_L, d)
+        c = torch.diag_embed(self.sig2) + js @ jac.transpose(1, 2)  # Sigma + J S J^T
+        chol_c = _cholesky32(c).to(torch.float64)
+        self.gain_t = torch.cholesky_solve(js, chol_c)  # K^T = C^{-1} J S, (B, d_L, d)
+        # log |Cov| = sum log s^2 + sum log sigma^2 - log |C|
+        logdet_c = 2 * torch.log(torch.diagonal(chol_c, dim1=1, dim2=2)).sum(1)
+        self.logdet_cov = torch.log(self.s2).sum(1) + torch.log(self.sig2).sum(1) - logdet_c
         self.d = a_last.shape[1]
 
-    def _rhs(self, prior_loc: torch.Tensor) -> torch.Tensor:
-        """``r = m / s_a^2 + J^T (t_j - f(a) + J a) / sigma^2``; the mean is ``P^{-1} r``."""
-        return prior_loc * self.inv_s2[:, None, :] + self.lin[:, None, :]
-
     def mean(self, prior_loc: torch.Tensor) -> torch.Tensor:
-        """Proposal mean for parent-conditional means ``prior_loc`` ``(B, R, d)``."""
-        return (self._rhs(prior_loc) @ self.linv_t) @ self.linv_t.transpose(1, 2)
+        """Proposal mean ``m + K (y - J m)`` for parent-conditional means ``m`` ``(B, R, d)``."""
+        innov = self.y[:, None, :] - prior_loc @ self.jac.transpose(1, 2)
+        return prior_loc + innov @ self.gain_t
 
-    def _finish(self, u: torch.Tensor) -> torch.Tensor:
-        return -0.5 * (u * u).sum(-1) + self.logdet[:, None] - 0.5 * self.d * _LOG2PI
+    def _logpdf(self, t: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """``log N(t; mean, Cov)`` with ``Cov^{-1} = S^{-1} + J^T Sigma^{-1} J``."""
+        r = t - mean
+        quad = (r * r / self.s2[:, None, :]).sum(-1)
+        jr = r @ self.jac.transpose(1, 2)
+        quad = quad + (jr * jr / self.sig2[:, None, :]).sum(-1)
+        return -0.5 * quad - 0.5 * self.logdet_cov[:, None] - 0.5 * self.d * _LOG2PI
 
     def log_last(self, t: torch.Tensor, prior_loc: torch.Tensor) -> torch.Tensor:
-        """``log q(t_{L-1} | t_{L-2})`` for values ``t`` ``(B, R, d)``.
-
-        With ``P = L L^T``: ``(t - P^{-1} r)^T L = t^T L - r^T L^{-T}``, two products.
-        """
-        return self._finish(t @ self.chol - self._rhs(prior_loc) @ self.linv_t)
+        """``log q(t_{L-1} | t_{L-2})`` for values ``t`` ``(B, R, d)``."""
+        return self._logpdf(t, self.mean(prior_loc))
 
     def log_last_shared(self, t: torch.Tensor, prior_loc: torch.Tensor | None):
         """As :meth:`log_last` for values ``t`` ``(R, d)`` shared by every query, with
         parent means ``prior_loc`` ``(R, d)`` (or ``None``: the query's own source)."""
-        u = torch.matmul(t[None], self.chol)  # (B, R, d)
+        b = len(self.rows)
         if prior_loc is None:
             own = self.pb.loc1[self.rows][:, None, :]
-            u = u - self._rhs(own) @ self.linv_t
-        else:
-            w = self.inv_s2[:, :, None] * self.linv_t  # diag(1/s_a^2) L^{-T}
-            u = u - torch.matmul(prior_loc[None], w) - (self.lin[:, None, :] @ self.linv_t)
-        return self._finish(u)
+            return self._logpdf(t[None].expand(b, -1, -1), self.mean(own))
+        return self.log_last(t[None].expand(b, -1, -1), prior_loc[None].expand(b, -1, -1))
+
+    def draw(self, prior_loc: torch.Tensor) -> torch.Tensor:
+        """Exact draws (Matheron's rule): a prior draw corrected by the gain."""
+        t = prior_loc + self.s2.sqrt()[:, None, :] * self.pb.randn(prior_loc.shape)
+        e = self.sig2.sqrt()[:, None, :] * self.pb.randn((*prior_loc.shape[:2], self.y.shape[1]))
+        innov = self.y[:, None, :] - t @ self.jac.transpose(1, 2) - e
+        return t + innov @ self.gain_t
 
     def sample(self, m: int):
         """``m`` paths per query: flat ``(B, M, D)``, ``log q``, chain sum, ``t_1``."""
@@ -314,12 +319,7 @@ class _Guided:
                 logq, chain = logq + lp, chain + lp
                 parts.append(t)
             loc, scale = pb.call(len(pb.links) - 2, parts[-1])
-        mean = self.mean(loc.reshape(b, m, -1))
-        eps = pb.randn((b, self.d, m))
-        dz = torch.linalg.solve_triangular(
-            self.chol.to(torch.float32).transpose(1, 2), eps.to(torch.float32), upper=True
-        ).to(torch.float64)
-        t_last = mean + dz.transpose(1, 2)
+        t_last = self.draw(loc.reshape(b, m, -1))
         logq = logq.reshape(b, m) + self.log_last(t_last, loc.reshape(b, m, -1))
         chain = chain.reshape(b, m)
         if len(pb.links) >= 2:  # the link into t_{L-1} is part of the path density
@@ -431,17 +431,31 @@ def _pool_logq(pb, q: _Guided, pool: _Pool, rows, top_r):
     return logq, log_g
 
 
+def _draws(pb, q: _Guided, rows, m: int):
+    """``m`` proposal draws per query: paths, ``log q``, ``log p(t_j | z)``, chain, ``t_1``."""
+    b = len(rows)
+    parts, logq, chain, first = q.sample(m)
+    loc, scale = pb.call(len(pb.links) - 1, parts[-1])
+    log_g = _row_gauss_logpdf(pb.t[rows].repeat_interleave(m, 0), loc, scale).reshape(b, m)
+    return logq, log_g, chain, first
+
+
 def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r):
     n, b = pb.n, len(rows)
+    ar = torch.arange(b, device=rows.device)
     q = _Guided(pb, rows, anchors)
-    parts, logq_is, chain, first = q.sample(n_is)
-    loc, scale = pb.call(len(pb.links) - 1, parts[-1])
-    log_g = _row_gauss_logpdf(pb.t[rows].repeat_interleave(n_is, 0), loc, scale).reshape(b, n_is)
+    logq_is, log_g, chain, first = _draws(pb, q, rows, n_is)
     k1 = pb.layer1(first.reshape(b * n_is, -1)).reshape(b, n_is, n)  # log p(t_1 | s_i)
     lp = k1 + chain[:, :, None]  # log p_i(z)
+    # the query's own source gets DIAG_FACTOR times the draws: they cost no kernel row
+    logq_x, log_g_x, chain_x, first_x = _draws(pb, q, rows, (_DIAG_FACTOR - 1) * n_is)
+    lp_own_x = _row_gauss_logpdf(first_x, pb.loc1[rows][:, None], pb.scale1[rows][:, None])
+    lp_d = torch.cat([lp[ar, :, rows], lp_own_x + chain_x], 1)
+    logq_d, log_g_d = torch.cat([logq_is, logq_x], 1), torch.cat([log_g, log_g_x], 1)
     logq_pool, log_g_pool = _pool_logq(pb, q, pool, rows, top_r)
     res = []
-    for m_used, k_used in ((n_is, n_fwd), (n_is // 2, n_fwd // 2)):
+    for frac in (1, 2):
+        m_used, k_used, md = n_is // frac, n_fwd // frac, _DIAG_FACTOR * n_is // frac
         lm, lk = math.log(m_used), math.log(k_used)
         num = lp[:, :m_used] + log_g[:, :m_used, None]
         den = torch.logaddexp(lm + logq_is[:, :m_used, None], lk + lp[:, :m_used])
@@ -450,9 +464,15 @@ def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r):
         q_pool = logq_pool.reshape(b, n_fwd, n)[:, :k_used]
         own = pool.own[:k_used][None]
         den_f = torch.logaddexp(lm + q_pool, lk + own)
-        fwd_term = torch.logsumexp(own + g_pool - den_f, 1)
-        res.append(torch.logaddexp(is_term, fwd_term))
-        if m_used == n_is:
-            w = (num - den)[torch.arange(b), :, rows]  # own source, (B, M)
-            ess = torch.exp(2 * torch.logsumexp(w, 1) - torch.logsumexp(2 * w, 1))
+        out = torch.logaddexp(is_term, torch.logsumexp(own + g_pool - den_f, 1))
+        # the diagonal with all of its draws
+        w_d = lp_d[:, :md] + log_g_d[:, :md]
+        w_d = w_d - torch.logaddexp(math.log(md) + logq_d[:, :md], lk + lp_d[:, :md])
+        own_j = own[0][:, rows].T  # (B, k_used): paths of the query's own source
+        den_fd = torch.logaddexp(math.log(md) + q_pool[ar, :, rows], lk + own_j)
+        fwd_d = torch.logsumexp(own_j + g_pool[ar, :, rows] - den_fd, 1)
+        out[ar, rows] = torch.logaddexp(torch.logsumexp(w_d, 1), fwd_d)
+        res.append(out)
+        if frac == 1:
+            ess = torch.exp(2 * torch.logsumexp(w_d, 1) - torch.logsumexp(2 * w_d, 1))
     return res[0], res[1], ess

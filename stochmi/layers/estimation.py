@@ -155,6 +155,14 @@ class _Deep:
         return self.cache[(a, b)]
 
     def _once(self, a, b, n_is, n_fwd):
+        # traced links sample the layer site from torch's global RNG: run them on a
+        # private, seeded copy so the caller's RNG is untouched and numbers reproduce
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.gen).item())
+        with torch.random.fork_rng(devices=cuda_devices(self.chain.values[b])):
+            torch.manual_seed(seed)
+            return self._once_inner(a, b, n_is, n_fwd)
+
+    def _once_inner(self, a, b, n_is, n_fwd):
         ch = self.chain
         loc, scale = normal_params(ch.conds[a + 1])
         return deep_log_density(
