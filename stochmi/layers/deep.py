@@ -387,8 +387,15 @@ def deep_log_density(
     pb = _Problem(first_loc, first_scale, links, queries, generator, dtype)
     n = pb.n
     pool = _Pool(pb, n_fwd)
-    if chunk_size is None:
-        chunk_size = max(1, min(n, int(2e7 // max(1, (n_is + n_fwd) * n))))
+    if chunk_size is None:  # ~2e7 float64 elements per block for each large tensor
+        widest = max(t.shape[1] for t in anchors)
+        per_row = max(
+            (n_is + n_fwd) * n,  # kernel rows of the proposal draws and forward paths
+            queries.shape[1] * anchors[-1].shape[1],  # Jacobian of the last link
+            _DIAG_FACTOR * n_is * widest,  # the draws themselves
+            top_r * anchors[-1].shape[1],
+        )
+        chunk_size = max(1, min(n, int(2e7 // per_row)))
     out = torch.empty(n, n, dtype=torch.float64)
     half = torch.empty(n, n, dtype=torch.float64)
     ess = torch.empty(n, dtype=torch.float64)

@@ -38,7 +38,8 @@ def _check_table(df, n, n_layers):
     "name, overrides",
     [
         ("noisy_mlp", {"noise.sigma": 1.0, "model.hidden": [64, 32, 16]}),
-        ("noisy_cnn", {"noise.sigma": 1.0}),
+        # the CNN's flattened conv maps make its deep-layer densities slow (~7 min here)
+        pytest.param("noisy_cnn", {"noise.sigma": 1.0}, marks=pytest.mark.slow),
     ],
 )
 def test_noisy_reference_nets_give_finite_mi_respecting_dpi(mnist, name, overrides):
