@@ -52,7 +52,7 @@ from stochmi.core.rng import spawn_seeds
 from stochmi.layers.chain import Chain, cuda_devices
 from stochmi.layers.deep import NotGaussianLink, deep_log_density, normal_params
 from stochmi.layers.links import model_links
-from stochmi.layers.sites import find_layers, no_layers_message, trace_model
+from stochmi.layers.sites import find_layers, no_layers_message, resolve_layers, trace_model
 
 __all__ = ["layer_mi", "find_layers", "COLUMNS"]
 
@@ -499,17 +499,9 @@ def layer_mi(
         torch.manual_seed(master[1])
         with torch.no_grad():
             sites = find_layers(model, x)
-    if layers is None:
-        layers = sites.layers
-        if not layers:
-            raise ValueError(no_layers_message(model, x))
-    else:
-        unknown = [s for s in layers if s not in sites.layers]
-        if unknown:
-            raise ValueError(
-                f"unknown layer sites {unknown}; the model's stochastic layers are {sites.layers}"
-            )
-        layers = [s for s in sites.layers if s in layers]
+    if layers is None and not sites.layers:
+        raise ValueError(no_layers_message(model, x))
+    layers = resolve_layers(sites.layers, layers)
     if pairs is None:
         pairs = _default_pairs(layers, y is not None)
     else:

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Sites", "find_layers", "is_local", "no_layers_message", "sample_sites", "trace_model"]
+__all__ = [
+    "Sites",
+    "find_layers",
+    "is_local",
+    "no_layers_message",
+    "resolve_layers",
+    "sample_sites",
+    "trace_model",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -66,6 +74,24 @@ def find_layers(model: Callable, x: torch.Tensor) -> Sites:
             continue
         (layers if is_local(site, n) else weights).append(name)
     return Sites(layers, weights)
+
+
+def resolve_layers(found: list[str], requested: list[str] | None) -> list[str]:
+    """The requested layer sites in execution order (all ``found`` ones when None).
+
+    Raises
+    ------
+    ValueError
+        A requested name is not one of the model's stochastic layers.
+    """
+    if requested is None:
+        return list(found)
+    unknown = [s for s in requested if s not in found]
+    if unknown:
+        raise ValueError(
+            f"unknown layer sites {unknown}; the model's stochastic layers are {found}"
+        )
+    return [s for s in found if s in requested]
 
 
 def no_layers_message(model: Callable, x: torch.Tensor) -> str:

@@ -56,7 +56,7 @@ from torch import distributions as td
 from stochmi.core.from_matrix import mi_terms_from_log_density
 from stochmi.core.kernel import DETERMINISTIC_MESSAGE, is_delta
 from stochmi.layers.chain import as_batch_n, cuda_devices
-from stochmi.layers.sites import find_layers, is_local, sample_sites, trace_model
+from stochmi.layers.sites import find_layers, is_local, resolve_layers, sample_sites, trace_model
 
 __all__ = ["weight_mi", "weight_kl", "COLUMNS"]
 
@@ -539,15 +539,7 @@ def weight_mi(
             "the model has no weight sites (global latent sample sites outside the data plate): "
             "with fixed weights I(T; W | X) = 0"
         )
-    if layers is None:
-        layers = list(sites.layers)
-    else:
-        unknown = [s for s in layers if s not in sites.layers]
-        if unknown:
-            raise ValueError(
-                f"unknown layer sites {unknown}; the model's stochastic layers are {sites.layers}"
-            )
-        layers = [s for s in sites.layers if s in layers]
+    layers = resolve_layers(sites.layers, layers)
     draws = _weight_draws(model, guide, x, sites.weights, n_weight_draws, gen)
     m = len(draws)
     # one forward trace per draw: layer-1 conditionals, queries for every layer, labels
