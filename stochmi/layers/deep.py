@@ -192,6 +192,9 @@ class DeepLogDensity:
         With the first half of the draws of both proposals.
     diag_ess : Tensor, shape (N,)
         Effective sample size of the proposal draws for the query's own source.
+    marg_ess : Tensor, shape (N,)
+        Effective number of terms (draws x sources) behind ``sum_i p(t_j | s_i)``: near 1
+        when the marginal density rests on a single draw, i.e. is unreliable.
     n_is, n_fwd : int
         Draws per query from ``q_j`` and forward paths per source.
     """
@@ -199,6 +202,7 @@ class DeepLogDensity:
     L: torch.Tensor
     L_half: torch.Tensor
     diag_ess: torch.Tensor
+    marg_ess: torch.Tensor
     n_is: int
     n_fwd: int
 
@@ -399,12 +403,15 @@ def deep_log_density(
     out = torch.empty(n, n, dtype=torch.float64)
     half = torch.empty(n, n, dtype=torch.float64)
     ess = torch.empty(n, dtype=torch.float64)
+    marg = torch.empty(n, dtype=torch.float64)
     for start in range(0, n, chunk_size):
         rows = torch.arange(start, min(n, start + chunk_size), device=pb.loc1.device)
-        out[rows], half[rows], ess[rows] = _block(pb, rows, anchors, pool, n_is, n_fwd, top_r)
+        out[rows], half[rows], ess[rows], marg[rows] = _block(
+            pb, rows, anchors, pool, n_is, n_fwd, top_r
+        )
         if progress is not None:
             progress(len(rows))
-    return DeepLogDensity(out, half, ess, n_is, n_fwd)
+    return DeepLogDensity(out, half, ess, marg, n_is, n_fwd)
 
 
 def _pool_logq(pb, q: _Guided, pool: _Pool, rows, top_r):
@@ -482,4 +489,8 @@ def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r):
         res.append(out)
         if frac == 1:
             ess = torch.exp(2 * torch.logsumexp(w_d, 1) - torch.logsumexp(2 * w_d, 1))
-    return res[0], res[1], ess
+            terms = torch.cat(
+                [(num - den).flatten(1), (own + g_pool - den_f).flatten(1), w_d], 1
+            )
+            marg = torch.exp(2 * torch.logsumexp(terms, 1) - torch.logsumexp(2 * terms, 1))
+    return res[0], res[1], ess, marg
