@@ -617,9 +617,12 @@ class LogDensityKernel:
     def iter_shifted_blocks(
         self, t: torch.Tensor, diag: torch.Tensor
     ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Like :meth:`iter_blocks`, yielding ``(row_slice, src, blk, off)`` from
-        :meth:`shifted_block` (``L = blk + off[:, None]``); the exact diagonal is
-        written at ``(row, src)`` as ``diag - off`` in ``blk``'s dtype."""
+        """Yield ``(row_slice, src, blk, off)`` over all samples, ``L = blk + off[:, None]``.
+
+        ``t`` has shape ``(R, N, *event)``; rows are flattened draw-major, so row
+        ``r * N + j`` belongs to source ``j``.  Blocks come from :meth:`shifted_block`;
+        the exact diagonal is written at ``(row, src)`` as ``diag - off`` in ``blk``'s
+        dtype."""
         r = t.shape[0]
         flat = t.reshape(r * self.n, *t.shape[2:])
         dflat = diag.reshape(-1)
@@ -632,24 +635,3 @@ class LogDensityKernel:
             dg = (dflat[start:stop] - off).to(blk.dtype)
             blk[torch.arange(stop - start, device=self.device), src] = dg
             yield slice(start, stop), src, blk, off
-
-    def iter_blocks(
-        self, t: torch.Tensor, diag: torch.Tensor
-    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-        """Yield ``(row_slice, src, L_block)`` over all samples.
-
-        ``t`` has shape ``(R, N, *event)``; rows are flattened draw-major, so row
-        ``r * N + j`` belongs to source ``j``.  The exact diagonal ``diag`` is
-        written into each block at ``(row, src)`` before it is yielded.
-        """
-        r = t.shape[0]
-        flat = t.reshape(r * self.n, *t.shape[2:])
-        dflat = diag.reshape(-1)
-        total = r * self.n
-        for start in range(0, total, self.chunk_size):
-            stop = min(start + self.chunk_size, total)
-            rows = torch.arange(start, stop, device=self.device)
-            src = rows % self.n
-            blk = self.block(flat[start:stop])
-            blk[torch.arange(stop - start, device=self.device), src] = dflat[start:stop]
-            yield slice(start, stop), src, blk

@@ -34,6 +34,7 @@ summarised over draws (mean, sd, HDI, ESS by ArviZ).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -170,8 +171,18 @@ class _Deep:
             return self._once_inner(a, b, n_is, n_fwd)
 
     def _once_inner(self, a, b, n_is, n_fwd):
+        from tqdm.auto import tqdm
+
         ch = self.chain
         loc, scale = normal_params(ch.conds[a + 1])
+        bar = None
+        if self.progress:
+            bar = tqdm(total=ch.n, desc=f"deep densities ({n_is}/{n_fwd} draws)", leave=False)
+        with bar if bar is not None else contextlib.nullcontext():
+            return self._densities(a, b, n_is, n_fwd, loc, scale, bar)
+
+    def _densities(self, a, b, n_is, n_fwd, loc, scale, bar):
+        ch = self.chain
         return deep_log_density(
             loc,
             scale,
@@ -182,6 +193,7 @@ class _Deep:
             n_fwd=n_fwd,
             generator=self.gen,
             dtype=self.dtype,
+            progress=bar.update if bar is not None else None,
         )
 
     def _run(self, a: int, b: int) -> dict:

@@ -205,19 +205,20 @@ def test_diagonal_is_exact_for_own_draws():
     torch.testing.assert_close(kernel.diagonal(t), cond.log_prob(t), rtol=1e-12, atol=1e-9)
 
 
-def test_iter_blocks_covers_every_row_once_with_exact_diagonal():
+def test_iter_shifted_blocks_covers_every_row_once_with_exact_diagonal():
     cond = _structures()["per_source_diag"][0]
     kernel = LogDensityKernel(cond, chunk_size=7)
     t = kernel.sample(2, _gen(10))
     diag = kernel.diagonal(t)
     seen = torch.zeros(2 * N, dtype=torch.long)
     flat = t.reshape(2 * N, D)
-    for sl, src, blk in kernel.iter_blocks(t, diag):
+    for sl, src, sblk, off in kernel.iter_shifted_blocks(t, diag):
+        blk = sblk.to(torch.float64) + off[:, None]
         assert blk.shape == (sl.stop - sl.start, N)
         assert torch.equal(src, torch.arange(sl.start, sl.stop) % N)
         seen[sl] += 1
         ar = torch.arange(blk.shape[0])
-        assert torch.equal(blk[ar, src], diag.reshape(-1)[sl])
+        torch.testing.assert_close(blk[ar, src], diag.reshape(-1)[sl], rtol=1e-12, atol=1e-9)
         ref = textbook.broadcast_log_prob_matrix(cond, flat[sl])
         ref[ar, src] = diag.reshape(-1)[sl]
         torch.testing.assert_close(blk, ref, rtol=1e-12, atol=1e-9)
