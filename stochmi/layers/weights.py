@@ -242,9 +242,20 @@ class _Deep:
         return _trace(self.model, x, self._seed(), data)
 
     def _linearise(self, w, x):
-        """Mean path, Jacobians and scales under ``w`` -> posterior-proposal pieces."""
-        import pyro.poutine as poutine
+        """Mean path, Jacobians and scales under ``w`` -> posterior-proposal pieces.
 
+        Returns ``(m0, mu, K, Lc, off)`` of :func:`_path_posterior`.
+        """
+        means, scales, jacs = self._mean_path(w, x)
+        return _path_posterior(means, scales, jacs, self.inflate, x.device)
+
+    def _mean_path(self, w, x):
+        """The chain up to the target layer under ``w``, each layer at its parent's mean.
+
+        Returns per layer ``k = 0..l`` the mean ``(b, d_k)`` and scale ``(b, d_k)`` of
+        ``t_k`` given ``t_{k-1}`` = the previous mean, and for ``k >= 1`` the Jacobian
+        ``d mean_k / d t_{k-1}`` ``(b, d_k, d_{k-1})``; all float64.
+        """
         b = x.shape[0]
         names = self.layers[: self.l + 1]
         means, scales, jacs = [], [], []
@@ -253,74 +264,39 @@ class _Deep:
             if k == 0:
                 tr = self._cond(w, x, {})
                 loc, sc = _normal_grad(tr.nodes[name]["fn"], b)
-                means.append(loc.detach().to(torch.float64))
-                scales.append(sc.detach().to(torch.float64))
             else:
-                parent = means[-1].to(x.dtype).clone().requires_grad_(True)
-                data = dict(w)
-                data.update({kk: v.reshape(b, *self.shapes[kk]) for kk, v in fixed.items()})
-                data[names[k - 1]] = parent.reshape(b, *self.shapes[names[k - 1]])
-                with torch.random.fork_rng(devices=cuda_devices(x)):
-                    torch.manual_seed(self._seed())
-                    with torch.enable_grad():
-                        tr = trace_model(poutine.condition(self.model, data=data), x)
-                        loc, sc = _normal_grad(tr.nodes[name]["fn"], b)
-                        if not loc.requires_grad:
-                            raise TypeError(
-                                f"layer '{name}': its mean does not depend differentiably "
-                                "on the previous layer"
-                            )
-                        d_out = loc.shape[1]
-                        eye = torch.eye(d_out, dtype=loc.dtype, device=loc.device)
-                        grads = eye[:, None, :].expand(d_out, b, d_out)
-                        try:
-                            (jac,) = torch.autograd.grad(
-                                loc, parent, grad_outputs=grads, is_grads_batched=True
-                            )
-                        except RuntimeError:
-                            jac = torch.stack(
-                                [
-                                    torch.autograd.grad(loc[:, o].sum(), parent, retain_graph=True)[
-                                        0
-                                    ]
-                                    for o in range(d_out)
-                                ]
-                            )
-                jacs.append(jac.permute(1, 0, 2).detach().to(torch.float64))  # (b, d_k, d_{k-1})
-                means.append(loc.detach().to(torch.float64))
-                scales.append(sc.detach().to(torch.float64))
+                loc, sc, jac = self._linear_link(w, x, names[k - 1], name, means[-1], fixed)
+                jacs.append(jac.permute(1, 0, 2).detach().to(torch.float64))
+            means.append(loc.detach().to(torch.float64))
+            scales.append(sc.detach().to(torch.float64))
             fixed[name] = means[-1].to(x.dtype)
-        # joint Gaussian of the path z = (t_1..t_{l-1}) in the linearised chain
-        dims = [mm.shape[1] for mm in means[:-1]]
-        off = np.concatenate([[0], np.cumsum(dims)]).tolist()
-        dd = off[-1]
-        P = torch.zeros(b, dd, dd, dtype=torch.float64, device=x.device)
-        P[:, : off[1], : off[1]] = torch.diag_embed(scales[0] ** 2)
-        for k in range(1, len(dims)):
-            a0, a1, b0, b1 = off[k - 1], off[k], off[k], off[k + 1]
-            J = jacs[k - 1]
-            cross = J @ P[:, a0:a1, :b0]  # Cov(t_k, earlier)
-            P[:, b0:b1, :b0] = cross
-            P[:, :b0, b0:b1] = cross.transpose(1, 2)
-            P[:, b0:b1, b0:b1] = J @ P[:, a0:a1, a0:a1] @ J.transpose(1, 2) + torch.diag_embed(
-                scales[k] ** 2
-            )
-        J = jacs[-1]  # (b, d_l, d_{l-1})
-        a0, a1 = off[-2], off[-1]
-        PH = P[:, :, a0:a1] @ J.transpose(1, 2)  # (b, D, d_l)
-        S = J @ PH[:, a0:a1, :] + torch.diag_embed(scales[-1] ** 2)
-        Sc = torch.linalg.cholesky(S)
-        K = torch.cholesky_solve(PH.transpose(1, 2), Sc).transpose(1, 2)  # (b, D, d_l)
-        C = P - K @ PH.transpose(1, 2)
-        C = 0.5 * (C + C.transpose(1, 2)) * self.inflate**2
-        jitter = 1e-10 * torch.diagonal(C, dim1=1, dim2=2).mean(1).clamp_min(1e-30)
-        Lc, info = torch.linalg.cholesky_ex(C + jitter[:, None, None] * torch.eye(dd))
-        if bool((info != 0).any()):
-            Lc = torch.linalg.cholesky(
-                C + 1e-6 * torch.eye(dd) * torch.diagonal(C, dim1=1, dim2=2).mean(1)[:, None, None]
-            )
-        m0 = torch.cat(means[:-1], 1)
-        return m0, means[-1], K, Lc, off
+        return means, scales, jacs
+
+    def _linear_link(self, w, x, prev, name, prev_mean, fixed):
+        """Layer ``name``'s mean and scale at parent ``prev_mean`` and its Jacobian.
+
+        The earlier layers are conditioned on their means (``fixed``); the Jacobian has
+        shape ``(d_out, b, d_in)``.
+        """
+        import pyro.poutine as poutine
+
+        b = x.shape[0]
+        parent = prev_mean.to(x.dtype).clone().requires_grad_(True)
+        data = dict(w)
+        data.update({kk: v.reshape(b, *self.shapes[kk]) for kk, v in fixed.items()})
+        data[prev] = parent.reshape(b, *self.shapes[prev])
+        with torch.random.fork_rng(devices=cuda_devices(x)):
+            torch.manual_seed(self._seed())
+            with torch.enable_grad():
+                tr = trace_model(poutine.condition(self.model, data=data), x)
+                loc, sc = _normal_grad(tr.nodes[name]["fn"], b)
+                if not loc.requires_grad:
+                    raise TypeError(
+                        f"layer '{name}': its mean does not depend differentiably "
+                        "on the previous layer"
+                    )
+                jac = _batched_jacobian(loc, parent)
+        return loc, sc, jac
 
     def block(self, w, x, queries):
         """``(full, half, ess)`` for source ``w``: log-density of every query, ``(b, M)``.
@@ -379,6 +355,71 @@ class _Deep:
                 wts = num - den
                 ess = torch.exp(2 * torch.logsumexp(wts, -1) - torch.logsumexp(2 * wts, -1))
         return res[0], res[1], ess
+
+
+def _batched_jacobian(loc: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+    """``d loc[n, o] / d parent[n, :]`` for every row, shape ``(d_out, b, d_in)``.
+
+    Rows are independent (row ``n`` of ``loc`` depends on row ``n`` of ``parent`` only).
+    Batched ``autograd.grad`` when the graph supports it, one output unit at a time
+    otherwise.
+    """
+    b, d_out = loc.shape
+    eye = torch.eye(d_out, dtype=loc.dtype, device=loc.device)
+    grads = eye[:, None, :].expand(d_out, b, d_out)
+    try:
+        (jac,) = torch.autograd.grad(loc, parent, grad_outputs=grads, is_grads_batched=True)
+    except RuntimeError:
+        jac = torch.stack(
+            [
+                torch.autograd.grad(loc[:, o].sum(), parent, retain_graph=True)[0]
+                for o in range(d_out)
+            ]
+        )
+    return jac
+
+
+def _path_posterior(means, scales, jacs, inflate: float, device):
+    """Gaussian proposal of the path ``z = (t_1..t_{l-1})`` given ``t_l`` in the linearised chain.
+
+    ``means``/``scales`` ``(b, d_k)`` and ``jacs`` ``(b, d_k, d_{k-1})`` from
+    :meth:`_Deep._mean_path`.  Returns ``m0`` ``(b, D)`` (the path's mean), ``mu``
+    ``(b, d_l)`` (the target's), the gain ``K`` ``(b, D, d_l)`` (the proposal mean for a
+    query ``t`` is ``m0 + K (t - mu)``), ``Lc`` ``(b, D, D)`` the Cholesky factor of
+    the conditional covariance inflated by ``inflate**2``, and ``off`` the offsets of
+    the layers in ``z``.
+    """
+    b = means[0].shape[0]
+    dims = [mm.shape[1] for mm in means[:-1]]
+    off = np.concatenate([[0], np.cumsum(dims)]).tolist()
+    dd = off[-1]
+    P = torch.zeros(b, dd, dd, dtype=torch.float64, device=device)
+    P[:, : off[1], : off[1]] = torch.diag_embed(scales[0] ** 2)
+    for k in range(1, len(dims)):
+        a0, a1, b0, b1 = off[k - 1], off[k], off[k], off[k + 1]
+        J = jacs[k - 1]
+        cross = J @ P[:, a0:a1, :b0]  # Cov(t_k, earlier)
+        P[:, b0:b1, :b0] = cross
+        P[:, :b0, b0:b1] = cross.transpose(1, 2)
+        P[:, b0:b1, b0:b1] = J @ P[:, a0:a1, a0:a1] @ J.transpose(1, 2) + torch.diag_embed(
+            scales[k] ** 2
+        )
+    J = jacs[-1]  # (b, d_l, d_{l-1})
+    a0, a1 = off[-2], off[-1]
+    PH = P[:, :, a0:a1] @ J.transpose(1, 2)  # (b, D, d_l)
+    S = J @ PH[:, a0:a1, :] + torch.diag_embed(scales[-1] ** 2)
+    Sc = torch.linalg.cholesky(S)
+    K = torch.cholesky_solve(PH.transpose(1, 2), Sc).transpose(1, 2)  # (b, D, d_l)
+    C = P - K @ PH.transpose(1, 2)
+    C = 0.5 * (C + C.transpose(1, 2)) * inflate**2
+    jitter = 1e-10 * torch.diagonal(C, dim1=1, dim2=2).mean(1).clamp_min(1e-30)
+    Lc, info = torch.linalg.cholesky_ex(C + jitter[:, None, None] * torch.eye(dd))
+    if bool((info != 0).any()):
+        Lc = torch.linalg.cholesky(
+            C + 1e-6 * torch.eye(dd) * torch.diagonal(C, dim1=1, dim2=2).mean(1)[:, None, None]
+        )
+    m0 = torch.cat(means[:-1], 1)
+    return m0, means[-1], K, Lc, off
 
 
 # ---------------------------------------------------------------------------
@@ -509,46 +550,21 @@ def weight_mi(
     TypeError
         Deeper layers whose links are not Gaussian.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1 or x.shape[0] < 1:
-        raise ValueError(f"x must have at least one input, got shape {tuple(x.shape)}")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or inf values")
-    for nm, v in (("n_weight_draws", n_weight_draws), ("n_noise", n_noise)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{nm} must be a positive int, got {v!r}")
-    if n_weight_draws < 2:
-        raise ValueError("n_weight_draws must be >= 2 (the draws are the sources)")
-    for nm, v in (("n_is", n_is), ("n_fwd", n_fwd)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 2 or v % 2:
-            raise ValueError(f"{nm} must be an even int >= 2, got {v!r}")
+    _check_weight_mi_args(x, n_weight_draws, n_noise, n_is, n_fwd)
     from tqdm.auto import tqdm
 
     used_seed = seed if seed is not None else int.from_bytes(os.urandom(7), "little")
     master = _seeds(used_seed, 6)
     gen = torch.Generator().manual_seed(master[0])
     n = x.shape[0]
-    xs = x if n >= 2 else x.repeat(2, *([1] * (x.dim() - 1)))  # site discovery needs N >= 2
-    with torch.random.fork_rng(devices=cuda_devices(x)):
-        torch.manual_seed(master[1])
-        with torch.no_grad():
-            sites = find_layers(model, xs)
-    if not sites.weights:
-        raise ValueError(
-            "the model has no weight sites (global latent sample sites outside the data plate): "
-            "with fixed weights I(T; W | X) = 0"
-        )
+    sites = _weighted_sites(model, x, master[1])
     layers = resolve_layers(sites.layers, layers)
     draws = _weight_draws(model, guide, x, sites.weights, n_weight_draws, gen)
     m = len(draws)
     # one forward trace per draw: layer-1 conditionals, queries for every layer, labels
     traces = [_trace(model, x, int(torch.randint(0, 2**62, (1,), generator=gen)), w) for w in draws]
     label = _label_site(traces[0], n) if prediction else None
-    shapes = {}
-    for name in sites.layers:
-        v = traces[0].nodes[name]["value"]
-        shapes[name] = tuple(v.shape[1:])
+    shapes = {name: tuple(traces[0].nodes[name]["value"].shape[1:]) for name in sites.layers}
     rows, per_input, conv, closed = [], {}, {}, {}
     bar = tqdm(total=len(layers), desc="weight MI", disable=not progress, leave=False)
     pos = {nm: k for k, nm in enumerate(sites.layers)}
@@ -560,8 +576,7 @@ def weight_mi(
             cf = _first_layer_closed_form(model, name, x, guide, fns)
             if cf is not None:
                 closed[name] = cf
-            L = _first_layer_L(fns, queries)
-            pi = _per_input(L)
+            pi = _per_input(_first_layer_L(fns, queries))
             method = "exact"
         else:
             L, Lh, ess = _deep_matrix(
@@ -579,27 +594,7 @@ def weight_mi(
                 chunk_size,
                 bar,
             )
-            pi = _per_input(L)
-            half = _per_input(Lh)
-            v_full, v_half = float(pi["value"].mean()), float(half["value"].mean())
-            se = math.sqrt(pi["var"].sum()) / n
-            conv[name] = {
-                "value": v_full,
-                "value_half": v_half,
-                "upper": float(pi["upper"].mean()),
-                "upper_half": float(half["upper"].mean()),
-                "diag_ess_median": float(ess.median()),
-                "n_is": n_is,
-                "n_fwd": n_fwd,
-            }
-            if abs(v_full - v_half) > 3 * se + 0.02 * abs(v_full):
-                warnings.warn(
-                    f"weight_mi: layer '{name}': the importance-sampling estimate has not "
-                    f"converged (value {v_full:.4f} with all draws, {v_half:.4f} with half); "
-                    "raise n_is / n_fwd",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            pi, conv[name] = _deep_convergence(name, L, Lh, ess, n_is, n_fwd)
             method = "importance sampling over paths"
         per_input[name] = pi["value"]
         rows.append(_summary_row(name, pi, m, method))
@@ -607,14 +602,10 @@ def weight_mi(
     bar.close()
     decomposition = None
     if label is not None:
-        probs = _label_probs(model, draws, x, label, sites.layers, n_noise, gen)
-        b = _bald(probs)
+        b = _bald(_label_probs(model, draws, x, label, sites.layers, n_noise, gen))
         rows.append(_summary_row("Y", b, m, "BALD"))
         per_input["Y"] = b["value"]
-        dec = pd.DataFrame(
-            {"total": b["total"], "aleatoric": b["aleatoric"], "epistemic": b["value"]}
-        )
-        decomposition = {"per_input": dec, "mean": dec.mean().to_dict()}
+        decomposition = _bald_decomposition(b)
     df = pd.DataFrame(rows)
     chain = None
     if chain_rule and layers:
@@ -633,6 +624,81 @@ def weight_mi(
         }
     )
     return df
+
+
+def _check_weight_mi_args(x, n_weight_draws, n_noise, n_is, n_fwd) -> None:
+    """The input and sample-size checks of :func:`weight_mi` (ValueError, TypeError)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must have at least one input, got shape {tuple(x.shape)}")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or inf values")
+    for nm, v in (("n_weight_draws", n_weight_draws), ("n_noise", n_noise)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{nm} must be a positive int, got {v!r}")
+    if n_weight_draws < 2:
+        raise ValueError("n_weight_draws must be >= 2 (the draws are the sources)")
+    for nm, v in (("n_is", n_is), ("n_fwd", n_fwd)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 2 or v % 2:
+            raise ValueError(f"{nm} must be an even int >= 2, got {v!r}")
+
+
+def _weighted_sites(model, x: torch.Tensor, seed: int):
+    """The model's layer and weight sites (:func:`find_layers`, traced with ``seed``).
+
+    Raises ValueError when the model has no weight sites.
+    """
+    n = x.shape[0]
+    xs = x if n >= 2 else x.repeat(2, *([1] * (x.dim() - 1)))  # site discovery needs N >= 2
+    with torch.random.fork_rng(devices=cuda_devices(x)):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            sites = find_layers(model, xs)
+    if not sites.weights:
+        raise ValueError(
+            "the model has no weight sites (global latent sample sites outside the data plate): "
+            "with fixed weights I(T; W | X) = 0"
+        )
+    return sites
+
+
+def _deep_convergence(name: str, L, Lh, ess, n_is: int, n_fwd: int) -> tuple[dict, dict]:
+    """Per-input numbers of a deeper layer and its convergence record.
+
+    Compares the estimate from all importance-sampling draws (``L``) with the one from
+    the first half (``Lh``) and warns (RuntimeWarning, pointing at the caller of
+    :func:`weight_mi`) when they differ by more than ``3 stderr + 2%``.
+    """
+    pi = _per_input(L)
+    half = _per_input(Lh)
+    n = len(pi["value"])
+    v_full, v_half = float(pi["value"].mean()), float(half["value"].mean())
+    se = math.sqrt(pi["var"].sum()) / n
+    conv = {
+        "value": v_full,
+        "value_half": v_half,
+        "upper": float(pi["upper"].mean()),
+        "upper_half": float(half["upper"].mean()),
+        "diag_ess_median": float(ess.median()),
+        "n_is": n_is,
+        "n_fwd": n_fwd,
+    }
+    if abs(v_full - v_half) > 3 * se + 0.02 * abs(v_full):
+        warnings.warn(
+            f"weight_mi: layer '{name}': the importance-sampling estimate has not "
+            f"converged (value {v_full:.4f} with all draws, {v_half:.4f} with half); "
+            "raise n_is / n_fwd",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return pi, conv
+
+
+def _bald_decomposition(b: dict) -> dict:
+    """``total = aleatoric + epistemic`` entropy of the prediction, per input and mean."""
+    dec = pd.DataFrame({"total": b["total"], "aleatoric": b["aleatoric"], "epistemic": b["value"]})
+    return {"per_input": dec, "mean": dec.mean().to_dict()}
 
 
 def _first_layer_closed_form(model, name, x, guide, fns):
