@@ -156,22 +156,45 @@ def mutual_information(
     if len(widths) < 2 or min(widths) < 1:
         raise ValueError(f"widths must be [n_0, n_1, ..., n_L] with positive entries, got {widths}")
     L = len(widths) - 1
-    if isinstance(activations, str):
-        activations = [activations] * L
-    activations = list(activations)
-    if len(activations) != L:
-        raise ValueError(f"{len(activations)} activations for {L} layers")
-    for l, name in enumerate(activations, 1):
-        if name == "probit" and l != L:
-            raise ValueError("'probit' is allowed on the last layer only")
-        if name not in _INNER + ("probit",):
-            raise ValueError(f"unknown activation {name!r}: use one of {_INNER + ('probit',)}")
+    activations = _check_activations(activations, L)
     noise = _per_layer(noise, L, "noise")
     if any(d < 0 or not np.isfinite(d) for d in noise):
         raise ValueError(f"noise variances must be finite and >= 0, got {noise}")
     pri = make_prior(prior)
     acts = [make_activation(a, slope=leaky_slope) for a in activations]
+    specs = _weight_spectra(widths, weights, ensemble, weight_scale)
+    rows = _layer_rows(widths, pri, specs, acts, noise, tol, max_iter)
+    df = pd.DataFrame(rows)
+    df.attrs.update(
+        widths=widths,
+        activations=activations,
+        noise=noise,
+        prior=prior,
+        weights="given" if weights is not None else ensemble,
+    )
+    return df
 
+
+def _check_activations(activations: Sequence[str] | str, n_layers: int) -> list[str]:
+    """One known activation name per layer (a single name applies to all); probit last only."""
+    if isinstance(activations, str):
+        activations = [activations] * n_layers
+    activations = list(activations)
+    if len(activations) != n_layers:
+        raise ValueError(f"{len(activations)} activations for {n_layers} layers")
+    for l, name in enumerate(activations, 1):
+        if name == "probit" and l != n_layers:
+            raise ValueError("'probit' is allowed on the last layer only")
+        if name not in _INNER + ("probit",):
+            raise ValueError(f"unknown activation {name!r}: use one of {_INNER + ('probit',)}")
+    return activations
+
+
+def _weight_spectra(
+    widths: list[int], weights, ensemble: str, weight_scale: float | Sequence[float]
+) -> list[Spectrum]:
+    """The spectrum of every ``W_l W_l^T``: empirical from ``weights``, else of ``ensemble``."""
+    L = len(widths) - 1
     if weights is not None:
         if len(weights) != L:
             raise ValueError(f"{len(weights)} weight matrices for {L} layers")
@@ -183,24 +206,27 @@ def mutual_information(
                     f"W_{l} has shape {(s.n_out, s.n_in)}, expected {(widths[l], widths[l - 1])}"
                 )
             specs.append(s)
-    else:
-        scales = _per_layer(weight_scale, L, "weight_scale")
-        if ensemble == "gaussian":
-            specs = [
-                marchenko_pastur(widths[l], widths[l - 1], scales[l - 1]) for l in range(1, L + 1)
-            ]
-        elif ensemble == "orthogonal":
-            specs = [
-                orthogonal_spectrum(widths[l], widths[l - 1], scales[l - 1])
-                for l in range(1, L + 1)
-            ]
-        else:
-            raise ValueError(f"ensemble must be 'gaussian' or 'orthogonal', got {ensemble!r}")
+        return specs
+    scales = _per_layer(weight_scale, L, "weight_scale")
+    if ensemble == "gaussian":
+        return [marchenko_pastur(widths[l], widths[l - 1], scales[l - 1]) for l in range(1, L + 1)]
+    if ensemble == "orthogonal":
+        return [
+            orthogonal_spectrum(widths[l], widths[l - 1], scales[l - 1]) for l in range(1, L + 1)
+        ]
+    raise ValueError(f"ensemble must be 'gaussian' or 'orthogonal', got {ensemble!r}")
 
+
+def _layer_rows(widths, pri, specs, acts, noise, tol: float, max_iter: int) -> list[dict]:
+    """One row of :func:`mutual_information`'s table per layer ``l = 1..L``.
+
+    The second moment of ``t_{l-1}`` is propagated layer by layer; layer ``l``'s
+    entropy comes from the fixed point of the network truncated at ``l``.
+    """
     n0 = widths[0]
     rows = []
     rho_t = pri.second_moment
-    for l in range(1, L + 1):
+    for l in range(1, len(widths)):
         spec, act, delta = specs[l - 1], acts[l - 1], noise[l - 1]
         rho_h = spec.trace() / spec.n_out * rho_t
         cond = widths[l] * act.cond_entropy(rho_h, delta)
@@ -225,15 +251,7 @@ def mutual_information(
             )
         )
         rho_t = act.second_moment(rho_h, delta)
-    df = pd.DataFrame(rows)
-    df.attrs.update(
-        widths=widths,
-        activations=activations,
-        noise=noise,
-        prior=prior,
-        weights="given" if weights is not None else ensemble,
-    )
-    return df
+    return rows
 
 
 def __getattr__(name: str):
