@@ -7,12 +7,16 @@ into mixtures (``p(t_l | x_i)`` over paths, the Monte Carlo marginal over weight
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import distributions as td
 
 from stochmi.core.kernel import DETERMINISTIC_MESSAGE, as_gaussian_mixture, is_delta
 from stochmi.layers.sites import trace_model
+
+if TYPE_CHECKING:  # stochmi.layers.links imports this module
+    from stochmi.layers.links import LocalReparamModel
 
 __all__ = [
     "Chain",
@@ -188,6 +192,11 @@ class Chain:
 
     ``values[l]`` has shape (K*N, d_l) with row ``k*N + i`` = path ``k`` of input ``i``;
     ``conds[l]`` has batch (K*N,): ``p(t_l | t_{l-1}[row])`` (``t_0 = x``).
+
+    ``mode``: ``"local_reparam"`` (the model is a
+    :class:`~stochmi.layers.links.LocalReparamModel`: per-example weights integrated
+    out, one path), ``"single"`` (noise only, or one fixed weight draw: one trace) or
+    ``"mixture"`` (per-example weights as a mixture over ``weight_values`` draws).
     """
 
     def __init__(self, model, x, layers, weight_sites, weight_values, k, mode, guide, gen):
@@ -199,9 +208,10 @@ class Chain:
         import pyro.poutine as poutine
 
         if mode == "local_reparam":
+            lr_model: LocalReparamModel = model
             parent = xk
             for name in layers:
-                cond = model.local_reparam_conditional(name, parent, guide)
+                cond = lr_model.local_reparam_conditional(name, parent, guide)
                 cond = as_batch_n(cond, parent.shape[0], name)
                 t = sample_rows(cond, gen).to(parent.dtype)
                 self.conds.append(cond)

@@ -7,8 +7,9 @@ model never produced (draws of an importance-sampling proposal).  A link is a ca
 Where they come from, fastest first:
 
 * a model method ``conditional(site, parent)`` (the reference noise-injected nets);
-* ``local_reparam_conditional(site, parent, guide)`` (mean-field Bayesian layers with
-  weights drawn per example, the exact Gaussian marginal);
+* ``local_reparam_conditional(site, parent, guide)``, the :class:`LocalReparamModel`
+  protocol (mean-field Bayesian layers with weights drawn per example, the exact
+  Gaussian marginal);
 * any other Pyro model: the model is traced with the previous layer's site (and, in
   conditional mode, the weights) conditioned on the given values; the layer site's
   distribution is the link.  This runs the whole model once per call, so it is slower
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import distributions as td
@@ -26,7 +28,45 @@ from torch import distributions as td
 from stochmi.layers.chain import as_batch_n
 from stochmi.layers.sites import trace_model
 
-__all__ = ["model_links"]
+__all__ = ["LocalReparamModel", "model_links"]
+
+
+@runtime_checkable
+class LocalReparamModel(Protocol):
+    """A Pyro model whose layers have a closed-form weight-marginal channel.
+
+    Implemented by models with weights drawn independently per example from a
+    mean-field posterior that enter each layer linearly, so that the layer given its
+    parent is Gaussian once the weights are integrated out (local reparameterisation,
+    Kingma et al. 2015).  :func:`stochmi.layer_mi` with ``weights="marginal"`` and a
+    guide then uses this channel as the exact link ``p(t_l | t_{l-1})`` instead of a
+    mixture over weight draws, and :func:`stochmi.layers.weights.weight_mi` uses it
+    for the closed-form population ``I(T_1; W | x)``.  Any model with this method
+    matches (structural typing, ``isinstance`` works at run time);
+    :class:`stochmi.models.nets.BayesMLP` is the reference implementation.
+    """
+
+    def local_reparam_conditional(self, site: str, parent: torch.Tensor, guide: Any) -> Any:
+        """The channel ``p(t_l | t_{l-1} = parent)`` with the weights integrated out.
+
+        Parameters
+        ----------
+        site : str
+            A layer site of the model (``"h1"``, ``"h2"``, ...).
+        parent : torch.Tensor, shape (B, ...)
+            For the first layer the inputs ``x`` (``(B, *input_shape)``), else
+            ``(B, d_{l-1})`` values of the previous layer site.
+        guide : object or None
+            The weight posterior the marginal is taken under (the model's own guide
+            type, e.g. :class:`stochmi.models.nets.MeanFieldGuide`); ``None`` for the
+            prior.
+
+        Returns
+        -------
+        torch.distributions.Distribution
+            Batch shape ``(B,)``, event shape ``(d_l,)`` (the flattened site value).
+        """
+        ...
 
 
 def _has_plain_conditional(model) -> bool:
@@ -74,9 +114,24 @@ def model_links(model, x, layers, mode: str, guide=None, weight_values=None) -> 
     layers : list of str
         Layer sites in execution order.
     mode : {"noise", "local_reparam", "fixed"}
-        Noise-only model, per-example weights with a local-reparameterised marginal,
-        or weights fixed at ``weight_values``.
+        Noise-only model, per-example weights with a local-reparameterised marginal
+        (the model must be a :class:`LocalReparamModel`), or weights fixed at
+        ``weight_values``.
+    guide : optional
+        The weight posterior passed to ``local_reparam_conditional``.
+    weight_values : dict, optional
+        Fixed weight values (traced links).
+
+    Raises
+    ------
+    TypeError
+        ``mode="local_reparam"`` with a model that is not a :class:`LocalReparamModel`.
     """
+    if mode == "local_reparam" and not isinstance(model, LocalReparamModel):
+        raise TypeError(
+            f"mode 'local_reparam' needs a model with local_reparam_conditional "
+            f"(LocalReparamModel), got {type(model).__name__}"
+        )
     links: list = [None]
     for l in range(1, len(layers)):
         site = layers[l]

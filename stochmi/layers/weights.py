@@ -56,6 +56,7 @@ from torch import distributions as td
 from stochmi.core.from_matrix import mi_terms_from_log_density
 from stochmi.core.kernel import DETERMINISTIC_MESSAGE, is_delta
 from stochmi.layers.chain import as_batch_n, cuda_devices
+from stochmi.layers.links import LocalReparamModel
 from stochmi.layers.sites import find_layers, is_local, resolve_layers, sample_sites, trace_model
 
 __all__ = ["weight_mi", "weight_kl", "COLUMNS"]
@@ -539,7 +540,7 @@ def weight_mi(
         target), ``decomposition`` (``{"per_input": DataFrame(total, aleatoric,
         epistemic), "mean": dict}``), ``chain_rule`` (DataFrame), ``convergence``
         (deep layers: value with half the draws, median diagonal ESS), ``closed_form``
-        (first layer, models with ``local_reparam_conditional``: the exact population
+        (first layer, a :class:`~stochmi.layers.links.LocalReparamModel`: the exact population
         value per input, not limited by ``log M``), ``seed``.
 
     Raises
@@ -702,11 +703,12 @@ def _bald_decomposition(b: dict) -> dict:
 
 
 def _first_layer_closed_form(model, name, x, guide, fns):
-    """Population ``I(T_1; W | x)`` per input when the model offers the local
-    reparameterisation (mean-field Gaussian weights entering linearly): given ``W`` the
+    """Population ``I(T_1; W | x)`` per input when the model is a
+    :class:`~stochmi.layers.links.LocalReparamModel` (mean-field Gaussian weights
+    entering linearly) with a guide (not posterior samples): given ``W`` the
     layer is ``N(W a + b, sigma^2)``, so ``I = 1/2 sum_i log(var_i / sigma_i^2)`` with
     ``var`` the weight-marginal variance.  ``None`` when not available."""
-    if not hasattr(model, "local_reparam_conditional") or guide is None:
+    if not isinstance(model, LocalReparamModel) or guide is None:
         return None
     if isinstance(guide, Mapping) or hasattr(guide, "posterior"):
         return None

@@ -587,7 +587,8 @@ class BayesMLP(StochasticNet):
             h_l | a ~ N(M a + m_b, diag(S^2 a^2 + s_b^2 + sigma^2))
 
         (local reparameterisation, Kingma et al. 2015).  With ``guide=None`` the
-        prior is used (``M = 0``, ``S = s_b =`` the layer's prior scale).
+        prior is used (``M = 0``, ``S = s_b =`` the layer's prior scale).  This makes
+        the net a :class:`stochmi.layers.links.LocalReparamModel`.
 
         Parameters
         ----------

