@@ -28,11 +28,18 @@ import numpy as np
 from stochmi.core.rng import derive_seed
 from stochmi.experiments.config import CellSpec, DataSettings
 
-__all__ = ["run_cell", "derive_seed", "package_versions", "load_cell_data"]
+__all__ = [
+    "run_cell",
+    "derive_seed",
+    "package_versions",
+    "load_cell_data",
+    "epistemic_rows",
+    "noisy_layers",
+]
 
 
 # tags for derive_seed
-TAG_INIT, TAG_TRAIN, TAG_MI, TAG_MI_COND = 1, 2, 3, 4
+TAG_INIT, TAG_TRAIN, TAG_MI, TAG_MI_COND, TAG_WEIGHT_MI = 1, 2, 3, 4, 5
 
 
 def package_versions() -> dict[str, str]:
@@ -171,6 +178,176 @@ def _rows(df, epoch: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _guide_device(guide):
+    p = next(iter(guide.parameters()), None) if hasattr(guide, "parameters") else None
+    return p.device if p is not None else "cpu"
+
+
+def noisy_layers(model) -> list[str] | None:
+    """The layer sites with injected noise (``sigma > 0``), or None when the model does
+    not say (then every layer).  A layer without noise is deterministic given the
+    weights, so its epistemic information ``I(T_l; W | X)`` is infinite."""
+    sites, sigmas = getattr(model, "layer_sites", None), getattr(model, "sigmas", None)
+    if sites is None or sigmas is None:
+        return None
+    return [s for s, sig in zip(sites, sigmas) if sig > 0]
+
+
+def _weight_mi_converged(df) -> dict[str, int]:
+    """1/0 per target: deep layers by the half-sample check of :func:`stochmi.weight_mi`
+    (value with half the draws within ``3 stderr + 2%``), the rest exact (1)."""
+    conv = df.attrs.get("convergence") or {}
+    out = {}
+    for rec in df.to_dict(orient="records"):
+        c = conv.get(rec["target"])
+        if c is None:
+            out[rec["target"]] = 1
+            continue
+        gap = abs(c["value"] - c["value_half"])
+        out[rec["target"]] = int(gap <= 3 * rec["stderr"] + 0.02 * abs(c["value"]))
+    return out
+
+
+def epistemic_rows(df, epoch: int) -> list[dict[str, Any]]:
+    """Rows of a :func:`stochmi.weight_mi` table for a cell record: ``epoch, target,
+    value, stderr, lower, upper, saturated, converged, closed_form, method`` and, for
+    the prediction (``"Y"``), ``predictive_entropy`` and ``aleatoric_entropy`` (means over
+    the inputs)."""
+    converged = _weight_mi_converged(df)
+    closed = df.attrs.get("closed_form") or {}
+    dec = (df.attrs.get("decomposition") or {}).get("mean") or {}
+    rows = []
+    for rec in df.to_dict(orient="records"):
+        t = str(rec["target"])
+        row = {"epoch": epoch, "target": t}
+        for k in ("value", "stderr", "lower", "upper"):
+            row[k] = float(rec[k])
+        row["saturated"] = bool(rec["saturated"])
+        row["converged"] = converged[t]
+        cf = closed.get(t)
+        row["closed_form"] = float(np.mean(cf)) if cf is not None else math.nan
+        row["method"] = str(rec["method"])
+        if t == "Y":
+            row["predictive_entropy"] = float(dec.get("total", math.nan))
+            row["aleatoric_entropy"] = float(dec.get("aleatoric", math.nan))
+        rows.append(row)
+    return rows
+
+
+class _Measurements:
+    """The training callback of a cell: at each measured epoch, the layer MI (marginal
+    weights; per posterior draw with ``estimate.conditional``) and, with
+    ``estimate.uncertainty``, the epistemic information; rows collected in ``records``."""
+
+    def __init__(self, cell: CellSpec, inputs) -> None:
+        self.cell = cell
+        self.est = cell.estimate
+        self.x, self.y = inputs.x, inputs.y
+        self.records: dict[str, Any] = {
+            "estimates": [],
+            "conditional": [],
+            "uncertainty": [] if self.est.uncertainty else None,
+            "accuracy": [],
+            "dpi_violations": {},
+        }
+
+    def __call__(self, epoch: int, model, guide) -> None:
+        if epoch not in self.est.epochs:
+            return
+        self._marginal(epoch, model, guide)
+        if self.est.conditional and guide is not None:
+            self._conditional(epoch, model, guide)
+        if self.est.uncertainty and guide is not None:
+            self._uncertainty(epoch, model, guide)
+
+    def _layer_mi(self, model, guide, weights: str, tag: int, epoch: int):
+        from stochmi.layers.estimation import layer_mi
+
+        return layer_mi(
+            model,
+            self.x,
+            self.y,
+            guide=guide,
+            weights=weights,
+            seed=derive_seed(self.cell.seed, tag, epoch),
+            n_paths=self.est.n_paths,
+            tolerance=self.est.tolerance,
+            n_weight_draws=self.est.n_weight_draws,
+            device=self.cell.device,
+        )
+
+    def _marginal(self, epoch: int, model, guide) -> None:
+        df = self._layer_mi(model, guide, "marginal", TAG_MI, epoch)
+        self.records["estimates"].extend(_rows(df, epoch))
+        dpi = df.attrs.get("dpi")
+        if dpi:
+            self.records["dpi_violations"][str(epoch)] = _jsonable(dpi)
+
+    def _conditional(self, epoch: int, model, guide) -> None:
+        # layer_mi also builds an ArviZ summary of the draws (unused here), whose
+        # chain diagnostics warn for a single chain of few draws: keep that quiet
+        with warnings.catch_warnings(), _quiet_logger("arviz"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            dfc = self._layer_mi(model, guide, "conditional", TAG_MI_COND, epoch)
+        draws = _per_draw_values(dfc.attrs.get("per_draw"))
+        for row in _rows(dfc, epoch):
+            row["draws"] = draws.get(f"{row['source']}->{row['target']}")
+            self.records["conditional"].append(row)
+
+    def _uncertainty(self, epoch: int, model, guide) -> None:
+        from stochmi.layers.weights import weight_mi
+
+        with warnings.catch_warnings():  # non-convergence is recorded per row
+            warnings.filterwarnings("ignore", "weight_mi: layer", RuntimeWarning)
+            dfw = weight_mi(
+                model,
+                self.x.to(_guide_device(guide)),
+                guide=guide,
+                layers=noisy_layers(model),
+                seed=derive_seed(self.cell.seed, TAG_WEIGHT_MI, epoch),
+                n_weight_draws=self.est.n_weight_draws,
+                n_is=self.est.n_paths,
+                n_fwd=self.est.n_paths,
+                chain_rule=False,  # I(X;T_l) is in the estimates already
+            )
+        self.records["uncertainty"].extend(epistemic_rows(dfw, epoch))
+
+    def add_accuracy(self, history: list[dict]) -> None:
+        """Accuracy and loss of each measured epoch from the training history."""
+        by_epoch = {int(h["epoch"]): h for h in history}
+        measured = set(self.est.epochs)
+        missing = measured - {r["epoch"] for r in self.records["estimates"]}
+        if missing or not measured <= set(by_epoch):
+            raise RuntimeError(
+                f"cell {self.cell.cell_id}: training never reached epochs {sorted(missing)} "
+                f"(history has epochs {sorted(by_epoch)})"
+            )
+        for epoch in sorted(measured):
+            h = by_epoch[epoch]
+            self.records["accuracy"].append(
+                {
+                    "epoch": epoch,
+                    "test_accuracy": float(h.get("test_acc", math.nan)),
+                    "train_accuracy": float(h.get("train_acc", math.nan)),
+                    "loss": float(h.get("loss", math.nan)),
+                }
+            )
+
+
+def _cell_spec(cell: CellSpec):
+    """The cell's spec, loaded with its overrides; it must be the one validated."""
+    from stochmi.models.spec import load_spec
+
+    spec = load_spec(cell.spec, dict(cell.overrides) if cell.overrides else None)
+    if spec.to_toml() != cell.spec_toml:
+        raise RuntimeError(
+            f"cell {cell.cell_id}: the spec {cell.spec!r} resolved here differs from the one "
+            "validated when the experiment was expanded (models/ changed, or a worker has a "
+            "different stochmi installation)"
+        )
+    return spec
+
+
 def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
     """Train one cell's network and estimate its layer MI at the chosen epochs.
 
@@ -193,8 +370,12 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
         saturated, dpi_ok``; nats, weights marginalised), ``conditional`` (for
         models with a weight posterior when ``estimate.conditional``: one row per
         epoch x pair with the per-draw values ``draws`` of I(X;T | W=w)),
-        ``accuracy`` (``epoch, test_accuracy``), ``dpi_violations``, ``history``,
-        ``versions`` and ``wall_s``.
+        ``uncertainty`` (with ``estimate.uncertainty``, else None: for models with a
+        weight posterior one row per epoch x target of :func:`stochmi.weight_mi`,
+        the epistemic information I(T_l; W | X) of each layer with injected noise
+        and BALD I(Y; W | X), see :func:`epistemic_rows`; empty for models with
+        fixed weights), ``accuracy`` (``epoch, test_accuracy``),
+        ``dpi_violations``, ``history``, ``versions`` and ``wall_s``.
 
     Notes
     -----
@@ -205,64 +386,13 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
     import pyro
     import torch
 
-    from stochmi.layers.estimation import layer_mi
     from stochmi.models.nets import build_model
-    from stochmi.models.spec import load_spec
     from stochmi.models.training import train
 
     t0 = time.perf_counter()
     source, train_d, test_d, inputs = load_cell_data(cell.data, cell.estimate.n_inputs)
-    spec = load_spec(cell.spec, dict(cell.overrides) if cell.overrides else None)
-    if spec.to_toml() != cell.spec_toml:
-        raise RuntimeError(
-            f"cell {cell.cell_id}: the spec {cell.spec!r} resolved here differs from the one "
-            "validated when the experiment was expanded (models/ changed, or a worker has a "
-            "different stochmi installation)"
-        )
-    est = cell.estimate
-    measured = set(est.epochs)
-    x_eval, y_eval = inputs.x, inputs.y
-    records: dict[str, Any] = {
-        "estimates": [],
-        "conditional": [],
-        "accuracy": [],
-        "dpi_violations": {},
-    }
-
-    def mi_table(model, guide, weights: str, tag: int, epoch: int):
-        return layer_mi(
-            model,
-            x_eval,
-            y_eval,
-            guide=guide,
-            weights=weights,
-            seed=derive_seed(cell.seed, tag, epoch),
-            n_paths=est.n_paths,
-            tolerance=est.tolerance,
-            n_weight_draws=est.n_weight_draws,
-            device=cell.device,
-        )
-
-    def callback(epoch: int, model, guide) -> None:
-        if epoch not in measured:
-            return
-        df = mi_table(model, guide, "marginal", TAG_MI, epoch)
-        records["estimates"].extend(_rows(df, epoch))
-        dpi = df.attrs.get("dpi")
-        if dpi:
-            records["dpi_violations"][str(epoch)] = _jsonable(dpi)
-        if est.conditional and guide is not None:
-            # layer_mi also builds an ArviZ summary of the draws (unused here), whose
-            # chain diagnostics warn for a single chain of few draws: keep that quiet
-            with warnings.catch_warnings(), _quiet_logger("arviz"):
-                warnings.simplefilter("ignore", RuntimeWarning)
-                dfc = mi_table(model, guide, "conditional", TAG_MI_COND, epoch)
-            per_draw = dfc.attrs.get("per_draw")
-            draws = _per_draw_values(per_draw)
-            for row in _rows(dfc, epoch):
-                row["draws"] = draws.get(f"{row['source']}->{row['target']}")
-                records["conditional"].append(row)
-
+    spec = _cell_spec(cell)
+    measure = _Measurements(cell, inputs)
     with torch.random.fork_rng(devices=[]), pyro.get_param_store().scope():
         torch.manual_seed(derive_seed(cell.seed, TAG_INIT))
         model = build_model(spec, seed=derive_seed(cell.seed, TAG_INIT))
@@ -275,26 +405,10 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
             device=cell.device,
             test=test_d,
             progress=progress,
-            callback=callback,
+            callback=measure,
         )
     history = _jsonable(list(result.history))
-    by_epoch = {int(h["epoch"]): h for h in history}
-    missing = measured - {r["epoch"] for r in records["estimates"]}
-    if missing or not measured <= set(by_epoch):
-        raise RuntimeError(
-            f"cell {cell.cell_id}: training never reached epochs {sorted(missing)} "
-            f"(history has epochs {sorted(by_epoch)})"
-        )
-    for epoch in sorted(measured):
-        h = by_epoch[epoch]
-        records["accuracy"].append(
-            {
-                "epoch": epoch,
-                "test_accuracy": float(h.get("test_acc", math.nan)),
-                "train_accuracy": float(h.get("train_acc", math.nan)),
-                "loss": float(h.get("loss", math.nan)),
-            }
-        )
+    measure.add_accuracy(history)
     return {
         "cell_id": cell.cell_id,
         "key": cell.key(),
@@ -305,7 +419,7 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
         "n_test": len(test_d),
         "n_inputs": len(inputs),
         "layer_sites": list(getattr(model, "layer_sites", [])),
-        **records,
+        **measure.records,
         "history": history,
         "versions": package_versions(),
         "torch_threads": torch.get_num_threads(),

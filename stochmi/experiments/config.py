@@ -35,6 +35,8 @@ optional; the values shown are the defaults)::
                                     # (up to 4x) until the half-sample check meets it
     n_weight_draws = 16             # posterior weight draws (Bayesian models)
     conditional = false             # also I(X;T | W=w) per posterior draw (Bayesian models)
+    uncertainty = false             # also the epistemic information I(T_l;W|X) per layer
+                                    # and BALD I(Y;W|X) (stochmi.weight_mi; Bayesian models)
 
     [resources]                     # per-cell hints for the Ray executor
     cpus = 1.0
@@ -51,7 +53,6 @@ A *config* is one model entry at one grid point; a *cell* is a config at one see
 
 from __future__ import annotations
 
-import difflib
 import functools
 import hashlib
 import itertools
@@ -64,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from stochmi.data.mnist import SOURCES
+from stochmi.validation import Key, Validator
 
 __all__ = [
     "CellSpec",
@@ -73,28 +75,56 @@ __all__ = [
     "ExperimentConfig",
     "ModelEntry",
     "Resources",
+    "SCHEMA",
     "load_experiment",
     "parse_experiment",
 ]
 
 DATA_SOURCES = SOURCES  # one list, in stochmi.data.mnist
 
-_ALLOWED = {
-    "": {"experiment", "data", "training", "estimate", "resources", "model"},
-    "experiment": {"name", "description", "seeds"},
-    "data": {"source", "root", "n", "test_fraction", "test_source", "split_seed"},
-    "training": {"epochs"},
-    "estimate": {
-        "epochs",
-        "n_inputs",
-        "n_paths",
-        "tolerance",
-        "n_weight_draws",
-        "conditional",
+#: The experiment file's schema: section -> key -> :class:`stochmi.validation.Key`
+#: (type, default, constraint); checked by :class:`stochmi.validation.Validator`, the
+#: mechanism that also checks model specs.  ``[[model]]`` is an array of tables.
+SCHEMA: dict[str, dict[str, Key]] = {
+    "experiment": {
+        "name": Key("str", required=True),
+        "description": Key("str", ""),
+        "seeds": Key("int_list", minimum=0, required=True, nonempty=True),
     },
-    "resources": {"cpus", "gpus"},
-    "model": {"spec", "label", "set", "grid"},
+    "data": {
+        "source": Key("str", "auto", DATA_SOURCES),
+        "root": Key("str", ""),
+        "n": Key("int", 0, minimum=0),
+        "test_fraction": Key("float", 0.2),
+        "test_source": Key("str", "split", ("split", *DATA_SOURCES)),
+        "split_seed": Key("int", 0, minimum=0),
+    },
+    "training": {"epochs": Key("int", 0, minimum=0)},
+    "estimate": {
+        "epochs": Key("int_list", minimum=0, required=True, nonempty=True),
+        "n_inputs": Key("int", 500, minimum=2),
+        "n_paths": Key("int", 16, minimum=2),
+        "tolerance": Key("float", 0.02, minimum=0.0, strict_min=True),
+        "n_weight_draws": Key("int", 16, minimum=1),
+        "conditional": Key("bool", False),
+        "uncertainty": Key("bool", False),
+    },
+    "resources": {
+        "cpus": Key("float", 1.0, minimum=0.0, strict_min=True),
+        "gpus": Key("float", 0.0, minimum=0.0),
+    },
+    "model": {
+        "spec": Key("str", required=True),
+        "label": Key("str"),
+        "set": Key("table", {}),
+        "grid": Key("grid", {}),
+    },
 }
+#: tables an experiment file must have
+REQUIRED_TABLES = ("experiment", "estimate", "model")
+
+# the allowed names per table ("" = top level), read by the docs' reference generator
+_ALLOWED = {"": set(SCHEMA), **{s: set(keys) for s, keys in SCHEMA.items()}}
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -125,6 +155,7 @@ class EstimateSettings:
     tolerance: float = 0.02
     n_weight_draws: int = 16
     conditional: bool = False
+    uncertainty: bool = False
 
 
 @dataclass(frozen=True)
@@ -209,23 +240,32 @@ class CellSpec:
 
     def settings(self) -> dict[str, Any]:
         """The cell's settings that determine its numbers (all fields but device and
-        resources), JSON-able."""
+        resources), JSON-able.  ``estimate.uncertainty`` appears only when true, so
+        the keys of cells without it are those of earlier versions (their records are
+        reused)."""
         d = self.to_dict()
         d.pop("device")
         d.pop("resources")
+        if not d["estimate"].get("uncertainty"):
+            d["estimate"].pop("uncertainty", None)
         return d
 
     def fingerprint(self) -> dict[str, Any]:
         """What a stored record must match to be reused: ``settings`` (SHA-256 of
         :meth:`settings`), ``versions`` of the packages that compute the numbers
         (stochmi, torch, pyro-ppl, numpy) and ``estimator``, the default settings of
-        :func:`stochmi.layer_mi` (those an experiment file does not set)."""
+        :func:`stochmi.layer_mi` (those an experiment file does not set); with
+        ``estimate.uncertainty`` also ``weight_estimator``, those of
+        :func:`stochmi.weight_mi`."""
         blob = json.dumps(self.settings(), sort_keys=True, default=str).encode()
-        return {
+        out = {
             "settings": hashlib.sha256(blob).hexdigest(),
             "versions": dict(_numeric_versions()),
             "estimator": dict(_estimator_defaults()),
         }
+        if self.estimate.uncertainty:
+            out["weight_estimator"] = dict(_weight_estimator_defaults())
+        return out
 
     def key(self) -> str:
         """SHA-256 of :meth:`fingerprint`: the cell's settings, the versions of the
@@ -249,13 +289,26 @@ def _numeric_versions() -> tuple[tuple[str, str], ...]:
 
 @functools.lru_cache(maxsize=1)
 def _estimator_defaults() -> tuple[tuple[str, str], ...]:
-    import inspect
-
+    """The keyword defaults of :func:`stochmi.layer_mi` (part of a cell's key)."""
     from stochmi.layers.estimation import layer_mi
 
-    params = inspect.signature(layer_mi).parameters.values()
+    return _signature_defaults(layer_mi)
+
+
+@functools.lru_cache(maxsize=1)
+def _weight_estimator_defaults() -> tuple[tuple[str, str], ...]:
+    """The keyword defaults of :func:`stochmi.weight_mi` (part of the key of a cell
+    with ``estimate.uncertainty``)."""
+    from stochmi.layers.weights import weight_mi
+
+    return _signature_defaults(weight_mi)
+
+
+def _signature_defaults(fn) -> tuple[tuple[str, str], ...]:
+    import inspect
+
     out = []
-    for p in params:
+    for p in inspect.signature(fn).parameters.values():
         if p.default is inspect.Parameter.empty or p.name in ("device", "progress"):
             continue
         text = repr(p.default)
@@ -309,12 +362,15 @@ class ExperimentConfig:
         ------
         ConfigError
             Unknown spec, rejected override, measured epoch beyond the training
-            epochs, or two cells with the same identifier.
+            epochs, two cells with the same identifier, or ``estimate.uncertainty``
+            without a Bayesian model (in a file that mixes kinds, the models with
+            fixed weights get no epistemic rows).
         """
-        from stochmi.models.spec import load_spec
+        from stochmi.models.spec import BAYESIAN_KINDS, load_spec
 
         out: list[CellSpec] = []
         seen: dict[str, str] = {}
+        kinds: dict[str, str] = {}
         for i, entry in enumerate(self.models):
             where = f"model[{i}] ({entry.label!r})"
             for point in entry.grid_points():
@@ -324,6 +380,7 @@ class ExperimentConfig:
                     raise ConfigError(
                         f"{self.path}: {where}: spec {entry.spec!r} with overrides {point}: {exc}"
                     ) from exc
+                kinds[where] = spec.kind
                 epochs = self.training_epochs
                 if epochs is None:
                     epochs = _spec_get(spec, "training.epochs")
@@ -370,6 +427,14 @@ class ExperimentConfig:
                             device=device,
                         )
                     )
+        if self.estimate.uncertainty and not set(kinds.values()) & set(BAYESIAN_KINDS):
+            fixed = ", ".join(f"{w} is {k}" for w, k in kinds.items())
+            raise ConfigError(
+                f"{self.path}: estimate.uncertainty = true needs a Bayesian model (kind "
+                f"{' or '.join(BAYESIAN_KINDS)}: weights with a posterior), but {fixed}, with "
+                "fixed weights, for which I(T_l; W | X) is not defined; add a model such as "
+                'spec = "bayes_mlp" or remove estimate.uncertainty'
+            )
         return out
 
 
@@ -434,238 +499,125 @@ def parse_experiment(
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    v = _Validator(path)
-    v.keys(raw, "")
+    v = Validator(path, ConfigError)
+    v.check_names(raw, SCHEMA)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-
-    exp = v.table(raw, "experiment", required=True)
-    v.keys(exp, "experiment")
-    name = v.string(exp, "experiment.name", required=True)
-    if not name:
-        raise ConfigError(f"{path}: experiment.name must not be empty")
-    description = v.string(exp, "experiment.description", default="")
-    seeds = v.int_list(exp, "experiment.seeds", required=True, minimum=0)
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"{path}: experiment.seeds has repeated values: {seeds}")
-
-    d = v.table(raw, "data")
-    v.keys(d, "data")
-    source = v.string(d, "data.source", default="auto")
-    if source not in DATA_SOURCES:
-        raise ConfigError(
-            f"{path}: data.source = {source!r} is not one of {', '.join(DATA_SOURCES)}"
-        )
-    root = v.string(d, "data.root", default="") or None
-    if root is not None and not Path(root).is_absolute():
-        root = str((base / root).resolve())
-    n = v.integer(d, "data.n", default=0, minimum=0) or None
-    if n is not None and n < 10:
-        raise ConfigError(f"{path}: data.n = {n} is too small (need at least 10 images)")
-    test_fraction = v.number(d, "data.test_fraction", default=0.2)
-    if not 0.0 < test_fraction < 1.0:
-        raise ConfigError(f"{path}: data.test_fraction = {test_fraction} must be in (0, 1)")
-    split_seed = v.integer(d, "data.split_seed", default=0, minimum=0)
-    test_source = v.string(d, "data.test_source", default="split")
-    if test_source != "split" and test_source not in DATA_SOURCES:
-        raise ConfigError(
-            f"{path}: data.test_source = {test_source!r} is not 'split' or one of "
-            f"{', '.join(DATA_SOURCES)}"
-        )
-    if test_source == source:
-        raise ConfigError(
-            f"{path}: data.test_source = {test_source!r} is the training source itself; "
-            'use test_source = "split" to hold out part of it'
-        )
-    data = DataSettings(source, root, n, float(test_fraction), split_seed, test_source)
-
-    t = v.table(raw, "training")
-    v.keys(t, "training")
-    training_epochs = v.integer(t, "training.epochs", default=0, minimum=0) or None
-
-    e = v.table(raw, "estimate", required=True)
-    v.keys(e, "estimate")
-    epochs = v.int_list(e, "estimate.epochs", required=True, minimum=0)
-    if len(set(epochs)) != len(epochs):
-        raise ConfigError(f"{path}: estimate.epochs has repeated values: {epochs}")
-    estimate = EstimateSettings(
-        epochs=tuple(sorted(epochs)),
-        n_inputs=v.integer(e, "estimate.n_inputs", default=500, minimum=2),
-        n_paths=v.integer(e, "estimate.n_paths", default=16, minimum=2),
-        tolerance=v.number(e, "estimate.tolerance", default=0.02),
-        n_weight_draws=v.integer(e, "estimate.n_weight_draws", default=16, minimum=1),
-        conditional=v.boolean(e, "estimate.conditional", default=False),
-    )
-    if not estimate.tolerance > 0:
-        raise ConfigError(f"{path}: estimate.tolerance must be > 0, got {estimate.tolerance}")
-    if estimate.n_paths % 2:
-        raise ConfigError(f"{path}: estimate.n_paths must be even, got {estimate.n_paths}")
-    if estimate.conditional and estimate.n_weight_draws < 2:
-        raise ConfigError(
-            f"{path}: estimate.n_weight_draws must be at least 2 when "
-            "estimate.conditional = true (a posterior over draws needs several draws)"
-        )
-
-    r = v.table(raw, "resources")
-    v.keys(r, "resources")
-    cpus = v.number(r, "resources.cpus", default=1.0)
-    gpus = v.number(r, "resources.gpus", default=0.0)
-    if not cpus > 0:
-        raise ConfigError(f"{path}: resources.cpus = {cpus} must be positive")
-    if gpus < 0:
-        raise ConfigError(f"{path}: resources.gpus = {gpus} must be >= 0")
-    resources = Resources(float(cpus), float(gpus))
-
-    models_raw = raw.get("model")
-    if models_raw is None:
-        raise ConfigError(f"{path}: no [[model]] table; at least one model is required")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise ConfigError(f"{path}: 'model' must be an array of tables ([[model]])")
-    models: list[ModelEntry] = []
-    labels: set[str] = set()
-    for i, m in enumerate(models_raw):
-        where = f"model[{i}]"
-        if not isinstance(m, dict):
-            raise ConfigError(f"{path}: {where} must be a table")
-        v.keys(m, "model", where=where)
-        spec = v.string(m, f"{where}.spec", required=True, key="spec")
-        if spec.endswith(".toml") or "/" in spec or "\\" in spec:
-            sp = Path(spec)
-            if not sp.is_absolute():
-                sp = (base / sp).resolve()
-            if not sp.is_file():
-                raise ConfigError(f"{path}: {where}.spec: file {str(sp)!r} not found")
-            spec = str(sp)
-            default_label = sp.stem
-        else:
-            default_label = spec
-        label = v.string(m, f"{where}.label", default=default_label, key="label")
-        if not _LABEL_RE.match(label):
-            raise ConfigError(
-                f"{path}: {where}.label = {label!r}: use letters, digits, '_', '-', '.'"
-            )
-        if label in labels:
-            raise ConfigError(f"{path}: {where}.label {label!r} is used twice")
-        labels.add(label)
-        set_ = m.get("set", {})
-        if not isinstance(set_, dict):
-            raise ConfigError(f"{path}: {where}.set must be a table of 'key = value'")
-        for k, val in set_.items():
-            if isinstance(val, dict):
-                raise ConfigError(
-                    f"{path}: {where}.set.{k}: use dotted keys in quotes, "
-                    f'e.g. set = {{ "noise.sigma" = 0.1 }}'
-                )
-        grid = m.get("grid", {})
-        if not isinstance(grid, dict):
-            raise ConfigError(f"{path}: {where}.grid must be a table of 'key = [values]'")
-        for k, vals in grid.items():
-            if not isinstance(vals, list) or not vals:
-                raise ConfigError(
-                    f"{path}: {where}.grid.{k} must be a non-empty list of values, got {vals!r}"
-                )
-            if any(isinstance(x, dict) for x in vals):
-                raise ConfigError(f"{path}: {where}.grid.{k}: values must not be tables")
-            if len({json.dumps(x, sort_keys=True) for x in vals}) != len(vals):
-                raise ConfigError(f"{path}: {where}.grid.{k} has repeated values: {vals}")
-            if k in set_:
-                raise ConfigError(f"{path}: {where}: key {k!r} is in both 'set' and 'grid'")
-        models.append(ModelEntry(label, spec, dict(set_), {k: list(x) for k, x in grid.items()}))
-
+    exp = _section(v, raw, "experiment")
+    if not exp["name"]:
+        raise v.fail("experiment.name must not be empty")
+    if len(set(exp["seeds"])) != len(exp["seeds"]):
+        raise v.fail(f"experiment.seeds has repeated values: {exp['seeds']}")
     return ExperimentConfig(
-        name=name,
-        description=description,
-        seeds=tuple(seeds),
-        data=data,
-        training_epochs=training_epochs,
-        estimate=estimate,
-        resources=resources,
-        models=tuple(models),
+        name=exp["name"],
+        description=exp["description"],
+        seeds=tuple(exp["seeds"]),
+        data=_data_settings(v, raw, base),
+        training_epochs=_section(v, raw, "training")["epochs"] or None,
+        estimate=_estimate_settings(v, raw),
+        resources=Resources(**{k: float(x) for k, x in _section(v, raw, "resources").items()}),
+        models=_model_entries(v, raw, base),
         text=text,
         path=path,
     )
 
 
-class _Validator:
-    """Small typed getters that raise ConfigError naming file and key."""
+def _section(v: Validator, raw: dict, section: str) -> dict[str, Any]:
+    """The values of ``[section]`` (defaults filled in), each checked against :data:`SCHEMA`."""
+    if section not in raw:
+        if section in REQUIRED_TABLES:
+            raise v.fail(f"missing required table [{section}]")
+        table = {}
+    else:
+        table = raw[section]
+        if not isinstance(table, dict):
+            raise v.fail(f"'{section}' must be a table ([{section}])")
+    return _values(v, table, section, section)
 
-    def __init__(self, path: str) -> None:
-        self.path = path
 
-    def _err(self, msg: str) -> ConfigError:
-        return ConfigError(f"{self.path}: {msg}")
+def _values(v: Validator, table: dict, section: str, where: str) -> dict[str, Any]:
+    """Check the names (with "did you mean" hints) and values of one table."""
+    v.check_names(table, SCHEMA[section], shown=lambda k: repr(f"{where}.{k}"), suggest=repr)
+    return {k: v.read(table, k, key, f"{where}.{k}") for k, key in SCHEMA[section].items()}
 
-    def keys(self, table: dict, section: str, *, where: str | None = None) -> None:
-        allowed = _ALLOWED[section]
-        for k in table:
-            if k not in allowed:
-                close = difflib.get_close_matches(k, sorted(allowed), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                name = f"{where or section}.{k}" if (where or section) else k
-                raise self._err(
-                    f"unknown key {name!r}{hint}; allowed: {', '.join(sorted(allowed))}"
-                )
 
-    def table(self, raw: dict, key: str, *, required: bool = False) -> dict:
-        if key not in raw:
-            if required:
-                raise self._err(f"missing required table [{key}]")
-            return {}
-        val = raw[key]
-        if not isinstance(val, dict):
-            raise self._err(f"'{key}' must be a table ([{key}])")
-        return val
+def _data_settings(v: Validator, raw: dict, base: Path) -> DataSettings:
+    d = _section(v, raw, "data")
+    root = d["root"] or None
+    if root is not None and not Path(root).is_absolute():
+        root = str((base / root).resolve())
+    n = d["n"] or None
+    if n is not None and n < 10:
+        raise v.fail(f"data.n = {n} is too small (need at least 10 images)")
+    if not 0.0 < d["test_fraction"] < 1.0:
+        raise v.fail(f"data.test_fraction = {d['test_fraction']} must be in (0, 1)")
+    if d["test_source"] == d["source"]:
+        raise v.fail(
+            f"data.test_source = {d['test_source']!r} is the training source itself; "
+            'use test_source = "split" to hold out part of it'
+        )
+    return DataSettings(
+        d["source"], root, n, float(d["test_fraction"]), d["split_seed"], d["test_source"]
+    )
 
-    def _get(self, table: dict, name: str, key: str | None, required: bool) -> tuple[bool, Any]:
-        k = key or name.rsplit(".", 1)[-1]
-        if k not in table:
-            if required:
-                raise self._err(f"missing required key {name!r}")
-            return False, None
-        return True, table[k]
 
-    def string(self, table, name, *, default=None, required=False, key=None) -> str:
-        has, val = self._get(table, name, key, required)
-        if not has:
-            return default
-        if not isinstance(val, str):
-            raise self._err(f"{name} must be a string, got {val!r}")
-        return val
+def _estimate_settings(v: Validator, raw: dict) -> EstimateSettings:
+    e = _section(v, raw, "estimate")
+    if len(set(e["epochs"])) != len(e["epochs"]):
+        raise v.fail(f"estimate.epochs has repeated values: {e['epochs']}")
+    e["epochs"] = tuple(sorted(e["epochs"]))
+    e["tolerance"] = float(e["tolerance"])
+    estimate = EstimateSettings(**e)
+    if estimate.n_paths % 2:
+        raise v.fail(f"estimate.n_paths must be even, got {estimate.n_paths}")
+    for option, why in (
+        ("conditional", "a posterior over draws needs several draws"),
+        ("uncertainty", "the posterior weight draws are the sources of I(T_l; W | X)"),
+    ):
+        if getattr(estimate, option) and estimate.n_weight_draws < 2:
+            raise v.fail(
+                f"estimate.n_weight_draws must be at least 2 when estimate.{option} = true ({why})"
+            )
+    return estimate
 
-    def integer(self, table, name, *, default=None, required=False, minimum=None) -> int:
-        has, val = self._get(table, name, None, required)
-        if not has:
-            return default
-        if not isinstance(val, int) or isinstance(val, bool):
-            raise self._err(f"{name} must be an integer, got {val!r}")
-        if minimum is not None and val < minimum:
-            raise self._err(f"{name} = {val} must be >= {minimum}")
-        return val
 
-    def number(self, table, name, *, default=None, required=False) -> float:
-        has, val = self._get(table, name, None, required)
-        if not has:
-            return default
-        if not isinstance(val, int | float) or isinstance(val, bool) or not math.isfinite(val):
-            raise self._err(f"{name} must be a finite number, got {val!r}")
-        return float(val)
+def _model_entries(v: Validator, raw: dict, base: Path) -> tuple[ModelEntry, ...]:
+    models_raw = raw.get("model")
+    if models_raw is None:
+        raise v.fail("no [[model]] table; at least one model is required")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise v.fail("'model' must be an array of tables ([[model]])")
+    models: list[ModelEntry] = []
+    for i, m in enumerate(models_raw):
+        entry = _model_entry(v, m, f"model[{i}]", base)
+        if entry.label in {e.label for e in models}:
+            raise v.fail(f"model[{i}].label {entry.label!r} is used twice")
+        models.append(entry)
+    return tuple(models)
 
-    def boolean(self, table, name, *, default=None, required=False) -> bool:
-        has, val = self._get(table, name, None, required)
-        if not has:
-            return default
-        if not isinstance(val, bool):
-            raise self._err(f"{name} must be true or false, got {val!r}")
-        return val
 
-    def int_list(self, table, name, *, required=False, minimum=None) -> list[int]:
-        has, val = self._get(table, name, None, required)
-        if not has:
-            return []
-        if not isinstance(val, list) or not val:
-            raise self._err(f"{name} must be a non-empty list of integers, got {val!r}")
-        for x in val:
-            if not isinstance(x, int) or isinstance(x, bool):
-                raise self._err(f"{name} must contain integers only, got {x!r}")
-            if minimum is not None and x < minimum:
-                raise self._err(f"{name}: value {x} must be >= {minimum}")
-        return list(val)
+def _model_entry(v: Validator, m: Any, where: str, base: Path) -> ModelEntry:
+    """One ``[[model]]`` table: the spec (a name, or a path relative to the file),
+    its label, the fixed overrides and the grid."""
+    if not isinstance(m, dict):
+        raise v.fail(f"{where} must be a table")
+    e = _values(v, m, "model", where)
+    spec = e["spec"]
+    if spec.endswith(".toml") or "/" in spec or "\\" in spec:
+        sp = Path(spec)
+        if not sp.is_absolute():
+            sp = (base / sp).resolve()
+        if not sp.is_file():
+            raise v.fail(f"{where}.spec: file {str(sp)!r} not found")
+        spec, default_label = str(sp), sp.stem
+    else:
+        default_label = spec
+    label = e["label"] if e["label"] is not None else default_label
+    if not _LABEL_RE.match(label):
+        raise v.fail(f"{where}.label = {label!r}: use letters, digits, '_', '-', '.'")
+    set_, grid = e["set"], e["grid"]
+    for k, vals in grid.items():
+        if len({json.dumps(x, sort_keys=True) for x in vals}) != len(vals):
+            raise v.fail(f"{where}.grid.{k} has repeated values: {vals}")
+        if k in set_:
+            raise v.fail(f"{where}: key {k!r} is in both 'set' and 'grid'")
+    return ModelEntry(label, spec, dict(set_), {k: list(x) for k, x in grid.items()})

@@ -14,6 +14,9 @@ standard error.
   band spans the seeds' smallest to largest value.
 - :func:`plot_layer_to_layer`: I(T_{l-1};T_l) over the epochs, one panel per layer
   pair, one line per configuration, seeds as bands.
+- :func:`plot_epistemic` (``estimate.uncertainty``): the epistemic information
+  I(T_l;W|X) of each layer and BALD I(Y;W|X) over the epochs, one panel per target, one
+  line per noise level, and the last epoch against the noise level.
 
 Every figure carries a caption with the number of MI inputs N, the noise levels, the
 estimator settings (paths K per input, weight draws) and the number of seeds.
@@ -29,6 +32,7 @@ import numpy as np
 
 __all__ = [
     "plot_all",
+    "plot_epistemic",
     "plot_information_plane",
     "plot_layer_to_layer",
     "plot_mi_vs_noise",
@@ -53,14 +57,14 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def _mean_err(ds, var: str = "value"):
+def _mean_err(ds, var: str = "value", stderr: str = "stderr"):
     """Mean over seeds and its error bar (see module docstring); dims config, epoch, pair."""
     v = ds[var]
     n = v.notnull().sum("seed")
     mean = v.mean("seed", skipna=True)
     sd = v.std("seed", ddof=1, skipna=True)
     se_seeds = sd / np.sqrt(n.where(n > 0))
-    mc = ds["stderr"].mean("seed", skipna=True)
+    mc = ds[stderr].mean("seed", skipna=True)
     err = se_seeds.where(n > 1, mc)
     return mean, err
 
@@ -153,83 +157,25 @@ def plot_information_plane(ds, path: str | Path, *, bracket: bool = False) -> Pa
     from matplotlib import colormaps
 
     mean, err = _mean_err(ds)
-    lower = ds["lower"].mean("seed", skipna=True) if bracket else None
-    upper = ds["upper"].mean("seed", skipna=True) if bracket else None
-    pairs = list(ds["pair"].values)
-    epochs = ds["epoch"].values
     n_cfg = ds.sizes["config"]
     ncols = min(4, n_cfg)
     nrows = math.ceil(n_cfg / ncols)
     fig, axes = _figure(nrows, ncols)
-    layer_colors = colormaps["tab10"]
-    norm_epochs = (epochs - epochs.min()) / max(1, epochs.max() - epochs.min())
+    epochs = ds["epoch"].values
     cmap = colormaps["viridis"]
     brackets: list = []
     for i in range(n_cfg):
         ax = axes[i // ncols][i % ncols]
-        for li, layer in enumerate(layers):
-            px, py = pairs.index(f"X->{layer}"), pairs.index(f"{layer}->Y")
-            xs = mean.isel(config=i, pair=px).values
-            ys = mean.isel(config=i, pair=py).values
-            ok = np.isfinite(xs) & np.isfinite(ys)
-            if not ok.any():
-                continue
-            color = layer_colors(li % 10)
-            ax.plot(xs[ok], ys[ok], "-", color=color, lw=1.5, label=layer)
-            ax.errorbar(
-                xs[ok],
-                ys[ok],
-                xerr=np.nan_to_num(err.isel(config=i, pair=px).values[ok]),
-                yerr=np.nan_to_num(err.isel(config=i, pair=py).values[ok]),
-                fmt="none",
-                ecolor=color,
-                elinewidth=1.0,
-                capsize=2,
-                zorder=2,
-            )
-            if bracket:
-                brackets.append((ax, color, xs[ok], ys[ok], i, px, py, ok))
-            ax.scatter(
-                xs[ok], ys[ok], c=cmap(norm_epochs[ok]), s=28, zorder=3, edgecolors="k", lw=0.4
-            )
-            ax.annotate(
-                f"{layer}",
-                (xs[ok][-1], ys[ok][-1]),
-                fontsize=8,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-        n_inputs = ds.attrs.get("n_inputs")
-        if n_inputs:
-            lo, hi = ax.get_xlim()
-            ax.set_xlim(lo, max(hi, math.log(n_inputs) + 0.03 * (hi - lo)))
-            ax.axvline(math.log(n_inputs), color="0.5", ls="--", lw=0.8)
-            ax.annotate(
-                "log N",
-                (math.log(n_inputs), 0.02),
-                xycoords=("data", "axes fraction"),
-                fontsize=7,
-                color="0.4",
-                xytext=(-3, 0),
-                textcoords="offset points",
-                ha="right",
-            )
+        brackets += _plane_panel(ax, ds, i, layers, mean, err, cmap)
+        _mark_log_n(ax, ds.attrs.get("n_inputs"))
         ax.set_title(_config_title(ds, i), fontsize=9)
         ax.set_xlabel("I(X; T_l)  [nats]")
         ax.set_ylabel("I(T_l; Y)  [nats]")
         ax.grid(alpha=0.3)
         if i == 0:
             ax.legend(fontsize=8, title="layer", title_fontsize=8)
-    for ax, color, xs, ys, i, px, py, ok in brackets:
-        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
-        xl = np.clip(lower.isel(config=i, pair=px).values[ok], x0, x1)
-        xu = np.clip(upper.isel(config=i, pair=px).values[ok], x0, x1)
-        yl = np.clip(lower.isel(config=i, pair=py).values[ok], y0, y1)
-        yu = np.clip(upper.isel(config=i, pair=py).values[ok], y0, y1)
-        ax.hlines(ys, xl, xu, colors=[color], lw=3, alpha=0.25, zorder=1)
-        ax.vlines(xs, yl, yu, colors=[color], lw=3, alpha=0.25, zorder=1)
-        ax.set_xlim(x0, x1)
-        ax.set_ylim(y0, y1)
+    if bracket:
+        _draw_brackets(ds, brackets)
     for j in range(n_cfg, nrows * ncols):
         axes[j // ncols][j % ncols].set_visible(False)
     from matplotlib.cm import ScalarMappable
@@ -245,6 +191,84 @@ def plot_information_plane(ds, path: str | Path, *, bracket: bool = False) -> Pa
         caption += "; shaded bars: population bracket [lower, upper]"
     _add_caption(fig, caption)
     return _save(fig, path)
+
+
+def _plane_panel(ax, ds, i: int, layers: list[str], mean, err, cmap) -> list:
+    """One configuration's trajectories, a line per layer with error bars on both axes
+    and points coloured by epoch; returns what :func:`_draw_brackets` needs."""
+    from matplotlib import colormaps
+
+    pairs = list(ds["pair"].values)
+    epochs = ds["epoch"].values
+    norm_epochs = (epochs - epochs.min()) / max(1, epochs.max() - epochs.min())
+    layer_colors = colormaps["tab10"]
+    drawn = []
+    for li, layer in enumerate(layers):
+        px, py = pairs.index(f"X->{layer}"), pairs.index(f"{layer}->Y")
+        xs = mean.isel(config=i, pair=px).values
+        ys = mean.isel(config=i, pair=py).values
+        ok = np.isfinite(xs) & np.isfinite(ys)
+        if not ok.any():
+            continue
+        color = layer_colors(li % 10)
+        ax.plot(xs[ok], ys[ok], "-", color=color, lw=1.5, label=layer)
+        ax.errorbar(
+            xs[ok],
+            ys[ok],
+            xerr=np.nan_to_num(err.isel(config=i, pair=px).values[ok]),
+            yerr=np.nan_to_num(err.isel(config=i, pair=py).values[ok]),
+            fmt="none",
+            ecolor=color,
+            elinewidth=1.0,
+            capsize=2,
+            zorder=2,
+        )
+        drawn.append((ax, color, xs[ok], ys[ok], i, px, py, ok))
+        ax.scatter(xs[ok], ys[ok], c=cmap(norm_epochs[ok]), s=28, zorder=3, edgecolors="k", lw=0.4)
+        ax.annotate(
+            f"{layer}",
+            (xs[ok][-1], ys[ok][-1]),
+            fontsize=8,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    return drawn
+
+
+def _mark_log_n(ax, n_inputs) -> None:
+    """A dashed line at log N, the most a dataset MI over N inputs can be."""
+    if not n_inputs:
+        return
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo, max(hi, math.log(n_inputs) + 0.03 * (hi - lo)))
+    ax.axvline(math.log(n_inputs), color="0.5", ls="--", lw=0.8)
+    ax.annotate(
+        "log N",
+        (math.log(n_inputs), 0.02),
+        xycoords=("data", "axes fraction"),
+        fontsize=7,
+        color="0.4",
+        xytext=(-3, 0),
+        textcoords="offset points",
+        ha="right",
+    )
+
+
+def _draw_brackets(ds, brackets: list) -> None:
+    """The population bracket of each point as shaded bars along both axes, cut at the
+    panel's edges (which stay as they were)."""
+    lower = ds["lower"].mean("seed", skipna=True)
+    upper = ds["upper"].mean("seed", skipna=True)
+    for ax, color, xs, ys, i, px, py, ok in brackets:
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        xl = np.clip(lower.isel(config=i, pair=px).values[ok], x0, x1)
+        xu = np.clip(upper.isel(config=i, pair=px).values[ok], x0, x1)
+        yl = np.clip(lower.isel(config=i, pair=py).values[ok], y0, y1)
+        yu = np.clip(upper.isel(config=i, pair=py).values[ok], y0, y1)
+        ax.hlines(ys, xl, xu, colors=[color], lw=3, alpha=0.25, zorder=1)
+        ax.vlines(xs, yl, yu, colors=[color], lw=3, alpha=0.25, zorder=1)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
 
 
 def plot_mi_vs_noise(ds, path: str | Path, *, epoch: int | None = None) -> Path | None:
@@ -390,6 +414,147 @@ def plot_layer_to_layer(ds, path: str | Path) -> Path | None:
     return _save(fig, path)
 
 
+def _epistemic_configs(ds) -> list[int]:
+    """Configurations with a finite epistemic estimate (the Bayesian ones)."""
+    if "epistemic_value" not in ds:
+        return []
+    finite = np.isfinite(ds["epistemic_value"].values)
+    return [i for i in range(ds.sizes["config"]) if finite[i].any()]
+
+
+def _epistemic_panel(ax, ds, mean, err, band, t: int, configs: list[int]) -> None:
+    """One target's panel: epistemic information over the epochs, a line per config."""
+    from matplotlib import colormaps
+
+    colors = colormaps["viridis"]
+    epochs = ds["epoch"].values
+    for n, i in enumerate(configs):
+        y = mean.isel(config=i, epistemic_target=t).values
+        if not np.isfinite(y).any():
+            continue
+        color = colors(n / max(1, len(configs) - 1))
+        if band is not None:
+            lo = band[0].isel(config=i, epistemic_target=t).values
+            hi = band[1].isel(config=i, epistemic_target=t).values
+            ax.fill_between(epochs, lo, hi, color=color, alpha=0.18, lw=0)
+        ax.errorbar(
+            epochs,
+            y,
+            yerr=np.nan_to_num(err.isel(config=i, epistemic_target=t).values),
+            marker="o",
+            ms=4,
+            capsize=2,
+            color=color,
+            label=_config_title(ds, i),
+        )
+        if "epistemic_converged" in ds:  # open markers: not converged in some seed
+            conv = ds["epistemic_converged"].isel(config=i, epistemic_target=t).min("seed")
+            bad = np.isfinite(y) & (conv.values < 1)
+            ax.scatter(epochs[bad], y[bad], s=36, facecolors="white", edgecolors=[color], zorder=3)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats")
+    ax.grid(alpha=0.3)
+
+
+def _epistemic_vs_noise(ax, ds, mean, err, configs: list[int]) -> bool:
+    """Last epoch's epistemic information against sigma, one line per target."""
+    from matplotlib import colormaps
+
+    sigma = ds["sigma"].values.astype(float)
+    with_sigma = [i for i in configs if np.isfinite(sigma[i])]
+    if len({float(sigma[i]) for i in with_sigma}) < 2:
+        return False
+    colors = colormaps["tab10"]
+    for t, name in enumerate(ds["epistemic_target"].values):
+        for lab in dict.fromkeys(ds["label"].values[with_sigma]):
+            idx = [i for i in with_sigma if ds["label"].values[i] == lab]
+            order = sorted(idx, key=lambda i: sigma[i])
+            y = mean.isel(config=order, epistemic_target=t, epoch=-1).values
+            e = err.isel(config=order, epistemic_target=t, epoch=-1).values
+            ax.errorbar(
+                sigma[order],
+                y,
+                yerr=np.nan_to_num(e),
+                marker="o",
+                ms=4,
+                capsize=2,
+                color=colors(t % 10),
+                label=f"{name} ({lab})",
+            )
+    ax.set_xscale("log")
+    ticks = np.unique(sigma[with_sigma])
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("noise sigma")
+    ax.set_ylabel("nats")
+    ax.set_title(f"against noise level, epoch {int(ds['epoch'].values[-1])}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return True
+
+
+def plot_epistemic(ds, path: str | Path) -> Path | None:
+    """Epistemic information I(T_l; W | X) per layer and BALD I(Y; W | X) over training.
+
+    One panel per target (the layers, then the prediction ``Y``) with the measured
+    epochs on the x axis and one line per configuration (noise level) with a weight
+    posterior; with two or more noise levels a last panel shows the last epoch's
+    values against sigma.  Layer panels mark ``log M`` (M weight draws), the most a
+    dataset MI over the draws can be.
+
+    Returns
+    -------
+    Path or None
+        None when the results have no epistemic estimates (``estimate.uncertainty``
+        unset, or no Bayesian model).
+    """
+    configs = _epistemic_configs(ds)
+    if not configs:
+        return None
+    targets = [str(t) for t in ds["epistemic_target"].values]
+    mean, err = _mean_err(ds, "epistemic_value", "epistemic_stderr")
+    band = _seed_band(ds, "epistemic_value")
+    ncols = len(targets) + 1
+    fig, axes = _figure(1, ncols)
+    try:
+        m = int(json.loads(ds.attrs.get("estimate_settings") or "{}").get("n_weight_draws", 0))
+    except (TypeError, ValueError):
+        m = 0
+    for t, name in enumerate(targets):
+        ax = axes[0][t]
+        _epistemic_panel(ax, ds, mean, err, band, t, configs)
+        if name == "Y":
+            ax.set_title("BALD  I(Y; W | X)", fontsize=9)
+        else:
+            ax.set_title(f"I({name}; W | X)", fontsize=9)
+            if m > 1:
+                ax.axhline(math.log(m), color="0.5", ls="--", lw=0.8)
+                ax.annotate(
+                    "log M",
+                    (0.02, math.log(m)),
+                    xycoords=("axes fraction", "data"),
+                    fontsize=7,
+                    color="0.4",
+                    va="bottom",
+                )
+        if t == 0:
+            ax.legend(fontsize=7)
+    if not _epistemic_vs_noise(axes[0][-1], ds, mean, err, configs):
+        axes[0][-1].set_visible(False)
+    seeds = ds.sizes.get("seed", 1)
+    fig.suptitle("Epistemic information over training (mean over seeds)")
+    caption = _caption(ds) + ("; bands: smallest to largest seed" if seeds > 1 else "")
+    if m and "weight draws" not in caption:
+        caption += f"; M = {m} posterior weight draws"
+    if "epistemic_converged" in ds and bool((ds["epistemic_converged"] == 0).any()):
+        caption += "; open markers: importance sampling not converged (epistemic_converged = 0)"
+    _add_caption(fig, caption)
+    return _save(fig, path)
+
+
 def plot_all(ds, out_dir: str | Path) -> dict[str, Path]:
     """Write every plot that the results support into ``out_dir``; returns name -> path."""
     out = Path(out_dir)
@@ -397,5 +562,6 @@ def plot_all(ds, out_dir: str | Path) -> dict[str, Path]:
         "information_plane": plot_information_plane(ds, out / "information_plane.png"),
         "mi_vs_noise": plot_mi_vs_noise(ds, out / "mi_vs_noise.png"),
         "layer_to_layer": plot_layer_to_layer(ds, out / "layer_to_layer.png"),
+        "epistemic": plot_epistemic(ds, out / "epistemic.png"),
     }
     return {k: v for k, v in made.items() if v is not None}

@@ -28,14 +28,17 @@ import math
 import os
 import socket
 import tempfile
+import tomllib
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stochmi.experiments.config import CellSpec, ExperimentConfig
+from stochmi.models.spec import BAYESIAN_KINDS
 
 __all__ = [
     "ResultStore",
@@ -67,6 +70,8 @@ _EST_VARS = (
     "mc_bias",
 )
 _COND_VARS = ("value", "stderr", "lower", "upper")
+_EPI_VARS = ("value", "stderr", "lower", "upper", "saturated", "converged", "closed_form")
+_ENTROPY_VARS = ("predictive_entropy", "aleatoric_entropy")
 
 
 class ResumeError(ValueError):
@@ -386,7 +391,8 @@ def stale_reason(record: dict[str, Any], cell: CellSpec) -> str:
                     "cell settings changed"
                 ]
             else:
-                changed.append(f"{k} settings changed" if k == "estimator" else f"{k} changed")
+                what = {"estimator": "estimator settings", "weight_estimator": "weight_mi settings"}
+                changed.append(f"{what.get(k, k)} changed")
     return ", ".join(changed) or "cell settings changed"
 
 
@@ -395,7 +401,9 @@ def validate_record(rec: dict[str, Any], cell: CellSpec) -> str | None:
 
     A record must name the cell, hold at least one estimate per measured epoch (rows
     with ``epoch``, ``source``, ``target``, ``value``), one accuracy entry per measured
-    epoch, and the data description fields that :func:`assemble` reads.
+    epoch, and the data description fields that :func:`assemble` reads; with
+    ``estimate.uncertainty``, a Bayesian cell also needs its ``uncertainty`` rows
+    (``epoch``, ``target``, ``value``) for every measured epoch.
     """
     if rec.get("cell_id") != cell.cell_id:
         return f"cell_id {rec.get('cell_id')!r} is not {cell.cell_id!r}"
@@ -413,17 +421,9 @@ def validate_record(rec: dict[str, Any], cell: CellSpec) -> str | None:
         ("estimates", ("epoch", "source", "target", "value")),
         ("accuracy", ("epoch",)),
     ):
-        rows = rec.get(name)
-        if not isinstance(rows, list) or not rows:
-            return f"{name!r} missing or empty"
-        for row in rows:
-            if not isinstance(row, dict) or any(f not in row for f in fields):
-                return f"a row of {name!r} lacks one of {', '.join(fields)}"
-        missing = epochs - {row["epoch"] for row in rows}
-        if missing:
-            return f"{name!r} has no rows for epochs {sorted(missing)}"
-        if {row["epoch"] for row in rows} - epochs:
-            return f"{name!r} has rows for epochs that are not measured"
+        problem = _check_rows(rec.get(name), name, fields, epochs, required=True)
+        if problem:
+            return problem
     cond = rec.get("conditional", [])
     if not isinstance(cond, list) or any(
         not isinstance(r, dict)
@@ -432,7 +432,34 @@ def validate_record(rec: dict[str, Any], cell: CellSpec) -> str | None:
         for r in cond
     ):
         return "'conditional' rows malformed"
+    if cell.estimate.uncertainty:
+        rows = rec.get("uncertainty")
+        if not isinstance(rows, list):
+            return "'uncertainty' missing (the experiment sets estimate.uncertainty = true)"
+        required = cell_kind(cell) in BAYESIAN_KINDS
+        return _check_rows(rows, "uncertainty", ("epoch", "target", "value"), epochs, required)
     return None
+
+
+def _check_rows(rows, name: str, fields, epochs: set, required: bool) -> str | None:
+    """Rows of a record: dicts with ``fields``, for the measured ``epochs`` only, and
+    (``required``) for each of them."""
+    if not isinstance(rows, list) or (required and not rows):
+        return f"{name!r} missing or empty"
+    for row in rows:
+        if not isinstance(row, dict) or any(f not in row for f in fields):
+            return f"a row of {name!r} lacks one of {', '.join(fields)}"
+    got = {row["epoch"] for row in rows}
+    if required and epochs - got:
+        return f"{name!r} has no rows for epochs {sorted(epochs - got)}"
+    if got - epochs:
+        return f"{name!r} has rows for epochs that are not measured"
+    return None
+
+
+def cell_kind(cell: CellSpec) -> str:
+    """The model kind of a cell (``[model] kind`` of its resolved spec)."""
+    return str(tomllib.loads(cell.spec_toml).get("model", {}).get("kind", ""))
 
 
 # -- assembling -------------------------------------------------------------------------
@@ -446,6 +473,16 @@ def _pairs_in_order(records: Sequence[dict]) -> list[tuple[str, str]]:
         for row in rec.get("conditional", []):
             seen.setdefault((row["source"], row["target"]), None)
     return list(seen)
+
+
+def _epistemic_targets(records: Sequence[dict]) -> list[str]:
+    """Targets of the epistemic rows (layers, then ``"Y"``) in order of appearance."""
+    seen: dict[str, None] = {}
+    for rec in records:
+        for row in rec.get("uncertainty") or []:
+            seen.setdefault(str(row["target"]), None)
+    layers = [t for t in seen if t != "Y"]
+    return layers + (["Y"] if "Y" in seen else [])
 
 
 def _pair_kind(source: str, target: str) -> str:
@@ -486,6 +523,289 @@ def _override_coords(cells: Sequence[CellSpec], config_ids: list[str]) -> dict[s
     return coords
 
 
+@dataclass
+class _Grid:
+    """The axes of the assembled outputs and the arrays filled from the records."""
+
+    config_ids: list[str]
+    first: dict[str, CellSpec]
+    seeds: list[int]
+    epochs: list[int]
+    pairs: list[tuple[str, str]]
+    targets: list[str]  # epistemic targets (layers, then "Y")
+    est: dict[str, np.ndarray] = field(default_factory=dict)
+    acc: dict[str, np.ndarray] = field(default_factory=dict)
+    cond: dict[str, np.ndarray] = field(default_factory=dict)
+    epi: dict[str, np.ndarray] = field(default_factory=dict)
+    entropy: dict[str, np.ndarray] = field(default_factory=dict)
+    draws: np.ndarray | None = None
+    has_cond: bool = False
+
+    @property
+    def pair_names(self) -> list[str]:
+        return [f"{s}->{t}" for s, t in self.pairs]
+
+    @property
+    def has_epi(self) -> bool:
+        return bool(self.targets)
+
+    def index(self, cell: CellSpec) -> tuple[int, int]:
+        return self.config_ids.index(cell.config_id), self.seeds.index(cell.seed)
+
+
+def _grid(config: ExperimentConfig, cells: Sequence[CellSpec], records: Sequence[dict]) -> _Grid:
+    """Axes of the outputs, with NaN-filled arrays for every variable."""
+    first: dict[str, CellSpec] = {}
+    for c in cells:
+        first.setdefault(c.config_id, c)
+    g = _Grid(
+        config_ids=list(first),
+        first=first,
+        seeds=list(config.seeds),
+        epochs=list(config.estimate.epochs),
+        pairs=_pairs_in_order(records),
+        targets=_epistemic_targets(records),
+    )
+    shape = (len(g.config_ids), len(g.seeds), len(g.epochs), len(g.pairs))
+    g.est = {k: np.full(shape, np.nan) for k in _EST_VARS}
+    g.acc = {k: np.full(shape[:3], np.nan) for k in ("test_accuracy", "train_accuracy", "loss")}
+    g.has_cond = any(rec.get("conditional") for rec in records)
+    g.cond = {k: np.full(shape, np.nan) for k in (*_COND_VARS, "sd", "hdi_lower", "hdi_upper")}
+    n_draws = max(
+        (len(r["draws"]) for rec in records for r in rec.get("conditional", []) if r.get("draws")),
+        default=0,
+    )
+    g.draws = np.full((*shape, n_draws), np.nan)
+    g.epi = {k: np.full((*shape[:3], len(g.targets)), np.nan) for k in _EPI_VARS}
+    g.entropy = {k: np.full(shape[:3], np.nan) for k in _ENTROPY_VARS}
+    return g
+
+
+def _fill_conditional(g: _Grid, i: int, j: int, rec: dict) -> None:
+    for r in rec.get("conditional", []):
+        k = g.epochs.index(r["epoch"])
+        p = g.pairs.index((r["source"], r["target"]))
+        for name in _COND_VARS:
+            g.cond[name][i, j, k, p] = _as_float(r.get(name))
+        d = r.get("draws")
+        if d:
+            arr = np.asarray(d, dtype=float)
+            g.draws[i, j, k, p, : len(arr)] = arr
+            g.cond["sd"][i, j, k, p] = float(np.std(arr, ddof=1)) if len(arr) > 1 else np.nan
+            lo, hi = _hdi(arr)
+            g.cond["hdi_lower"][i, j, k, p] = lo
+            g.cond["hdi_upper"][i, j, k, p] = hi
+
+
+def _fill_epistemic(g: _Grid, i: int, j: int, rec: dict) -> None:
+    for r in rec.get("uncertainty") or []:
+        k, t = g.epochs.index(r["epoch"]), g.targets.index(str(r["target"]))
+        for name in _EPI_VARS:
+            g.epi[name][i, j, k, t] = _as_float(r.get(name))
+        if r["target"] == "Y":
+            for name in _ENTROPY_VARS:
+                g.entropy[name][i, j, k] = _as_float(r.get(name))
+
+
+def _fill(g: _Grid, cells: Sequence[CellSpec], records: Sequence[dict]) -> None:
+    """Copy every record's numbers into the arrays of ``g``."""
+    for cell, rec in zip(cells, records):
+        if rec["cell_id"] != cell.cell_id:
+            raise ValueError(f"record {rec['cell_id']} does not belong to cell {cell.cell_id}")
+        i, j = g.index(cell)
+        for a in rec["accuracy"]:
+            for name, arr in g.acc.items():
+                arr[i, j, g.epochs.index(a["epoch"])] = _as_float(a.get(name))
+        _fill_conditional(g, i, j, rec)
+        _fill_epistemic(g, i, j, rec)
+        for r in rec["estimates"]:
+            k, p = g.epochs.index(r["epoch"]), g.pairs.index((r["source"], r["target"]))
+            for name in _EST_VARS:
+                g.est[name][i, j, k, p] = _as_float(r.get(name))
+
+
+def _cell_columns(cell: CellSpec) -> dict[str, Any]:
+    return {
+        "cell_id": cell.cell_id,
+        "config": cell.config_id,
+        "label": cell.label,
+        "spec": cell.spec,
+        "sigma": cell.sigma,
+        "overrides": json.dumps(dict(cell.overrides), sort_keys=True),
+        "seed": cell.seed,
+    }
+
+
+def _pair_rows(g: _Grid, cell: CellSpec, rec: dict) -> list[dict[str, Any]]:
+    """Summary rows of one cell's layer-MI estimates."""
+    i, j = g.index(cell)
+    accs = {a["epoch"]: a["test_accuracy"] for a in rec["accuracy"]}
+    conds = {(r["epoch"], r["source"], r["target"]): r for r in rec.get("conditional", [])}
+    rows = []
+    for r in rec["estimates"]:
+        k, p = g.epochs.index(r["epoch"]), g.pairs.index((r["source"], r["target"]))
+        row = _cell_columns(cell)
+        row.update(
+            epoch=r["epoch"],
+            pair=f"{r['source']}->{r['target']}",
+            source=r["source"],
+            target=r["target"],
+            kind=_pair_kind(r["source"], r["target"]),
+        )
+        row.update({name: _as_float(r.get(name)) for name in _EST_VARS})
+        row["test_accuracy"] = accs.get(r["epoch"], math.nan)
+        if g.has_cond:
+            c = conds.get((r["epoch"], r["source"], r["target"]))
+            for name in _COND_VARS:
+                row[f"cond_{name}"] = _as_float(c.get(name)) if c else math.nan
+            for name in ("sd", "hdi_lower", "hdi_upper"):
+                row[f"cond_{name}"] = float(g.cond[name][i, j, k, p])
+        row["_p"] = p
+        rows.append(row)
+    return rows
+
+
+def _epistemic_rows(g: _Grid, cell: CellSpec, rec: dict) -> list[dict[str, Any]]:
+    """Summary rows of one cell's epistemic information: pair ``W->T|X``, kind
+    ``epistemic``, value = I(T; W | X) (``T = Y``: BALD)."""
+    accs = {a["epoch"]: a["test_accuracy"] for a in rec["accuracy"]}
+    rows = []
+    for r in rec.get("uncertainty") or []:
+        t = str(r["target"])
+        row = _cell_columns(cell)
+        row.update(epoch=r["epoch"], pair=f"W->{t}|X", source="W", target=t, kind="epistemic")
+        row.update({name: math.nan for name in _EST_VARS})
+        row.update({name: _as_float(r.get(name)) for name in _EPI_VARS})
+        row["n"] = float(rec["n_inputs"])
+        row["test_accuracy"] = accs.get(r["epoch"], math.nan)
+        row["_p"] = len(g.pairs) + g.targets.index(t)
+        rows.append(row)
+    return rows
+
+
+def _summary(g: _Grid, cells: Sequence[CellSpec], records: Sequence[dict]):
+    """One row per cell x epoch x pair (and x epistemic target), in the experiment's order."""
+    import pandas as pd
+
+    rows = []
+    for cell, rec in zip(cells, records):
+        rows += _pair_rows(g, cell, rec)
+        rows += _epistemic_rows(g, cell, rec)
+    summary = pd.DataFrame(rows)
+    if not len(summary):
+        return summary
+    order = {c.cell_id: n for n, c in enumerate(cells)}
+    summary["_c"] = summary["cell_id"].map(order)
+    summary = summary.sort_values(["_c", "epoch", "_p"], kind="stable")
+    return summary.drop(columns=["_c", "_p"]).reset_index(drop=True)
+
+
+_DESCRIPTIONS = {
+    "value": "dataset mutual information estimate (nats), weights marginalised",
+    "stderr": "Monte Carlo standard error of value (nats)",
+    "lower": "lower bound on the population MI (nats)",
+    "upper": "upper bound on the population MI (nats)",
+    "saturated": "1 when the lower bound is near log N (more inputs needed)",
+    "dpi_ok": "1 when the data-processing inequalities hold for this pair",
+    "k_paths": "forward paths per input for densities across layers (1: direct density)",
+    "converged": "1 when the deep-layer density estimate met its tolerance",
+    "mc_bias": "estimated remaining bias of the deep-layer estimate (nats)",
+    "n": "number of inputs",
+}
+
+_EPI_DESCRIPTIONS = {
+    "value": "epistemic information I(T; W | X) (nats; T = Y: BALD), dataset MI over the "
+    "posterior weight draws averaged over the inputs (stochmi.weight_mi)",
+    "stderr": "Monte Carlo standard error of epistemic_value (nats)",
+    "lower": "lower bound on the epistemic information under the posterior (nats)",
+    "upper": "upper bound (leave-one-out) on the epistemic information (nats)",
+    "saturated": "1 when epistemic_value is near log M (more weight draws needed)",
+    "converged": "1 when the deep-layer importance sampling passed its half-sample check",
+    "closed_form": "first layer: exact population I(T_1; W | X) under the mean-field "
+    "posterior (local reparameterisation), not limited by log M; nan otherwise",
+}
+
+
+def _data_vars(g: _Grid) -> dict[str, Any]:
+    dims = ("config", "seed", "epoch", "pair")
+    data_vars = {}
+    for name in _EST_VARS:
+        data_vars[name] = (dims, g.est[name], {"description": _DESCRIPTIONS[name]})
+    data_vars["value"][2]["units"] = "nats"
+    for name, text in (
+        ("test_accuracy", "predictive accuracy on the held-out images"),
+        ("train_accuracy", "predictive accuracy on the training images"),
+        ("loss", "training loss (-ELBO per training example) of the epoch; nan at epoch 0"),
+    ):
+        data_vars[name] = (dims[:3], g.acc[name], {"description": text})
+    if g.has_cond:
+        for name in (*_COND_VARS, "sd", "hdi_lower", "hdi_upper"):
+            data_vars[f"cond_{name}"] = (
+                dims,
+                g.cond[name],
+                {"description": f"I(X;T | W=w) over posterior weight draws: {name} (nats)"},
+            )
+    if g.has_epi:
+        epi_dims = (*dims[:3], "epistemic_target")
+        for name in _EPI_VARS:
+            attrs = {"description": _EPI_DESCRIPTIONS[name]}
+            data_vars[f"epistemic_{name}"] = (epi_dims, g.epi[name], attrs)
+        data_vars["epistemic_value"][2]["units"] = "nats"
+        for name, text in (
+            ("predictive_entropy", "total predictive entropy H[p(y|x)] (nats), input mean"),
+            ("aleatoric_entropy", "E_W H[p(y|x,W)] (nats), input mean; total - aleatoric = BALD"),
+        ):
+            data_vars[name] = (dims[:3], g.entropy[name], {"description": text})
+    return data_vars
+
+
+def _coords(g: _Grid, cells: Sequence[CellSpec]) -> dict[str, Any]:
+    first, ids = g.first, g.config_ids
+    coords = {
+        "config": np.array(ids, dtype=object),
+        "seed": np.array(g.seeds, dtype=np.int64),
+        "epoch": np.array(g.epochs, dtype=np.int64),
+        "pair": np.array(g.pair_names, dtype=object),
+        "label": ("config", np.array([first[c].label for c in ids], dtype=object)),
+        "spec": ("config", np.array([first[c].spec for c in ids], dtype=object)),
+        "sigma": ("config", np.array([first[c].sigma for c in ids], dtype=float)),
+        "overrides": (
+            "config",
+            np.array(
+                [json.dumps(dict(first[c].overrides), sort_keys=True) for c in ids],
+                dtype=object,
+            ),
+        ),
+        "source": ("pair", np.array([s for s, _ in g.pairs], dtype=object)),
+        "target": ("pair", np.array([t for _, t in g.pairs], dtype=object)),
+        "kind": ("pair", np.array([_pair_kind(s, t) for s, t in g.pairs], dtype=object)),
+    }
+    if g.has_epi:
+        coords["epistemic_target"] = np.array(g.targets, dtype=object)
+    coords.update(_override_coords(cells, ids))
+    return coords
+
+
+def _attrs(config: ExperimentConfig, cells: Sequence[CellSpec], records) -> dict[str, Any]:
+    sources = sorted({rec["data_source"] for rec in records})
+    return {
+        "title": f"stochmi sweep: {config.name}",
+        "experiment_name": config.name,
+        "experiment_description": config.description,
+        "experiment_file": config.path,
+        "experiment_sha256": config.sha256,
+        "experiment_text": config.text,
+        "data_source": "; ".join(sources),
+        "n_train": int(records[0]["n_train"]) if records else 0,
+        "n_test": int(records[0]["n_test"]) if records else 0,
+        "n_inputs": int(records[0]["n_inputs"]) if records else 0,
+        "units": "nats",
+        "estimate_settings": json.dumps(_settings_dict(config), sort_keys=True),
+        "versions": json.dumps(records[0]["versions"] if records else {}, sort_keys=True),
+        "cell_ids": json.dumps([c.cell_id for c in cells]),
+    }
+
+
 def assemble(config: ExperimentConfig, cells: Sequence[CellSpec], records: Sequence[dict]):
     """Build the outputs of a sweep from its cell records.
 
@@ -507,179 +827,35 @@ def assemble(config: ExperimentConfig, cells: Sequence[CellSpec], records: Seque
         (config, seed, epoch); with
         conditional estimates also ``cond_value``, ``cond_stderr``, ``cond_lower``,
         ``cond_upper``, ``cond_sd``, ``cond_hdi_lower``, ``cond_hdi_upper`` (94% HDI
-        over posterior draws).  Coordinates: ``label``, ``spec``, ``sigma``,
+        over posterior draws); with ``estimate.uncertainty`` also ``epistemic_value``,
+        ``epistemic_stderr``, ``epistemic_lower``, ``epistemic_upper``,
+        ``epistemic_saturated``, ``epistemic_converged``, ``epistemic_closed_form``
+        (config, seed, epoch, ``epistemic_target``: the layers, then ``"Y"``;
+        I(T; W | X) in nats, BALD for ``"Y"``; NaN for models with fixed weights)
+        and ``predictive_entropy``, ``aleatoric_entropy`` (config, seed, epoch).
+        Coordinates: ``label``, ``spec``, ``sigma``,
         ``overrides`` and ``set_<key>`` per config; ``source``, ``target``,
         ``kind`` (input / layer / label) per pair.
     summary : pandas.DataFrame
-        One row per cell x epoch x pair.
+        One row per cell x epoch x pair; with ``estimate.uncertainty`` also one row
+        per cell x epoch x epistemic target (``pair = "W->h1|X"``, ``source = "W"``,
+        ``kind = "epistemic"``, value/stderr/lower/upper of I(T; W | X)).
     idata : arviz.InferenceData or None
         Posterior group with variable ``mi`` (chain, draw, config, seed, epoch, pair)
         holding I(X;T | W = w) per weight draw; None without conditional estimates.
     """
-    import pandas as pd
     import xarray as xr
 
     if len(cells) != len(records):
         raise ValueError("assemble needs one record per cell")
-    config_ids = list(dict.fromkeys(c.config_id for c in cells))
-    first = {}
-    for c in cells:
-        first.setdefault(c.config_id, c)
-    seeds = list(config.seeds)
-    epochs = list(config.estimate.epochs)
-    pairs = _pairs_in_order(records)
-    pair_names = [f"{s}->{t}" for s, t in pairs]
-    ci = {cid: i for i, cid in enumerate(config_ids)}
-    si = {s: i for i, s in enumerate(seeds)}
-    ei = {e: i for i, e in enumerate(epochs)}
-    pi = {p: i for i, p in enumerate(pairs)}
-    shape = (len(config_ids), len(seeds), len(epochs), len(pairs))
-    est = {k: np.full(shape, np.nan) for k in _EST_VARS}
-    acc = {k: np.full(shape[:3], np.nan) for k in ("test_accuracy", "train_accuracy", "loss")}
-    has_cond = any(rec.get("conditional") for rec in records)
-    cond = {k: np.full(shape, np.nan) for k in (*_COND_VARS, "sd", "hdi_lower", "hdi_upper")}
-    n_draws = max(
-        (len(r["draws"]) for rec in records for r in rec.get("conditional", []) if r.get("draws")),
-        default=0,
-    )
-    draws = np.full((len(config_ids), len(seeds), len(epochs), len(pairs), n_draws), np.nan)
-
-    rows = []
-    for cell, rec in zip(cells, records):
-        if rec["cell_id"] != cell.cell_id:
-            raise ValueError(f"record {rec['cell_id']} does not belong to cell {cell.cell_id}")
-        i, j = ci[cell.config_id], si[cell.seed]
-        accs = {a["epoch"]: a["test_accuracy"] for a in rec["accuracy"]}
-        for a in rec["accuracy"]:
-            for name, arr in acc.items():
-                arr[i, j, ei[a["epoch"]]] = _as_float(a.get(name))
-        conds = {(r["epoch"], r["source"], r["target"]): r for r in rec.get("conditional", [])}
-        for r in rec.get("conditional", []):
-            k = ei[r["epoch"]]
-            p = pi[(r["source"], r["target"])]
-            for name in _COND_VARS:
-                cond[name][i, j, k, p] = _as_float(r.get(name))
-            d = r.get("draws")
-            if d:
-                arr = np.asarray(d, dtype=float)
-                draws[i, j, k, p, : len(arr)] = arr
-                cond["sd"][i, j, k, p] = float(np.std(arr, ddof=1)) if len(arr) > 1 else np.nan
-                lo, hi = _hdi(arr)
-                cond["hdi_lower"][i, j, k, p] = lo
-                cond["hdi_upper"][i, j, k, p] = hi
-        for r in rec["estimates"]:
-            k = ei[r["epoch"]]
-            p = pi[(r["source"], r["target"])]
-            for name in _EST_VARS:
-                est[name][i, j, k, p] = _as_float(r.get(name))
-            row = {
-                "cell_id": cell.cell_id,
-                "config": cell.config_id,
-                "label": cell.label,
-                "spec": cell.spec,
-                "sigma": cell.sigma,
-                "overrides": json.dumps(dict(cell.overrides), sort_keys=True),
-                "seed": cell.seed,
-                "epoch": r["epoch"],
-                "pair": f"{r['source']}->{r['target']}",
-                "source": r["source"],
-                "target": r["target"],
-                "kind": _pair_kind(r["source"], r["target"]),
-            }
-            row.update({name: _as_float(r.get(name)) for name in _EST_VARS})
-            row["test_accuracy"] = accs.get(r["epoch"], math.nan)
-            if has_cond:
-                c = conds.get((r["epoch"], r["source"], r["target"]))
-                for name in _COND_VARS:
-                    row[f"cond_{name}"] = _as_float(c.get(name)) if c else math.nan
-                for name in ("sd", "hdi_lower", "hdi_upper"):
-                    row[f"cond_{name}"] = float(cond[name][i, j, k, p])
-            rows.append(row)
-
-    order = {(c.cell_id): n for n, c in enumerate(cells)}
-    summary = pd.DataFrame(rows)
-    if len(summary):
-        summary["_c"] = summary["cell_id"].map(order)
-        summary["_p"] = [pi[(s, t)] for s, t in zip(summary["source"], summary["target"])]
-        summary = summary.sort_values(["_c", "epoch", "_p"], kind="stable").drop(
-            columns=["_c", "_p"]
-        )
-        summary = summary.reset_index(drop=True)
-
-    dims = ("config", "seed", "epoch", "pair")
-    data_vars = {}
-    descriptions = {
-        "value": "dataset mutual information estimate (nats), weights marginalised",
-        "stderr": "Monte Carlo standard error of value (nats)",
-        "lower": "lower bound on the population MI (nats)",
-        "upper": "upper bound on the population MI (nats)",
-        "saturated": "1 when the lower bound is near log N (more inputs needed)",
-        "dpi_ok": "1 when the data-processing inequalities hold for this pair",
-        "k_paths": "forward paths per input for densities across layers (1: direct density)",
-        "converged": "1 when the deep-layer density estimate met its tolerance",
-        "mc_bias": "estimated remaining bias of the deep-layer estimate (nats)",
-        "n": "number of inputs",
-    }
-    for name in _EST_VARS:
-        data_vars[name] = (dims, est[name], {"description": descriptions[name]})
-    data_vars["value"][2]["units"] = "nats"
-    for name, text in (
-        ("test_accuracy", "predictive accuracy on the held-out images"),
-        ("train_accuracy", "predictive accuracy on the training images"),
-        ("loss", "training loss (-ELBO per training example) of the epoch; nan at epoch 0"),
-    ):
-        data_vars[name] = (dims[:3], acc[name], {"description": text})
-    if has_cond:
-        for name in (*_COND_VARS, "sd", "hdi_lower", "hdi_upper"):
-            data_vars[f"cond_{name}"] = (
-                dims,
-                cond[name],
-                {"description": f"I(X;T | W=w) over posterior weight draws: {name} (nats)"},
-            )
-    coords = {
-        "config": np.array(config_ids, dtype=object),
-        "seed": np.array(seeds, dtype=np.int64),
-        "epoch": np.array(epochs, dtype=np.int64),
-        "pair": np.array(pair_names, dtype=object),
-        "label": ("config", np.array([first[c].label for c in config_ids], dtype=object)),
-        "spec": ("config", np.array([first[c].spec for c in config_ids], dtype=object)),
-        "sigma": ("config", np.array([first[c].sigma for c in config_ids], dtype=float)),
-        "overrides": (
-            "config",
-            np.array(
-                [json.dumps(dict(first[c].overrides), sort_keys=True) for c in config_ids],
-                dtype=object,
-            ),
-        ),
-        "source": ("pair", np.array([s for s, _ in pairs], dtype=object)),
-        "target": ("pair", np.array([t for _, t in pairs], dtype=object)),
-        "kind": ("pair", np.array([_pair_kind(s, t) for s, t in pairs], dtype=object)),
-    }
-    coords.update(_override_coords(cells, config_ids))
-    sources = sorted({rec["data_source"] for rec in records})
-    attrs = {
-        "title": f"stochmi sweep: {config.name}",
-        "experiment_name": config.name,
-        "experiment_description": config.description,
-        "experiment_file": config.path,
-        "experiment_sha256": config.sha256,
-        "experiment_text": config.text,
-        "data_source": "; ".join(sources),
-        "n_train": int(records[0]["n_train"]) if records else 0,
-        "n_test": int(records[0]["n_test"]) if records else 0,
-        "n_inputs": int(records[0]["n_inputs"]) if records else 0,
-        "units": "nats",
-        "estimate_settings": json.dumps(_settings_dict(config), sort_keys=True),
-        "versions": json.dumps(records[0]["versions"] if records else {}, sort_keys=True),
-        "cell_ids": json.dumps([c.cell_id for c in cells]),
-    }
-    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
-
+    g = _grid(config, cells, records)
+    _fill(g, cells, records)
+    summary = _summary(g, cells, records)
+    attrs = _attrs(config, cells, records)
+    ds = xr.Dataset(_data_vars(g), coords=_coords(g, cells), attrs=attrs)
     idata = None
-    if has_cond and n_draws:
-        idata = _per_draw_idata(
-            draws, config_ids, seeds, epochs, pair_names, records, cells, config, attrs
-        )
+    if g.has_cond and g.draws.shape[-1]:
+        idata = _per_draw_idata(g, attrs)
     return ds, summary, idata
 
 
@@ -691,6 +867,7 @@ def _settings_dict(config: ExperimentConfig) -> dict[str, Any]:
         "n_paths": e.n_paths,
         "n_weight_draws": e.n_weight_draws,
         "conditional": e.conditional,
+        "uncertainty": e.uncertainty,
     }
 
 
@@ -707,25 +884,25 @@ def _hdi(x: np.ndarray, prob: float = 0.94) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _per_draw_idata(draws, config_ids, seeds, epochs, pair_names, records, cells, config, attrs):
+def _per_draw_idata(g: _Grid, attrs: dict[str, Any]):
     import arviz as az
 
     keep = [
         i
-        for i, cid in enumerate(config_ids)
-        if np.isfinite(draws[i]).any()  # configs with a weight posterior
+        for i in range(len(g.config_ids))
+        if np.isfinite(g.draws[i]).any()  # configs with a weight posterior
     ]
-    arr = draws[keep]  # (config, seed, epoch, pair, draw)
+    arr = g.draws[keep]  # (config, seed, epoch, pair, draw)
     arr = np.moveaxis(arr, -1, 0)[None]  # (chain=1, draw, config, seed, epoch, pair)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fewer draws than ArviZ's diagnostics want
         idata = az.from_dict(
             posterior={"mi": arr},
             coords={
-                "config": [config_ids[i] for i in keep],
-                "seed": list(seeds),
-                "epoch": list(epochs),
-                "pair": list(pair_names),
+                "config": [g.config_ids[i] for i in keep],
+                "seed": list(g.seeds),
+                "epoch": list(g.epochs),
+                "pair": list(g.pair_names),
             },
             dims={"mi": ["config", "seed", "epoch", "pair"]},
         )

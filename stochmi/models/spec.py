@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from stochmi.data.mnist import SOURCES
+from stochmi.validation import Key, Validator, did_you_mean, parse_assignment
 
 __all__ = [
     "ModelSpec",
@@ -52,10 +53,13 @@ __all__ = [
     "dumps_toml",
     "SCHEMA",
     "MODEL_KINDS",
+    "BAYESIAN_KINDS",
     "ACTIVATIONS",
 ]
 
 MODEL_KINDS = ("noisy_mlp", "noisy_cnn", "bayes_mlp")
+#: model kinds whose weights have a posterior (a guide): the Bayesian networks
+BAYESIAN_KINDS = ("bayes_mlp",)
 ACTIVATIONS = ("tanh", "relu", "sigmoid")
 NOISE_PLACES = ("post-activation", "pre-activation")
 OPTIMIZERS = ("adam", "clipped_adam", "sgd")
@@ -66,22 +70,24 @@ class SpecError(ValueError):
     """A model spec is malformed; the message names the file and the key."""
 
 
-@dataclass(frozen=True)
-class _Key:
-    type: str  # "int", "float", "str", "bool", "int_list", "sigma"
-    default: Any = None
-    choices: tuple | None = None
-    minimum: float | None = None
-    strict_min: bool = False
-    kinds: tuple = MODEL_KINDS  # model kinds for which the key applies
-    help: str = ""
+def _Key(
+    type: str,
+    default: Any = None,
+    choices: tuple | None = None,
+    *,
+    kinds: tuple = MODEL_KINDS,
+    **kw: Any,
+) -> Key:
+    """A :class:`stochmi.validation.Key` of the spec schema; applies to every model
+    kind unless ``kinds`` says otherwise."""
+    return Key(type, default, choices, kinds=tuple(kinds), **kw)
 
 
-_BAYES = ("bayes_mlp",)
+_BAYES = BAYESIAN_KINDS
 _MLP = ("noisy_mlp", "bayes_mlp")
 
 #: Section -> key -> description (type, default, constraint, applicable kinds).
-SCHEMA: dict[str, dict[str, _Key]] = {
+SCHEMA: dict[str, dict[str, Key]] = {
     "model": {
         "kind": _Key("str", None, MODEL_KINDS, help="network family (required)"),
         "hidden": _Key("int_list", None, minimum=1, help="widths of the dense hidden layers"),
@@ -99,7 +105,7 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "description": _Key("str", ""),
     },
     "noise": {
-        "sigma": _Key("sigma", None, minimum=0.0, help="noise std, scalar or per layer"),
+        "sigma": _Key("float_or_list", None, minimum=0.0, help="noise std, scalar or per layer"),
         "where": _Key("str", None, NOISE_PLACES),
     },
     "prior": {
@@ -236,7 +242,8 @@ class ModelSpec:
         """
         section, name = _split_key(key, self._origin())
         if section not in SCHEMA or name not in SCHEMA[section]:
-            raise SpecError(f"{self._origin()}: unknown key {key!r}")
+            known = [f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys]
+            raise SpecError(f"{self._origin()}: unknown key {key!r}{did_you_mean(key, known)}")
         table = self.data.get(section, {})
         if name in table:
             return copy.deepcopy(table[name])
@@ -346,18 +353,6 @@ def _split_key(key: str, origin: str) -> tuple[str, str]:
     return section, name
 
 
-_BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.+\-]*$")
-
-
-def _parse_value(text: str):
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        if _BARE.match(text.strip()):
-            return text.strip()
-        raise
-
-
 def _parse_overrides(overrides, origin: str):
     if isinstance(overrides, Mapping):
         for key, value in overrides.items():
@@ -366,146 +361,118 @@ def _parse_overrides(overrides, origin: str):
     if isinstance(overrides, str) or not isinstance(overrides, Iterable):
         raise TypeError("overrides must be a dict or a list of 'section.key=value' strings")
     for item in overrides:
-        if not isinstance(item, str) or "=" not in item:
-            raise SpecError(f"{origin}: override {item!r} must look like 'section.key=value'")
-        key, text = item.split("=", 1)
         try:
-            value = _parse_value(text)
-        except tomllib.TOMLDecodeError:
-            raise SpecError(
-                f"{origin}: override {item!r}: value {text!r} is not a TOML literal"
-            ) from None
-        yield key.strip(), value, item
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return (isinstance(v, int | float)) and not isinstance(v, bool)
-
-
-def _check_scalar(v, k: _Key, where: str) -> None:
-    if k.type == "int":
-        if not _is_int(v):
-            raise SpecError(f"{where} must be an integer, got {v!r}")
-    elif k.type == "float":
-        if not _is_num(v) or not math.isfinite(v):
-            raise SpecError(f"{where} must be a finite number, got {v!r}")
-    elif k.type == "bool":
-        if not isinstance(v, bool):
-            raise SpecError(f"{where} must be true or false, got {v!r}")
-    elif k.type == "str":
-        if not isinstance(v, str):
-            raise SpecError(f"{where} must be a string, got {v!r}")
-    if k.choices is not None and v not in k.choices:
-        raise SpecError(f"{where} = {v!r} is not one of {', '.join(map(repr, k.choices))}")
-    if k.minimum is not None and _is_num(v):
-        if v < k.minimum or (k.strict_min and v == k.minimum):
-            rel = ">" if k.strict_min else ">="
-            raise SpecError(f"{where} must be {rel} {k.minimum}, got {v!r}")
+            key, value = parse_assignment(item)
+        except ValueError as exc:
+            raise SpecError(f"{origin}: override {exc}") from None
+        yield key, value, item
 
 
 def _validate(data: dict, origin: str) -> None:
+    """Check a spec's content against :data:`SCHEMA` and the rules between its keys."""
+    v = Validator(origin, SpecError)
     if not isinstance(data, dict):
-        raise SpecError(f"{origin}: spec must be a TOML table")
-    for section, table in data.items():
-        if section not in SCHEMA:
-            raise SpecError(
-                f"{origin}: unknown section [{section}]; allowed: "
-                + ", ".join(f"[{s}]" for s in SCHEMA)
-            )
-        if not isinstance(table, dict):
-            raise SpecError(f"{origin}: [{section}] must be a table, got {table!r}")
-        for name, value in table.items():
-            if name not in SCHEMA[section]:
-                raise SpecError(
-                    f"{origin}: unknown key {name!r} in [{section}]; allowed: "
-                    + ", ".join(SCHEMA[section])
-                )
-            k = SCHEMA[section][name]
-            where = f"{origin}: [{section}].{name}"
-            if k.type in ("int_list",):
-                if not isinstance(value, list) or not all(_is_int(v) for v in value):
-                    raise SpecError(f"{where} must be a list of integers, got {value!r}")
-                for v in value:
-                    _check_scalar(v, _Key("int", minimum=k.minimum), where)
-            elif k.type == "sigma":
-                vals = value if isinstance(value, list) else [value]
-                if isinstance(value, list) and not value:
-                    raise SpecError(f"{where} must not be an empty list")
-                for v in vals:
-                    if not _is_num(v) or not math.isfinite(v):
-                        raise SpecError(f"{where} must be a finite number (or list), got {value!r}")
-                    if v < 0:
-                        raise SpecError(f"{where} must be >= 0 (a standard deviation), got {v!r}")
-            else:
-                _check_scalar(value, k, where)
+        raise v.fail("spec must be a TOML table")
+    _check_schema(v, data)
+    kind = _check_kind(v, data)
+    _check_noise(v, data, kind)
+    _check_layers(v, data, kind)
+    if "test_fraction" in data.get("data", {}) and not data["data"]["test_fraction"] < 1:
+        raise v.fail("[data].test_fraction must be < 1")
+    if kind == "noisy_cnn":
+        _check_cnn_geometry(v, data["model"])
 
+
+def _check_schema(v: Validator, data: dict) -> None:
+    """Known sections and keys (with "did you mean" hints), each value of its type."""
+    v.check_names(
+        data,
+        SCHEMA,
+        what="section",
+        shown=lambda s: f"[{s}]",
+        listing=", ".join(f"[{s}]" for s in SCHEMA),
+    )
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise v.fail(f"[{section}] must be a table, got {table!r}")
+        v.check_names(
+            table, SCHEMA[section], where=f" in [{section}]", listing=", ".join(SCHEMA[section])
+        )
+        for name, value in table.items():
+            v.check(value, SCHEMA[section][name], f"[{section}].{name}")
+
+
+def _check_kind(v: Validator, data: dict) -> str:
+    """``[model].kind`` is present, and every key given applies to that kind."""
     model = data.get("model")
     if not isinstance(model, dict) or "kind" not in model:
-        raise SpecError(f"{origin}: [model].kind is required (one of {', '.join(MODEL_KINDS)})")
+        raise v.fail(f"[model].kind is required (one of {', '.join(MODEL_KINDS)})")
     kind = model["kind"]
     for section, table in data.items():
         for name in table:
             k = SCHEMA[section][name]
             if kind not in k.kinds:
-                raise SpecError(
-                    f"{origin}: [{section}].{name} does not apply to kind {kind!r} "
+                raise v.fail(
+                    f"[{section}].{name} does not apply to kind {kind!r} "
                     f"(only to {', '.join(k.kinds)})"
                 )
+    return kind
 
+
+def _check_noise(v: Validator, data: dict, kind: str) -> None:
+    """Noise-injected nets need sigma > 0; where the noise goes depends on the kind."""
     noise = data.get("noise", {})
     sigma = noise.get("sigma", _KIND_DEFAULTS[kind]["noise.sigma"])
     where_ = noise.get("where", _KIND_DEFAULTS[kind]["noise.where"])
     sig_list = sigma if isinstance(sigma, list) else [sigma]
     if kind.startswith("noisy") and any(s == 0 for s in sig_list):
-        raise SpecError(
-            f"{origin}: [noise].sigma = {sigma!r}: a noise-injected network ({kind}) needs "
+        raise v.fail(
+            f"[noise].sigma = {sigma!r}: a noise-injected network ({kind}) needs "
             "sigma > 0 in every layer. With sigma = 0 the layer is a deterministic function of "
             "its input, so I(X; T) is infinite for continuous inputs and no MI estimate is "
             "meaningful; use a positive sigma (e.g. 0.1) or a bayes_mlp."
         )
     if kind == "bayes_mlp" and where_ != "pre-activation":
-        raise SpecError(
-            f"{origin}: [noise].where = {where_!r}: bayes_mlp layers are pre-activations "
+        raise v.fail(
+            f"[noise].where = {where_!r}: bayes_mlp layers are pre-activations "
             "(local reparameterisation), so noise must be 'pre-activation'"
         )
     if kind == "noisy_cnn" and where_ != "post-activation":
-        raise SpecError(
-            f"{origin}: [noise].where = {where_!r}: noisy_cnn supports only 'post-activation' "
+        raise v.fail(
+            f"[noise].where = {where_!r}: noisy_cnn supports only 'post-activation' "
             "noise (conv -> activation -> pool -> + noise)"
         )
+
+
+def _check_layers(v: Validator, data: dict, kind: str) -> None:
+    """At least one stochastic layer, and one sigma per layer when sigma is a list."""
+    model = data["model"]
     hidden = model.get("hidden", _KIND_DEFAULTS[kind]["model.hidden"])
     n_layers = len(hidden)
     if kind == "noisy_cnn":
         n_layers += len(model.get("conv_channels", SCHEMA["model"]["conv_channels"].default))
     if n_layers == 0:
-        raise SpecError(f"{origin}: the network has no stochastic layer ([model].hidden is empty)")
+        raise v.fail("the network has no stochastic layer ([model].hidden is empty)")
+    sigma = data.get("noise", {}).get("sigma")
     if isinstance(sigma, list) and len(sigma) != n_layers:
-        raise SpecError(
-            f"{origin}: [noise].sigma has {len(sigma)} entries but the network has {n_layers} "
+        raise v.fail(
+            f"[noise].sigma has {len(sigma)} entries but the network has {n_layers} "
             "stochastic layers"
         )
-    if "test_fraction" in data.get("data", {}) and not data["data"]["test_fraction"] < 1:
-        raise SpecError(f"{origin}: [data].test_fraction must be < 1")
-    if kind == "noisy_cnn":
-        size = model.get("image_size", 28)
-        ksz, pool = model.get("kernel_size", 5), model.get("pool", 2)
-        for _ in model.get("conv_channels", [16, 32]):
-            size = (size - ksz + 1) // pool
-            if size < 1:
-                raise SpecError(
-                    f"{origin}: [model] conv_channels/kernel_size/pool shrink the "
-                    "image below 1 pixel"
-                )
-        in_dim = model.get("input_dim", 784)
-        img = model.get("image_size", 28)
-        if in_dim != img * img:
-            raise SpecError(
-                f"{origin}: [model].input_dim = {in_dim} must equal image_size^2 = {img * img}"
-            )
+
+
+def _check_cnn_geometry(v: Validator, model: dict) -> None:
+    """The convolutions and pools leave at least one pixel; input_dim = image_size^2."""
+    size = model.get("image_size", 28)
+    ksz, pool = model.get("kernel_size", 5), model.get("pool", 2)
+    for _ in model.get("conv_channels", [16, 32]):
+        size = (size - ksz + 1) // pool
+        if size < 1:
+            raise v.fail("[model] conv_channels/kernel_size/pool shrink the image below 1 pixel")
+    in_dim = model.get("input_dim", 784)
+    img = model.get("image_size", 28)
+    if in_dim != img * img:
+        raise v.fail(f"[model].input_dim = {in_dim} must equal image_size^2 = {img * img}")
 
 
 # ----------------------------------------------------------------------------- TOML writer

@@ -97,6 +97,29 @@ def test_unknown_keys_named(tmp_path, old, new, needle):
 
 
 @pytest.mark.parametrize(
+    "old,new,hint",
+    [
+        ("[training]", "[trainig]", "unknown key 'trainig' (did you mean 'training'?)"),
+        ('name = "t"', 'name = "t"\nseed = [0]', "'experiment.seed' (did you mean 'seeds'?)"),
+        ("n = 300", "n = 300\ntest_fractoin = 0.5", "(did you mean 'test_fraction'?)"),
+        ('spec = "noisy_mlp"', 'spec = "noisy_mlp"\nlabels = "a"', "(did you mean 'label'?)"),
+        ("n_inputs = 40", "n_inputs = 40\nuncertainity = true", "(did you mean 'uncertainty'?)"),
+    ],
+)
+def test_unknown_keys_get_a_hint(old, new, hint):
+    assert old in BASE
+    with pytest.raises(ConfigError) as exc:
+        parse_experiment(BASE.replace(old, new, 1), path="h.toml")
+    assert str(exc.value).startswith("h.toml: ") and hint in str(exc.value)
+
+
+def test_no_hint_when_nothing_is_close():
+    with pytest.raises(ConfigError) as exc:
+        parse_experiment(BASE.replace("n = 300", "n = 300\nqqqqzz = 1"))
+    assert "unknown key 'data.qqqqzz'; allowed: n, root" in str(exc.value)
+
+
+@pytest.mark.parametrize(
     "old,new,needle",
     [
         ("seeds = [0, 1]", "seeds = [0, 0]", "experiment.seeds"),
@@ -186,9 +209,11 @@ def test_duplicate_labels_rejected():
         parse_experiment(text)
 
 
-@pytest.mark.parametrize("name", ["noise_sweep.toml", "bayes_vs_noise.toml"])
+@pytest.mark.parametrize(
+    "name", ["noise_sweep.toml", "bayes_vs_noise.toml", "bayes_uncertainty.toml"]
+)
 def test_example_files_validate(name):
     cfg = load_experiment(REPO / "examples" / name)
     cells = cfg.cells()
-    assert len(cells) >= 4
+    assert len(cells) >= 3
     assert len({c.cell_id for c in cells}) == len(cells)

@@ -182,3 +182,43 @@ def test_specs_found_as_package_data_from_any_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert models_dir() == Path(str(files("stochmi.models.specs")))
     assert load_spec("noisy_mlp").path == models_dir() / "noisy_mlp.toml"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (["model.hiden=[16]"], r"unknown key 'hiden' in \[model\] \(did you mean 'hidden'\?\)"),
+        (["noize.sigma=0.1"], r"unknown section \[noize\] \(did you mean \[noise\]\?\)"),
+        (["training.epoch=2"], r"\(did you mean 'epochs'\?\); allowed: epochs, batch_size"),
+    ],
+)
+def test_unknown_spec_names_get_a_hint(overrides, pattern):
+    with pytest.raises(SpecError, match=pattern) as info:
+        load_spec("noisy_mlp", overrides)
+    assert "noisy_mlp.toml" in str(info.value)
+
+
+def test_hint_in_spec_files_and_get(tmp_path):
+    p = tmp_path / "typo.toml"
+    p.write_text('[model]\nkind = "noisy_mlp"\nactivaton = "relu"\n')
+    with pytest.raises(SpecError, match=r"typo\.toml: .*'activaton'.*did you mean 'activation'"):
+        load_spec(p)
+    p.write_text('[model]\nkind = "noisy_mlp"\nzzzzqq = 1\n')
+    with pytest.raises(SpecError) as info:
+        load_spec(p)
+    assert "unknown key 'zzzzqq'" in str(info.value) and "did you mean" not in str(info.value)
+    s = load_spec("noisy_mlp")
+    with pytest.raises(SpecError, match=r"unknown key 'noise.sigm' \(did you mean 'noise.sigma'"):
+        s.get("noise.sigm")
+
+
+def test_spec_and_experiment_share_one_validation_mechanism():
+    """Issue 10 item 3: both schemas are made of stochmi.validation.Key and checked by
+    stochmi.validation.Validator."""
+    from stochmi.experiments import config
+    from stochmi.models import spec
+    from stochmi.validation import Key
+
+    for schema in (spec.SCHEMA, config.SCHEMA):
+        assert all(isinstance(k, Key) for keys in schema.values() for k in keys.values())
+    assert "_Validator" not in vars(config) and "_check_scalar" not in vars(spec)
