@@ -241,6 +241,17 @@ def _add_sweep(sub, common_noseed: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a value of the experiment file for this run (repeatable), e.g. "
+        "--set data.n=1000 --set experiment.seeds=[0] --set estimate.n_inputs=100; "
+        "model.set.KEY=VALUE / model.grid.KEY=[VALUES] change every [[model]]. The results "
+        "store the changed file, so a folder of the unchanged file is not reused",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="validate the file, list the cells, run nothing"
     )
     p.set_defaults(func=_cmd_sweep)
@@ -497,7 +508,7 @@ def _cmd_sweep(args) -> int:
 
     _at_least(args.workers, "--workers", 1)
     _at_least(args.threads, "--threads", 1)
-    config = load_experiment(args.experiment)
+    config = load_experiment(args.experiment, args.overrides)
     device = _opt(args, "device")
     out = args.out or str(Path("results") / config.name)
     _check_out_dir(Path(out))

@@ -60,12 +60,13 @@ import json
 import math
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stochmi.data.mnist import SOURCES
-from stochmi.validation import Key, Validator
+from stochmi.validation import Key, Validator, did_you_mean, parse_assignment
 
 __all__ = [
     "CellSpec",
@@ -76,6 +77,7 @@ __all__ = [
     "ModelEntry",
     "Resources",
     "SCHEMA",
+    "apply_overrides",
     "load_experiment",
     "parse_experiment",
 ]
@@ -453,13 +455,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def load_experiment(path: str | Path) -> ExperimentConfig:
+def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read and validate an experiment file.
 
     Parameters
     ----------
     path : str or Path
         The TOML file.  Relative spec paths inside it resolve against its folder.
+    overrides : sequence of str
+        ``"section.key=value"`` changes applied before validation (``stochmi sweep
+        --set``), see :func:`apply_overrides`.
 
     Returns
     -------
@@ -474,11 +479,15 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     if not p.is_file():
         raise ConfigError(f"{p}: experiment file not found")
     text = p.read_text(encoding="utf-8")
-    return parse_experiment(text, path=str(p), base_dir=p.resolve().parent)
+    return parse_experiment(text, path=str(p), base_dir=p.resolve().parent, overrides=overrides)
 
 
 def parse_experiment(
-    text: str, *, path: str = "<string>", base_dir: str | Path | None = None
+    text: str,
+    *,
+    path: str = "<string>",
+    base_dir: str | Path | None = None,
+    overrides: Sequence[str] = (),
 ) -> ExperimentConfig:
     """Parse and validate experiment TOML text (see the module docstring for the format).
 
@@ -490,6 +499,11 @@ def parse_experiment(
         Name used in error messages.
     base_dir : str or Path, optional
         Folder against which relative spec paths resolve (default: current directory).
+    overrides : sequence of str
+        ``"section.key=value"`` changes (:func:`apply_overrides`).  With overrides,
+        :attr:`ExperimentConfig.text` is the changed file written out as TOML, under a
+        comment that names the file and the overrides (the file's own comments are
+        not kept), so the stored text still reproduces the experiment.
 
     Returns
     -------
@@ -500,6 +514,9 @@ def parse_experiment(
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     v = Validator(path, ConfigError)
+    if overrides:
+        apply_overrides(raw, overrides, v)
+        text = _overridden_text(raw, path, overrides)
     v.check_names(raw, SCHEMA)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     exp = _section(v, raw, "experiment")
@@ -519,6 +536,59 @@ def parse_experiment(
         text=text,
         path=path,
     )
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str], v: Validator | None = None) -> None:
+    """Change a parsed experiment file in place, before it is validated.
+
+    Each override is ``"section.key=value"`` with the value a TOML literal (or a bare
+    word), e.g. ``data.n=300``, ``experiment.seeds=[0]``, ``estimate.epochs=[0,1]``;
+    ``model.set.KEY=value`` and ``model.grid.KEY=[values]`` change the spec
+    overrides of every ``[[model]]`` (``KEY`` a spec key such as ``noise.sigma``;
+    it leaves the other of ``set``/``grid`` of that entry).
+
+    Raises
+    ------
+    ConfigError
+        An override that is malformed or names an unknown key ("did you mean" hint).
+    """
+    v = v or Validator("<string>", ConfigError)
+    for item in overrides:
+        try:
+            key, value = parse_assignment(item)
+        except ValueError as exc:
+            raise v.fail(f"--set {exc}") from None
+        section, _, rest = key.partition(".")
+        where = f"--set {item!r}: "
+        if section not in SCHEMA:
+            hint = did_you_mean(section, SCHEMA, lambda t: f"[{t}]")
+            raise v.fail(f"{where}unknown table [{section}]{hint}; allowed: {', '.join(SCHEMA)}")
+        if section != "model":
+            if rest not in SCHEMA[section]:
+                hint = did_you_mean(rest, SCHEMA[section])
+                allowed = ", ".join(sorted(SCHEMA[section]))
+                raise v.fail(f"{where}unknown key {key!r}{hint}; allowed: {allowed}")
+            table = raw.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise v.fail(f"{where}'{section}' must be a table ([{section}])")
+            table[rest] = value
+            continue
+        part, _, spec_key = rest.partition(".")
+        if part not in ("set", "grid") or not spec_key:
+            raise v.fail(f"{where}use model.set.KEY=value or model.grid.KEY=[values]")
+        for entry in raw.get("model") if isinstance(raw.get("model"), list) else []:
+            if isinstance(entry, dict):
+                other = entry.get("grid" if part == "set" else "set")
+                if isinstance(other, dict):
+                    other.pop(spec_key, None)
+                entry.setdefault(part, {})[spec_key] = value
+
+
+def _overridden_text(raw: dict, path: str, overrides: Sequence[str]) -> str:
+    from stochmi.models.spec import dumps_toml
+
+    header = f"# {path} with --set " + " --set ".join(overrides)
+    return header.replace("\n", " ") + "\n" + dumps_toml(raw)
 
 
 def _section(v: Validator, raw: dict, section: str) -> dict[str, Any]:

@@ -217,3 +217,65 @@ def test_example_files_validate(name):
     cells = cfg.cells()
     assert len(cells) >= 3
     assert len({c.cell_id for c in cells}) == len(cells)
+
+
+def test_overrides_change_the_file_and_are_recorded():
+    """``stochmi sweep FILE --set KEY=VALUE``: the changed file is validated and stored."""
+    sets = [
+        "experiment.seeds=[0]",
+        "data.n=1000",
+        "estimate.epochs=[0, 1]",
+        "training.epochs=1",
+        "model.grid.noise.sigma=[0.5, 2.0]",
+        "model.set.model.hidden=[32, 16]",
+    ]
+    base = load_experiment(REPO / "examples" / "noise_sweep.toml")
+    cfg = load_experiment(REPO / "examples" / "noise_sweep.toml", sets)
+    assert cfg.seeds == (0,) and cfg.data.n == 1000 and cfg.training_epochs == 1
+    assert cfg.estimate.epochs == (0, 1) and cfg.estimate.n_inputs == base.estimate.n_inputs
+    assert cfg.models[0].grid == {"noise.sigma": [0.5, 2.0]}
+    assert cfg.models[0].set == {"model.hidden": [32, 16]}
+    assert [c.cell_id for c in cfg.cells()] == [
+        "noisy_mlp_noise.sigma=0.5_seed=0",
+        "noisy_mlp_noise.sigma=2.0_seed=0",
+    ]
+    # the stored text names the overrides and parses to the same experiment
+    assert cfg.text.startswith("# ") and "--set data.n=1000" in cfg.text.splitlines()[0]
+    again = parse_experiment(cfg.text)
+    assert (again.models, again.estimate, again.data, again.seeds) == (
+        cfg.models,
+        cfg.estimate,
+        cfg.data,
+        cfg.seeds,
+    )
+    assert cfg.sha256 != base.sha256  # a sweep folder of the unchanged file is not reused
+    # a grid key given with set (or the reverse) replaces it
+    one = load_experiment(REPO / "examples" / "noise_sweep.toml", ["model.set.noise.sigma=1.0"])
+    assert one.models[0].grid == {} and len(one.cells()) == 2  # 1 config x 2 seeds
+
+
+@pytest.mark.parametrize(
+    "item,needle",
+    [
+        ("dat.n=3", "unknown table [dat] (did you mean [data]?)"),
+        ("data.nn=3", "unknown key 'data.nn' (did you mean 'n'?)"),
+        ("data.n", "must look like 'section.key=value'"),
+        ("data.n=[1, ", "is not a TOML literal"),
+        ("model.sett.x=1", "use model.set.KEY=value"),
+        ("data.n=5", "data.n = 5 is too small"),
+    ],
+)
+def test_bad_overrides_named(item, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_experiment(REPO / "examples" / "noise_sweep.toml", [item])
+    assert "noise_sweep.toml" in str(exc.value) and needle in str(exc.value)
+
+
+def test_cli_sweep_set_dry_run(capsys):
+    from stochmi.cli import main
+
+    exp = str(REPO / "examples" / "noise_sweep.toml")
+    assert main(["sweep", exp, "--dry-run", "--set", "experiment.seeds=[0]"]) == 0
+    out = capsys.readouterr().out
+    assert "4 cells" in out and "seed=1" not in out
+    assert main(["sweep", exp, "--dry-run", "--set", "estimate.n_inputs=x y"]) == 2
