@@ -236,6 +236,12 @@ class _Pool:
             self.layers.append(t)
         self.fin_loc, self.fin_scale = pb.call(len(pb.links) - 1, self.layers[-1])
         self.own = (self.first + self.chain).reshape(k_paths, n)  # log p_i(z), own source
+        # log density of the layers before t_{L-1} (none when t_{L-1} = t_1)
+        self.prefix = (
+            self.first + self.chain_before_last
+            if len(pb.links) >= 2
+            else torch.zeros_like(self.first)
+        )
 
 
 class _Guided:
@@ -324,12 +330,15 @@ class _Guided:
                 parts.append(t)
             loc, scale = pb.call(len(pb.links) - 2, parts[-1])
         t_last = self.draw(loc.reshape(b, m, -1))
-        logq = logq.reshape(b, m) + self.log_last(t_last, loc.reshape(b, m, -1))
+        self.last_q = self.log_last(t_last, loc.reshape(b, m, -1))  # (B, M)
+        logq = logq.reshape(b, m) + self.last_q
         chain = chain.reshape(b, m)
+        self.last_link = torch.zeros_like(chain)
         if len(pb.links) >= 2:  # the link into t_{L-1} is part of the path density
-            chain = chain + _row_gauss_logpdf(
+            self.last_link = _row_gauss_logpdf(
                 t_last, loc.reshape(b, m, -1), scale.reshape(b, m, -1)
             )
+            chain = chain + self.last_link
         parts.append(t_last.reshape(b * m, -1))
         first = parts[0].reshape(b, m, -1)
         return parts, logq, chain, first
@@ -346,6 +355,7 @@ def deep_log_density(
     n_fwd: int = 16,
     generator: torch.Generator,
     top_r: int = 64,
+    n_bridge: int = 0,
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress=None,
@@ -388,6 +398,8 @@ def deep_log_density(
     for name, v in (("n_is", n_is), ("n_fwd", n_fwd)):
         if v < 2 or v % 2:
             raise ValueError(f"{name} must be an even int >= 2, got {v}")
+    if n_bridge < 0 or n_bridge % 2 or n_bridge > n_fwd:
+        raise ValueError(f"n_bridge must be an even int in [0, n_fwd], got {n_bridge}")
     pb = _Problem(first_loc, first_scale, links, queries, generator, dtype)
     n = pb.n
     pool = _Pool(pb, n_fwd)
@@ -398,6 +410,7 @@ def deep_log_density(
             queries.shape[1] * anchors[-1].shape[1],  # Jacobian of the last link
             _DIAG_FACTOR * n_is * widest,  # the draws themselves
             top_r * anchors[-1].shape[1],
+            n_bridge * n * max(anchors[-1].shape[1], queries.shape[1]) // 4,
         )
         chunk_size = max(1, min(n, int(2e7 // per_row)))
     out = torch.empty(n, n, dtype=torch.float64)
@@ -407,7 +420,7 @@ def deep_log_density(
     for start in range(0, n, chunk_size):
         rows = torch.arange(start, min(n, start + chunk_size), device=pb.loc1.device)
         out[rows], half[rows], ess[rows], marg[rows] = _block(
-            pb, rows, anchors, pool, n_is, n_fwd, top_r
+            pb, rows, anchors, pool, n_is, n_fwd, top_r, n_bridge
         )
         if progress is not None:
             progress(len(rows))
@@ -417,7 +430,8 @@ def deep_log_density(
 def _pool_logq(pb, q: _Guided, pool: _Pool, rows, top_r):
     """``log q_j`` at forward paths ``(B, K*N)``: exact at the ``top_r`` paths where
     source ``j``'s unnormalised posterior is largest (all paths for short paths), else
-    ``-inf``; also ``log p(t_j | z)`` at every forward path."""
+    ``-inf``; also ``log p(t_j | z)`` at every forward path and the first layers' part
+    of ``log q_j``, ``log p_j(t_1 .. t_{L-2})`` (``(B, K*N)``)."""
     b = len(rows)
     log_g = _diag_gauss_kernel(pb.t[rows], pool.fin_loc, pool.fin_scale)  # (B, K*N)
     first_j = _diag_gauss_kernel(pool.layers[0], pb.loc1[rows], pb.scale1[rows]).T
@@ -432,7 +446,7 @@ def _pool_logq(pb, q: _Guided, pool: _Pool, rows, top_r):
             sl = slice(c, c + step)
             prior = prior_all[sl] if prior_all is not None else None
             logq[:, sl] = fwd_part[:, sl] + q.log_last_shared(t_last[sl], prior)
-        return logq, log_g
+        return logq, log_g, fwd_part
     score = log_g + pool.chain[None, :] + first_j
     idx = torch.topk(score, min(top_r, score.shape[1]), dim=1).indices
     if len(pb.links) >= 2:
@@ -442,7 +456,95 @@ def _pool_logq(pb, q: _Guided, pool: _Pool, rows, top_r):
     last = q.log_last(t_last[idx], prior)
     vals = torch.gather(fwd_part, 1, idx) + last
     logq.scatter_(1, idx, vals)
-    return logq, log_g
+    return logq, log_g, fwd_part
+
+
+def _cross_quad(q: _Guided, z, jz, mu, jmu) -> torch.Tensor:
+    """``(z_m - mu_i)^T Cov_j^{-1} (z_m - mu_i)`` for all ``m, i``: ``(B, M, N)``.
+
+    ``z`` ``(B, M, d)``, ``mu`` ``(B, N, d)`` and their images ``jz``, ``jmu`` under the
+    query's Jacobian; expanded into matrix products (``Cov^{-1} = S^{-1} + J^T
+    Sigma^{-1} J``), so no ``(B, M, N, d)`` tensor is formed.
+    """
+    out = 0.0
+    for a, c, w in ((z, mu, 1 / q.s2), (jz, jmu, 1 / q.sig2)):
+        w = w[:, None, :]
+        out = out + (a * a * w).sum(-1)[:, :, None] + (c * c * w).sum(-1)[:, None, :]
+        out = out - 2 * (a * w) @ c.transpose(1, 2)
+    return out.clamp_min(0)
+
+
+def _bridge(pb, q: _Guided, pool: _Pool, rows, n_br: int, fwd_part, first):
+    """Bridged draws for every source, and the bridged proposal at the ``q_j`` draws.
+
+    For source ``i`` the bridged proposal is ``r_ji(z) = p_i(t_1 .. t_{L-2})
+    q_last(t_{L-1} | t_{L-2})``: the first ``n_br`` forward paths of source ``i`` with
+    ``t_{L-1}`` redrawn from the query's linearised last-layer posterior given the
+    path's own parent (with one intermediate layer, the parent is the source: ``r_ji``
+    is then the linearised posterior of source ``i``, exact for a linear chain).  It
+    reaches sources whose posterior given ``t_j`` lies far from ``q_j`` and beyond
+    their own forward paths.  ``q_last`` has a covariance that does not depend on the
+    parent, so a draw is ``mean(parent) + zeta_k``, ``zeta_k ~ N(0, Cov_j)`` shared by
+    path ``k`` of every source (common random numbers; every entry stays unbiased).
+
+    Returns
+    -------
+    list of Tensor, each (B, n_br, N)
+        ``log p_i(z)``, ``log p(t_j | z)``, ``log q_j(z)``, ``log r_ji(z)`` at the
+        bridged draws.
+    Tensor, shape (B, M, N)
+        ``log r_ji`` at the ``M`` draws of ``q_j`` (:meth:`_Guided.sample` called last).
+    """
+    b, n = len(rows), pb.n
+    d = pool.layers[-1].shape[1]
+    dev = pb.loc1.device
+    zero = torch.zeros(b, n_br, d, dtype=torch.float64, device=dev)
+    zeta = q.draw(zero) - q.mean(zero)  # (B, n_br, d) ~ N(0, Cov_j)
+    norm = 0.5 * q.logdet_cov[:, None] + 0.5 * d * _LOG2PI
+    log_r_last = (
+        -0.5
+        * _cross_quad(
+            q, zeta, zeta @ q.jac.transpose(1, 2), zero[:, :1], zero[:, :1, : q.y.shape[1]]
+        )[:, :, 0]
+        - norm
+    )  # (B, n_br)
+    out = [torch.empty(b, n_br, n, dtype=torch.float64, device=dev) for _ in range(4)]
+    tq = pb.t[rows][:, None, :]
+    one_layer = len(pb.links) == 1
+    if one_layer:  # the parent of t_1 is the source: one mean per source, shared by k
+        mu = q.mean(pb.loc1[None].expand(b, -1, -1))  # (B, N, d)
+        jmu = mu @ q.jac.transpose(1, 2)
+        mu_j, jmu_j = mu[torch.arange(b), rows][:, None], jmu[torch.arange(b), rows][:, None]
+        jzeta = zeta @ q.jac.transpose(1, 2)
+        # log q_j at mu_i + zeta_k: the Gaussian around the query's own source
+        q_at = -0.5 * _cross_quad(q, zeta, jzeta, mu_j - mu, jmu_j - jmu) - norm[:, :, None]
+        z_q = first  # (B, M, d): t_1 of the q_j draws
+        r_at_q = -0.5 * _cross_quad(q, z_q, z_q @ q.jac.transpose(1, 2), mu, jmu)
+        r_at_q = r_at_q - norm[:, :, None]
+    else:  # r_ji at q_j draws: source i's first layers, q_j's own last-layer factor
+        r_at_q = None
+    step = max(1, int(4e6 // max(1, b * max(d, pb.t.shape[1]))))
+    for k in range(n_br):
+        for c in range(0, n, step):
+            cols = slice(c, min(n, c + step))
+            sl = slice(k * n + cols.start, k * n + cols.stop)
+            prior_loc = pool.prior_loc[sl]
+            if one_layer:
+                z = mu[:, cols] + zeta[:, k : k + 1]
+            else:
+                z = q.mean(prior_loc[None].expand(b, -1, -1)) + zeta[:, k : k + 1]
+            link = _row_gauss_logpdf(z, prior_loc[None], pool.prior_scale[sl][None])
+            pre = pool.prefix[sl][None]
+            out[0][:, k, cols] = pre + link  # log p_i(z)
+            loc, scale = pb.call(len(pb.links) - 1, z.reshape(-1, d))
+            shape = (b, z.shape[1], -1)
+            out[1][:, k, cols] = _row_gauss_logpdf(tq, loc.reshape(shape), scale.reshape(shape))
+            if one_layer:
+                out[2][:, k, cols] = q_at[:, k, cols]
+            else:  # q_j shares the last-layer factor with r_ji
+                out[2][:, k, cols] = fwd_part[:, sl] + log_r_last[:, k : k + 1]
+            out[3][:, k, cols] = pre + log_r_last[:, k : k + 1]
+    return out, r_at_q
 
 
 def _draws(pb, q: _Guided, rows, m: int):
@@ -454,31 +556,46 @@ def _draws(pb, q: _Guided, rows, m: int):
     return logq, log_g, chain, first
 
 
-def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r):
+def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r, n_br=0):
     n, b = pb.n, len(rows)
     ar = torch.arange(b, device=rows.device)
     q = _Guided(pb, rows, anchors)
     logq_is, log_g, chain, first = _draws(pb, q, rows, n_is)
     k1 = pb.layer1(first.reshape(b * n_is, -1)).reshape(b, n_is, n)  # log p(t_1 | s_i)
     lp = k1 + chain[:, :, None]  # log p_i(z)
+    if n_br:
+        if len(pb.links) >= 2:  # r_ji at q_j draws: p_i(first layers) q_last(last)
+            r_at_q = lp + (q.last_q - q.last_link)[:, :, None]
+        logq_pool, log_g_pool, fwd_part = _pool_logq(pb, q, pool, rows, top_r)
+        br, r_l2 = _bridge(pb, q, pool, rows, n_br, fwd_part, first)
+        if r_l2 is not None:
+            r_at_q = r_l2
     # the query's own source gets DIAG_FACTOR times the draws: they cost no kernel row
     logq_x, log_g_x, chain_x, first_x = _draws(pb, q, rows, (_DIAG_FACTOR - 1) * n_is)
     lp_own_x = _row_gauss_logpdf(first_x, pb.loc1[rows][:, None], pb.scale1[rows][:, None])
     lp_d = torch.cat([lp[ar, :, rows], lp_own_x + chain_x], 1)
     logq_d, log_g_d = torch.cat([logq_is, logq_x], 1), torch.cat([log_g, log_g_x], 1)
-    logq_pool, log_g_pool = _pool_logq(pb, q, pool, rows, top_r)
+    if not n_br:
+        logq_pool, log_g_pool, _ = _pool_logq(pb, q, pool, rows, top_r)
     res = []
     for frac in (1, 2):
         m_used, k_used, md = n_is // frac, n_fwd // frac, _DIAG_FACTOR * n_is // frac
         lm, lk = math.log(m_used), math.log(k_used)
         num = lp[:, :m_used] + log_g[:, :m_used, None]
-        den = torch.logaddexp(lm + logq_is[:, :m_used, None], lk + lp[:, :m_used])
-        is_term = torch.logsumexp(num - den, 1)  # (B, N)
         g_pool = log_g_pool.reshape(b, n_fwd, n)[:, :k_used]
         q_pool = logq_pool.reshape(b, n_fwd, n)[:, :k_used]
         own = pool.own[:k_used][None]
-        den_f = torch.logaddexp(lm + q_pool, lk + own)
-        out = torch.logaddexp(is_term, torch.logsumexp(own + g_pool - den_f, 1))
+        if n_br:  # off the diagonal: balance of q_j (M draws) and r_ji (n_br per source)
+            b_used = n_br // frac
+            lb = math.log(b_used)
+            den = torch.logaddexp(lm + logq_is[:, :m_used, None], lb + r_at_q[:, :m_used])
+            lp_b, g_b, q_b, r_b = (t[:, :b_used] for t in br)  # (B, b_used, N)
+            other = lp_b + g_b - torch.logaddexp(lm + q_b, lb + r_b)
+        else:  # off the diagonal: balance of q_j and the forward paths
+            den = torch.logaddexp(lm + logq_is[:, :m_used, None], lk + lp[:, :m_used])
+            other = own + g_pool - torch.logaddexp(lm + q_pool, lk + own)
+        is_term = torch.logsumexp(num - den, 1)  # (B, N)
+        out = torch.logaddexp(is_term, torch.logsumexp(other, 1))
         # the diagonal with all of its draws
         w_d = lp_d[:, :md] + log_g_d[:, :md]
         w_d = w_d - torch.logaddexp(math.log(md) + logq_d[:, :md], lk + lp_d[:, :md])
@@ -489,8 +606,6 @@ def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r):
         res.append(out)
         if frac == 1:
             ess = torch.exp(2 * torch.logsumexp(w_d, 1) - torch.logsumexp(2 * w_d, 1))
-            terms = torch.cat(
-                [(num - den).flatten(1), (own + g_pool - den_f).flatten(1), w_d], 1
-            )
+            terms = torch.cat([(num - den).flatten(1), other.flatten(1), w_d], 1)
             marg = torch.exp(2 * torch.logsumexp(terms, 1) - torch.logsumexp(2 * terms, 1))
     return res[0], res[1], ess, marg

@@ -52,7 +52,7 @@ from stochmi.core.kernel import as_gaussian_mixture
 from stochmi.core.rng import spawn_seeds
 from stochmi.layers.chain import Chain, cuda_devices
 from stochmi.layers.deep import NotGaussianLink, deep_log_density, normal_params
-from stochmi.layers.links import model_links
+from stochmi.layers.links import LocalReparamModel, model_links
 from stochmi.layers.sites import find_layers, no_layers_message, resolve_layers, trace_model
 
 __all__ = ["layer_mi", "find_layers", "COLUMNS"]
@@ -162,26 +162,27 @@ class _Deep:
             self.cache[(a, b)] = self._run(a, b)
         return self.cache[(a, b)]
 
-    def _once(self, a, b, n_is, n_fwd):
+    def _once(self, a, b, n_is, n_fwd, n_br=0):
         # traced links sample the layer site from torch's global RNG: run them on a
         # private, seeded copy so the caller's RNG is untouched and numbers reproduce
         seed = int(torch.randint(0, 2**62, (1,), generator=self.gen).item())
         with torch.random.fork_rng(devices=cuda_devices(self.chain.values[b])):
             torch.manual_seed(seed)
-            return self._once_inner(a, b, n_is, n_fwd)
+            return self._once_inner(a, b, n_is, n_fwd, n_br)
 
-    def _once_inner(self, a, b, n_is, n_fwd):
+    def _once_inner(self, a, b, n_is, n_fwd, n_br):
         from tqdm.auto import tqdm
 
         ch = self.chain
         loc, scale = normal_params(ch.conds[a + 1])
         bar = None
         if self.progress:
-            bar = tqdm(total=ch.n, desc=f"deep densities ({n_is}/{n_fwd} draws)", leave=False)
+            desc = f"deep densities ({n_is}/{n_fwd}/{n_br} draws)"
+            bar = tqdm(total=ch.n, desc=desc, leave=False)
         with bar if bar is not None else contextlib.nullcontext():
-            return self._densities(a, b, n_is, n_fwd, loc, scale, bar)
+            return self._densities(a, b, n_is, n_fwd, n_br, loc, scale, bar)
 
-    def _densities(self, a, b, n_is, n_fwd, loc, scale, bar):
+    def _densities(self, a, b, n_is, n_fwd, n_br, loc, scale, bar):
         ch = self.chain
         return deep_log_density(
             loc,
@@ -191,6 +192,7 @@ class _Deep:
             [ch.values[m] for m in range(a + 1, b)],
             n_is=n_is,
             n_fwd=n_fwd,
+            n_bridge=n_br,
             generator=self.gen,
             dtype=self.dtype,
             progress=bar.update if bar is not None else None,
@@ -200,7 +202,9 @@ class _Deep:
         o = self.opts
         effort = 1
         while True:
-            res = self._once(a, b, o.n_is * effort, o.n_fwd * effort)
+            # past the first round, n_fwd / 8 paths per source are also bridged to t_j
+            n_br = 0 if effort == 1 else o.n_fwd * effort // 8
+            res = self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
             full, loo = mi_terms_from_log_density(res.L)
             half, _ = mi_terms_from_log_density(res.L_half)
             value = float(full.mean())
@@ -288,51 +292,51 @@ def _estimate_pairs(
 
     pos = {name: i for i, name in enumerate(layers)}
     rows, conv = [], {}
-    given_x_cache: dict[int, td.Distribution] = {}
-
-    def gx(l):
-        if l not in given_x_cache:
-            given_x_cache[l] = chain.given_x(l) if l > 0 else chain.first_path(0)
-        return given_x_cache[l]
-
+    direct = _Direct(chain, pos, y, n_draws, chunk_size, device)
     n = chain.n
     it = tqdm(list(enumerate(pairs)), desc="layer MI", disable=not progress, leave=False)
     for pi, (src, tgt) in it:
         it.set_postfix_str(f"{src}->{tgt}")
-        k_used = 1
         a = -1 if src == "X" else pos[src]
         b = None if tgt == "Y" else pos[tgt]
         if deep is not None and tgt == "Y" and a > 0:
             d = deep.get(-1, a)
             rows.append(_deep_label_row(src, d, y, n))
             conv[f"{src}->Y"] = _conv_entry(d)
-            continue
-        if deep is not None and tgt != "Y" and b > a + 1:
+        elif deep is not None and tgt != "Y" and b > a + 1:
             d = deep.get(a, b)
             rows.append(_deep_xy_row(src, tgt, d, n))
             conv[f"{src}->{tgt}"] = _conv_entry(d)
-            continue
+        else:
+            rows.append(direct.row(src, tgt, seeds[pi], conv))
+    return rows, conv
+
+
+class _Direct:
+    """Pairs whose conditional density is the chain's own (first layer, consecutive
+    layers) or nested Monte Carlo over its paths (models without Gaussian links)."""
+
+    def __init__(self, chain: Chain, pos, y, n_draws, chunk_size, device):
+        self.chain, self.pos, self.y = chain, pos, y
+        self.kw = {"n_draws": n_draws, "chunk_size": chunk_size, "device": device}
+        self.given_x_cache: dict[int, td.Distribution] = {}
+
+    def gx(self, l: int):
+        if l not in self.given_x_cache:
+            ch = self.chain
+            self.given_x_cache[l] = ch.given_x(l) if l > 0 else ch.first_path(0)
+        return self.given_x_cache[l]
+
+    def row(self, src: str, tgt: str, seed, conv: dict) -> dict:
+        chain, pos = self.chain, self.pos
+        k_used = 1
         if src == "X":
             l = pos[tgt]
-            cond = gx(l)
             k_used = chain.k if l > 0 else 1
             group = _path_group(chain, l)
-            est = mi_from_conditional(
-                cond,
-                n_draws=n_draws,
-                seed=seeds[pi],
-                chunk_size=chunk_size,
-                device=device,
-                path_group=group,
-            )
+            est = mi_from_conditional(self.gx(l), seed=seed, path_group=group, **self.kw)
             if l > 0 and chain.k >= 2:
-                half = mi_from_conditional(
-                    chain.given_x(l, chain.k // 2),
-                    n_draws=n_draws,
-                    seed=seeds[pi],
-                    chunk_size=chunk_size,
-                    device=device,
-                )
+                half = mi_from_conditional(chain.given_x(l, chain.k // 2), seed=seed, **self.kw)
                 conv[f"X->{tgt}"] = {
                     "k": chain.k,
                     "value": est.value,
@@ -341,11 +345,8 @@ def _estimate_pairs(
                 }
         elif tgt == "Y":
             l = pos[src]
-            cond = gx(l)
             k_used = chain.k if l > 0 else 1
-            est = mi_with_labels(
-                cond, y, n_draws=n_draws, seed=seeds[pi], chunk_size=chunk_size, device=device
-            )
+            est = mi_with_labels(self.gx(l), self.y, seed=seed, **self.kw)
         else:
             ls, lt = pos[src], pos[tgt]
             if lt != ls + 1:
@@ -353,19 +354,12 @@ def _estimate_pairs(
                     f"pair ({src}, {tgt}): this model's layer family has no Gaussian links, so "
                     "only consecutive layers have a known conditional density here"
                 )
-            est = mi_from_conditional(
-                chain.first_path(lt),
-                n_draws=n_draws,
-                seed=seeds[pi],
-                chunk_size=chunk_size,
-                device=device,
-            )
+            est = mi_from_conditional(chain.first_path(lt), seed=seed, **self.kw)
         row = _row(src, tgt, est, k_used)
         nested = (src == "X" and pos[tgt] > 0) or (tgt == "Y" and pos[src] > 0)
         row["converged"] = not nested
         row["mc_bias"] = 0.0 if not nested else math.nan
-        rows.append(row)
-    return rows, conv
+        return row
 
 
 def _row(src: str, tgt: str, est: MIEstimate, k: int) -> dict:
@@ -504,23 +498,7 @@ def layer_mi(
     TypeError
         Non-tensor inputs or float labels.
     """
-    if weights not in ("marginal", "conditional"):
-        raise ValueError(f"weights must be 'marginal' or 'conditional', got {weights!r}")
-    for nm, v in (
-        ("n_paths", n_paths),
-        ("n_is", n_is),
-        ("max_effort", max_effort),
-        ("n_weight_draws", n_weight_draws),
-        ("n_draws", n_draws),
-    ):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{nm} must be a positive int, got {v!r}")
-    for nm, v in (("n_paths", n_paths), ("n_is", n_is)):
-        if v < 2 or v % 2:
-            raise ValueError(f"{nm} must be an even int >= 2, got {v!r}")
-    if not isinstance(tolerance, int | float) or not tolerance > 0:
-        raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
-    opts = DeepOptions(n_is=n_is, n_fwd=n_paths, tolerance=float(tolerance), max_effort=max_effort)
+    opts = _check_options(weights, n_paths, n_is, tolerance, max_effort, n_weight_draws, n_draws)
     y = _check_inputs(x, y)
     if device is not None:
         x = x.to(device)
@@ -534,24 +512,7 @@ def layer_mi(
     if layers is None and not sites.layers:
         raise ValueError(no_layers_message(model, x))
     layers = resolve_layers(sites.layers, layers)
-    if pairs is None:
-        pairs = _default_pairs(layers, y is not None)
-    else:
-        pairs = [tuple(p) for p in pairs]
-        for a, b in pairs:
-            if (a, b) == ("X", "Y") or a not in layers and a != "X" or b not in layers and b != "Y":
-                raise ValueError(
-                    f"pair ({a}, {b}): sources are 'X' or a layer, targets a layer or 'Y', and "
-                    "at least one side is a layer; "
-                    f"the layers are {layers}"
-                )
-            if a in layers and b in layers and layers.index(b) <= layers.index(a):
-                raise ValueError(
-                    f"pair ({a}, {b}): the source must come before the target in the chain "
-                    f"{layers} (MI is symmetric: ask for ({b}, {a}))"
-                )
-            if b == "Y" and y is None:
-                raise ValueError(f"pair ({a}, Y) needs labels y")
+    pairs = _resolve_pairs(pairs, layers, y)
     pair_seeds = spawn_seeds(master[2], len(pairs))
     # nested Monte Carlo paths only for models without Gaussian links (generic marginal
     # over weight draws); every other model goes through stochmi.layers.deep
@@ -580,36 +541,90 @@ def layer_mi(
             device,
             progress,
         )
+    chain, links, mode = _marginal_chain(
+        model, guide, x, layers, sites.weights, k, gen, n_weight_draws
+    )
     deep = None
-    if not has_weights:
-        chain = Chain(model, x, layers, [], [], 1, "single", guide, gen)
-        links = model_links(model, x, layers, "noise")
-        mode = "noise"
-    elif hasattr(model, "local_reparam_conditional") and guide is not None:
-        chain = Chain(model, x, layers, sites.weights, [], 1, "local_reparam", guide, gen)
-        links = model_links(model, x, layers, "local_reparam", guide=guide)
-        mode = "local_reparam"
-    else:
-        draws = _weight_draws(model, guide, x, sites.weights, n_weight_draws, gen)
-        chain = Chain(model, x, layers, sites.weights, draws, k, "mixture", guide, gen)
-        links = None
-        mode = f"mixture over {n_weight_draws} weight draws (nested Monte Carlo, {k} paths)"
-    if links is not None and not _gaussian_links(chain):
-        # generic families (Laplace, Student-t, ...): no Gauss-Newton proposal; paths
-        # for the densities across layers come from nested Monte Carlo (flagged rows)
-        chain = (
-            Chain(model, x, layers, [], [], k, "single", guide, gen)
-            if mode == "noise"
-            else (Chain(model, x, layers, sites.weights, [], k, "local_reparam", guide, gen))
-        )
-        links = None
-        mode += f" (non-Gaussian layers: nested Monte Carlo, {k} paths)"
     if links is not None:
         deep = _Deep(chain, links, opts, gen, x.dtype if x.is_floating_point() else None, progress)
     rows, conv = _run_pairs(
         chain, layers, pairs, y, pair_seeds, n_draws, chunk_size, device, progress, deep
     )
     return _finish(pd.DataFrame(rows), layers, weights, mode, conv)
+
+
+def _check_options(weights, n_paths, n_is, tolerance, max_effort, n_weight_draws, n_draws):
+    """Validate :func:`layer_mi`'s settings; the deep-layer ones as :class:`DeepOptions`."""
+    if weights not in ("marginal", "conditional"):
+        raise ValueError(f"weights must be 'marginal' or 'conditional', got {weights!r}")
+    for nm, v in (
+        ("n_paths", n_paths),
+        ("n_is", n_is),
+        ("max_effort", max_effort),
+        ("n_weight_draws", n_weight_draws),
+        ("n_draws", n_draws),
+    ):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{nm} must be a positive int, got {v!r}")
+    for nm, v in (("n_paths", n_paths), ("n_is", n_is)):
+        if v < 2 or v % 2:
+            raise ValueError(f"{nm} must be an even int >= 2, got {v!r}")
+    if not isinstance(tolerance, int | float) or not tolerance > 0:
+        raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
+    return DeepOptions(n_is=n_is, n_fwd=n_paths, tolerance=float(tolerance), max_effort=max_effort)
+
+
+def _resolve_pairs(pairs, layers: list[str], y) -> list[tuple[str, str]]:
+    """The default pairs, or the user's pairs checked against the chain."""
+    if pairs is None:
+        return _default_pairs(layers, y is not None)
+    pairs = [tuple(p) for p in pairs]
+    for a, b in pairs:
+        if (a, b) == ("X", "Y") or a not in layers and a != "X" or b not in layers and b != "Y":
+            raise ValueError(
+                f"pair ({a}, {b}): sources are 'X' or a layer, targets a layer or 'Y', and "
+                "at least one side is a layer; "
+                f"the layers are {layers}"
+            )
+        if a in layers and b in layers and layers.index(b) <= layers.index(a):
+            raise ValueError(
+                f"pair ({a}, {b}): the source must come before the target in the chain "
+                f"{layers} (MI is symmetric: ask for ({b}, {a}))"
+            )
+        if b == "Y" and y is None:
+            raise ValueError(f"pair ({a}, Y) needs labels y")
+    return pairs
+
+
+def _marginal_chain(model, guide, x, layers, weight_sites, k, gen, n_weight_draws):
+    """The layer chain with weights marginalised, its Gaussian links (or None) and the
+    mode string: noise only, local reparameterisation, or a mixture over weight draws
+    (and nested Monte Carlo wherever a link is not Gaussian)."""
+    if not weight_sites:
+        chain = Chain(model, x, layers, [], [], 1, "single", guide, gen)
+        links = model_links(model, x, layers, "noise")
+        mode = "noise"
+    elif isinstance(model, LocalReparamModel) and guide is not None:
+        chain = Chain(model, x, layers, weight_sites, [], 1, "local_reparam", guide, gen)
+        links = model_links(model, x, layers, "local_reparam", guide=guide)
+        mode = "local_reparam"
+    else:
+        draws = _weight_draws(model, guide, x, weight_sites, n_weight_draws, gen)
+        chain = Chain(model, x, layers, weight_sites, draws, k, "mixture", guide, gen)
+        return (
+            chain,
+            None,
+            f"mixture over {n_weight_draws} weight draws (nested Monte Carlo, {k} paths)",
+        )
+    if not _gaussian_links(chain):
+        # generic families (Laplace, Student-t, ...): no Gauss-Newton proposal; paths
+        # for the densities across layers come from nested Monte Carlo (flagged rows)
+        if mode == "noise":
+            chain = Chain(model, x, layers, [], [], k, "single", guide, gen)
+        else:
+            chain = Chain(model, x, layers, weight_sites, [], k, "local_reparam", guide, gen)
+        return chain, None, mode + f" (non-Gaussian layers: nested Monte Carlo, {k} paths)"
+    return chain, links, mode
 
 
 def _gaussian_links(chain: Chain) -> bool:

@@ -104,6 +104,21 @@ def test_linear_chains_match_closed_forms(widths, sigmas, seed, n):
     assert df.attrs["dpi"] == []
 
 
+def test_wide_chain_whose_sources_separate_needs_bridged_draws():
+    """20-96-64, noise 1: I(X; h1) = 9.6 nats (every source apart at layer 1) and
+    I(T1; T2 | X) = 9.2 nats.  Neither the query's proposal nor forward paths reach
+    other sources' posteriors; the first round is flagged, the bridged round (effort 2)
+    is right."""
+    m = LinearChain([20, 96, 64], [1.0, 1.0], 3)
+    m.A = [a * 0.6 for a in m.A]
+    x = _x(400, 20, 13)
+    first = layer_mi(m, x, seed=1, pairs=[("X", "h2")], max_effort=1).iloc[0]
+    assert not first.converged  # the old scheme alone: 3.4 nats, flagged
+    r = layer_mi(m, x, seed=1, pairs=[("X", "h2")]).iloc[0]
+    assert r.k_paths == 32 and r.converged
+    _check_row(r, m.mi_x(2))
+
+
 def test_non_adjacent_pairs():
     m = LinearChain([4, 6, 5, 4], [0.7, 0.8, 0.6], 3)
     pairs = [("h1", "h3"), ("X", "h3"), ("h2", "h3")]
