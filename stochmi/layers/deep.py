@@ -60,7 +60,7 @@ __all__ = ["DeepLogDensity", "NotGaussianLink", "deep_log_density", "normal_para
 
 _LOG2PI = math.log(2 * math.pi)
 _DIAG_FACTOR = 8  # draws for the query's own source, as a multiple of n_is
-_FULL_Q_DIM = 32  # last-layer width up to which q_j is evaluated at every forward path
+_FULL_Q_DIM = 64  # total path width up to which q_j is evaluated at every forward path
 
 
 class NotGaussianLink(TypeError):
@@ -210,11 +210,11 @@ class DeepLogDensity:
 class _Pool:
     """Forward paths, ``k`` per source; row ``k * N + i`` is path ``k`` of source ``i``.
 
-    ``layers[m]`` are the values of intermediate layer ``m`` (``(K*N, d)``), ``first``
-    is ``log p(t_1 | s_own)``, ``chain`` the sum of the link log densities inside the
-    path (layers 2 .. L-1), ``chain_before_last`` the same without the last intermediate
-    layer, ``prior_loc/prior_scale`` the conditional of the last intermediate layer given
-    its parent, ``fin_loc/fin_scale`` the conditional of the query layer.
+    ``layers[m]`` are the values of intermediate layer ``m + 1`` (``(K*N, d)``),
+    ``priors[m]`` the conditional mean of that layer given the path's parent (the
+    source's ``first_loc`` for ``m = 0``), ``first`` is ``log p(t_1 | s_own)``, ``chain``
+    the sum of the link log densities inside the path (layers 2 .. L-1) and
+    ``fin_loc/fin_scale`` the conditional of the query layer.
     """
 
     def __init__(self, pb: _Problem, k_paths: int):
@@ -222,126 +222,159 @@ class _Pool:
         src = torch.arange(n, device=pb.loc1.device).repeat(k_paths)
         loc, scale = pb.loc1[src], pb.scale1[src]
         t = loc + scale * pb.randn(loc.shape)
-        self.layers = [t]
+        self.layers, self.priors = [t], [loc]
         self.first = _row_gauss_logpdf(t, loc, scale)
         self.chain = torch.zeros_like(self.first)
-        self.chain_before_last = self.chain
-        self.prior_loc, self.prior_scale = loc, scale
         for k in range(len(pb.links) - 1):
             loc, scale = pb.call(k, self.layers[-1])
             t = loc + scale * pb.randn(loc.shape)
-            self.chain_before_last = self.chain
             self.chain = self.chain + _row_gauss_logpdf(t, loc, scale)
-            self.prior_loc, self.prior_scale = loc, scale
             self.layers.append(t)
+            self.priors.append(loc)
         self.fin_loc, self.fin_scale = pb.call(len(pb.links) - 1, self.layers[-1])
         self.own = (self.first + self.chain).reshape(k_paths, n)  # log p_i(z), own source
-        # log density of the layers before t_{L-1} (none when t_{L-1} = t_1)
-        self.prefix = (
-            self.first + self.chain_before_last
-            if len(pb.links) >= 2
-            else torch.zeros_like(self.first)
-        )
+
+
+class _Step:
+    """Proposal for one intermediate layer ``t_k`` given its parent's conditional mean
+    ``m``: ``N(m, S) x N(y; M t, R)`` normalised, where ``N(y; M t, R)`` is the
+    linearised likelihood of the query given ``t_k`` (``S`` diagonal, ``R`` full).
+
+    Kalman form (a ``d_L x d_L`` factor per query): ``C = R + M S M^T``, gain
+    ``K^T = C^{-1} M S``, mean ``m + (y - M m) K^T``; the covariance does not depend on
+    ``m``.  ``w = chol(R)^{-1} M`` whitens the likelihood term of the precision
+    ``S^{-1} + M^T R^{-1} M``.
+    """
+
+    def __init__(self, pb: _Problem, s2, m, r, y):
+        self.pb, self.s2, self.y = pb, s2, y
+        self.m = m
+        chol_r = torch.linalg.cholesky(r)
+        self.chol_r = chol_r
+        self.w = torch.linalg.solve_triangular(chol_r, m, upper=False)  # (B, d_L, d)
+        ms = m * s2[:, None, :]
+        c = r + ms @ m.transpose(1, 2)
+        chol_c = _cholesky32(c).to(torch.float64)
+        self.gain_t = torch.cholesky_solve(ms, chol_c)  # (B, d_L, d)
+        logdet_c = 2 * torch.log(torch.diagonal(chol_c, dim1=1, dim2=2)).sum(1)
+        logdet_r = 2 * torch.log(torch.diagonal(chol_r, dim1=1, dim2=2)).sum(1)
+        self.logdet_cov = torch.log(s2).sum(1) + logdet_r - logdet_c
+        self.d = s2.shape[1]
+        self.norm = 0.5 * self.logdet_cov + 0.5 * self.d * _LOG2PI  # (B,)
+
+    def mean(self, prior_loc: torch.Tensor) -> torch.Tensor:
+        """``m + (y - M m) K^T`` for parent means ``(B, R, d)``."""
+        innov = self.y[:, None, :] - prior_loc @ self.m.transpose(1, 2)
+        return prior_loc + innov @ self.gain_t
+
+    def logpdf(self, t: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        r = t - mean
+        wr = r @ self.w.transpose(1, 2)
+        quad = (r * r / self.s2[:, None, :]).sum(-1) + (wr * wr).sum(-1)
+        return -0.5 * quad - self.norm[:, None]
+
+    def noise(self, shape) -> torch.Tensor:
+        """``zeta ~ N(0, Cov)``, ``(B, R, d)`` (Matheron's rule)."""
+        b, r = shape[0], shape[1]
+        t = self.s2.sqrt()[:, None, :] * self.pb.randn((b, r, self.d))
+        e = self.pb.randn((b, r, self.y.shape[1])) @ self.chol_r.transpose(1, 2)
+        return t - (t @ self.m.transpose(1, 2) + e) @ self.gain_t
+
+    def cross(self, z, mu) -> torch.Tensor:
+        """``log N(z_m; mu_i, Cov)`` for all ``m, i``: ``(B, M, N)`` by matrix products."""
+        out = 0.0
+        for a, c, wt in (
+            (z, mu, 1 / self.s2[:, None, :]),
+            (z @ self.w.transpose(1, 2), mu @ self.w.transpose(1, 2), None),
+        ):
+            aw, cw = (a * wt, c * wt) if wt is not None else (a, c)
+            out = out + (a * aw).sum(-1)[:, :, None] + (c * cw).sum(-1)[:, None, :]
+            out = out - 2 * aw @ c.transpose(1, 2)
+        return -0.5 * out.clamp_min(0) - self.norm[:, None, None]
 
 
 class _Guided:
-    """Proposal ``q_j`` for a block of queries.
+    """Proposal ``q_j`` over whole paths for a block of queries.
 
-    Layers ``1 .. L-2`` are drawn forward from the query's own source ``s_j``; the last
-    intermediate layer ``t_{L-1}`` from the Gaussian that combines its conditional
-    ``N(m(t_{L-2}), diag s^2)`` with the last link linearised at the anchor ``a``:
-    ``t_j ~ N(f(a) + J (t - a), diag sigma^2)``.  Precision
-    ``P = diag(1 / s_a^2) + J^T diag(1 / sigma^2) J`` (``s_a``: the conditional's scale
-    at the anchor's parent), mean ``P^{-1} (m(t_{L-2}) / s_a^2 + J^T (t_j - f(a) + J a)
-    / sigma^2)``.  For linear-Gaussian chains with ``L = 2`` this is the exact posterior.
+    Every link is linearised at the anchor path ``a`` (Gauss-Newton:
+    ``m_k(t) ~ f_k + J_k (t - a_{k-1})``, noise ``s_k`` at the anchor).  Backwards from
+    the query, the linearised likelihood of ``t_j`` given layer ``k`` is
+    ``N(t_j - c_k; M_k t_k, R_k)``, with ``M_{L-1} = J_L``, ``R_{L-1} = diag s_L^2`` and
+    ``M_k = M_{k+1} J_{k+1}``, ``R_k = R_{k+1} + M_{k+1} diag(s_{k+1}^2) M_{k+1}^T``.
+    Forwards, each layer is drawn from its true conditional mean given the drawn parent
+    combined with that likelihood (:class:`_Step`).  For a linear-Gaussian chain this is
+    the exact posterior of the path given ``t_j`` and the source it starts from; it
+    starts from the query's own source ``s_j`` for ``q_j`` and from source ``i`` for
+    the bridged proposal ``r_ji``.
     """
 
     def __init__(self, pb: _Problem, rows: torch.Tensor, anchors: list[torch.Tensor]):
         self.pb, self.rows = pb, rows
-        a_last = anchors[-1][rows].to(torch.float64)
-        if len(anchors) >= 2:
-            _, s_a = pb.call(len(pb.links) - 2, anchors[-2][rows].to(torch.float64))
-        else:
-            s_a = pb.scale1[rows]
-        f_a, sig, jac = _link_jacobian(pb.links[-1], a_last.to(pb.dtype))
-        # linear-Gaussian update in observation space (Kalman form): only a d_L x d_L
-        # factorisation per query.  y = t_j - f(a) + J a ~ N(J t, diag sigma^2).
-        self.s2, self.sig2, self.jac = s_a.pow(2), sig.pow(2), jac
-        self.y = pb.t[rows] - f_a + (jac @ a_last[:, :, None])[:, :, 0]
-        js = jac * self.s2[:, None, :]  # J S, (B, d_L, d)
-        c = torch.diag_embed(self.sig2) + js @ jac.transpose(1, 2)  # Sigma + J S J^T
-        chol_c = _cholesky32(c).to(torch.float64)
-        self.gain_t = torch.cholesky_solve(js, chol_c)  # K^T = C^{-1} J S, (B, d_L, d)
-        # log |Cov| = sum log s^2 + sum log sigma^2 - log |C|
-        logdet_c = 2 * torch.log(torch.diagonal(chol_c, dim1=1, dim2=2)).sum(1)
-        self.logdet_cov = torch.log(self.s2).sum(1) + torch.log(self.sig2).sum(1) - logdet_c
-        self.d = a_last.shape[1]
+        n_int = len(anchors)  # intermediate layers t_1 .. t_{L-1}
+        jac_out = [
+            _link_jacobian(pb.links[k], anchors[k][rows].to(pb.dtype)) for k in range(n_int)
+        ]  # link k+1 (t_k -> t_{k+1}) at the anchor: (f, s, J)
+        a = [anchors[k][rows].to(torch.float64) for k in range(n_int)]
+        f, sig, jac = jac_out[-1]
+        m = jac
+        r = torch.diag_embed(sig.pow(2))
+        y = pb.t[rows] - f + (jac @ a[-1][:, :, None])[:, :, 0]
+        steps = [None] * n_int
+        for k in range(n_int - 1, -1, -1):
+            s2 = (pb.scale1[rows] if k == 0 else jac_out[k - 1][1]).pow(2)
+            steps[k] = _Step(pb, s2, m, r, y)
+            if k > 0:
+                f_k, s_k, j_k = jac_out[k - 1]  # link into t_k, at the anchor's parent
+                y = y - (m @ (f_k - (j_k @ a[k - 1][:, :, None])[:, :, 0])[:, :, None])[:, :, 0]
+                ms = m * s_k.pow(2)[:, None, :]
+                r = r + ms @ m.transpose(1, 2)
+                m = m @ j_k
+        self.steps = steps
 
-    def mean(self, prior_loc: torch.Tensor) -> torch.Tensor:
-        """Proposal mean ``m + K (y - J m)`` for parent-conditional means ``m`` ``(B, R, d)``."""
-        innov = self.y[:, None, :] - prior_loc @ self.jac.transpose(1, 2)
-        return prior_loc + innov @ self.gain_t
+    def sample(self, m: int, start: torch.Tensor | None = None, zeta=None):
+        """``m`` paths per query starting from the sources' first-layer means ``start``
+        (``(B, S, d_1)``, default the query's own source, ``S = 1``), shared noise
+        ``zeta[k]`` ``(B, m, d_k)`` if given.
 
-    def _logpdf(self, t: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        """``log N(t; mean, Cov)`` with ``Cov^{-1} = S^{-1} + J^T Sigma^{-1} J``."""
-        r = t - mean
-        quad = (r * r / self.s2[:, None, :]).sum(-1)
-        jr = r @ self.jac.transpose(1, 2)
-        quad = quad + (jr * jr / self.sig2[:, None, :]).sum(-1)
-        return -0.5 * quad - 0.5 * self.logdet_cov[:, None] - 0.5 * self.d * _LOG2PI
+        Returns the layers (each ``(B, S*m, d)``), ``log q`` of the steps after the first
+        and of the first (``(B, S*m)`` each), the link log densities inside the path and
+        the first layer's values.
+        """
+        pb, b = self.pb, len(self.rows)
+        if start is None:
+            start = pb.loc1[self.rows][:, None, :]
+        n_s = start.shape[1]
 
-    def log_last(self, t: torch.Tensor, prior_loc: torch.Tensor) -> torch.Tensor:
-        """``log q(t_{L-1} | t_{L-2})`` for values ``t`` ``(B, R, d)``."""
-        return self._logpdf(t, self.mean(prior_loc))
+        def noise(k):
+            z = zeta[k] if zeta is not None else self.steps[k].noise((b, m))
+            return z[:, :, None, :].expand(b, m, n_s, -1).reshape(b, m * n_s, -1)
 
-    def log_last_shared(self, t: torch.Tensor, prior_loc: torch.Tensor | None):
-        """As :meth:`log_last` for values ``t`` ``(R, d)`` shared by every query, with
-        parent means ``prior_loc`` ``(R, d)`` (or ``None``: the query's own source)."""
+        mean1 = self.steps[0].mean(start)  # (B, S, d_1)
+        mean1 = mean1[:, None].expand(b, m, n_s, -1).reshape(b, m * n_s, -1)
+        t = mean1 + noise(0)
+        layers = [t]
+        logq1 = self.steps[0].logpdf(t, mean1)
+        logq_rest = torch.zeros_like(logq1)
+        chain = torch.zeros_like(logq1)
+        for k in range(1, len(self.steps)):
+            loc, scale = pb.call(k - 1, t.reshape(b * m * n_s, -1))
+            loc, scale = loc.reshape(b, m * n_s, -1), scale.reshape(b, m * n_s, -1)
+            mean = self.steps[k].mean(loc)
+            t = mean + noise(k)
+            logq_rest = logq_rest + self.steps[k].logpdf(t, mean)
+            chain = chain + _row_gauss_logpdf(t, loc, scale)
+            layers.append(t)
+        return layers, logq_rest, logq1, chain
+
+    def log_q_at(self, layers: list[torch.Tensor], priors: list[torch.Tensor]):
+        """``log q_j`` at given paths ``(B, R, d_k)`` with parent means ``priors`` (the
+        first: the paths' own sources' means, replaced by the query's)."""
         b = len(self.rows)
-        if prior_loc is None:
-            own = self.pb.loc1[self.rows][:, None, :]
-            return self._logpdf(t[None].expand(b, -1, -1), self.mean(own))
-        return self.log_last(t[None].expand(b, -1, -1), prior_loc[None].expand(b, -1, -1))
-
-    def draw(self, prior_loc: torch.Tensor) -> torch.Tensor:
-        """Exact draws (Matheron's rule): a prior draw corrected by the gain."""
-        t = prior_loc + self.s2.sqrt()[:, None, :] * self.pb.randn(prior_loc.shape)
-        e = self.sig2.sqrt()[:, None, :] * self.pb.randn((*prior_loc.shape[:2], self.y.shape[1]))
-        innov = self.y[:, None, :] - t @ self.jac.transpose(1, 2) - e
-        return t + innov @ self.gain_t
-
-    def sample(self, m: int):
-        """``m`` paths per query: flat ``(B, M, D)``, ``log q``, chain sum, ``t_1``."""
-        pb, rows = self.pb, self.rows
-        b = len(rows)
-        src = rows.repeat_interleave(m)
-        loc, scale = pb.loc1[src], pb.scale1[src]
-        parts, logq = [], torch.zeros(b * m, dtype=torch.float64, device=loc.device)
-        chain = torch.zeros_like(logq)
-        if len(pb.links) >= 2:
-            t = loc + scale * pb.randn(loc.shape)
-            logq = logq + _row_gauss_logpdf(t, loc, scale)
-            parts.append(t)
-            for k in range(len(pb.links) - 2):
-                loc, scale = pb.call(k, parts[-1])
-                t = loc + scale * pb.randn(loc.shape)
-                lp = _row_gauss_logpdf(t, loc, scale)
-                logq, chain = logq + lp, chain + lp
-                parts.append(t)
-            loc, scale = pb.call(len(pb.links) - 2, parts[-1])
-        t_last = self.draw(loc.reshape(b, m, -1))
-        self.last_q = self.log_last(t_last, loc.reshape(b, m, -1))  # (B, M)
-        logq = logq.reshape(b, m) + self.last_q
-        chain = chain.reshape(b, m)
-        self.last_link = torch.zeros_like(chain)
-        if len(pb.links) >= 2:  # the link into t_{L-1} is part of the path density
-            self.last_link = _row_gauss_logpdf(
-                t_last, loc.reshape(b, m, -1), scale.reshape(b, m, -1)
-            )
-            chain = chain + self.last_link
-        parts.append(t_last.reshape(b * m, -1))
-        first = parts[0].reshape(b, m, -1)
-        return parts, logq, chain, first
+        own = self.pb.loc1[self.rows][:, None, :]
+        out = self.steps[0].logpdf(layers[0], self.steps[0].mean(own))
+        for k in range(1, len(self.steps)):
+            out = out + self.steps[k].logpdf(layers[k], self.steps[k].mean(priors[k]))
+        return out.reshape(b, -1)
 
 
 def deep_log_density(
@@ -407,7 +440,7 @@ def deep_log_density(
         widest = max(t.shape[1] for t in anchors)
         per_row = max(
             (n_is + n_fwd) * n,  # kernel rows of the proposal draws and forward paths
-            queries.shape[1] * anchors[-1].shape[1],  # Jacobian of the last link
+            widest * max(widest, queries.shape[1]),  # Jacobians and whitened maps
             _DIAG_FACTOR * n_is * widest,  # the draws themselves
             top_r * anchors[-1].shape[1],
             n_bridge * n * max(anchors[-1].shape[1], queries.shape[1]) // 4,
@@ -428,155 +461,102 @@ def deep_log_density(
 
 
 def _pool_logq(pb, q: _Guided, pool: _Pool, rows, top_r):
-    """``log q_j`` at forward paths ``(B, K*N)``: exact at the ``top_r`` paths where
-    source ``j``'s unnormalised posterior is largest (all paths for short paths), else
-    ``-inf``; also ``log p(t_j | z)`` at every forward path and the first layers' part
-    of ``log q_j``, ``log p_j(t_1 .. t_{L-2})`` (``(B, K*N)``)."""
+    """``log q_j`` at forward paths ``(B, K*N)``: at every path when the paths are short
+    (intermediate widths summing to at most ``_FULL_Q_DIM``), else at the query's own
+    source's paths and the ``top_r`` paths where source ``j``'s unnormalised posterior
+    is largest, ``-inf`` elsewhere; also ``log p(t_j | z)`` at every forward path."""
     b = len(rows)
     log_g = _diag_gauss_kernel(pb.t[rows], pool.fin_loc, pool.fin_scale)  # (B, K*N)
-    first_j = _diag_gauss_kernel(pool.layers[0], pb.loc1[rows], pb.scale1[rows]).T
-    fwd_part = pool.chain_before_last[None, :] + (first_j if len(pb.links) >= 2 else 0.0)
-    fwd_part = fwd_part.expand(b, -1)
-    t_last = pool.layers[-1]
-    logq = torch.full_like(log_g, -math.inf)
-    if t_last.shape[1] <= _FULL_Q_DIM:  # narrow last layer: q_j at every forward path
-        step = max(1, int(4e6 // max(1, b * t_last.shape[1])))
-        prior_all = pool.prior_loc if len(pb.links) >= 2 else None
-        for c in range(0, t_last.shape[0], step):
+    n_paths = pool.layers[0].shape[0]
+    if sum(t.shape[1] for t in pool.layers) <= _FULL_Q_DIM:
+        logq = torch.empty_like(log_g)
+        step = max(1, int(4e6 // max(1, b * sum(t.shape[1] for t in pool.layers))))
+        for c in range(0, n_paths, step):
             sl = slice(c, c + step)
-            prior = prior_all[sl] if prior_all is not None else None
-            logq[:, sl] = fwd_part[:, sl] + q.log_last_shared(t_last[sl], prior)
-        return logq, log_g, fwd_part
+            logq[:, sl] = q.log_q_at(
+                [t[sl][None].expand(b, -1, -1) for t in pool.layers],
+                [p[sl][None].expand(b, -1, -1) for p in pool.priors],
+            )
+        return logq, log_g
+    first_j = _diag_gauss_kernel(pool.layers[0], pb.loc1[rows], pb.scale1[rows]).T
     score = log_g + pool.chain[None, :] + first_j
-    idx = torch.topk(score, min(top_r, score.shape[1]), dim=1).indices
-    if len(pb.links) >= 2:
-        prior = pool.prior_loc[idx]
-    else:  # t_{L-1} = t_1: its prior is the query's own source
-        prior = pb.loc1[rows][:, None, :].expand(b, idx.shape[1], -1)
-    last = q.log_last(t_last[idx], prior)
-    vals = torch.gather(fwd_part, 1, idx) + last
+    idx = torch.topk(score, min(top_r, n_paths), dim=1).indices
+    # and always at the query's own source's paths (the diagonal's forward draws)
+    k_paths = n_paths // pb.n
+    own = rows[:, None] + pb.n * torch.arange(k_paths, device=rows.device)[None, :]
+    idx = torch.cat([idx, own], 1)
+    vals = q.log_q_at([t[idx] for t in pool.layers], [p[idx] for p in pool.priors])
+    logq = torch.full_like(log_g, -math.inf)
     logq.scatter_(1, idx, vals)
-    return logq, log_g, fwd_part
+    return logq, log_g
 
 
-def _cross_quad(q: _Guided, z, jz, mu, jmu) -> torch.Tensor:
-    """``(z_m - mu_i)^T Cov_j^{-1} (z_m - mu_i)`` for all ``m, i``: ``(B, M, N)``.
-
-    ``z`` ``(B, M, d)``, ``mu`` ``(B, N, d)`` and their images ``jz``, ``jmu`` under the
-    query's Jacobian; expanded into matrix products (``Cov^{-1} = S^{-1} + J^T
-    Sigma^{-1} J``), so no ``(B, M, N, d)`` tensor is formed.
-    """
-    out = 0.0
-    for a, c, w in ((z, mu, 1 / q.s2), (jz, jmu, 1 / q.sig2)):
-        w = w[:, None, :]
-        out = out + (a * a * w).sum(-1)[:, :, None] + (c * c * w).sum(-1)[:, None, :]
-        out = out - 2 * (a * w) @ c.transpose(1, 2)
-    return out.clamp_min(0)
-
-
-def _bridge(pb, q: _Guided, pool: _Pool, rows, n_br: int, fwd_part, first):
-    """Bridged draws for every source, and the bridged proposal at the ``q_j`` draws.
-
-    For source ``i`` the bridged proposal is ``r_ji(z) = p_i(t_1 .. t_{L-2})
-    q_last(t_{L-1} | t_{L-2})``: the first ``n_br`` forward paths of source ``i`` with
-    ``t_{L-1}`` redrawn from the query's linearised last-layer posterior given the
-    path's own parent (with one intermediate layer, the parent is the source: ``r_ji``
-    is then the linearised posterior of source ``i``, exact for a linear chain).  It
-    reaches sources whose posterior given ``t_j`` lies far from ``q_j`` and beyond
-    their own forward paths.  ``q_last`` has a covariance that does not depend on the
-    parent, so a draw is ``mean(parent) + zeta_k``, ``zeta_k ~ N(0, Cov_j)`` shared by
-    path ``k`` of every source (common random numbers; every entry stays unbiased).
-
-    Returns
-    -------
-    list of Tensor, each (B, n_br, N)
-        ``log p_i(z)``, ``log p(t_j | z)``, ``log q_j(z)``, ``log r_ji(z)`` at the
-        bridged draws.
-    Tensor, shape (B, M, N)
-        ``log r_ji`` at the ``M`` draws of ``q_j`` (:meth:`_Guided.sample` called last).
-    """
-    b, n = len(rows), pb.n
-    d = pool.layers[-1].shape[1]
-    dev = pb.loc1.device
-    zero = torch.zeros(b, n_br, d, dtype=torch.float64, device=dev)
-    zeta = q.draw(zero) - q.mean(zero)  # (B, n_br, d) ~ N(0, Cov_j)
-    norm = 0.5 * q.logdet_cov[:, None] + 0.5 * d * _LOG2PI
-    log_r_last = (
-        -0.5
-        * _cross_quad(
-            q, zeta, zeta @ q.jac.transpose(1, 2), zero[:, :1], zero[:, :1, : q.y.shape[1]]
-        )[:, :, 0]
-        - norm
-    )  # (B, n_br)
-    out = [torch.empty(b, n_br, n, dtype=torch.float64, device=dev) for _ in range(4)]
-    tq = pb.t[rows][:, None, :]
-    one_layer = len(pb.links) == 1
-    if one_layer:  # the parent of t_1 is the source: one mean per source, shared by k
-        mu = q.mean(pb.loc1[None].expand(b, -1, -1))  # (B, N, d)
-        jmu = mu @ q.jac.transpose(1, 2)
-        mu_j, jmu_j = mu[torch.arange(b), rows][:, None], jmu[torch.arange(b), rows][:, None]
-        jzeta = zeta @ q.jac.transpose(1, 2)
-        # log q_j at mu_i + zeta_k: the Gaussian around the query's own source
-        q_at = -0.5 * _cross_quad(q, zeta, jzeta, mu_j - mu, jmu_j - jmu) - norm[:, :, None]
-        z_q = first  # (B, M, d): t_1 of the q_j draws
-        r_at_q = -0.5 * _cross_quad(q, z_q, z_q @ q.jac.transpose(1, 2), mu, jmu)
-        r_at_q = r_at_q - norm[:, :, None]
-    else:  # r_ji at q_j draws: source i's first layers, q_j's own last-layer factor
-        r_at_q = None
-    step = max(1, int(4e6 // max(1, b * max(d, pb.t.shape[1]))))
-    for k in range(n_br):
-        for c in range(0, n, step):
-            cols = slice(c, min(n, c + step))
-            sl = slice(k * n + cols.start, k * n + cols.stop)
-            prior_loc = pool.prior_loc[sl]
-            if one_layer:
-                z = mu[:, cols] + zeta[:, k : k + 1]
-            else:
-                z = q.mean(prior_loc[None].expand(b, -1, -1)) + zeta[:, k : k + 1]
-            link = _row_gauss_logpdf(z, prior_loc[None], pool.prior_scale[sl][None])
-            pre = pool.prefix[sl][None]
-            out[0][:, k, cols] = pre + link  # log p_i(z)
-            loc, scale = pb.call(len(pb.links) - 1, z.reshape(-1, d))
-            shape = (b, z.shape[1], -1)
-            out[1][:, k, cols] = _row_gauss_logpdf(tq, loc.reshape(shape), scale.reshape(shape))
-            if one_layer:
-                out[2][:, k, cols] = q_at[:, k, cols]
-            else:  # q_j shares the last-layer factor with r_ji
-                out[2][:, k, cols] = fwd_part[:, sl] + log_r_last[:, k : k + 1]
-            out[3][:, k, cols] = pre + log_r_last[:, k : k + 1]
-    return out, r_at_q
+def _log_g(pb, rows, t_last: torch.Tensor) -> torch.Tensor:
+    """``log p(t_j | t_{L-1})`` for paths ``(B, R, d)`` of each query: ``(B, R)``."""
+    b, r = t_last.shape[0], t_last.shape[1]
+    loc, scale = pb.call(len(pb.links) - 1, t_last.reshape(b * r, -1))
+    shape = (b, r, -1)
+    return _row_gauss_logpdf(pb.t[rows][:, None, :], loc.reshape(shape), scale.reshape(shape))
 
 
 def _draws(pb, q: _Guided, rows, m: int):
-    """``m`` proposal draws per query: paths, ``log q``, ``log p(t_j | z)``, chain, ``t_1``."""
-    b = len(rows)
-    parts, logq, chain, first = q.sample(m)
-    loc, scale = pb.call(len(pb.links) - 1, parts[-1])
-    log_g = _row_gauss_logpdf(pb.t[rows].repeat_interleave(m, 0), loc, scale).reshape(b, m)
-    return logq, log_g, chain, first
+    """``m`` draws of ``q_j`` per query: ``log q``, ``log p(t_j | z)``, the link terms
+    inside the path, ``t_1`` (``(B, m, d_1)``) and ``log q`` without its first step."""
+    layers, lq_rest, lq1, chain = q.sample(m)
+    return lq1 + lq_rest, _log_g(pb, rows, layers[-1]), chain, layers[0], lq_rest
+
+
+def _bridge(pb, q: _Guided, rows, n_br: int):
+    """Bridged draws: ``n_br`` paths per source ``i`` from ``r_ji``, the proposal
+    :class:`_Guided` started from source ``i`` instead of the query's own source.
+
+    ``r_ji`` is the linearised posterior of source ``i``'s path given ``t_j`` (exact for
+    linear chains), so it reaches sources whose posterior lies far from ``q_j`` and
+    beyond their own forward paths.  Draw ``k`` of every source shares the noise
+    ``zeta_k`` (common random numbers: every entry stays unbiased).
+
+    Returns, each ``(B, n_br, N)``: ``log p_i(z)``, ``log p(t_j | z)``, ``log q_j(z)``
+    and ``log r_ji(z)``.
+    """
+    b, n = len(rows), pb.n
+    zeta = [st.noise((b, n_br)) for st in q.steps]
+    own_mean = q.steps[0].mean(pb.loc1[rows][:, None, :])
+    out = [torch.empty(b, n_br, n, dtype=torch.float64, device=pb.loc1.device) for _ in range(4)]
+    width = max(pb.t.shape[1], *(st.d for st in q.steps))
+    step = max(1, int(4e6 // max(1, b * n_br * width)))
+    for c in range(0, n, step):
+        cols = slice(c, min(n, c + step))
+        start = pb.loc1[cols][None].expand(b, -1, -1)
+        layers, lq_rest, lq1, chain = q.sample(n_br, start, zeta)
+        s = start.shape[1]
+        shape = (b, n_br, s)
+        t1 = layers[0].reshape(b, n_br, s, -1)
+        p1 = _row_gauss_logpdf(t1, pb.loc1[cols][None, None], pb.scale1[cols][None, None])
+        out[0][:, :, cols] = p1 + chain.reshape(shape)
+        out[1][:, :, cols] = _log_g(pb, rows, layers[-1]).reshape(shape)
+        lq_own = q.steps[0].logpdf(layers[0], own_mean)
+        out[2][:, :, cols] = (lq_own + lq_rest).reshape(shape)
+        out[3][:, :, cols] = (lq1 + lq_rest).reshape(shape)
+    return out
 
 
 def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r, n_br=0):
     n, b = pb.n, len(rows)
     ar = torch.arange(b, device=rows.device)
     q = _Guided(pb, rows, anchors)
-    logq_is, log_g, chain, first = _draws(pb, q, rows, n_is)
+    logq_is, log_g, chain, first, lq_rest = _draws(pb, q, rows, n_is)
     k1 = pb.layer1(first.reshape(b * n_is, -1)).reshape(b, n_is, n)  # log p(t_1 | s_i)
     lp = k1 + chain[:, :, None]  # log p_i(z)
-    if n_br:
-        if len(pb.links) >= 2:  # r_ji at q_j draws: p_i(first layers) q_last(last)
-            r_at_q = lp + (q.last_q - q.last_link)[:, :, None]
-        logq_pool, log_g_pool, fwd_part = _pool_logq(pb, q, pool, rows, top_r)
-        br, r_l2 = _bridge(pb, q, pool, rows, n_br, fwd_part, first)
-        if r_l2 is not None:
-            r_at_q = r_l2
+    if n_br:  # r_ji at the q_j draws: q_j with its first step started from source i
+        mean1 = q.steps[0].mean(pb.loc1[None].expand(b, -1, -1))  # (B, N, d_1)
+        r_at_q = lq_rest[:, :, None] + q.steps[0].cross(first, mean1)
+        br = _bridge(pb, q, rows, n_br)
     # the query's own source gets DIAG_FACTOR times the draws: they cost no kernel row
-    logq_x, log_g_x, chain_x, first_x = _draws(pb, q, rows, (_DIAG_FACTOR - 1) * n_is)
+    logq_x, log_g_x, chain_x, first_x, _ = _draws(pb, q, rows, (_DIAG_FACTOR - 1) * n_is)
     lp_own_x = _row_gauss_logpdf(first_x, pb.loc1[rows][:, None], pb.scale1[rows][:, None])
     lp_d = torch.cat([lp[ar, :, rows], lp_own_x + chain_x], 1)
     logq_d, log_g_d = torch.cat([logq_is, logq_x], 1), torch.cat([log_g, log_g_x], 1)
-    if not n_br:
-        logq_pool, log_g_pool, _ = _pool_logq(pb, q, pool, rows, top_r)
+    logq_pool, log_g_pool = _pool_logq(pb, q, pool, rows, top_r)
     res = []
     for frac in (1, 2):
         m_used, k_used, md = n_is // frac, n_fwd // frac, _DIAG_FACTOR * n_is // frac
