@@ -100,39 +100,34 @@ class _Pass:
             self.onehot = torch.nn.functional.one_hot(self.class_of, self.n_classes).to(
                 torch.float64
             )
-        for sl, src, blk, off in kernel.iter_shifted_blocks(self.t, self.diag):
-            self._reduce(sl, src, blk, off)
+        # e = exp(L - shift) off the diagonal (0 on it), loo its row sums (float64):
+        #   lse_loo = shift + log loo,  lse_all = logaddexp(lse_loo, L[j, j]),
+        # the logs taken once at the end (few calls: each is a parallel region)
+        shift = torch.empty(total, dtype=torch.float64, device=dev)
+        loo = torch.empty(total, dtype=torch.float64, device=dev)
+        cls = torch.empty(total, dtype=torch.float64, device=dev) if labels is not None else None
+        for sl, src, e, sh, lo in kernel.iter_exp_blocks(
+            self.t, self.diag, exact_shift=labels is not None
+        ):
+            shift[sl], loo[sl] = sh, lo
+            if cls is not None:
+                self._classes(cls[sl], src, e)
+        diag = self.diag.reshape(-1)
+        torch.add(shift, torch.log(loo), out=self.lse_loo)
+        torch.logaddexp(self.lse_loo, diag, out=self.lse_all)
+        if cls is not None:
+            torch.add(shift, torch.log(cls), out=self.lse_cls_loo)
+            torch.logaddexp(self.lse_cls_loo, diag, out=self.lse_cls)
 
-    def _reduce(self, sl: slice, src: torch.Tensor, blk: torch.Tensor, off: torch.Tensor) -> None:
-        # one exp pass per block: with m the off-diagonal row max,
-        #   lse_loo = m + log sum_{i != j} exp(L[j, i] - m),  lse_all = logaddexp(lse_loo, L[j, j])
-        # and class sums of the same exponentials as one small matrix product.
-        # Rows are reduced in sub-blocks of 16 MiB.  L = blk + off[:, None]: a float32 blk
-        # holds values relative to the float64 row offset.
-        diag = self.diag.reshape(-1)[sl]
-        base = sl.start
-        step = max(32, _SUB_ELEMS * 8 // (blk.element_size() * max(1, blk.shape[1])))
-        for r0 in range(0, blk.shape[0], step):
-            r1 = min(r0 + step, blk.shape[0])
-            sub = blk[r0:r1]
-            ar = torch.arange(r1 - r0, device=blk.device)
-            sub[ar, src[r0:r1]] = -math.inf
-            m = sub.amax(1)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            sub.sub_(m[:, None]).exp_()
-            m = m.to(torch.float64) + off[r0:r1]
-            # row sums in blk's dtype (float32: cascade summation, relative error within
-            # the kernel's bound); everything after them in float64
-            loo = m + torch.log(sub.sum(1).to(torch.float64))
-            d = diag[r0:r1]
-            self.lse_loo[base + r0 : base + r1] = loo
-            self.lse_all[base + r0 : base + r1] = torch.logaddexp(loo, d)
-            if self.labels is not None:
-                own = self.class_of[src[r0:r1]]
-                cls = (sub.to(torch.float64) @ self.onehot)[ar, own]
-                cls_loo = m + torch.log(cls)
-                self.lse_cls_loo[base + r0 : base + r1] = cls_loo
-                self.lse_cls[base + r0 : base + r1] = torch.logaddexp(cls_loo, d)
+    def _classes(self, out: torch.Tensor, src: torch.Tensor, e: torch.Tensor) -> None:
+        # own-class sums of the same exponentials as one small float64 matrix product,
+        # in steps of 16 MiB of float64
+        step = max(32, _SUB_ELEMS // max(1, e.shape[1]))
+        for r0 in range(0, e.shape[0], step):
+            r1 = min(r0 + step, e.shape[0])
+            ar = torch.arange(r1 - r0, device=e.device)
+            own = self.class_of[src[r0:r1]]
+            out[r0:r1] = (e[r0:r1].to(torch.float64) @ self.onehot)[ar, own]
 
     def loo_upper(self, n_draws: int) -> tuple[float, float]:
         """Leave-one-out upper ``mean_j(L[j,j] - logmeanexp_{i != j} L[j,i])``, stderr."""
@@ -147,6 +142,7 @@ def _precision_extra(kernel: LogDensityKernel) -> dict:
         "precision": kernel.precision,
         "blocks": {k: v for k, v in kernel.counts.items() if v},
         "precision_bound": kernel.mean_bound,
+        "rescued_rows": kernel.rescued_rows,
     }
 
 

@@ -24,26 +24,48 @@ to a reducer.  Two paths:
   ``B`` samples of shape ``(B, 1, *event)`` against the batch ``(N,)``.  The
   chunk is sized so ``B * N * d`` elements fit the memory budget.
 
-Precision (Gaussian path).  The cross term of each block is one matrix product; with
-``precision="auto"`` it runs in float32 (TF32 on CUDA where even that bound allows) when a
-rounding-error bound on the block, computed from the row norms of the block, the largest
-column norm after centring and scaling, the inner dimension ``w`` and the bias magnitudes,
+Precision (Gaussian path).  With ``precision="auto"`` each block is computed in float32
+(TF32 on CUDA where even that bound allows) when a rounding-error bound keeps its mean row
+error under ``tolerance`` (default 1e-3 nats), in float64 otherwise (e.g. activations of
+magnitude 100 with noise 1e-2).  A float32 entry is one product of augmented factors,
 
 .. math::
 
-    E_j = \\lambda (\\sqrt{w} u_{acc} + \\sqrt{2} u_{in}) \\lVert a_j \\rVert
-          \\max_i \\lVert b_i \\rVert + 2 u \\max_i |\\beta_i| + (\\log_2 N + 8) u,
+    y_{ji} = \\langle [f_j, \\rho\\text{-term}, 1, -s_j], [b_i, P_i, \\beta_i, 1] \\rangle
+           = L_{ji} - o_j - s_j,
 
-(probabilistic rounding analysis, Higham & Mary 2019, with ``lambda = 5``; ``u = 2^-24``
-for float32, ``u_in = 2^-11`` for TF32 inputs) has its mean over the rows of the block
-below ``tolerance`` (default 1e-3 nats).  ``E_j`` bounds the error of every entry of row
-``j`` relative to the row offset, hence of its log-sum-exp, hence (averaged over rows) of
-the estimate.  Blocks whose bound is larger, e.g. activations of magnitude 100 with noise
-1e-2, are computed in float64 as before.  Float32 blocks are returned *shifted*:
-``L[j, i] = blk[j, i] + off[j]`` with the large row and constant terms kept in the float64
-offset, so the float32 values stay O(1) to O(100) nats.  ``"auto"`` only switches to
-float32 when the work is large enough for it to matter (``N * M * w >= AUTO_MIN_WORK``
-multiply-adds per draw); small problems stay bit-identical to float64.
+with the row features ``f_j`` (``a_j = t'_j / s``, ``t'_j`` or ``[t'^2_j, t'_j]``), the
+column factors ``b_i``, the bias ``beta_i`` relative to its maximum, the float64 row offset
+``o_j`` and the row shift ``s_j`` (inner dimension ``K = w + 2``, ``+1`` for per-source
+isotropic scales).  The shift is the exact diagonal ``L[j, j] - o_j`` rounded to float32,
+known before the product, so the entries come out of the product already shifted: they
+are exponentiated in place and summed per row (float32 cascade sum) with no row-maximum
+pass; the own entry is zeroed (leave-one-out) and everything after the row sums is
+float64 (``log sum_{i != j} exp L[j, i] = o_j + s_j + log sum_i e_ji``).  A row whose sum
+overflows or falls under ``M * 2^-102`` (``M = N C`` entries; where float32 underflow could
+cost more than ``u`` of the sum) is recomputed with its row maximum as the shift.  The
+bound, for the entries within ``T = log M + 20`` nats of the row's log-sum-exp ``G_j``
+(in the units of the product), is
+
+.. math::
+
+    E_j = \\lambda \\sqrt{K} u (\\lVert f_j \\rVert C + \\rho_j + |s_j| + \\hat\\beta_j)
+          + \\lambda \\sqrt{2} u_{in} \\lVert f_j \\rVert C + 2 u_{in} (\\rho_j + \\hat\\beta_j)
+          + (\\log_2 M + 9) u + e^{F_j - 20},
+
+with ``C = max_i |b_i|``, ``rho_j = |t'_j|^2 max_i s_i^-2 / 2`` (isotropic scales, else 0)
+and ``hat beta_j = min(max_i |beta_i|, |f_j| C + rho_j + |s_j| + |G_j| + T)``, the largest
+bias an entry within ``T`` of ``G_j`` can have.  The first three terms are the
+probabilistic rounding bound of the product (Higham & Mary 2019, ``lambda = 5``,
+``u = 2^-24``, ``u_in = u`` or ``2^-11`` for TF32 inputs, plus ``u_in |s_j|`` for TF32),
+``(log2 M + 9) u`` covers float32 exp, the cascade row sum and flushed entries, and
+``e^{F_j - 20}`` (``F_j``: the same bound with the largest bias) the share of the entries
+further below.  ``E_j`` bounds the error of every entry that matters in row ``j``, hence of
+its log-sum-exp, hence (averaged over rows) of the estimate.  The block's precision is
+chosen with ``G_j = 0`` and checked again after the product with the row sums; a block
+that fails the check is recomputed in float64.  ``"auto"`` only switches to float32 when
+the work is large enough for it to matter (``N * M * w >= AUTO_MIN_WORK`` multiply-adds
+per draw); small problems stay in float64.
 
 Memory is ``O(chunk * N)`` (``O(chunk * N * C)`` for ``C``-component mixtures);
 the full ``N x N`` matrix is never held, and never ``N x N x d``.
@@ -79,6 +101,8 @@ PRECISIONS = ("auto", "float64", "float32")
 DEFAULT_TOLERANCE = 1e-3
 #: "auto" uses float32 only from this many multiply-adds per draw (N * M * w)
 AUTO_MIN_WORK = 2**24
+_STEP_ELEMS = 2**23  # elements per step of the O(N d) passes (64 MiB of float64)
+_WINDOW_MARGIN = 20.0  # the error bound covers entries within log M + 20 of a row's lse
 _LAMBDA = 5.0  # probabilistic rounding-error bound: lambda * sqrt(w) * u
 _U32 = 2.0**-24  # unit roundoff of float32
 _UTF32 = 2.0**-11  # unit roundoff of TF32 inputs (10-bit mantissa)
@@ -147,7 +171,20 @@ class GaussianMixture:
         n, c, d = self.loc.shape
         dev = self.loc.device
         if c == 1:
+            # loc + scale * eps without gathering (N x d copies of loc and of a broadcast
+            # scale): the same normals and, in place, the same rounding (an addcmul would
+            # fuse into an FMA and change the last bit)
             comp = torch.zeros(n_draws, n, dtype=torch.long, device=dev)
+            eps = torch.randn(
+                (n_draws, n, d), generator=generator, dtype=self.loc.dtype, device=dev
+            )
+            loc, scale = self.loc[:, 0], self.scale[:, 0]
+            step = max(1, _STEP_ELEMS // d)  # both passes on one cache-sized piece
+            for r in range(n_draws):
+                for s0 in range(0, n, step):
+                    s1 = min(s0 + step, n)
+                    eps[r, s0:s1].mul_(scale[s0:s1]).add_(loc[s0:s1])
+            return eps, comp
         else:
             probs = self.logw.exp().expand(n_draws, n, c).reshape(n_draws * n, c)
             comp = torch.multinomial(probs, 1, generator=generator).view(n_draws, n)
@@ -252,6 +289,10 @@ def first_tensor(obj: object, floating: bool = False, _depth: int = 0) -> torch.
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:
+    # a finite sum means finite entries (NaN and inf propagate); one read pass instead of
+    # isfinite's several; only an overflowing sum of finite entries takes the full check
+    if x.is_floating_point() and bool(torch.isfinite(x.sum())):
+        return
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"the conditional's {what} contains NaN or inf values")
 
@@ -323,8 +364,11 @@ class LogDensityKernel:
         self.counts = {"float64": 0, "float32": 0, "tf32": 0}
         self.bound_sum = 0.0
         self.rows_done = 0
+        #: rows whose speculative shift (see :meth:`iter_exp_blocks`) had to be redone
+        self.rescued_rows = 0
         self.cond = cond
         self.n = int(cond.batch_shape[0])
+        self._scratch_buf: torch.Tensor | None = None
         self.gauss = as_gaussian_mixture(cond)
         self.device = torch.device(device) if device is not None else self._cond_device()
         if self.gauss is not None:
@@ -349,6 +393,15 @@ class LogDensityKernel:
         t = first_tensor(self.cond)
         return t.device if t is not None else torch.device("cpu")
 
+    def _scratch(self, rows: int, width: int) -> torch.Tensor:
+        """A float64 ``(rows, width)`` work buffer shared by the O(N d) passes: one
+        allocation instead of a fresh one (page faults) in every pass."""
+        need = rows * width
+        buf = self._scratch_buf
+        if buf is None or buf.numel() < need:
+            buf = self._scratch_buf = torch.empty(need, dtype=torch.float64, device=self.device)
+        return buf[:need].view(rows, width)
+
     @property
     def is_gaussian(self) -> bool:
         return self.gauss is not None
@@ -356,65 +409,124 @@ class LogDensityKernel:
     def _default_chunk(self) -> int:
         if self.gauss is not None:
             cols = self.n * self.gauss.n_components
-            width = 2 * self.gauss.dim if self.gauss.structure == "diag" else self.gauss.dim
-            per_row = 8 * (2 * cols + width)
+            if self._lowp:
+                # one float32 block, the float64 row features and their float32 copy;
+                # float64 blocks are computed in steps of `_rows64` rows within a chunk
+                per_row = 4 * cols + 12 * self._width + 16
+            else:
+                per_row = 8 * (2 * cols + self._width)
         else:
             per_row = 8 * self.n * (2 * self.event_numel + 2)
         return int(max(16, min(4096, DEFAULT_CHUNK_BYTES // per_row)))
+
+    @property
+    def _rows64(self) -> int:
+        """Rows per step of a float64 block (the float64 memory budget)."""
+        if self.gauss is None:
+            return self.chunk_size
+        per_row = 8 * (2 * self.n * self.gauss.n_components + self._width)
+        return int(max(1, min(self.chunk_size, max(16, DEFAULT_CHUNK_BYTES // per_row))))
 
     def _prepare_gaussian(self) -> None:
         # L[j, i] = bias_i + <row features of t_j, column features of s_i> + row term,
         # with -1/2 folded into the factors so one addmm gives the whole block
         g = self.gauss
         n, c, d = g.loc.shape
-        mu = g.loc.reshape(n * c, d)
-        sc = g.scale.reshape(n * c, d)
+        m = n * c
+        mu = g.loc.reshape(m, d)
+        sc = g.scale.reshape(m, d)
         self._centre = mu.mean(0)
-        mu_p = mu - self._centre
+        self._col_prec = None
         if g.structure == "shared":
             s = sc[0]
             self._inv_s = 1.0 / s
-            mu_p = mu_p * self._inv_s  # unit scale
-            self._cols = mu_p
-            quad = (mu_p * mu_p).sum(1)
-            self._col_prec = None
-            log_det = torch.log(s).sum().expand(n * c)
+            self._centre_s = -self._centre * self._inv_s
+            log_det = torch.log(s).sum().expand(m)
         elif g.structure == "iso":
             s = sc[:, 0]
-            prec = 1.0 / (s * s)
-            self._cols = mu_p * prec[:, None]  # mu' / s^2
-            quad = (mu_p * mu_p).sum(1) * prec
-            self._col_prec = prec  # row term: -|t'|^2 / (2 s_i^2)
+            self._col_prec = 1.0 / (s * s)  # row term: -|t'|^2 / (2 s_i^2)
             log_det = d * torch.log(s)
         else:
-            prec = 1.0 / (sc * sc)
-            self._cols = torch.cat([-0.5 * prec, mu_p * prec], dim=1)  # (M, 2d)
-            quad = (mu_p * mu_p * prec).sum(1)
-            self._col_prec = None
             log_det = torch.log(sc).sum(1)
+        self._width = 2 * d if g.structure == "diag" else d
         self._log_det = log_det.reshape(n, c)
-        log_norm = g.logw.reshape(n * c) - log_det - 0.5 * d * _LOG_2PI
-        self._bias = (log_norm - 0.5 * quad).contiguous()
-        self._colsT64: torch.Tensor | None = None  # built on first float64 block
-        self._width = self._cols.shape[1]
         work = n * n * c * self._width
         self._lowp = self.precision == "float32" or (
             self.precision == "auto" and work >= AUTO_MIN_WORK
         )
+        self._cols64: torch.Tensor | None = None  # float64 column factors (M, w)
+        self._colsT64: torch.Tensor | None = None  # built on first float64 block
+        quad = torch.empty(m, dtype=torch.float64, device=self.device)
+        if not self._lowp:
+            self._cols64 = self._col_features(0, m, quad)
+        else:
+            # float32 column factors, augmented so that one product gives the whole entry
+            # relative to the float64 row offset, shift included (see _aug_rows):
+            # [cols_i, (prec_i), bias_i - c0, 1]; built in row steps (no float64 copy)
+            w = self._width
+            iso = g.structure == "iso"
+            self._k_aug = w + 2 + int(iso)
+            b32 = torch.empty(m, self._k_aug, dtype=torch.float32, device=self.device)
+            col_sq = torch.empty(m, dtype=torch.float64, device=self.device)
+            step = max(1, _STEP_ELEMS // w)
+            for s0 in range(0, m, step):
+                s1 = min(s0 + step, m)
+                cols = self._col_features(s0, s1, quad[s0:s1], scratch=True)
+                b32[s0:s1, :w] = cols
+                col_sq[s0:s1] = quad[s0:s1] if g.structure == "shared" else _sq_norms(cols)
+            if iso:
+                b32[:, w] = self._col_prec
+                self._prec_max = float(self._col_prec.max())
+        log_norm = g.logw.reshape(m) - log_det - 0.5 * d * _LOG_2PI
+        self._bias = (log_norm - 0.5 * quad).contiguous()
+        self._speculate = True
         if self._lowp:
-            # float32 copies; the largest bias becomes the float64 offset so that the
-            # float32 block holds O(1) values relative to it
+            # c0, the largest bias, keeps the float32 values O(1)
             self._c0 = float(self._bias.max())
             bias_rel = self._bias - self._c0
-            self._bias32 = bias_rel.to(torch.float32)
-            self._colsT32 = self._cols.T.to(torch.float32).contiguous()
-            self._col_norm = float(self._cols.norm(dim=1).max())
+            b32[:, -2] = bias_rel
+            b32[:, -1] = 1.0
+            self._cols32 = b32
+            self._col_norm = math.sqrt(float(col_sq.max()))
             self._bias_abs = float(bias_rel.abs().max())
-            if self._col_prec is not None:
-                self._col_prec32 = self._col_prec.to(torch.float32)
-                self._prec_max = float(self._col_prec.max())
-            # exp, max-subtraction and the row sum in float32 (cascade summation)
-            self._fixed_err = (math.log2(max(2, n * c)) + 8.0) * _U32
+            # exp (relative error within 2u), the float32 cascade row sum (log2(M) u) and
+            # entries flushed to zero (at most u of a row sum above _underflow_floor)
+            self._fixed_err = (math.log2(max(2, m)) + 9.0) * _U32
+            self._underflow_floor = m * 2.0**-102
+
+    def _col_features(
+        self, s0: int, s1: int, quad: torch.Tensor, scratch: bool = False
+    ) -> torch.Tensor:
+        """Float64 column factors of sources ``s0:s1`` (flattened components); writes
+        ``sum_d mu'^2 / s^2`` into ``quad``.  With ``scratch`` the result may live in
+        the work buffer (valid until its next use)."""
+        g = self.gauss
+        d = g.dim
+        mu = g.loc.reshape(-1, d)[s0:s1]
+        if scratch:
+            mu_p = torch.sub(mu, self._centre, out=self._scratch(s1 - s0, d))
+        else:
+            mu_p = mu - self._centre
+        if g.structure == "shared":
+            cols = mu_p.mul_(self._inv_s)  # unit scale
+            quad.copy_(_sq_norms(cols))
+            return cols
+        if g.structure == "iso":
+            prec = self._col_prec[s0:s1]
+            torch.mul(_sq_norms(mu_p), prec, out=quad)
+            return mu_p.mul_(prec[:, None])  # mu' / s^2
+        sc = g.scale.reshape(-1, d)[s0:s1]
+        prec = 1.0 / (sc * sc)
+        torch.sum(mu_p * mu_p * prec, 1, out=quad)
+        return torch.cat([-0.5 * prec, mu_p.mul_(prec)], dim=1)  # (M, 2d)
+
+    @property
+    def _cols(self) -> torch.Tensor:
+        if self._cols64 is None:
+            m = self.gauss.loc.shape[0] * self.gauss.n_components
+            quad = torch.empty(m, dtype=torch.float64, device=self.device)
+            self._cols64 = self._col_features(0, m, quad)
+        return self._cols64
 
     @property
     def _colsT(self) -> torch.Tensor:
@@ -449,6 +561,8 @@ class LogDensityKernel:
     def diagonal(self, t: torch.Tensor) -> torch.Tensor:
         """``log p(t_rj | s_j)`` for samples ``t`` (R, N, *event) -> (R, N) float64."""
         if self.gauss is not None:
+            if self.gauss.n_components == 1:
+                return self._diag_single(t)
             return torch.logsumexp(self._diag_components(t) + self.gauss.logw, dim=-1)
         lp = self.cond.log_prob(t.to(self._cond_dtype())).to(torch.float64)
         if bool(torch.isposinf(lp).any()):
@@ -460,8 +574,25 @@ class LogDensityKernel:
     def _diag_components(self, t: torch.Tensor) -> torch.Tensor:
         g = self.gauss
         tt = t.to(torch.float64).reshape(t.shape[0], self.n, 1, g.dim)
-        z = (tt - g.loc.unsqueeze(0)) / g.scale.unsqueeze(0)  # (R, N, C, d)
-        return -0.5 * (z * z).sum(-1) - self._log_det - 0.5 * g.dim * _LOG_2PI
+        z = (tt - g.loc.unsqueeze(0)).div_(g.scale.unsqueeze(0))  # (R, N, C, d)
+        return -0.5 * z.mul_(z).sum(-1) - self._log_det - 0.5 * g.dim * _LOG_2PI
+
+    def _diag_single(self, t: torch.Tensor) -> torch.Tensor:
+        # _diag_components for one component, in cache-sized steps (same arithmetic;
+        # a log-sum-exp over one entry is that entry)
+        g = self.gauss
+        r, n, d = t.shape[0], self.n, g.dim
+        tt = t.to(torch.float64).reshape(r, n, d)
+        loc, scale = g.loc[:, 0], g.scale[:, 0]
+        out = torch.empty(r, n, dtype=torch.float64, device=tt.device)
+        step = max(1, _STEP_ELEMS // d)
+        for ri in range(r):
+            for s0 in range(0, n, step):
+                s1 = min(s0 + step, n)
+                z = torch.sub(tt[ri, s0:s1], loc[s0:s1], out=self._scratch(s1 - s0, d))
+                torch.linalg.vector_norm(z.div_(scale[s0:s1]), dim=1, out=out[ri, s0:s1])
+        out.mul_(out).mul_(-0.5).sub_(self._log_det[:, 0]).sub_(0.5 * d * _LOG_2PI)
+        return out.add_(g.logw[:, 0])
 
     def diagonal_excluding_group(self, t: torch.Tensor, group: int) -> torch.Tensor:
         """``log p(t_rj | s_j)`` with the component group that drew ``t_rj`` left out.
@@ -522,11 +653,20 @@ class LogDensityKernel:
             logp = torch.logsumexp(logp.view(rows.shape[0], self.n, g.n_components), dim=-1)
         return logp
 
-    def row_bounds(self, rows: torch.Tensor, tf32: bool = False) -> torch.Tensor:
+    def row_bounds(
+        self,
+        rows: torch.Tensor,
+        tf32: bool = False,
+        shift: torch.Tensor | None = None,
+        window: float | None = None,
+    ) -> torch.Tensor:
         """Bound (nats) on the float32 error of each row of :meth:`shifted_block`.
 
         ``E_j`` (see the module docstring) bounds ``|blk32[j, i] - (L[j, i] - off[j])|``
-        for every ``i``, and so the error of row ``j``'s log-sum-exp.
+        for every entry within ``window`` nats (default ``log M + 20``) of the row's
+        log-sum-exp, and so the error of that log-sum-exp.  With ``shift`` (float32 row
+        shifts relative to the offset, as in :meth:`iter_exp_blocks`) the bound covers
+        ``blk32[j, i] - shift[j]`` computed in the same product.
 
         Returns
         -------
@@ -534,27 +674,128 @@ class LogDensityKernel:
         """
         if self.gauss is None or not self._lowp:
             raise ValueError("row bounds need a Gaussian kernel with a float32 path")
-        feats, tt = self._row_features(rows)
-        return self._bounds(feats, tt, tf32)
+        a, fnorm, _, rho = self._aug_rows(rows)
+        s_abs: torch.Tensor | float = 0.0
+        if shift is not None:
+            a[:, -1] = -shift.to(torch.float32)
+            s_abs = shift.to(torch.float64).abs()
+        g = torch.logsumexp(self._mm32(a, tf32).to(torch.float64), dim=1)
+        return self._bounds(fnorm, rho, s_abs, g.abs(), tf32, window)
 
-    def _bounds(self, feats: torch.Tensor, tt: torch.Tensor, tf32: bool) -> torch.Tensor:
+    def _bounds(
+        self,
+        fnorm: torch.Tensor,
+        rho: torch.Tensor | float,
+        s_abs: torch.Tensor | float,
+        g_abs: torch.Tensor | float,
+        tf32: bool,
+        window: float | None = None,
+    ) -> torch.Tensor:
+        """Per-row error bound of a float32 block (module docstring).
+
+        ``g_abs``: ``|G_j|``, the row's log-sum-exp in the units of the product (``0``
+        before the product: the a-priori bound).  ``rho``: the iso row term
+        ``|t'_j|^2 max_i s_i^-2 / 2``; ``s_abs``: the shift's size."""
         u_in = _UTF32 if tf32 else _U32
-        coef = _LAMBDA * (math.sqrt(self._width) * _U32 + math.sqrt(2.0) * u_in)
-        e = (coef * self._col_norm) * feats.norm(dim=1)
-        e.add_(2 * _U32 * self._bias_abs + self._fixed_err)
-        if self.gauss.structure == "iso":
-            e.add_((tt * tt).sum(1), alpha=_U32 * self._prec_max)
+        acc = _LAMBDA * math.sqrt(self._k_aug) * _U32
+        fc = fnorm * self._col_norm  # >= |<f_j, b_i>|
+        big = max(1.0, math.log(self._cols32.shape[0])) + _WINDOW_MARGIN
+        t_win = big if window is None else float(window)
+        # bias size on the entries within t_win of the row's log-sum-exp: there
+        # y = <f, b> - rho_ij + bias_i - s_j with |y| <= |G| + t_win, so
+        # |bias_i| <= |<f, b>| + rho + |s| + |G| + t_win (and never above its maximum)
+        beta = torch.clamp(fc + rho + s_abs + g_abs + t_win, max=self._bias_abs)
+        lin = fc + rho + s_abs
+        e = acc * (lin + beta) + (_LAMBDA * math.sqrt(2.0) * u_in) * fc
+        e += 2.0 * u_in * (rho + beta) + (u_in if tf32 else 0.0) * s_abs + self._fixed_err
+        if window is None:
+            # entries further below: at most M of them, each under exp(G - t_win) even
+            # with its full error (bias at its maximum), so at most exp(far - margin) of
+            # the row sum
+            far = acc * (lin + self._bias_abs) + (_LAMBDA * math.sqrt(2.0) * u_in) * fc
+            far += 2.0 * u_in * (rho + self._bias_abs) + (u_in if tf32 else 0.0) * s_abs
+            e += math.exp(min(700.0, float(far.max())) - _WINDOW_MARGIN)
         return e
 
-    def _row_features(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _aug_rows(
+        self, rows: torch.Tensor, a: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | float]:
+        """Augmented float32 row factors ``[f_j, (-|t'_j|^2 / 2), 1, 0]`` (the last column
+        takes ``-shift``; written into ``a`` when given), the row norms ``|f_j|``, the
+        float64 row offsets ``off_j`` (``L[j, i] = off_j + <a_j, b_i>``) and the iso
+        row-term size ``rho_j``."""
         g = self.gauss
-        t = rows.to(torch.float64).reshape(rows.shape[0], g.dim) - self._centre
+        b = rows.shape[0]
+        rows = rows.to(torch.float64).reshape(b, g.dim)
+        if a is None:
+            a = torch.empty(b, self._k_aug, dtype=torch.float32, device=self.device)
+        rho: torch.Tensor | float = 0.0
+        # (no sqrt/log/exp of small vectors here: MKL's threaded vector math makes each
+        # such call a parallel region, milliseconds on a loaded machine)
+        work = self._scratch(b, g.dim)
         if g.structure == "shared":
-            a = t.mul_(self._inv_s)
-            return a, a
+            # (t - c) / s in one pass (an FMA: within 1 ulp of |t| / s, far below float32)
+            t = torch.addcmul(self._centre_s, rows, self._inv_s, out=work)
+            fnorm = torch.linalg.vector_norm(t, dim=1)
+            off = (-0.5 * fnorm * fnorm).add_(self._c0)
+            a[:, : g.dim] = t
+        else:
+            t = torch.sub(rows, self._centre, out=work)
+            off = torch.full((b,), self._c0, dtype=torch.float64, device=self.device)
         if g.structure == "iso":
-            return t, t
-        return torch.cat([t * t, t], dim=1), t
+            fnorm = torch.linalg.vector_norm(t, dim=1)
+            sq = fnorm * fnorm
+            a[:, : g.dim] = t
+            a[:, g.dim] = -0.5 * sq
+            rho = (0.5 * self._prec_max) * sq
+        elif g.structure == "diag":
+            n4 = torch.linalg.vector_norm(t, ord=4, dim=1)  # |t * t| = |t|_4^2
+            fnorm = torch.hypot(n4 * n4, torch.linalg.vector_norm(t, dim=1))
+            torch.mul(t, t, out=a[:, : g.dim])
+            a[:, g.dim : 2 * g.dim] = t
+        a[:, -2] = 1.0
+        a[:, -1] = 0.0
+        return a, fnorm, off, rho
+
+    def _all_rows(
+        self, flat: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | float]:
+        """:meth:`_aug_rows` of every row, in steps of ``_STEP_ELEMS`` float64 elements
+        (few large passes: each torch op is a parallel region)."""
+        total = flat.shape[0]
+        a = torch.empty(total, self._k_aug, dtype=torch.float32, device=self.device)
+        fnorm = torch.empty(total, dtype=torch.float64, device=self.device)
+        off = torch.empty_like(fnorm)
+        rho: torch.Tensor | float = 0.0
+        if self.gauss.structure == "iso":
+            rho = torch.empty_like(fnorm)
+        step = max(1, _STEP_ELEMS // self._width)
+        for s0 in range(0, total, step):
+            s1 = min(s0 + step, total)
+            _, fn, of, rh = self._aug_rows(flat[s0:s1], a[s0:s1])
+            fnorm[s0:s1], off[s0:s1] = fn, of
+            if isinstance(rho, torch.Tensor):
+                rho[s0:s1] = rh
+        self._scratch_buf = None  # kept from the set-up and the diagonal until here
+        return a, fnorm, off, rho
+
+    def _choose(
+        self, fnorm: torch.Tensor, rho: torch.Tensor | float, s_abs: torch.Tensor | float
+    ) -> tuple[bool, bool]:
+        """(use float32, use TF32) for a block, from the a-priori bound (``G = 0``)."""
+        tf32 = False
+        if self.precision == "auto" and self.device.type == "cuda":
+            bound = self._bounds(fnorm, rho, s_abs, 0.0, tf32=True)
+            tf32 = float(bound.mean()) <= self.tolerance
+        if not tf32:
+            bound = self._bounds(fnorm, rho, s_abs, 0.0, tf32=False)
+        return self.precision == "float32" or float(bound.mean()) <= self.tolerance, tf32
+
+    def _account(self, b: int, kind: str, bound: torch.Tensor | None = None) -> None:
+        self.counts[kind] += 1
+        self.rows_done += b
+        if bound is not None:
+            self.bound_sum += float(bound.sum())
 
     def shifted_block(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``L`` for a block of samples as ``(blk, off)`` with ``L[j, i] = blk[j, i] + off[j]``.
@@ -574,38 +815,32 @@ class LogDensityKernel:
         b = rows.shape[0]
         if self.gauss is not None and self._lowp:
             g = self.gauss
-            feats, tt = self._row_features(rows)
-            tf32 = False
-            if self.precision == "auto" and self.device.type == "cuda":
-                bound = self._bounds(feats, tt, tf32=True)
-                tf32 = float(bound.mean()) <= self.tolerance
-            if not tf32:
-                bound = self._bounds(feats, tt, tf32=False)
-            if self.precision == "float32" or float(bound.mean()) <= self.tolerance:
-                blk = self._addmm32(feats.to(torch.float32), tf32)
-                if g.structure == "iso":
-                    blk.addr_((tt * tt).sum(1).to(torch.float32), self._col_prec32, alpha=-0.5)
-                off = torch.full((b,), self._c0, dtype=torch.float64, device=self.device)
-                if g.structure == "shared":
-                    off.add_((feats * feats).sum(1), alpha=-0.5)
-                if g.n_components > 1:
-                    blk = torch.logsumexp(blk.view(b, self.n, g.n_components), dim=-1)
-                self.counts["tf32" if tf32 else "float32"] += 1
-                self.bound_sum += float(bound.sum())
-                self.rows_done += b
-                return blk, off
-        self.counts["float64"] += 1
-        self.rows_done += b
+            a, fnorm, off, rho = self._aug_rows(rows)
+            ok, tf32 = self._choose(fnorm, rho, 0.0)
+            if ok:
+                blk = self._mm32(a, tf32)
+                lse = torch.logsumexp(blk.to(torch.float64), dim=1)
+                bound = self._bounds(fnorm, rho, 0.0, lse.abs(), tf32)
+                if self.precision == "float32" or float(bound.mean()) <= self.tolerance:
+                    if g.n_components > 1:
+                        blk = torch.logsumexp(blk.view(b, self.n, g.n_components), dim=-1)
+                    self._account(b, "tf32" if tf32 else "float32", bound)
+                    return blk, off
+        self._account(b, "float64")
         return self.block(rows), torch.zeros(b, dtype=torch.float64, device=self.device)
 
-    def _addmm32(self, a: torch.Tensor, tf32: bool) -> torch.Tensor:
+    def _mm32(self, a: torch.Tensor, tf32: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``a @ cols32.T``, into ``out`` when given (a reused block buffer: a fresh
+        output would cost page faults on every block)."""
+        if out is not None:
+            out = out[: a.shape[0]]
         if self.device.type != "cuda":
-            return torch.addmm(self._bias32, a, self._colsT32)
+            return torch.mm(a, self._cols32.T, out=out)
         flags = torch.backends.cuda.matmul
         old = flags.allow_tf32
         flags.allow_tf32 = tf32
         try:
-            return torch.addmm(self._bias32, a, self._colsT32)
+            return torch.mm(a, self._cols32.T, out=out)
         finally:
             flags.allow_tf32 = old
 
@@ -614,24 +849,147 @@ class LogDensityKernel:
         """Mean over all rows done of the float32 error bound (0 for float64 rows)."""
         return self.bound_sum / self.rows_done if self.rows_done else 0.0
 
-    def iter_shifted_blocks(
-        self, t: torch.Tensor, diag: torch.Tensor
-    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield ``(row_slice, src, blk, off)`` over all samples, ``L = blk + off[:, None]``.
+    def iter_exp_blocks(
+        self, t: torch.Tensor, diag: torch.Tensor, exact_shift: bool = False
+    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(row_slice, src, e, shift, loo)``: the exponentiated off-diagonal blocks.
 
-        ``t`` has shape ``(R, N, *event)``; rows are flattened draw-major, so row
-        ``r * N + j`` belongs to source ``j``.  Blocks come from :meth:`shifted_block`;
-        the exact diagonal is written at ``(row, src)`` as ``diag - off`` in ``blk``'s
-        dtype."""
+        ``e[r, i] = exp(L[row, i] - shift[r])`` for ``i != src[r]`` and ``0`` at
+        ``i = src[r]`` (float32 or float64, shape ``(B, N)``); ``shift`` (float64) is the
+        row's shift and ``loo = e.sum(1)`` in float64, so that
+        ``log sum_{i != j} exp L[j, i] = shift + log(loo)``.  ``e`` is a reused buffer:
+        valid until the next block is requested.
+
+        On the float32 path the shift is *speculative* unless ``exact_shift``: the exact
+        diagonal ``L[j, j]``, known before the product, goes into the product as one more
+        inner column, so each entry is computed, exponentiated and summed in two passes
+        with no row maximum.  A row whose sum overflows or falls under
+        ``N * C * 2^-102`` (where float32 underflow could matter) is recomputed with its
+        row maximum as the shift; after many such rows the kernel stops speculating.
+        Float64 blocks (and ``exact_shift``) shift by the off-diagonal row maximum.
+        Rows are flattened draw-major (row ``r * N + j`` belongs to source ``j``).
+        """
         r = t.shape[0]
         flat = t.reshape(r * self.n, *t.shape[2:])
         dflat = diag.reshape(-1)
         total = r * self.n
+        fast = self.gauss is not None and self._lowp
+        if fast:
+            a_all, fn_all, off_all, rho_all = self._all_rows(flat)
+            rows = min(self.chunk_size, total)
+            buf = torch.empty(rows, self._cols32.shape[0], dtype=torch.float32, device=self.device)
         for start in range(0, total, self.chunk_size):
             stop = min(start + self.chunk_size, total)
-            rows = torch.arange(start, stop, device=self.device)
-            src = rows % self.n
-            blk, off = self.shifted_block(flat[start:stop])
-            dg = (dflat[start:stop] - off).to(blk.dtype)
-            blk[torch.arange(stop - start, device=self.device), src] = dg
-            yield slice(start, stop), src, blk, off
+            src = torch.arange(start, stop, device=self.device) % self.n
+            out = None
+            if fast:
+                rho = rho_all[start:stop] if isinstance(rho_all, torch.Tensor) else rho_all
+                out = self._exp_block32(
+                    a_all[start:stop],
+                    fn_all[start:stop],
+                    off_all[start:stop],
+                    rho,
+                    dflat[start:stop],
+                    src,
+                    exact_shift,
+                    buf,
+                )
+            if out is not None:
+                yield (slice(start, stop), src) + out
+                continue
+            self._account(stop - start, "float64")
+            step = self._rows64
+            for s0 in range(start, stop, step):
+                s1 = min(s0 + step, stop)
+                yield (slice(s0, s1), src[s0 - start : s1 - start]) + _exp_max_shift(
+                    self.block(flat[s0:s1]), src[s0 - start : s1 - start], 1
+                )
+
+    def _exp_block32(
+        self,
+        a: torch.Tensor,
+        fnorm: torch.Tensor,
+        off: torch.Tensor,
+        rho: torch.Tensor | float,
+        diag: torch.Tensor,
+        src: torch.Tensor,
+        exact_shift: bool,
+        buf: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(e, shift, loo)`` of a float32 block from its row factors (:meth:`_aug_rows`),
+        or ``None`` where its bound says float64 (checked before the product with
+        ``G = 0`` and after it with the row sums).  ``e`` may live in ``buf``."""
+        b, c = a.shape[0], self.gauss.n_components
+        spec = self._speculate and not exact_shift
+        s_abs: torch.Tensor | float = 0.0
+        if spec:
+            s32 = (diag - off).to(torch.float32)  # shift relative to the offset, exact in f32
+            a[:, -1] = -s32
+            shift = s32.to(torch.float64)
+            s_abs = shift.abs()
+        else:
+            a[:, -1] = 0.0
+        ok, tf32 = self._choose(fnorm, rho, s_abs)
+        if not ok:
+            return None
+        y = self._mm32(a, tf32, buf)  # (B, N * C): L - off - shift
+        if not spec:
+            e, shift, loo = _exp_max_shift(y, src, c)
+            g_abs = shift.abs() + _log_abs_bound(loo)
+        else:
+            y.exp_()
+            ar = torch.arange(b, device=y.device)
+            y.view(b, self.n, c)[ar, src] = 0.0
+            e = y.view(b, self.n, c).sum(-1) if c > 1 else y
+            loo = e.sum(1).to(torch.float64)
+            g_abs = _log_abs_bound(loo)
+            bad = ~(loo >= self._underflow_floor) | torch.isinf(loo)
+            nbad = int(bad.sum())
+            if nbad:
+                # the shift was off by more than float32's range: these rows again, with
+                # their row maximum as the shift
+                idx = bad.nonzero()[:, 0]
+                a2 = a[idx]
+                a2[:, -1] = 0.0
+                e2, m2, loo2 = _exp_max_shift(self._mm32(a2, tf32), src[idx], c)
+                e[idx], shift[idx], loo[idx] = e2, m2, loo2
+                g_abs[idx] = m2.abs() + _log_abs_bound(loo2)
+                s_abs[idx] = 0.0
+                self.rescued_rows += nbad
+                if nbad > b // 4:
+                    self._speculate = False
+        bound = self._bounds(fnorm, rho, s_abs, g_abs, tf32)
+        if self.precision != "float32" and float(bound.mean()) > self.tolerance:
+            return None
+        self._account(b, "tf32" if tf32 else "float32", bound)
+        return e, shift + off, loo
+
+
+def _log_abs_bound(x: torch.Tensor) -> torch.Tensor:
+    """An upper bound on ``|log x|`` (float64) from the binary exponent: no ``log`` call
+    (see :meth:`LogDensityKernel._aug_rows`); ``inf`` where ``x`` is 0 or inf."""
+    mant, expo = torch.frexp(x)  # x = mant * 2^expo, mant in [0.5, 1)
+    out = (expo.abs().to(torch.float64) + 1.0) * math.log(2.0)
+    return torch.where((x > 0) & ~torch.isinf(x), out, torch.full_like(out, math.inf))
+
+
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """Squared row norms of a float64 matrix, one pass."""
+    n = torch.linalg.vector_norm(x, dim=1)
+    return n.mul_(n)
+
+
+def _exp_max_shift(
+    y: torch.Tensor, src: torch.Tensor, c: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(e, m, loo)`` for a block ``y`` (B, N * c) of log densities (per component when
+    ``c > 1``): the own source's entries left out, ``m`` the row maximum of the rest
+    (float64), ``e = exp(y - m)`` summed over components, ``loo = e.sum(1)`` (float64)."""
+    b = y.shape[0]
+    ar = torch.arange(b, device=y.device)
+    y.view(b, -1, c)[ar, src] = -math.inf
+    m = y.amax(1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    y.sub_(m[:, None]).exp_()
+    e = y.view(b, -1, c).sum(-1) if c > 1 else y
+    return e, m.to(torch.float64), e.sum(1).to(torch.float64)

@@ -205,24 +205,31 @@ def test_diagonal_is_exact_for_own_draws():
     torch.testing.assert_close(kernel.diagonal(t), cond.log_prob(t), rtol=1e-12, atol=1e-9)
 
 
-def test_iter_shifted_blocks_covers_every_row_once_with_exact_diagonal():
-    cond = _structures()["per_source_diag"][0]
-    kernel = LogDensityKernel(cond, chunk_size=7)
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("exact_shift", [False, True])
+@pytest.mark.parametrize("name", ["per_source_diag", "mixture_shared"])
+def test_iter_exp_blocks_covers_every_row_once(name, precision, exact_shift):
+    cond = _structures()[name][0]
+    kernel = LogDensityKernel(cond, chunk_size=7, precision=precision)
     t = kernel.sample(2, _gen(10))
     diag = kernel.diagonal(t)
     seen = torch.zeros(2 * N, dtype=torch.long)
     flat = t.reshape(2 * N, D)
-    for sl, src, sblk, off in kernel.iter_shifted_blocks(t, diag):
-        blk = sblk.to(torch.float64) + off[:, None]
-        assert blk.shape == (sl.stop - sl.start, N)
+    rtol = 1e-12 if precision == "float64" else 1e-4
+    for sl, src, e, shift, loo in kernel.iter_exp_blocks(t, diag, exact_shift=exact_shift):
+        assert e.shape == (sl.stop - sl.start, N) and shift.dtype == loo.dtype == F64
         assert torch.equal(src, torch.arange(sl.start, sl.stop) % N)
         seen[sl] += 1
-        ar = torch.arange(blk.shape[0])
-        torch.testing.assert_close(blk[ar, src], diag.reshape(-1)[sl], rtol=1e-12, atol=1e-9)
+        ar = torch.arange(e.shape[0])
+        assert bool((e[ar, src] == 0).all())
+        torch.testing.assert_close(loo, e.to(F64).sum(1), rtol=1e-5, atol=0)
         ref = textbook.broadcast_log_prob_matrix(cond, flat[sl])
-        ref[ar, src] = diag.reshape(-1)[sl]
-        torch.testing.assert_close(blk, ref, rtol=1e-12, atol=1e-9)
+        ref[ar, src] = -math.inf
+        want = torch.exp(ref - shift[:, None])
+        # relative to each entry, or (entries flushed to zero in float32) to the row sum
+        assert bool(((e.to(F64) - want).abs() <= rtol * (want + 1e-3 * loo[:, None])).all())
     assert torch.equal(seen, torch.ones_like(seen))
+    assert kernel.counts[precision] == math.ceil(2 * N / 7)
 
 
 def test_sample_shapes_and_private_generator():
@@ -259,7 +266,11 @@ def test_default_chunk_respects_memory_budget():
     loc = torch.zeros(50_000, 16, dtype=F64)
     k = LogDensityKernel(td.Independent(td.Normal(loc, 1.0), 1))
     assert 16 <= k.chunk_size <= 4096
-    assert k.chunk_size * 50_000 * 8 <= DEFAULT_CHUNK_BYTES
+    # float32 blocks (4 bytes an entry); float64 fallback blocks in steps within the budget
+    assert k._lowp and k.chunk_size * 50_000 * 4 <= DEFAULT_CHUNK_BYTES
+    assert k._rows64 <= k.chunk_size and k._rows64 * 50_000 * 8 <= DEFAULT_CHUNK_BYTES
+    k64 = LogDensityKernel(td.Independent(td.Normal(loc, 1.0), 1), precision="float64")
+    assert 16 <= k64.chunk_size and k64.chunk_size * 50_000 * 8 <= DEFAULT_CHUNK_BYTES
     kg = LogDensityKernel(Opaque(td.Independent(td.Normal(loc, 1.0), 1)))
     # generic: the (chunk, N, d) broadcast fits the budget, or the chunk is at its floor of 16
     assert kg.chunk_size * 50_000 * 16 * 8 <= DEFAULT_CHUNK_BYTES or kg.chunk_size <= 16

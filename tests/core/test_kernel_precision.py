@@ -107,7 +107,7 @@ def test_fallback_is_per_block():
     # three groups of sources: near 0, at +R e_1, at -R e_1 (centre stays near 0).
     # Rows of the first group have small norms (bound under 1e-3: float32), rows of the
     # outer groups large ones (bound over 1e-3: float64), one group per block.
-    n_grp, d, r = 600, 16, 60.0
+    n_grp, d, r = 600, 16, 40.0
     g = _gen(7)
     loc = torch.randn(3 * n_grp, d, generator=g, dtype=F64)
     loc[n_grp : 2 * n_grp, 0] += r
@@ -149,11 +149,11 @@ def test_row_bound_holds_entrywise(name):
     blk, off = k32.shifted_block(t)
     assert blk.dtype == torch.float32 and k32.counts["float32"] == 1
     err = (blk.to(F64) + off[:, None] - exact).abs()
-    if k32.gauss.n_components > 1:
-        bound = k32.row_bounds(t)  # bounds every component; the log-sum-exp inherits it
-    else:
-        bound = k32.row_bounds(t)
-    near = exact > exact.amax(1, keepdim=True) - 100  # where float32 exp/sum can matter
+    # entries within 100 nats of the row maximum (where float32 exp/sum can matter) lie
+    # within 100 + log M of the row's log-sum-exp; the bound bounds every component there
+    m = k32.n * k32.gauss.n_components
+    bound = k32.row_bounds(t, window=100 + math.log(m))
+    near = exact > exact.amax(1, keepdim=True) - 100
     row_err = torch.where(near, err, torch.zeros_like(err)).amax(1)
     assert bool((row_err <= bound).all()), float((row_err / bound).max())
 
@@ -196,3 +196,81 @@ def test_rejects_unknown_precision(bad):
 def test_rejects_bad_tolerance(bad):
     with pytest.raises(ValueError, match="tolerance"):
         LogDensityKernel(_ordinary(50, 2), tolerance=bad)
+
+
+@pytest.mark.parametrize("name", ["shared", "iso", "diag", "mixture"])
+def test_row_bound_holds_entrywise_with_the_diagonal_shift(name):
+    # the product that iter_exp_blocks runs: shift = exact diagonal - offset, in float32,
+    # as one more inner column; the bound covers the shifted entries near the row's lse
+    cond = _kernel_cases()[name]
+    k32 = LogDensityKernel(cond, precision="float32")
+    t = k32.sample(1, _gen(13))[0]
+    exact = k32.block(t)
+    diag = k32.diagonal(t[None])[0]
+    a, _, off, _ = k32._aug_rows(t)
+    shift = (diag - off).to(torch.float32)
+    a[:, -1] = -shift
+    y = k32._mm32(a, False)
+    if k32.gauss.n_components > 1:
+        y = torch.logsumexp(y.view(t.shape[0], k32.n, -1), dim=-1)
+    err = (y.to(F64) + off[:, None] + shift.to(F64)[:, None] - exact).abs()
+    m = k32.n * k32.gauss.n_components
+    bound = k32.row_bounds(t, shift=shift, window=100 + math.log(m))
+    near = exact > exact.amax(1, keepdim=True) - 100
+    row_err = torch.where(near, err, torch.zeros_like(err)).amax(1)
+    assert bool((row_err <= bound).all()), float((row_err / bound).max())
+
+
+@pytest.mark.parametrize("offset", [-300.0, 300.0])
+def test_a_wrong_shift_is_rescued_per_row(offset):
+    # shifts 300 nats off: every entry overflows (-300) or underflows (+300) in float32;
+    # those rows are recomputed with their row maximum and the sums stay right
+    cond = _ordinary(600, 16, seed=14)
+    kernel = LogDensityKernel(cond, precision="float32", chunk_size=200)
+    t = kernel.sample(1, _gen(15))
+    diag = kernel.diagonal(t)
+    bad = diag.clone()
+    bad[0, 100:150] += offset  # 50 rows of the first block: under a quarter of it
+    bad[0, 200:] += offset  # every row of the later blocks
+    ref = textbook.broadcast_log_prob_matrix(cond, t[0])
+    ref[torch.arange(600), torch.arange(600)] = -math.inf
+    want = torch.logsumexp(ref, dim=1)
+    got = torch.empty(600, dtype=F64)
+    for sl, _src, _e, shift, loo in kernel.iter_exp_blocks(t, bad):
+        got[sl] = shift + torch.log(loo)
+    assert kernel.rescued_rows >= 50 + 200  # the 50, then the whole second block
+    assert not kernel._speculate  # more than a quarter of a block: speculation stops
+    assert float((got - want).abs().max()) <= kernel.mean_bound
+
+
+def test_well_separated_float32_rows_are_rescued_and_match_float64():
+    # 2-D grid, 15 sigma apart: every off-diagonal entry is over 100 nats below the
+    # diagonal, so the diagonal shift underflows every leave-one-out sum in float32
+    xy = torch.stack(torch.meshgrid(torch.arange(14.0), torch.arange(14.0), indexing="ij"), -1)
+    loc = 15.0 * (xy.reshape(-1, 2) - 6.5).to(F64)
+    cond = td.Independent(td.Normal(loc, 1.0), 1)
+    a = stochmi.mi_from_conditional(cond, seed=16, precision="float32")
+    f = stochmi.mi_from_conditional(cond, seed=16, precision="float64")
+    assert a.extra["rescued_rows"] > 0 and a.extra["blocks"] == {"float32": 1}
+    assert a.value == pytest.approx(math.log(196), abs=1e-9)
+    assert math.isfinite(a.upper) and a.upper > 100
+    assert abs(a.upper - f.upper) <= a.extra["precision_bound"]
+    assert abs(a.value - f.value) <= 1e-9
+
+
+def test_block_failing_the_bound_after_the_product_is_redone_in_float64(monkeypatch):
+    # the a-posteriori check (with the row sums) can send a block back to float64
+    monkeypatch.setattr(kmod, "AUTO_MIN_WORK", 0)
+    real = LogDensityKernel._bounds
+
+    def strict_after(self, fnorm, rho, s_abs, g_abs, tf32, window=None):
+        bound = real(self, fnorm, rho, s_abs, g_abs, tf32, window)
+        return bound * 1e6 if isinstance(g_abs, torch.Tensor) else bound
+
+    monkeypatch.setattr(LogDensityKernel, "_bounds", strict_after)
+    cond = _ordinary(300, 16, seed=17)
+    a = stochmi.mi_from_conditional(cond, seed=18, chunk_size=100)
+    f = stochmi.mi_from_conditional(cond, seed=18, chunk_size=100, precision="float64")
+    assert a.extra["blocks"] == {"float64": 3} and a.extra["precision_bound"] == 0.0
+    for x, y in zip(_fields(a), _fields(f)):
+        assert abs(x - y) <= 1e-12
