@@ -5,8 +5,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import stochmi
 
 ROOT = Path(stochmi.__file__).parent
@@ -175,12 +173,6 @@ def test_function_length_is_measured_without_the_docstring():
     assert _body_lines(fn) == 1
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 10: functions still being split in files of other steps (cells.run_cell, "
-    "config.parse_experiment, plots.plot_information_plane, estimation.layer_mi, "
-    "estimation._estimate_pairs, spec._validate)",
-)
 def test_no_function_longer_than_the_limit():
     """Every function in stochmi/ is at most MAX_FUNCTION_LINES long, docstring aside."""
     long = _long_functions()

@@ -11,28 +11,44 @@ The old estimator (``K`` forward paths per source, the query drawn from one of t
 biased up by roughly ``exp(I(T_{L-1}; T_L | S)) / K``.  Here every entry of the matrix
 ``L[j, i] = log p(t_j | s_i)`` is an unbiased importance-sampling estimate of the
 density (biased only through the logarithm, by ``-Var/2`` to first order), combined from
-two proposals by the balance heuristic (Veach & Guibas 1995):
+proposals by the balance heuristic (Veach & Guibas 1995):
 
 1. **Guided proposal** ``q_j``, one per query.  The path that produced ``t_j`` (the
-   anchor ``a``) is an exact draw from ``p(path | t_j, s_j)``.  Layers ``1 .. L-2`` are
-   drawn forward from the query's own source; the last intermediate layer ``t_{L-1}``
-   from the Gaussian that combines its conditional given the drawn parent with the last
-   link linearised at the anchor (Gauss-Newton: ``m_L(t) ~ m_L(a) + J (t - a)``), i.e. the
-   locally optimal proposal of sequential Monte Carlo with a linearised observation.
-   ``n_is`` draws from it serve *every* source ``i``: only ``p(t_1 | s_i)`` depends on
-   ``i``, so one layer-1 kernel row per draw is all a source costs.  For a linear-Gaussian
-   chain with one intermediate layer ``q_j`` is the exact posterior of source ``j``.
+   anchor ``a``) is an exact draw from ``p(path | t_j, s_j)``.  Every link is
+   linearised at the anchor (Gauss-Newton: ``m_k(t) ~ f_k + J_k (t - a_{k-1})``).
+   Backwards from the query this gives the linearised likelihood of ``t_j`` given each
+   intermediate layer, ``N(t_j - c_k; M_k t_k, R_k)`` with ``M_{L-1} = J_L``,
+   ``R_{L-1} = diag s_L^2``, ``M_k = M_{k+1} J_{k+1}`` and ``R_k = R_{k+1} + M_{k+1}
+   diag(s_{k+1}^2) M_{k+1}^T``.  Forwards from the query's own source, each layer is
+   drawn from its true conditional mean given the drawn parent combined with that
+   likelihood (Kalman form: one ``d_L x d_L`` factor per layer and query; Matheron
+   draws).  For a linear-Gaussian chain of any depth ``q_j`` is the exact posterior of
+   the path given ``t_j`` and ``s_j``.  ``n_is`` draws serve *every* source ``i``: only
+   ``p(t_1 | s_i)`` depends on ``i``, so one layer-1 kernel row per draw is all a source
+   costs.
 2. **Forward paths**: ``n_fwd`` fresh paths per source (independent of every query),
-   which cover sources whose posterior lies far from ``q_j`` (and layers that carry
-   little information about the query).
+   which cover sources whose posterior lies far from ``q_j``.  ``q_j`` at forward paths
+   is evaluated at all of them when the paths are short (intermediate widths summing to
+   at most 64) and otherwise at the query's own source's paths and the ``top_r`` paths
+   with the largest ``p_j(z) p(t_j | z)`` (``-inf`` elsewhere, which slightly
+   overweights forward paths that ``q_j`` would also have covered).
+3. **Bridged proposal** ``r_ji`` (``n_bridge`` draws per source, off by default;
+   :func:`stochmi.layer_mi` turns it on past its first round): ``q_j``'s construction
+   started from source ``i`` instead of ``s_j``, i.e. the linearised posterior of source
+   ``i``'s path.  When the sources are far apart at layer 1 and a layer carries much
+   more information about its parent than the chain does about the input (wide,
+   noisy-then-precise layers, networks early in training), neither ``q_j`` nor forward
+   paths reach the other sources' posteriors and ``p(t_j | s_i)`` is underestimated;
+   ``r_ji`` reaches them.  With it, the off-diagonal entries combine ``q_j`` and
+   ``r_ji`` (forward paths then serve the diagonal only).  It costs ``n_bridge * N``
+   paths per query, i.e. ``O(n_bridge N^2)`` link evaluations.
 
-For source ``i`` and a draw ``z`` from either proposal, the weight is
-``p_i(z) p(t_j | z) / (M q_j(z) + K p_i(z))`` with ``p_i(z) = p(t_1 | s_i) prod_k
-p(t_k | t_{k-1})``, ``M = n_is``, ``K = n_fwd``: every entry is an unbiased estimate of
-``p(t_j | s_i)``.  ``q_j`` at forward paths is evaluated at all of them when the last
-intermediate layer is narrow (``<= 32`` units) and otherwise at the ``top_r`` paths with
-the largest ``p_j(z) p(t_j | z)`` per query (``-inf`` elsewhere, which slightly
-overweights forward paths that ``q_j`` would also have covered).
+For source ``i`` and a draw ``z`` from either proposal of an entry, the weight is
+``p_i(z) p(t_j | z) / (M q_j(z) + K p_i(z))`` (``K r_ji(z)`` in place of ``K p_i(z)``
+with bridging) with ``p_i(z) = p(t_1 | s_i) prod_k p(t_k | t_{k-1})``: every entry is
+an unbiased estimate of ``p(t_j | s_i)``.  Where the network is strongly nonlinear
+over the posterior's spread (e.g. an untrained tanh MLP with noise 1), the
+linearisation is poor, the estimate does not settle and the caller flags the row.
 
 Bias direction: each density is unbiased, so ``log`` of it is biased low by about
 ``Var / (2 mean^2)``; the MI estimate ``mean_j (L[j,j] - logmeanexp_i L[j,i])`` takes
@@ -414,7 +430,9 @@ def deep_log_density(
     generator : torch.Generator
     top_r : int
         Forward paths per query at which ``q_j`` is evaluated when the path is longer
-        than 64 dimensions (all of them otherwise).
+        than 64 dimensions (all of them otherwise), besides the query's own source's.
+    n_bridge : int
+        Bridged draws per source (even, at most ``n_fwd``; 0: none).
     chunk_size : int, optional
         Queries per block (memory ``O(chunk * (n_is + n_fwd) * N)``).
     dtype : torch.dtype

@@ -120,6 +120,8 @@ def _path_group(chain: Chain, l: int) -> int | None:
 #: untrained noisy_mlp (sigma 1), where the off-diagonal densities are out of reach of
 #: both proposals, the median is 6-9; after training 14-18; on linear chains > 400.
 MIN_MARGINAL_ESS = 10.0
+# past the bridged round, effort stops growing when the bias shrinks less than this
+STALL_RATIO = 0.7
 
 
 @dataclass
@@ -200,7 +202,7 @@ class _Deep:
 
     def _run(self, a: int, b: int) -> dict:
         o = self.opts
-        effort = 1
+        effort, prev_bias = 1, math.inf
         while True:
             # past the first round, n_fwd / 8 paths per source are also bridged to t_j
             n_br = 0 if effort == 1 else o.n_fwd * effort // 8
@@ -218,7 +220,9 @@ class _Deep:
             )
             if ok or effort * 2 > o.max_effort:
                 break
-            effort *= 2
+            if effort > 1 and bias > STALL_RATIO * prev_bias:
+                break  # doubling the draws did not shrink the bias: more will not help
+            effort, prev_bias = effort * 2, bias
         return {
             "res": res,
             "full": full,
