@@ -382,12 +382,13 @@ class _Guided:
             layers.append(t)
         return layers, logq_rest, logq1, chain
 
-    def log_q_at(self, layers: list[torch.Tensor], priors: list[torch.Tensor]):
+    def log_q_at(self, layers: list[torch.Tensor], priors: list[torch.Tensor], bridged=False):
         """``log q_j`` at given paths ``(B, R, d_k)`` with parent means ``priors`` (the
-        first: the paths' own sources' means, replaced by the query's)."""
+        first: the paths' own sources' means, replaced by the query's); with
+        ``bridged``, ``log r_ji`` for the paths' own sources ``i`` instead."""
         b = len(self.rows)
-        own = self.pb.loc1[self.rows][:, None, :]
-        out = self.steps[0].logpdf(layers[0], self.steps[0].mean(own))
+        start = priors[0] if bridged else self.pb.loc1[self.rows][:, None, :]
+        out = self.steps[0].logpdf(layers[0], self.steps[0].mean(start))
         for k in range(1, len(self.steps)):
             out = out + self.steps[k].logpdf(layers[k], self.steps[k].mean(priors[k]))
         return out.reshape(b, -1)
@@ -509,6 +510,22 @@ def _pool_logq(pb, q: _Guided, pool: _Pool, rows, top_r):
     return logq, log_g
 
 
+def _bridged_at_pool(q: _Guided, pool: _Pool, b: int, n_paths: int) -> torch.Tensor:
+    """``log r_ji`` at the first ``n_paths`` forward paths (``i``: the path's own source):
+    ``(B, n_paths)``."""
+    out = torch.empty(b, n_paths, dtype=torch.float64, device=pool.own.device)
+    width = sum(t.shape[1] for t in pool.layers)
+    step = max(1, int(4e6 // max(1, b * width)))
+    for c in range(0, n_paths, step):
+        sl = slice(c, min(n_paths, c + step))
+        out[:, sl] = q.log_q_at(
+            [t[sl][None].expand(b, -1, -1) for t in pool.layers],
+            [p[sl][None].expand(b, -1, -1) for p in pool.priors],
+            bridged=True,
+        )
+    return out
+
+
 def _log_g(pb, rows, t_last: torch.Tensor) -> torch.Tensor:
     """``log p(t_j | t_{L-1})`` for paths ``(B, R, d)`` of each query: ``(B, R)``."""
     b, r = t_last.shape[0], t_last.shape[1]
@@ -569,6 +586,7 @@ def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r, n_br=0):
         mean1 = q.steps[0].mean(pb.loc1[None].expand(b, -1, -1))  # (B, N, d_1)
         r_at_q = lq_rest[:, :, None] + q.steps[0].cross(first, mean1)
         br = _bridge(pb, q, rows, n_br)
+        r_pool = _bridged_at_pool(q, pool, b, n_br * n).reshape(b, n_br, n)
     # the query's own source gets DIAG_FACTOR times the draws: they cost no kernel row
     logq_x, log_g_x, chain_x, first_x, _ = _draws(pb, q, rows, (_DIAG_FACTOR - 1) * n_is)
     lp_own_x = _row_gauss_logpdf(first_x, pb.loc1[rows][:, None], pb.scale1[rows][:, None])
@@ -583,12 +601,28 @@ def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r, n_br=0):
         g_pool = log_g_pool.reshape(b, n_fwd, n)[:, :k_used]
         q_pool = logq_pool.reshape(b, n_fwd, n)[:, :k_used]
         own = pool.own[:k_used][None]
-        if n_br:  # off the diagonal: balance of q_j (M draws) and r_ji (n_br per source)
+        if n_br:  # off the diagonal: balance of q_j (M draws), n_br forward paths and
+            # n_br bridged draws per source
             b_used = n_br // frac
             lb = math.log(b_used)
-            den = torch.logaddexp(lm + logq_is[:, :m_used, None], lb + r_at_q[:, :m_used])
+
+            def den3(lq, lp_, lr, lm=lm, lb=lb):
+                return torch.logsumexp(
+                    torch.stack(torch.broadcast_tensors(lm + lq, lb + lp_, lb + lr)), 0
+                )
+
+            den = den3(logq_is[:, :m_used, None], lp[:, :m_used], r_at_q[:, :m_used])
             lp_b, g_b, q_b, r_b = (t[:, :b_used] for t in br)  # (B, b_used, N)
-            other = lp_b + g_b - torch.logaddexp(lm + q_b, lb + r_b)
+            own_b = pool.own[:b_used][None]
+            other = torch.cat(
+                [
+                    lp_b + g_b - den3(q_b, lp_b, r_b),
+                    own_b
+                    + g_pool[:, :b_used]
+                    - den3(q_pool[:, :b_used], own_b, r_pool[:, :b_used]),
+                ],
+                1,
+            )
         else:  # off the diagonal: balance of q_j and the forward paths
             den = torch.logaddexp(lm + logq_is[:, :m_used, None], lk + lp[:, :m_used])
             other = own + g_pool - torch.logaddexp(lm + q_pool, lk + own)
