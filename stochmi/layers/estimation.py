@@ -205,7 +205,7 @@ class _Deep:
         effort, prev_bias = 1, math.inf
         while True:
             # past the first round, n_fwd / 8 paths per source are also bridged to t_j
-            n_br = 0 if effort == 1 else o.n_fwd * effort // 8
+            n_br = 0 if effort == 1 else max(2, 2 * (o.n_fwd * effort // 16))
             res = self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
             full, loo = mi_terms_from_log_density(res.L)
             half, _ = mi_terms_from_log_density(res.L_half)
