@@ -136,24 +136,26 @@ def _link_params(link: Link, parent: torch.Tensor) -> tuple[torch.Tensor, torch.
         return normal_params(link(parent))
 
 
-def _link_jacobian(link: Link, parent: torch.Tensor):
-    """Mean, scale and Jacobian ``d mean / d parent`` ``(B, d_out, d_in)`` of a link."""
+def _link_jacobian(link: Link, parent: torch.Tensor, rows: torch.Tensor | None = None):
+    """Mean, scale and Jacobian ``J = d mean / d parent`` ``(B, d_out, d_in)`` of a link,
+    or with ``rows`` ``(B, R, d_out)`` only ``rows @ J`` ``(B, R, d_in)`` (``R``
+    vector-Jacobian products instead of ``d_out``)."""
     p = parent.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         loc, scale = _normal_params_grad(link(p))
         if not loc.requires_grad:
             raise NotGaussianLink("the link's mean does not depend differentiably on its parent")
-        d_out = loc.shape[1]
-        eye = torch.eye(d_out, dtype=loc.dtype, device=loc.device)
-        grads = eye[:, None, :].expand(d_out, loc.shape[0], d_out)
+        if rows is None:
+            d_out = loc.shape[1]
+            eye = torch.eye(d_out, dtype=loc.dtype, device=loc.device)
+            grads = eye[:, None, :].expand(d_out, loc.shape[0], d_out)
+        else:
+            grads = rows.transpose(0, 1).to(loc.dtype)  # (R, B, d_out)
         try:
             (jac,) = torch.autograd.grad(loc, p, grad_outputs=grads, is_grads_batched=True)
-        except RuntimeError:  # an op without a batching rule: one backward pass per output
+        except RuntimeError:  # an op without a batching rule: one backward pass per row
             jac = torch.stack(
-                [
-                    torch.autograd.grad(loc[:, o].sum(), p, retain_graph=True)[0]
-                    for o in range(d_out)
-                ]
+                [torch.autograd.grad(loc, p, grad_outputs=g, retain_graph=True)[0] for g in grads]
             )
     return (
         loc.detach().to(torch.float64),
@@ -327,24 +329,23 @@ class _Guided:
     def __init__(self, pb: _Problem, rows: torch.Tensor, anchors: list[torch.Tensor]):
         self.pb, self.rows = pb, rows
         n_int = len(anchors)  # intermediate layers t_1 .. t_{L-1}
-        jac_out = [
-            _link_jacobian(pb.links[k], anchors[k][rows].to(pb.dtype)) for k in range(n_int)
-        ]  # link k+1 (t_k -> t_{k+1}) at the anchor: (f, s, J)
         a = [anchors[k][rows].to(torch.float64) for k in range(n_int)]
-        f, sig, jac = jac_out[-1]
+        f, sig, jac = _link_jacobian(pb.links[-1], anchors[-1][rows].to(pb.dtype))
         m = jac
         r = torch.diag_embed(sig.pow(2))
         y = pb.t[rows] - f + (jac @ a[-1][:, :, None])[:, :, 0]
         steps = [None] * n_int
         for k in range(n_int - 1, -1, -1):
-            s2 = (pb.scale1[rows] if k == 0 else jac_out[k - 1][1]).pow(2)
-            steps[k] = _Step(pb, s2, m, r, y)
-            if k > 0:
-                f_k, s_k, j_k = jac_out[k - 1]  # link into t_k, at the anchor's parent
-                y = y - (m @ (f_k - (j_k @ a[k - 1][:, :, None])[:, :, 0])[:, :, None])[:, :, 0]
-                ms = m * s_k.pow(2)[:, None, :]
-                r = r + ms @ m.transpose(1, 2)
-                m = m @ j_k
+            if k == 0:
+                steps[k] = _Step(pb, pb.scale1[rows].pow(2), m, r, y)
+                break
+            # link into t_k at the anchor's parent; only M J is needed (d_L pullbacks)
+            f_k, s_k, mj = _link_jacobian(pb.links[k - 1], anchors[k - 1][rows].to(pb.dtype), m)
+            steps[k] = _Step(pb, s_k.pow(2), m, r, y)
+            y = y - (m @ f_k[:, :, None])[:, :, 0] + (mj @ a[k - 1][:, :, None])[:, :, 0]
+            ms = m * s_k.pow(2)[:, None, :]
+            r = r + ms @ m.transpose(1, 2)
+            m = mj
         self.steps = steps
 
     def sample(self, m: int, start: torch.Tensor | None = None, zeta=None):
