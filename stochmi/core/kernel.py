@@ -102,6 +102,7 @@ DEFAULT_TOLERANCE = 1e-3
 #: "auto" uses float32 only from this many multiply-adds per draw (N * M * w)
 AUTO_MIN_WORK = 2**24
 _STEP_ELEMS = 2**23  # elements per step of the O(N d) passes (64 MiB of float64)
+_EXACT_DIST = "donot_use_mm_for_euclid_dist"  # torch.cdist from differences
 _WINDOW_MARGIN = 20.0  # the error bound covers entries within log M + 20 of a row's lse
 _LAMBDA = 5.0  # probabilistic rounding-error bound: lambda * sqrt(w) * u
 _U32 = 2.0**-24  # unit roundoff of float32
@@ -136,12 +137,15 @@ class GaussianMixture:
         ``"shared"``: one scale vector ``(d,)`` for every source and component;
         ``"iso"``: scale constant over dimensions but varying over sources;
         ``"diag"``: general per-source diagonal scales.
+    loc_sum : Tensor, shape (d,), optional
+        Sum of ``loc`` over sources and components (the finiteness check's by-product).
     """
 
     loc: torch.Tensor
     scale: torch.Tensor
     logw: torch.Tensor
     structure: str
+    loc_sum: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -251,7 +255,12 @@ def as_gaussian_mixture(cond: td.Distribution) -> GaussianMixture | None:
     # checks on the distinct values only: a broadcast (stride-0) scale, e.g. one sigma for
     # every source, is looked at once instead of N * d times
     compact = scale[tuple(slice(0, 1) if st == 0 else slice(None) for st in scale.stride())]
-    _check_finite(loc, "location")
+    # a finite column sum means finite locations (NaN and inf propagate); kept for the
+    # kernel's centring (one pass over loc for both)
+    loc_sum = loc.reshape(-1, loc.shape[-1]).sum(0)
+    if not bool(torch.isfinite(loc_sum).all()):
+        _check_finite(loc, "location")  # raises, unless a sum of finite values overflowed
+        loc_sum = None
     _check_finite(compact, "scale")
     _check_mixture_weights(cond)
     if (compact < 0).any():
@@ -268,7 +277,7 @@ def as_gaussian_mixture(cond: td.Distribution) -> GaussianMixture | None:
         structure = "iso"
     else:
         structure = "diag"
-    return GaussianMixture(loc, scale, logw.expand(loc.shape[:2]), structure)
+    return GaussianMixture(loc, scale, logw.expand(loc.shape[:2]), structure, loc_sum)
 
 
 def first_tensor(obj: object, floating: bool = False, _depth: int = 0) -> torch.Tensor | None:
@@ -374,7 +383,11 @@ class LogDensityKernel:
         if self.gauss is not None:
             g = self.gauss
             self.gauss = GaussianMixture(
-                g.loc.to(self.device), g.scale.to(self.device), g.logw.to(self.device), g.structure
+                g.loc.to(self.device),
+                g.scale.to(self.device),
+                g.logw.to(self.device),
+                g.structure,
+                g.loc_sum.to(self.device) if g.loc_sum is not None else None,
             )
             self._prepare_gaussian()
         elif is_delta(cond):
@@ -435,11 +448,14 @@ class LogDensityKernel:
         m = n * c
         mu = g.loc.reshape(m, d)
         sc = g.scale.reshape(m, d)
-        self._centre = mu.mean(0)
+        self._centre = g.loc_sum / m if g.loc_sum is not None else mu.mean(0)
         self._col_prec = None
+        self._sigma: float | None = None  # one scale for every source and dimension
         if g.structure == "shared":
             s = sc[0]
             self._inv_s = 1.0 / s
+            if bool((s == s[0]).all()):
+                self._sigma = float(s[0])
             self._centre_s = -self._centre * self._inv_s
             log_det = torch.log(s).sum().expand(m)
         elif g.structure == "iso":
@@ -503,6 +519,13 @@ class LogDensityKernel:
         g = self.gauss
         d = g.dim
         mu = g.loc.reshape(-1, d)[s0:s1]
+        if scratch and self._sigma is not None:
+            # one scale: |mu - c| from exact differences in one fused pass; the factors
+            # only feed the float32 product, so one FMA pass (error far below float32)
+            dist = torch.cdist(mu, self._centre[None], compute_mode=_EXACT_DIST).view(-1)
+            dist.div_(self._sigma)
+            torch.mul(dist, dist, out=quad)
+            return torch.addcmul(self._centre_s, mu, self._inv_s, out=self._scratch(s1 - s0, d))
         if scratch:
             mu_p = torch.sub(mu, self._centre, out=self._scratch(s1 - s0, d))
         else:
@@ -585,6 +608,13 @@ class LogDensityKernel:
         tt = t.to(torch.float64).reshape(r, n, d)
         loc, scale = g.loc[:, 0], g.scale[:, 0]
         out = torch.empty(r, n, dtype=torch.float64, device=tt.device)
+        if self._sigma is not None or g.structure == "iso":
+            # one scale per source: |t - mu| / s from exact differences, one fused pass
+            sig = self._sigma if self._sigma is not None else scale[:, 0]
+            for ri in range(r):
+                torch.div(_row_dist(tt[ri], loc), sig, out=out[ri])
+            out.mul_(out).mul_(-0.5).sub_(self._log_det[:, 0]).sub_(0.5 * d * _LOG_2PI)
+            return out.add_(g.logw[:, 0])
         step = max(1, _STEP_ELEMS // d)
         for ri in range(r):
             for s0 in range(0, n, step):
@@ -971,6 +1001,16 @@ def _log_abs_bound(x: torch.Tensor) -> torch.Tensor:
     mant, expo = torch.frexp(x)  # x = mant * 2^expo, mant in [0.5, 1)
     out = (expo.abs().to(torch.float64) + 1.0) * math.log(2.0)
     return torch.where((x > 0) & ~torch.isinf(x), out, torch.full_like(out, math.inf))
+
+
+def _row_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``|x_i - y_i|`` for matching rows of two ``(n, d)`` float64 matrices, from exact
+    differences (no ``|x|^2 + |y|^2 - 2 x.y``), in one pass without a temporary."""
+    n = x.shape[0]
+    if n == 0:
+        return x.new_zeros(0)
+    d = torch.cdist(x[:, None], y[:, None], compute_mode=_EXACT_DIST)
+    return d.view(n)
 
 
 def _sq_norms(x: torch.Tensor) -> torch.Tensor:
