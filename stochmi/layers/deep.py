@@ -75,7 +75,7 @@ from stochmi.core.kernel import as_gaussian_mixture
 __all__ = ["DeepLogDensity", "NotGaussianLink", "deep_log_density", "normal_params"]
 
 _LOG2PI = math.log(2 * math.pi)
-_DIAG_FACTOR = 8  # draws for the query's own source, as a multiple of n_is
+_DIAG_FACTOR = 4  # draws for the query's own source, as a multiple of n_is
 _FULL_Q_DIM = 64  # total path width up to which q_j is evaluated at every forward path
 
 
