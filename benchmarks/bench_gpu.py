@@ -11,16 +11,20 @@ same cases as ``bench_core.py``: a Gaussian channel ``p(t | s_i) = N(mu_i, sigma
   bracket and standard errors, default ``precision="auto"``;
 * ``f64 est``: the same with ``precision="float64"``.
 
-It prints one markdown table (times in seconds, ratios against the float32 floor, which
-blocks ran in which precision, and the difference of the value and the upper bound from
-the float64 estimate) with the load average before and after each case.  Nothing here is
-a test; no test needs a GPU.
+It prints one markdown table (times in seconds, ratios against the float32 floor -- best
+of the repeats and median --, which blocks ran in which precision and how many rows had
+their row shift redone, and the difference of the value and the upper bound from the
+float64 estimate) with the load average before and after each case.  ``--breakdown``
+adds, for the largest case, where the time of one estimate goes (``torch.profiler``, self
+time per op, against the float32 floor).  Nothing here is a test; no test needs a GPU.
 
 Usage::
 
     python benchmarks/bench_gpu.py                         # CUDA if present, else CPU
     python benchmarks/bench_gpu.py --device cpu --threads 2 --sizes 1000 4000 10000 \
         --dims 64 256 1024 --repeats 3
+    python benchmarks/bench_gpu.py --device cpu --threads 2 --sizes 10000 --dims 1024 \
+        --repeats 5 --breakdown
 """
 
 from __future__ import annotations
@@ -103,6 +107,8 @@ def run_case(n: int, d: int, device, repeats: int) -> dict:
         f32=min(t32),
         tf32=min(ttf) if ttf else None,
         auto=min(t_auto),
+        ratio_med=_median(t_auto) / _median(t32),
+        rescued=est.extra.get("rescued_rows", 0),
         est64=min(t64),
         blocks=est.extra["blocks"],
         bound=est.extra["precision_bound"],
@@ -115,22 +121,77 @@ def run_case(n: int, d: int, device, repeats: int) -> dict:
     return res
 
 
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    k = len(ys) // 2
+    return ys[k] if len(ys) % 2 else 0.5 * (ys[k - 1] + ys[k])
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| N | d | f32 floor | tf32 floor | f64 floor | auto | f64 est | auto / f32 "
-        "| f64 est / f32 | blocks | bound | abs dvalue | abs dupper | value ± se "
-        "| load before; after |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "| auto / f32 (median) | f64 est / f32 | blocks | bound | abs dvalue | abs dupper "
+        "| value ± se | load before; after |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         tf = f"{r['tf32']:.3g}" if r["tf32"] is not None else "-"
         blocks = ", ".join(f"{k} {v}" for k, v in r["blocks"].items())
+        if r["rescued"]:
+            blocks += f" ({r['rescued']} rows reshifted)"
         lines.append(
             f"| {r['n']} | {r['d']} | {r['f32']:.3g} | {tf} | {r['f64']:.3g} | {r['auto']:.3g} "
-            f"| {r['est64']:.3g} | {r['auto'] / r['f32']:.2f} | {r['est64'] / r['f32']:.2f} "
-            f"| {blocks} | {r['bound']:.1e} | {r['dvalue']:.1e} | {r['dupper']:.1e} "
-            f"| {r['value']:.4f} ± {r['stderr']:.4f} | {r['load_before']}; {r['load_after']} |"
+            f"| {r['est64']:.3g} | {r['auto'] / r['f32']:.2f} | {r['ratio_med']:.2f} "
+            f"| {r['est64'] / r['f32']:.2f} | {blocks} | {r['bound']:.1e} | {r['dvalue']:.1e} "
+            f"| {r['dupper']:.1e} | {r['value']:.4f} ± {r['stderr']:.4f} "
+            f"| {r['load_before']}; {r['load_after']} |"
         )
+    return "\n".join(lines)
+
+
+def breakdown(n: int, d: int, device, top: int = 14) -> str:
+    """Self time per torch op of one estimate (``torch.profiler``), against the floor."""
+    import torch
+    from torch import distributions as td
+    from torch.profiler import ProfilerActivity, profile
+
+    import stochmi
+
+    cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(1234)
+    loc = torch.randn(n, d, generator=gen, dtype=torch.float64).to(device)
+    cond = td.Independent(td.Normal(loc, 0.5 * math.sqrt(d)), 1)
+    a32, b32 = loc.float(), loc.T.contiguous().float()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    stochmi.mi_from_conditional(cond, seed=0)  # warm-up
+    floor = _best(lambda: a32 @ b32, sync, 3)[0]
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        stochmi.mi_from_conditional(cond, seed=0)
+        sync()
+        wall = time.perf_counter() - t0
+    floor_after = _best(lambda: a32 @ b32, sync, 3)[0]
+    floor = min(floor, floor_after)
+    evs = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    lines = [
+        f"N = {n}, d = {d}: estimate {wall:.3f} s under the profiler, float32 floor "
+        f"{floor:.3f} s (ratio {wall / floor:.2f}); load {_load()}",
+        "",
+        "| op | calls | self time (s) | / f32 floor |",
+        "|---|---:|---:|---:|",
+    ]
+    shown = 0.0
+    for e in evs[:top]:
+        sec = e.self_cpu_time_total / 1e6
+        shown += sec
+        lines.append(f"| {e.key} | {e.count} | {sec:.3f} | {sec / floor:.2f} |")
+    rest = sum(e.self_cpu_time_total for e in evs[top:]) / 1e6
+    lines.append(f"| (other ops) | | {rest:.3f} | {rest / floor:.2f} |")
     return "\n".join(lines)
 
 
@@ -141,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dims", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument(
+        "--breakdown", action="store_true", help="profile one estimate of the largest case"
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -164,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))
+    if args.breakdown:
+        print()
+        print(breakdown(max(args.sizes), max(args.dims), dev))
     return 0
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import distributions as td
 
 from stochmi.core.estimate import MIEstimate
-from stochmi.core.kernel import LogDensityKernel
+from stochmi.core.kernel import LogDensityKernel, first_tensor
 from stochmi.core.rng import make_generator
 
 __all__ = ["mi_from_conditional", "mi_with_labels", "make_generator"]
@@ -57,6 +57,14 @@ def _validate(cond: object, n_draws: int) -> int:
     if n < 2:
         raise ValueError(f"mutual information needs at least two source values, got N = {n}")
     return n
+
+
+def _device(cond: td.Distribution, device: torch.device | str | None) -> torch.device:
+    """Where the kernel will run: ``device``, else the conditional's."""
+    if device is not None:
+        return torch.device(device)
+    t = first_tensor(cond)
+    return t.device if t is not None else torch.device("cpu")
 
 
 def _mean_se(terms: torch.Tensor) -> tuple[float, float]:
@@ -235,8 +243,10 @@ def mi_from_conditional(
         or a conditional without density (zero noise), which has infinite MI.
     """
     n = _validate(cond, n_draws)
-    kernel = LogDensityKernel(cond, chunk_size=chunk_size, device=device, precision=precision)
-    gen, used_seed = make_generator(seed, kernel.device)
+    gen, used_seed = make_generator(seed, _device(cond, device))
+    kernel = LogDensityKernel(
+        cond, chunk_size=chunk_size, device=device, precision=precision, prefetch=(n_draws, gen)
+    )
     if path_group is not None and not kernel.is_gaussian:
         raise ValueError("path_group needs a Gaussian (mixture) conditional")
     p = _Pass(kernel, n_draws, gen, group=path_group)
@@ -335,9 +345,11 @@ def mi_with_labels(
         )
     if y.is_floating_point() or y.is_complex():
         raise TypeError("labels must be an integer tensor")
-    kernel = LogDensityKernel(cond, chunk_size=chunk_size, device=device, precision=precision)
+    gen, used_seed = make_generator(seed, _device(cond, device))
+    kernel = LogDensityKernel(
+        cond, chunk_size=chunk_size, device=device, precision=precision, prefetch=(n_draws, gen)
+    )
     y = y.to(kernel.device).long()
-    gen, used_seed = make_generator(seed, kernel.device)
     p = _Pass(kernel, n_draws, gen, labels=y)
     counts = torch.bincount(p.class_of, minlength=p.n_classes).to(torch.float64)
     yrow = p.class_of.repeat(n_draws)

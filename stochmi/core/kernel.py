@@ -102,6 +102,7 @@ DEFAULT_TOLERANCE = 1e-3
 #: "auto" uses float32 only from this many multiply-adds per draw (N * M * w)
 AUTO_MIN_WORK = 2**24
 _STEP_ELEMS = 2**23  # elements per step of the O(N d) passes (64 MiB of float64)
+_PREFETCH = True  # draw the normals on a second thread during the set-up (CPU)
 _EXACT_DIST = "donot_use_mm_for_euclid_dist"  # torch.cdist from differences
 _WINDOW_MARGIN = 20.0  # the error bound covers entries within log M + 20 of a row's lse
 _LAMBDA = 5.0  # probabilistic rounding-error bound: lambda * sqrt(w) * u
@@ -169,9 +170,12 @@ class GaussianMixture:
         return self.sample_with_components(n_draws, generator)[0]
 
     def sample_with_components(
-        self, n_draws: int, generator: torch.Generator
+        self, n_draws: int, generator: torch.Generator, eps: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples ``(n_draws, N, d)`` and the component each came from ``(n_draws, N)``."""
+        """Samples ``(n_draws, N, d)`` and the component each came from ``(n_draws, N)``.
+
+        ``eps`` (one component only): the standard normals ``randn((n_draws, N, d))``
+        already drawn with ``generator`` (see :func:`draw_normals`), overwritten."""
         n, c, d = self.loc.shape
         dev = self.loc.device
         if c == 1:
@@ -179,9 +183,8 @@ class GaussianMixture:
             # scale): the same normals and, in place, the same rounding (an addcmul would
             # fuse into an FMA and change the last bit)
             comp = torch.zeros(n_draws, n, dtype=torch.long, device=dev)
-            eps = torch.randn(
-                (n_draws, n, d), generator=generator, dtype=self.loc.dtype, device=dev
-            )
+            if eps is None:
+                eps = draw_normals(self, n_draws, generator)
             loc, scale = self.loc[:, 0], self.scale[:, 0]
             step = max(1, _STEP_ELEMS // d)  # both passes on one cache-sized piece
             for r in range(n_draws):
@@ -197,6 +200,46 @@ class GaussianMixture:
         scale = self.scale[idx, comp]
         eps = torch.randn(loc.shape, generator=generator, dtype=loc.dtype, device=dev)
         return loc + scale * eps, comp
+
+
+def draw_normals(g: GaussianMixture, n_draws: int, generator: torch.Generator) -> torch.Tensor:
+    """The standard normals of :meth:`GaussianMixture.sample_with_components` (one
+    component): ``randn((n_draws, N, d))`` in the locations' dtype and device."""
+    n, _, d = g.loc.shape
+    return torch.randn(
+        (n_draws, n, d), generator=generator, dtype=g.loc.dtype, device=g.loc.device
+    )
+
+
+class _Prefetch:
+    """:func:`draw_normals` on a background thread.
+
+    torch's CPU normal generator is serial (one core, about a quarter of a float32
+    ``N x d x N`` product at N = 10,000, d = 1,024 on 2 cores); drawn while the kernel
+    sets up its column factors, it uses the other core.  Same generator, same calls,
+    same numbers; the generator must not be used elsewhere until :meth:`result`."""
+
+    def __init__(self, g: GaussianMixture, n_draws: int, generator: torch.Generator) -> None:
+        import threading
+
+        self.n_draws, self.generator = n_draws, generator
+        self._out: list = []
+
+        def run() -> None:
+            try:
+                self._out.append(draw_normals(g, n_draws, generator))
+            except BaseException as exc:  # re-raised in result()
+                self._out.append(exc)
+
+        self._thread = threading.Thread(target=run, name="stochmi-draws", daemon=True)
+        self._thread.start()
+
+    def result(self) -> torch.Tensor:
+        self._thread.join()
+        out = self._out[0]
+        if isinstance(out, BaseException):
+            raise out
+        return out
 
 
 def is_delta(d: td.Distribution) -> bool:
@@ -357,6 +400,7 @@ class LogDensityKernel:
         device: torch.device | str | None = None,
         precision: str = "auto",
         tolerance: float = DEFAULT_TOLERANCE,
+        prefetch: tuple[int, torch.Generator] | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -389,7 +433,20 @@ class LogDensityKernel:
                 g.structure,
                 g.loc_sum.to(self.device) if g.loc_sum is not None else None,
             )
-            self._prepare_gaussian()
+            self._prefetch: _Prefetch | None = None
+            if (
+                prefetch is not None
+                and _PREFETCH
+                and self.gauss.n_components == 1
+                and self.device.type == "cpu"
+            ):
+                self._prefetch = _Prefetch(self.gauss, *prefetch)
+            try:
+                self._prepare_gaussian()
+            except BaseException:
+                if self._prefetch is not None:
+                    self._prefetch._thread.join()
+                raise
         elif is_delta(cond):
             raise DeterministicLayerError(DETERMINISTIC_MESSAGE)
         else:
@@ -566,7 +623,13 @@ class LogDensityKernel:
         ``generator``, so the caller's global RNG state is untouched.
         """
         if self.gauss is not None:
-            t, self.components = self.gauss.sample_with_components(n_draws, generator)
+            eps, pre = None, self._prefetch
+            if pre is not None:  # joined whatever the request: it may share the generator
+                self._prefetch = None
+                drawn = pre.result()
+                if pre.n_draws == n_draws and pre.generator is generator:
+                    eps = drawn
+            t, self.components = self.gauss.sample_with_components(n_draws, generator, eps)
             if len(self.cond.event_shape) == 0:
                 t = t.squeeze(-1)
             return t

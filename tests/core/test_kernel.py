@@ -369,3 +369,30 @@ def test_negative_scale_is_reported_as_negative(event):
         stochmi.mi_from_conditional(cond, seed=0)
     assert not isinstance(info.value, DeterministicLayerError)
     assert "point mass" not in str(info.value) and "-0.5" in str(info.value)
+
+
+def test_prefetched_draws_are_the_same_numbers():
+    # the normals drawn on a second thread during the set-up: same generator, same calls
+    cond = _structures()["per_dim"][0]
+    g1, g2 = _gen(17), _gen(17)
+    plain = LogDensityKernel(cond).sample(3, g1)
+    kernel = LogDensityKernel(cond, prefetch=(3, g2))
+    assert kernel._prefetch is not None
+    assert torch.equal(kernel.sample(3, g2), plain)
+    assert kernel._prefetch is None
+    # the generators are in the same state afterwards
+    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+    # a different request than the prefetched one draws afresh (and joins the thread)
+    g3 = _gen(17)
+    other = LogDensityKernel(cond, prefetch=(2, g3))
+    assert torch.equal(other.sample(3, _gen(17)), plain)
+
+
+def test_estimates_do_not_depend_on_prefetching(monkeypatch):
+    from stochmi.core import kernel as kmod
+
+    cond = _structures()["shared_scalar"][0]
+    a = stochmi.mi_from_conditional(cond, n_draws=2, seed=3)
+    monkeypatch.setattr(kmod, "_PREFETCH", False)
+    b = stochmi.mi_from_conditional(cond, n_draws=2, seed=3)
+    assert (a.value, a.stderr, a.upper) == (b.value, b.stderr, b.upper)
