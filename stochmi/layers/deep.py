@@ -33,7 +33,8 @@ proposals by the balance heuristic (Veach & Guibas 1995):
    with the largest ``p_j(z) p(t_j | z)`` (``-inf`` elsewhere, which slightly
    overweights forward paths that ``q_j`` would also have covered).
 3. **Bridged proposal** ``r_ji`` (``n_bridge`` draws per source, off by default;
-   :func:`stochmi.layer_mi` turns it on past its first round): ``q_j``'s construction
+   :func:`stochmi.layer_mi` turns it on from its second round when the first round's
+   marginal effective sample size is below 10): ``q_j``'s construction
    started from source ``i`` instead of ``s_j``, i.e. the linearised posterior of source
    ``i``'s path.  When the sources are far apart at layer 1 and a layer carries much
    more information about its parent than the chain does about the input (wide,

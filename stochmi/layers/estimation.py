@@ -120,8 +120,6 @@ def _path_group(chain: Chain, l: int) -> int | None:
 #: untrained noisy_mlp (sigma 1), where the off-diagonal densities are out of reach of
 #: both proposals, the median is 6-9; after training 14-18; on linear chains > 400.
 MIN_MARGINAL_ESS = 10.0
-# past the bridged round, effort stops growing when the bias shrinks less than this
-STALL_RATIO = 0.7
 
 
 @dataclass
@@ -202,10 +200,11 @@ class _Deep:
 
     def _run(self, a: int, b: int) -> dict:
         o = self.opts
-        effort, prev_bias = 1, math.inf
+        effort, bridge = 1, False
         while True:
-            # past the first round, n_fwd / 8 paths per source are also bridged to t_j
-            n_br = 0 if effort == 1 else max(2, 2 * (o.n_fwd * effort // 16))
+            # bridged draws (n_fwd / 8 per source at twice the effort) only where the first
+            # round showed that the off-diagonal densities rest on a handful of draws
+            n_br = max(2, 2 * (o.n_fwd * effort // 16)) if bridge else 0
             res = self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
             full, loo = mi_terms_from_log_density(res.L)
             half, _ = mi_terms_from_log_density(res.L_half)
@@ -220,9 +219,8 @@ class _Deep:
             )
             if ok or effort * 2 > o.max_effort:
                 break
-            if effort > 1 and bias > STALL_RATIO * prev_bias:
-                break  # doubling the draws did not shrink the bias: more will not help
-            effort, prev_bias = effort * 2, bias
+            bridge = bridge or marg_ess < MIN_MARGINAL_ESS
+            effort *= 2
         return {
             "res": res,
             "full": full,
