@@ -220,9 +220,11 @@ def mi_from_conditional(
         Arithmetic of the pairwise cross term (Gaussian fast path).  ``"auto"``
         computes a block in float32 (TF32 on CUDA) when a rounding-error bound
         keeps its error on the estimate below 1e-3 nats, float64 otherwise (e.g.
-        large activations with tiny noise); reductions are float64 throughout.
-        ``extra`` records ``precision``, ``blocks`` (counts per arithmetic) and
-        ``precision_bound`` (bound on the error the float32 blocks add, nats).
+        large activations with tiny noise).  A float32 block is exponentiated and
+        summed per row in float32 (inside the bound); the logs and every later
+        reduction are float64.  ``extra`` records ``precision``, ``blocks`` (counts
+        per arithmetic), ``precision_bound`` (bound on the error the float32 blocks
+        add, nats) and ``rescued_rows`` (rows whose float32 row shift was redone).
 
     Returns
     -------

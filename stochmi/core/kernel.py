@@ -384,12 +384,18 @@ class LogDensityKernel:
     device : torch.device or str, optional
         Where the work runs (defaults to the conditional's device).
     precision : {"auto", "float64", "float32"}
-        Arithmetic of the cross-term product in :meth:`shifted_block` (Gaussian path):
+        Arithmetic of the blocks of :meth:`iter_exp_blocks` and :meth:`shifted_block`
+        (Gaussian path):
         ``"auto"`` uses float32 (TF32 on CUDA) per block where the rounding-error bound
         is below ``tolerance`` and the problem is large enough to gain, float64
         elsewhere; ``"float32"`` forces float32; ``"float64"`` never uses it.
     tolerance : float, default 1e-3
         Bound (nats) on the mean row error a float32 block may carry.
+    prefetch : (int, torch.Generator), optional
+        ``(n_draws, generator)`` of the coming :meth:`sample` call: the standard normals
+        are then drawn on a second thread while the set-up runs (one-component Gaussian
+        conditionals on the CPU; the same numbers, from the same generator, which must
+        not be used elsewhere until :meth:`sample`).
     """
 
     def __init__(
