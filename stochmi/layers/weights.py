@@ -768,7 +768,14 @@ def _chain_rule(model, x, guide, layers, df, seed) -> pd.DataFrame | None:
         return None
     g = guide
     if guide is not None and (isinstance(guide, Mapping) or hasattr(guide, "posterior")):
-        g = _SampleGuide(_as_sample_dict(guide))
+        # one draw per leading index: (chains, draws, ...) flattened to (S, ...)
+        ref = _trace(model, x[:2], 0)
+        g = _SampleGuide(
+            {
+                k: v.reshape(-1, *ref.nodes[k]["value"].shape) if k in ref.nodes else v
+                for k, v in _as_sample_dict(guide).items()
+            }
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
