@@ -4,7 +4,7 @@ Cases with exact truths (population MI from closed forms or a fine grid), then t
 trained ``noisy_mlp`` (sigma = 1) against a brute-force nested Monte Carlo reference and
 timed on 2,000 shared test images.  Prints markdown tables.
 
-    python benchmarks/bench_deep.py            # everything (~20-30 min on 2 cores)
+    python benchmarks/bench_deep.py            # everything (~30-40 min on 2 cores; truths at N = 3,000 as in issue 9)
     python benchmarks/bench_deep.py --quick    # truths only, smaller N
 """
 
@@ -232,7 +232,7 @@ def main() -> None:
     if args.wide:
         wide_table(300)
         return
-    truths_table(1000 if args.quick else 2000)
+    truths_table(1000 if args.quick else 3000)
     wide_table(300)
     if not args.quick:
         mlp_tables(300, 2000, 4096)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import resource
 import subprocess
@@ -47,7 +48,7 @@ def _checkpoint(sigma: float, epochs: int, seed: int) -> Path:
     return path
 
 
-def _case(ckpt: str, n: int, seed: int, n_paths: int) -> dict:
+def _case(ckpt: str, n: int, seed: int, n_paths: int | None) -> dict:
     import torch
 
     import stochmi
@@ -59,24 +60,33 @@ def _case(ckpt: str, n: int, seed: int, n_paths: int) -> dict:
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
-    df = stochmi.layer_mi(model, test.x, test.y, guide=guide, seed=seed, n_paths=n_paths)
+    kw = {} if n_paths is None else {"n_paths": n_paths}
+    df = stochmi.layer_mi(model, test.x, test.y, guide=guide, seed=seed, **kw)
     prof.disable()
     wall = time.perf_counter() - t0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     stats = pstats.Stats(prof)
-    core = 0.0
+    core = deep = 0.0
     for (fname, _, func), (_, _, _, ct, _) in stats.stats.items():
-        if fname.endswith("stochmi/core.py") and func in ("mi_from_conditional", "mi_with_labels"):
+        if fname.endswith("stochmi/core/estimator.py") and func in (
+            "mi_from_conditional",
+            "mi_with_labels",
+        ):
             core += ct
+        if fname.endswith("stochmi/layers/deep.py") and func == "deep_log_density":
+            deep += ct
+    cols = ["source", "target", "value", "stderr", "lower", "upper", "converged", "mc_bias"]
     return {
         "n": n,
         "sigma": float(spec.get("noise.sigma")),
         "seconds": wall,
         "core_seconds": core,
+        "deep_seconds": deep,
+        "load": os.getloadavg()[0],
         "peak_rss_mb": rss1 / 1024,
         "extra_rss_mb": (rss1 - rss0) / 1024,
         "dpi_violations": len(df.attrs["dpi"]),
-        "table": df[["source", "target", "value", "stderr", "lower", "upper"]].to_dict("records"),
+        "table": df[cols].to_dict("records"),
         "source": test.source,
     }
 
@@ -86,7 +96,9 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000])
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.3])
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--paths", type=int, default=8)
+    ap.add_argument(
+        "--paths", type=int, default=None, help="n_paths of layer_mi (default: its own default)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="N=500, 1 epoch")
     ap.add_argument("--case", nargs=2, metavar=("CKPT", "N"), help=argparse.SUPPRESS)
@@ -109,34 +121,37 @@ def main(argv=None) -> None:
                     str(n),
                     "--seed",
                     str(a.seed),
-                    "--paths",
-                    str(a.paths),
-                ],
+                ]
+                + ([] if a.paths is None else ["--paths", str(a.paths)]),
                 check=True,
                 capture_output=True,
                 text=True,
             )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"layer_mi, noisy_mlp trained {a.epochs} epochs, all default pairs, K = {a.paths} paths")
+    k = "defaults" if a.paths is None else f"n_paths = {a.paths}"
+    print(f"layer_mi, noisy_mlp trained {a.epochs} epochs, all default pairs, {k}")
     print(
-        f"{'sigma':>6} {'N':>6} {'total s':>8} {'core s':>7} {'core %':>6} "
-        f"{'peak RSS MB':>11} {'DPI breaks':>10}"
+        f"{'sigma':>6} {'N':>6} {'total s':>8} {'core s':>7} {'deep s':>7} "
+        f"{'peak RSS MB':>11} {'DPI breaks':>10} {'load':>5}"
     )
     for r in rows:
         print(
             f"{r['sigma']:>6} {r['n']:>6} {r['seconds']:>8.1f} {r['core_seconds']:>7.1f} "
-            f"{100 * r['core_seconds'] / r['seconds']:>6.0f} {r['peak_rss_mb']:>11.0f} "
-            f"{r['dpi_violations']:>10}"
+            f"{r['deep_seconds']:>7.1f} {r['peak_rss_mb']:>11.0f} "
+            f"{r['dpi_violations']:>10} {r['load']:>5.1f}"
         )
     print()
     for r in rows:
         print(f"sigma={r['sigma']} N={r['n']} ({r['source']})")
-        print(f"  {'pair':<10} {'value':>7} {'stderr':>7} {'lower':>7} {'upper':>7}")
+        print(
+            f"  {'pair':<10} {'value':>7} {'stderr':>7} {'lower':>7} {'upper':>7} "
+            f"{'mc_bias':>7} converged"
+        )
         for t in r["table"]:
             pair = f"{t['source']}->{t['target']}"
             print(
                 f"  {pair:<10} {t['value']:>7.3f} {t['stderr']:>7.3f} {t['lower']:>7.3f} "
-                f"{t['upper']:>7.3f}"
+                f"{t['upper']:>7.3f} {t['mc_bias']:>7.3f} {t['converged']}"
             )
 
 

@@ -281,10 +281,19 @@ class _Step:
         self.d = s2.shape[1]
         self.norm = 0.5 * self.logdet_cov + 0.5 * self.d * _LOG2PI  # (B,)
 
-    def mean(self, prior_loc: torch.Tensor) -> torch.Tensor:
-        """``m + (y - M m) K^T`` for parent means ``(B, R, d)``."""
-        innov = self.y[:, None, :] - prior_loc @ self.m.transpose(1, 2)
-        return prior_loc + innov @ self.gain_t
+    def mean(self, prior_loc: torch.Tensor, tq=None, idx=None) -> torch.Tensor:
+        """``m + (y - M m) K^T`` for parent means ``(B, R, d)``; with ``idx`` only the
+        rows ``idx`` of this step (``B = len(idx)``), with ``tq`` (``(B or 1, R, d_L)``)
+        the observation ``y + tq`` (a step built with zero queries, :class:`_Bridge`)."""
+        m, g, y = (
+            (self.m, self.gain_t, self.y)
+            if idx is None
+            else (self.m[idx], self.gain_t[idx], self.y[idx])
+        )
+        innov = y[:, None, :] - prior_loc @ m.transpose(1, 2)
+        if tq is not None:
+            innov = innov + tq
+        return prior_loc + innov @ g
 
     def logpdf(self, t: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         r = t - mean
@@ -327,14 +336,15 @@ class _Guided:
     the bridged proposal ``r_ji``.
     """
 
-    def __init__(self, pb: _Problem, rows: torch.Tensor, anchors: list[torch.Tensor]):
+    def __init__(self, pb: _Problem, rows: torch.Tensor, anchors: list[torch.Tensor], tq=None):
         self.pb, self.rows = pb, rows
         n_int = len(anchors)  # intermediate layers t_1 .. t_{L-1}
         a = [anchors[k][rows].to(torch.float64) for k in range(n_int)]
         f, sig, jac = _link_jacobian(pb.links[-1], anchors[-1][rows].to(pb.dtype))
         m = jac
         r = torch.diag_embed(sig.pow(2))
-        y = pb.t[rows] - f + (jac @ a[-1][:, :, None])[:, :, 0]
+        tq = pb.t[rows] if tq is None else tq
+        y = tq - f + (jac @ a[-1][:, :, None])[:, :, 0]
         steps = [None] * n_int
         for k in range(n_int - 1, -1, -1):
             if k == 0:
@@ -349,47 +359,29 @@ class _Guided:
             m = mj
         self.steps = steps
 
-    def sample(self, m: int, start: torch.Tensor | None = None, zeta=None):
-        """``m`` paths per query starting from the sources' first-layer means ``start``
-        (``(B, S, d_1)``, default the query's own source, ``S = 1``), shared noise
-        ``zeta[k]`` ``(B, m, d_k)`` if given.
-
-        Returns the layers (each ``(B, S*m, d)``), ``log q`` of the steps after the first
-        and of the first (``(B, S*m)`` each), the link log densities inside the path and
-        the first layer's values.
-        """
+    def sample(self, m: int):
+        """``m`` paths per query from ``q_j``: the layers (each ``(B, m, d_k)``), ``log q``
+        and the link log densities inside the path (``(B, m)`` each)."""
         pb, b = self.pb, len(self.rows)
-        if start is None:
-            start = pb.loc1[self.rows][:, None, :]
-        n_s = start.shape[1]
-
-        def noise(k):
-            z = zeta[k] if zeta is not None else self.steps[k].noise((b, m))
-            return z[:, :, None, :].expand(b, m, n_s, -1).reshape(b, m * n_s, -1)
-
-        mean1 = self.steps[0].mean(start)  # (B, S, d_1)
-        mean1 = mean1[:, None].expand(b, m, n_s, -1).reshape(b, m * n_s, -1)
-        t = mean1 + noise(0)
+        mean = self.steps[0].mean(pb.loc1[self.rows][:, None, :]).expand(b, m, -1)
+        t = mean + self.steps[0].noise((b, m))
         layers = [t]
-        logq1 = self.steps[0].logpdf(t, mean1)
-        logq_rest = torch.zeros_like(logq1)
-        chain = torch.zeros_like(logq1)
+        logq = self.steps[0].logpdf(t, mean)
+        chain = torch.zeros_like(logq)
         for k in range(1, len(self.steps)):
-            loc, scale = pb.call(k - 1, t.reshape(b * m * n_s, -1))
-            loc, scale = loc.reshape(b, m * n_s, -1), scale.reshape(b, m * n_s, -1)
+            loc, scale = (v.reshape(b, m, -1) for v in pb.call(k - 1, t.reshape(b * m, -1)))
             mean = self.steps[k].mean(loc)
-            t = mean + noise(k)
-            logq_rest = logq_rest + self.steps[k].logpdf(t, mean)
+            t = mean + self.steps[k].noise((b, m))
+            logq = logq + self.steps[k].logpdf(t, mean)
             chain = chain + _row_gauss_logpdf(t, loc, scale)
             layers.append(t)
-        return layers, logq_rest, logq1, chain
+        return layers, logq, chain
 
-    def log_q_at(self, layers: list[torch.Tensor], priors: list[torch.Tensor], bridged=False):
+    def log_q_at(self, layers: list[torch.Tensor], priors: list[torch.Tensor]):
         """``log q_j`` at given paths ``(B, R, d_k)`` with parent means ``priors`` (the
-        first: the paths' own sources' means, replaced by the query's); with
-        ``bridged``, ``log r_ji`` for the paths' own sources ``i`` instead."""
+        first is ignored: ``q_j`` starts from the query's own source)."""
         b = len(self.rows)
-        start = priors[0] if bridged else self.pb.loc1[self.rows][:, None, :]
+        start = self.pb.loc1[self.rows][:, None, :]
         out = self.steps[0].logpdf(layers[0], self.steps[0].mean(start))
         for k in range(1, len(self.steps)):
             out = out + self.steps[k].logpdf(layers[k], self.steps[k].mean(priors[k]))
@@ -452,11 +444,12 @@ def deep_log_density(
     for name, v in (("n_is", n_is), ("n_fwd", n_fwd)):
         if v < 2 or v % 2:
             raise ValueError(f"{name} must be an even int >= 2, got {v}")
-    if n_bridge < 0 or n_bridge % 2 or n_bridge > n_fwd:
-        raise ValueError(f"n_bridge must be an even int in [0, n_fwd], got {n_bridge}")
+    if n_bridge < 0 or n_bridge % 2:
+        raise ValueError(f"n_bridge must be an even int >= 0, got {n_bridge}")
     pb = _Problem(first_loc, first_scale, links, queries, generator, dtype)
     n = pb.n
     pool = _Pool(pb, n_fwd)
+    bridge = _Bridge(pb, n_bridge, pool) if n_bridge else None
     if chunk_size is None:  # ~2e7 float64 elements per block for each large tensor
         widest = max(t.shape[1] for t in anchors)
         per_row = max(
@@ -464,7 +457,7 @@ def deep_log_density(
             widest * max(widest, queries.shape[1]),  # Jacobians and whitened maps
             _DIAG_FACTOR * n_is * widest,  # the draws themselves
             top_r * anchors[-1].shape[1],
-            n_bridge * n * max(anchors[-1].shape[1], queries.shape[1]) // 4,
+            (n_is + n_bridge) * n,  # bridged weights
         )
         chunk_size = max(1, min(n, int(2e7 // per_row)))
     out = torch.empty(n, n, dtype=torch.float64)
@@ -474,7 +467,7 @@ def deep_log_density(
     for start in range(0, n, chunk_size):
         rows = torch.arange(start, min(n, start + chunk_size), device=pb.loc1.device)
         out[rows], half[rows], ess[rows], marg[rows] = _block(
-            pb, rows, anchors, pool, n_is, n_fwd, top_r, n_bridge
+            pb, rows, anchors, pool, n_is, n_fwd, top_r, bridge
         )
         if progress is not None:
             progress(len(rows))
@@ -504,9 +497,8 @@ def _pool_logq(pb, q: _Guided, pool: _Pool, rows, top_r):
     return logq, log_g
 
 
-def _q_at_pool(q: _Guided, pool: _Pool, b: int, n_paths: int, bridged=False):
-    """``log q_j`` (or with ``bridged`` ``log r_ji``, ``i`` the path's own source) at
-    the first ``n_paths`` forward paths, in chunks: ``(B, n_paths)``."""
+def _q_at_pool(q: _Guided, pool: _Pool, b: int, n_paths: int):
+    """``log q_j`` at the first ``n_paths`` forward paths, in chunks: ``(B, n_paths)``."""
     out = torch.empty(b, n_paths, dtype=torch.float64, device=pool.own.device)
     width = sum(t.shape[1] for t in pool.layers)
     step = max(1, int(4e6 // max(1, b * width)))
@@ -515,7 +507,6 @@ def _q_at_pool(q: _Guided, pool: _Pool, b: int, n_paths: int, bridged=False):
         out[:, sl] = q.log_q_at(
             [t[sl][None].expand(b, -1, -1) for t in pool.layers],
             [p[sl][None].expand(b, -1, -1) for p in pool.priors],
-            bridged=bridged,
         )
     return out
 
@@ -530,98 +521,141 @@ def _log_g(pb, rows, t_last: torch.Tensor) -> torch.Tensor:
 
 def _draws(pb, q: _Guided, rows, m: int):
     """``m`` draws of ``q_j`` per query: ``log q``, ``log p(t_j | z)``, the link terms
-    inside the path, ``t_1`` (``(B, m, d_1)``) and ``log q`` without its first step."""
-    layers, lq_rest, lq1, chain = q.sample(m)
-    return lq1 + lq_rest, _log_g(pb, rows, layers[-1]), chain, layers[0], lq_rest
+    inside the path and ``t_1`` (``(B, m, d_1)``)."""
+    layers, logq, chain = q.sample(m)
+    return logq, _log_g(pb, rows, layers[-1]), chain, layers[0]
 
 
-def _bridge(pb, q: _Guided, rows, n_br: int):
-    """Bridged draws: ``n_br`` paths per source ``i`` from ``r_ji``, the proposal
-    :class:`_Guided` started from source ``i`` instead of the query's own source.
+class _Bridge:
+    """Bridged proposal ``r_ji``: the construction of :class:`_Guided` linearised at each
+    source's mean path (``a_1 = first_loc[i]``, ``a_k = m_k(a_{k-1})``) instead of at
+    the query's anchor, and started from source ``i``.
 
-    ``r_ji`` is the linearised posterior of source ``i``'s path given ``t_j`` (exact for
-    linear chains), so it reaches sources whose posterior lies far from ``q_j`` and
-    beyond their own forward paths.  Draw ``k`` of every source shares the noise
-    ``zeta_k`` (common random numbers: every entry stays unbiased).
-
-    Returns, each ``(B, n_br, N)``: ``log p_i(z)``, ``log p(t_j | z)``, ``log q_j(z)``
-    and ``log r_ji(z)``.
+    For source ``i`` every step's covariance and gain depend on ``i`` only; the query
+    enters the means linearly (observation ``y_i + t_j``).  So one set of steps serves
+    all queries, and draw ``k`` of source ``i`` uses the same noise ``zeta_ik`` for every
+    query (common random numbers), at which ``log r_ji`` is the same for every ``j``.
+    For a linear chain ``r_ji`` is the exact posterior of source ``i``'s path given
+    ``t_j``.  Memory: three ``(N, d_L, d_k)`` tensors per intermediate layer.
     """
-    b, n = len(rows), pb.n
-    zeta = [st.noise((b, n_br)) for st in q.steps]
-    own_mean = q.steps[0].mean(pb.loc1[rows][:, None, :])
-    out = [torch.empty(b, n_br, n, dtype=torch.float64, device=pb.loc1.device) for _ in range(4)]
-    width = max(pb.t.shape[1], *(st.d for st in q.steps))
-    step = max(1, int(4e6 // max(1, b * n_br * width)))
-    for c in range(0, n, step):
-        cols = slice(c, min(n, c + step))
-        start = pb.loc1[cols][None].expand(b, -1, -1)
-        layers, lq_rest, lq1, chain = q.sample(n_br, start, zeta)
-        s = start.shape[1]
-        shape = (b, n_br, s)
-        t1 = layers[0].reshape(b, n_br, s, -1)
-        p1 = _row_gauss_logpdf(t1, pb.loc1[cols][None, None], pb.scale1[cols][None, None])
-        out[0][:, :, cols] = p1 + chain.reshape(shape)
-        out[1][:, :, cols] = _log_g(pb, rows, layers[-1]).reshape(shape)
-        lq_own = q.steps[0].logpdf(layers[0], own_mean)
-        out[2][:, :, cols] = (lq_own + lq_rest).reshape(shape)
-        out[3][:, :, cols] = (lq1 + lq_rest).reshape(shape)
-    return out
+
+    def __init__(self, pb: _Problem, n_br: int, pool: _Pool):
+        nominal = [pb.loc1]
+        for k in range(len(pb.links) - 1):
+            nominal.append(pb.call(k, nominal[-1])[0].to(torch.float64))
+        rows = torch.arange(pb.n, device=pb.loc1.device)
+        self.q = _Guided(pb, rows, nominal, tq=torch.zeros_like(pb.t))
+        self.n_br = n_br
+        self.zeta = [st.noise((pb.n, n_br)) for st in self.q.steps]  # (N, n_br, d_k)
+        self.log_r = sum(
+            st.logpdf(z, torch.zeros_like(z)) for st, z in zip(self.q.steps, self.zeta)
+        )  # (N, n_br)
+        self._at_pool(pool)
+
+    def _at_pool(self, pool: _Pool) -> None:
+        """Precompute ``log r_ji`` at source ``i``'s forward paths as a quadratic in
+        ``t_j``: with ``u`` the path minus the step mean at ``t_j = 0``, ``P`` the step
+        precision and ``G`` its gain, ``t - mean = u - G^T t_j``, so each step adds
+        ``-(u'Pu)/2 - norm + t_j'(G P u) - t_j'(G P G^T) t_j / 2``."""
+        n = self.q.pb.n
+        k_paths = pool.layers[0].shape[0] // n
+        self.pool_base, self.pool_v, self.pool_quad = 0.0, 0.0, 0.0
+        for k, st in enumerate(self.q.steps):
+            t, prior = (
+                v.reshape(k_paths, n, -1).transpose(0, 1) for v in (pool.layers[k], pool.priors[k])
+            )
+            mean0 = st.mean(prior)
+            u = t - mean0  # (N, K, d_k)
+            self.pool_base = self.pool_base + st.logpdf(t, mean0)
+            gw = st.gain_t @ st.w.transpose(1, 2)  # (N, d_L, d_L)
+            gp = st.gain_t / st.s2[:, None, :] + gw @ st.w  # G P, (N, d_L, d_k)
+            self.pool_v = self.pool_v + u @ gp.transpose(1, 2)  # (N, K, d_L)
+            gs = st.gain_t / st.s2[:, None, :]
+            self.pool_quad = (
+                self.pool_quad + gs @ st.gain_t.transpose(1, 2) + gw @ gw.transpose(1, 2)
+            )
+
+    def at_pool(self, pb: _Problem, rows: torch.Tensor) -> torch.Tensor:
+        """``log r_ji`` at source ``i``'s forward paths for queries ``rows``: ``(B, K, N)``."""
+        tq = pb.t[rows]
+        lin = torch.einsum("bl,nkl->bkn", tq, self.pool_v)
+        quad = torch.empty(len(rows), pb.n, dtype=torch.float64, device=tq.device)
+        step = max(1, int(4e6 // max(1, len(rows) * tq.shape[1])))
+        for c in range(0, pb.n, step):
+            qc = self.pool_quad[c : c + step]  # (S, d_L, d_L)
+            quad[:, c : c + step] = ((tq[None] @ qc) * tq[None]).sum(-1).T
+        return self.pool_base.T[None] + lin - 0.5 * quad[:, None, :]
+
+    def draws(self, pb: _Problem, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log p_i(z) + log p(t_j | z)`` and ``log p_i(z)`` at the bridged draws ``z``:
+        ``(B, n_br, N)`` each (``log r_ji(z)`` is ``log_r[i, k]``)."""
+        b, n, nb = len(rows), pb.n, self.n_br
+        tq = pb.t[rows]
+        tq_r = tq.repeat_interleave(nb, 0)[None]  # (1, B*nb, d_L), row order (query, draw)
+        out = [torch.empty(b, nb, n, dtype=torch.float64, device=pb.loc1.device) for _ in "pg"]
+        width = max(tq.shape[1], *(st.d for st in self.q.steps))
+        step = max(1, int(4e6 // max(1, b * nb * width)))
+        for c in range(0, n, step):
+            cols = torch.arange(c, min(n, c + step), device=rows.device)
+            s = len(cols)
+
+            def draw(k, mean, cols=cols, s=s):  # mean (S, B, 1 or nb, d)
+                return (mean + self.zeta[k][cols][:, None]).reshape(s, b * nb, -1)
+
+            prior = pb.loc1[cols][:, None, :]
+            mean = self.q.steps[0].mean(prior, tq[None], cols)  # (S, B, d_1)
+            t = draw(0, mean[:, :, None, :])
+            lp = _row_gauss_logpdf(t, prior, pb.scale1[cols][:, None, :])
+            for k in range(1, len(self.q.steps)):
+                loc, scale = (v.reshape(s, b * nb, -1) for v in pb.call(k - 1, t.flatten(0, 1)))
+                t = draw(k, self.q.steps[k].mean(loc, tq_r, cols).reshape(s, b, nb, -1))
+                lp = lp + _row_gauss_logpdf(t, loc, scale)
+            loc, scale = (
+                v.reshape(s, b * nb, -1) for v in pb.call(len(pb.links) - 1, t.flatten(0, 1))
+            )
+            lg = _row_gauss_logpdf(tq_r, loc, scale)
+            out[0][:, :, cols] = (lp + lg).reshape(s, b, nb).permute(1, 2, 0)
+            out[1][:, :, cols] = lp.reshape(s, b, nb).permute(1, 2, 0)
+        return out[0], out[1]
 
 
-def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r, n_br=0):
+def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r, bridge: _Bridge | None = None):
     n, b = pb.n, len(rows)
     ar = torch.arange(b, device=rows.device)
     q = _Guided(pb, rows, anchors)
-    logq_is, log_g, chain, first, lq_rest = _draws(pb, q, rows, n_is)
-    k1 = pb.layer1(first.reshape(b * n_is, -1)).reshape(b, n_is, n)  # log p(t_1 | s_i)
-    lp = k1 + chain[:, :, None]  # log p_i(z)
-    if n_br:  # r_ji at the q_j draws: q_j with its first step started from source i
-        mean1 = q.steps[0].mean(pb.loc1[None].expand(b, -1, -1))  # (B, N, d_1)
-        r_at_q = lq_rest[:, :, None] + q.steps[0].cross(first, mean1)
-        br = _bridge(pb, q, rows, n_br)
-        r_pool = _q_at_pool(q, pool, b, n_br * n, bridged=True).reshape(b, n_br, n)
-    # the query's own source gets DIAG_FACTOR times the draws: they cost no kernel row
-    logq_x, log_g_x, chain_x, first_x, _ = _draws(pb, q, rows, (_DIAG_FACTOR - 1) * n_is)
-    lp_own_x = _row_gauss_logpdf(first_x, pb.loc1[rows][:, None], pb.scale1[rows][:, None])
-    lp_d = torch.cat([lp[ar, :, rows], lp_own_x + chain_x], 1)
-    logq_d, log_g_d = torch.cat([logq_is, logq_x], 1), torch.cat([log_g, log_g_x], 1)
+    # the query's own source gets DIAG_FACTOR * n_is draws of q_j; without bridging the
+    # first n_is of them also serve every other source (one layer-1 kernel row each)
+    logq_d, log_g_d, chain_d, first_d = _draws(pb, q, rows, _DIAG_FACTOR * n_is)
+    loc_j, scale_j = pb.loc1[rows][:, None], pb.scale1[rows][:, None]
+    lp_d = _row_gauss_logpdf(first_d, loc_j, scale_j) + chain_d
     logq_pool, log_g_pool = _pool_logq(pb, q, pool, rows, top_r)
+    if bridge is None:
+        k1 = pb.layer1(first_d[:, :n_is].reshape(b * n_is, -1)).reshape(b, n_is, n)
+        lp = k1 + chain_d[:, :n_is, None]  # log p_i(z) at the q_j draws
+    else:
+        lpg_br, lp_br = bridge.draws(pb, rows)
+        r_pool = bridge.at_pool(pb, rows)  # (B, K, N)
     res = []
     for frac in (1, 2):
-        m_used, k_used, md = n_is // frac, n_fwd // frac, _DIAG_FACTOR * n_is // frac
-        lm, lk = math.log(m_used), math.log(k_used)
-        num = lp[:, :m_used] + log_g[:, :m_used, None]
+        k_used, md = n_fwd // frac, _DIAG_FACTOR * n_is // frac
+        lk = math.log(k_used)
         g_pool = log_g_pool.reshape(b, n_fwd, n)[:, :k_used]
         q_pool = logq_pool.reshape(b, n_fwd, n)[:, :k_used]
         own = pool.own[:k_used][None]
-        if n_br:  # off the diagonal: balance of q_j (M draws), n_br forward paths and
-            # n_br bridged draws per source
-            b_used = n_br // frac
-            lb = math.log(b_used)
-
-            def den3(lq, lp_, lr, lm=lm, lb=lb):
-                return torch.logsumexp(
-                    torch.stack(torch.broadcast_tensors(lm + lq, lb + lp_, lb + lr)), 0
-                )
-
-            den = den3(logq_is[:, :m_used, None], lp[:, :m_used], r_at_q[:, :m_used])
-            lp_b, g_b, q_b, r_b = (t[:, :b_used] for t in br)  # (B, b_used, N)
-            own_b = pool.own[:b_used][None]
-            other = torch.cat(
-                [
-                    lp_b + g_b - den3(q_b, lp_b, r_b),
-                    own_b
-                    + g_pool[:, :b_used]
-                    - den3(q_pool[:, :b_used], own_b, r_pool[:, :b_used]),
-                ],
-                1,
-            )
-        else:  # off the diagonal: balance of q_j and the forward paths
-            den = torch.logaddexp(lm + logq_is[:, :m_used, None], lk + lp[:, :m_used])
-            other = own + g_pool - torch.logaddexp(lm + q_pool, lk + own)
-        is_term = torch.logsumexp(num - den, 1)  # (B, N)
-        out = torch.logaddexp(is_term, torch.logsumexp(other, 1))
+        if bridge is None:  # off the diagonal: balance of q_j and the forward paths
+            lm = math.log(n_is // frac)
+            num = lp[:, : n_is // frac] + log_g_d[:, : n_is // frac, None]
+            den = torch.logaddexp(lm + logq_d[:, : n_is // frac, None], lk + lp[:, : n_is // frac])
+            off = [num - den, own + g_pool - torch.logaddexp(lm + q_pool, lk + own)]
+        else:  # off the diagonal: balance of the bridged draws and the forward paths
+            nb = bridge.n_br // frac
+            lb = math.log(nb)
+            lr = bridge.log_r.T[None, :nb]
+            off = [
+                lpg_br[:, :nb] - torch.logaddexp(lb + lr, lk + lp_br[:, :nb]),
+                own + g_pool - torch.logaddexp(lb + r_pool[:, :k_used], lk + own),
+            ]
+        out = torch.logsumexp(torch.cat(off, 1), 1)  # (B, N)
         # the diagonal with all of its draws
         w_d = lp_d[:, :md] + log_g_d[:, :md]
         w_d = w_d - torch.logaddexp(math.log(md) + logq_d[:, :md], lk + lp_d[:, :md])
@@ -632,6 +666,6 @@ def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r, n_br=0):
         res.append(out)
         if frac == 1:
             ess = torch.exp(2 * torch.logsumexp(w_d, 1) - torch.logsumexp(2 * w_d, 1))
-            terms = torch.cat([(num - den).flatten(1), other.flatten(1), w_d], 1)
+            terms = torch.cat([t.flatten(1) for t in off] + [w_d], 1)
             marg = torch.exp(2 * torch.logsumexp(terms, 1) - torch.logsumexp(2 * terms, 1))
     return res[0], res[1], ess, marg

@@ -202,8 +202,8 @@ class _Deep:
         o = self.opts
         effort, bridge = 1, False
         while True:
-            # bridged draws (n_fwd / 8 per source at twice the effort) only where the first
-            # round showed that the off-diagonal densities rest on a handful of draws
+            # from the second round on, the off-diagonal densities come from bridged draws
+            # (n_fwd / 8 per source at twice the effort) and the forward paths
             n_br = max(2, 2 * (o.n_fwd * effort // 16)) if bridge else 0
             res = self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
             full, loo = mi_terms_from_log_density(res.L)
@@ -219,7 +219,7 @@ class _Deep:
             )
             if ok or effort * 2 > o.max_effort:
                 break
-            bridge = bridge or marg_ess < MIN_MARGINAL_ESS
+            bridge = True
             effort *= 2
         return {
             "res": res,
