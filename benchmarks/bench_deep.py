@@ -4,7 +4,7 @@ Cases with exact truths (population MI from closed forms or a fine grid), then t
 trained ``noisy_mlp`` (sigma = 1) against a brute-force nested Monte Carlo reference and
 timed on 2,000 shared test images.  Prints markdown tables.
 
-    python benchmarks/bench_deep.py            # everything (~30-40 min on 2 cores; truths at N = 3,000 as in issue 9)
+    python benchmarks/bench_deep.py            # everything (~7 min on 2 cores; truths at N = 3,000)
     python benchmarks/bench_deep.py --quick    # truths only, smaller N
 """
 
