@@ -33,23 +33,27 @@ proposals by the balance heuristic (Veach & Guibas 1995):
    with the largest ``p_j(z) p(t_j | z)`` (``-inf`` elsewhere, which slightly
    overweights forward paths that ``q_j`` would also have covered).
 3. **Bridged proposal** ``r_ji`` (``n_bridge`` draws per source, off by default;
-   :func:`stochmi.layer_mi` turns it on from its second round when the first round's
-   marginal effective sample size is below 10): ``q_j``'s construction
-   started from source ``i`` instead of ``s_j``, i.e. the linearised posterior of source
-   ``i``'s path.  When the sources are far apart at layer 1 and a layer carries much
-   more information about its parent than the chain does about the input (wide,
-   noisy-then-precise layers, networks early in training), neither ``q_j`` nor forward
-   paths reach the other sources' posteriors and ``p(t_j | s_i)`` is underestimated;
-   ``r_ji`` reaches them.  With it, the off-diagonal entries combine ``q_j`` and
-   ``r_ji`` (forward paths then serve the diagonal only).  It costs ``n_bridge * N``
+   :func:`stochmi.layer_mi` turns it on from its second round when the first did not
+   converge): the construction of ``q_j`` linearised at *source* ``i``'s mean path
+   (``a_1 = E[t_1 | s_i]``, ``a_k = m_k(a_{k-1})``) and started from ``s_i``, i.e. the
+   linearised posterior of source ``i``'s path given ``t_j``.  Its covariances and gains
+   depend on ``i`` only and ``t_j`` enters its means linearly, so one set of factors
+   serves every query, and ``log r_ji`` at the forward paths is a quadratic in ``t_j``.
+   When the sources are far apart at layer 1 and the layers above carry much
+   information about it (wide, noisy-then-precise layers; networks early in training,
+   whose posterior of ``t_1`` stays near source ``i``'s own region, where the links'
+   Jacobians differ from those at the query's path), neither ``q_j`` nor forward paths
+   reach the other sources' posteriors and ``p(t_j | s_i)`` is underestimated;
+   ``r_ji`` reaches them.  With it, the off-diagonal entries combine ``r_ji`` and the
+   forward paths (``q_j`` then serves the diagonal only).  It costs ``n_bridge * N``
    paths per query, i.e. ``O(n_bridge N^2)`` link evaluations.
 
 For source ``i`` and a draw ``z`` from either proposal of an entry, the weight is
-``p_i(z) p(t_j | z) / (M q_j(z) + K p_i(z))`` (``K r_ji(z)`` in place of ``K p_i(z)``
-with bridging) with ``p_i(z) = p(t_1 | s_i) prod_k p(t_k | t_{k-1})``: every entry is
-an unbiased estimate of ``p(t_j | s_i)``.  Where the network is strongly nonlinear
-over the posterior's spread (e.g. an untrained tanh MLP with noise 1), the
-linearisation is poor, the estimate does not settle and the caller flags the row.
+``p_i(z) p(t_j | z) / (M q_j(z) + K p_i(z))`` (``n_bridge r_ji(z)`` in place of
+``M q_j(z)`` off the diagonal with bridging) with ``p_i(z) = p(t_1 | s_i) prod_k
+p(t_k | t_{k-1})``: every entry is an unbiased estimate of ``p(t_j | s_i)``.  Where the
+network is strongly nonlinear over the posterior's spread, the linearisations are
+poor, the estimate does not settle and the caller flags the row.
 
 Bias direction: each density is unbiased, so ``log`` of it is biased low by about
 ``Var / (2 mean^2)``; the MI estimate ``mean_j (L[j,j] - logmeanexp_i L[j,i])`` takes

@@ -117,8 +117,9 @@ def _path_group(chain: Chain, l: int) -> int | None:
 
 #: Smallest median effective number of terms behind the marginal density
 #: ``sum_i p(t_j | s_i)`` for a deep row to count as converged.  A heuristic: on an
-#: untrained noisy_mlp (sigma 1), where the off-diagonal densities are out of reach of
-#: both proposals, the median is 6-9; after training 14-18; on linear chains > 400.
+#: untrained noisy_mlp (sigma 1) without bridged draws, where the off-diagonal
+#: densities are out of reach of both proposals, the median is 6-9 (with them, 40-100);
+#: after training 14-18; on linear chains > 400.
 MIN_MARGINAL_ESS = 10.0
 
 
