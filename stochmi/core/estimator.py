@@ -323,7 +323,10 @@ def mi_with_labels(
     leave-one-out mixture classifier ``q`` (built without source ``j``, so it is a
     fixed classifier for the pair ``(t_j, y_j)``), mixed with 1e-6 of the uniform
     classifier so that it stays finite, using the plug-in label entropy.
-    ``upper = min(H(Y), upper bound of I(S;T))`` by data processing (``Y - S - T``).
+    ``upper = min(H(Y), I(S;T) - I(S;T | Y))`` by the chain rule (``Y - S - T``), with
+    the leave-one-out upper bound on ``I(S;T)`` and the InfoNCE lower bound on each
+    class's ``I(S;T | Y=y)`` (``N_y`` sources); the ``L[j, j]`` cancel, leaving
+    ``mean_j (logmeanexp_{i: y_i = y_j} L[j,i] - logmeanexp_{i != j} L[j,i])``.
 
     Parameters
     ----------
@@ -374,7 +377,8 @@ def mi_with_labels(
         lower = h_y + ba
     else:
         lower, se_lo = math.nan, math.nan
-    up_st, se_up = p.loo_upper(n_draws)
+    t_up = (p.lse_cls - torch.log(counts[yrow])) - (p.lse_loo - math.log(n - 1))
+    up_st, se_up = _mean_se(_per_source(t_up, n_draws, n))
     upper = min(h_y, up_st)
     return MIEstimate(
         value=value,

@@ -98,18 +98,24 @@ def label_terms_from_log_density(L: torch.Tensor, y: torch.Tensor) -> torch.Tens
 
 def label_bounds_from_log_density(
     L: torch.Tensor, y: torch.Tensor, eps: float = 1e-6
-) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """``I(T; Y)`` terms, Barber-Agakov lower-bound terms and the label entropy.
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
+    """``I(T; Y)`` terms, Barber-Agakov lower-bound terms, upper-bound terms and the
+    label entropy.
 
     The lower bound is ``H(Y) + mean_j log q(y_j | t_j)`` with the leave-one-out
     mixture classifier ``q(y | t_j) ∝ sum_{i != j, y_i = y} p(t_j | s_i)`` (fixed for the
-    pair ``(t_j, y_j)``), mixed with ``eps`` of the uniform classifier so it stays finite;
-    as in :func:`stochmi.mi_with_labels`.
+    pair ``(t_j, y_j)``), mixed with ``eps`` of the uniform classifier so it stays finite.
+    The upper bound is ``I(S;T) - I(S;T | Y)`` (chain rule, ``Y - S - T``) with the
+    leave-one-out upper bound on ``I(S;T)`` and the InfoNCE lower bound on each class's
+    ``I(S;T | Y=y)``; the ``L[j, j]`` cancel, leaving
+    ``mean_j (logmeanexp_{i: y_i = y_j} L[j,i] - logmeanexp_{i != j} L[j,i])``.
+    As in :func:`stochmi.mi_with_labels`.
 
     Returns
     -------
     terms : Tensor, shape (N,)
     ba_terms : Tensor, shape (N,), or None when a class has fewer than two members
+    upper_terms : Tensor, shape (N,)
     h_y : float
         Plug-in entropy of the labels (nats).
     """
@@ -120,8 +126,6 @@ def label_bounds_from_log_density(
     classes, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
     freq = counts.to(torch.float64) / n
     h_y = float(-(freq * torch.log(freq)).sum())
-    if bool((counts < 2).any()):
-        return terms, None, h_y
     off = L.clone()
     idx = torch.arange(n, device=L.device)
     off[idx, idx] = -math.inf
@@ -130,7 +134,13 @@ def label_bounds_from_log_density(
     onehot = torch.zeros(n, len(classes), dtype=L.dtype, device=L.device)
     onehot[idx, inv] = 1.0
     per_class = e @ onehot
+    log_loo = torch.log(per_class.sum(1)) + m[:, 0] - math.log(n - 1)
+    log_cls = torch.logaddexp(torch.log(per_class[idx, inv]) + m[:, 0], L[idx, idx])
+    log_cls = log_cls - torch.log(counts[inv].to(L.dtype))
+    upper_terms = log_cls - log_loo
+    if bool((counts < 2).any()):
+        return terms, None, upper_terms, h_y
     log_q = torch.log(per_class[idx, inv]) - torch.log(per_class.sum(1))
     k = len(classes)
     log_q = torch.logaddexp(log_q + math.log1p(-eps), torch.full_like(log_q, math.log(eps / k)))
-    return terms, log_q, h_y
+    return terms, log_q, upper_terms, h_y

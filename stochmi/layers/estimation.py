@@ -278,10 +278,11 @@ def _deep_xy_row(src, tgt, d: dict, n: int) -> dict:
 
 
 def _deep_label_row(src, d: dict, y: torch.Tensor, n: int) -> dict:
-    terms, ba, h_y = label_bounds_from_log_density(d["res"].L, y)
+    terms, ba, up, h_y = label_bounds_from_log_density(d["res"].L, y)
     lower = max(0.0, h_y + float(ba.mean()) - d["bias"]) if ba is not None else math.nan
-    upper = min(h_y, float(d["loo"].mean()) + d["bias"])
+    upper = min(h_y, float(up.mean()) + d["bias"])
     row = _deep_row(src, "Y", d, terms, lower, upper, n)
+    row["upper_stderr"] = float(up.std(unbiased=True)) / math.sqrt(n) if upper < h_y else 0.0
     # I(T; Y) of the data set is never negative: a value far below 0 means the
     # class-conditional densities are off, whatever the half-sample check says
     row["converged"] = bool(row["converged"] and row["value"] >= -3 * row["stderr"])

@@ -446,6 +446,50 @@ def test_label_mi_matches_quadrature():
     assert est.lower > 0.5 * truth  # the bound is informative here
 
 
+def test_label_bracket_contains_population_truth_and_upper_is_tight():
+    """Population truth: Y ~ Bernoulli(0.35), S | Y ~ N(+-1, 0.8^2), T | S ~ N(S, 0.6^2),
+    so T | Y ~ N(+-1, 1) and I(T;Y) = h(T) - h(T|Y) by quadrature.  Over independent
+    data sets the bracket holds in expectation; the upper end (chain rule
+    I(S;T) - I(S;T|Y)) sits far below the data-processing one, I(S;T)."""
+    grid = torch.linspace(-12, 12, 24001, dtype=F64)
+    p1 = 0.35
+    dens = p1 * td.Normal(1.0, 1.0).log_prob(grid).exp() + (1 - p1) * td.Normal(
+        -1.0, 1.0
+    ).log_prob(grid).exp()
+    h_t = float(torch.trapezoid(-dens * torch.log(dens), grid))
+    truth = h_t - 0.5 * math.log(2 * math.pi * math.e)
+    ups, los, dpi = [], [], []
+    for seed in range(6):
+        s, y = _two_class_channel(n=600, seed=10 + seed)
+        est = stochmi.mi_with_labels(td.Normal(s, 0.6), y, n_draws=4, seed=seed)
+        st = stochmi.mi_from_conditional(td.Normal(s, 0.6), n_draws=4, seed=seed)
+        ups.append(est.upper)
+        los.append(est.lower)
+        dpi.append(st.upper)
+    ups, los = torch.tensor(ups), torch.tensor(los)
+    assert float(ups.mean()) >= truth - Z * float(ups.std()) / math.sqrt(len(ups))
+    assert float(los.mean()) <= truth + Z * float(los.std()) / math.sqrt(len(los))
+    assert max(u - truth for u in ups.tolist()) < 0.5 * (min(dpi) - truth)
+
+
+def test_label_upper_terms_from_matrix_match_their_formula():
+    """label_bounds_from_log_density's upper terms against an explicit loop."""
+    from stochmi.core.from_matrix import label_bounds_from_log_density
+
+    g = _gen(3)
+    n = 40
+    L = torch.randn(n, n, generator=g, dtype=F64) * 3
+    y = torch.arange(n) % 3
+    _, _, up, _ = label_bounds_from_log_density(L, y)
+    for j in range(n):
+        same = [i for i in range(n) if y[i] == y[j]]
+        other = [i for i in range(n) if i != j]
+        ref = (torch.logsumexp(L[j, same], 0) - math.log(len(same))) - (
+            torch.logsumexp(L[j, other], 0) - math.log(n - 1)
+        )
+        assert float(up[j]) == pytest.approx(float(ref), abs=1e-12)
+
+
 def test_label_mi_of_perfectly_separated_classes_is_label_entropy():
     # three well separated classes in 2-D with unequal sizes: I(T; Y) = H(Y)
     counts = [5, 20, 35]
