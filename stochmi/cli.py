@@ -397,7 +397,10 @@ def _cmd_demo(args) -> int:
     print()
     print(f"noisy_mlp, sigma={args.sigma:g}, seed={_opt(args, 'seed')}; data: {res.data_source}")
     print("Mutual information in nats (value ± Monte Carlo stderr); epoch 0 = initialisation")
-    print(format_table(res.table, res.stderr))
+    print(format_table(res.table, res.stderr, res.converged))
+    if bool((res.converged == 0).any().any()):
+        print("* not converged (converged = 0 in summary.csv): the deep-layer estimate missed")
+        print("  its tolerance at the largest effort; see mc_bias")
     print()
     plane = res.files.get("information_plane")
     if plane is not None:

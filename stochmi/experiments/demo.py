@@ -47,6 +47,9 @@ class DemoResult:
         (``I(X;h1)``, ``I(h1;h2)``, ``I(h1;Y)``, ...) with the MI in nats.
     stderr : pandas.DataFrame
         Same shape, the Monte Carlo standard errors.
+    converged : pandas.DataFrame
+        Same shape, 1.0 where the estimate met its tolerance, 0.0 where it is flagged
+        (``converged`` of ``summary.csv``; NaN for ``test_accuracy``).
     data_source : str
         Where the images came from.
     out_dir : pathlib.Path
@@ -61,6 +64,7 @@ class DemoResult:
     out_dir: Path
     files: dict
     wall_s: float
+    converged: object = None
 
 
 def demo_experiment_text(
@@ -121,18 +125,19 @@ def _tables(summary):
     s = summary.assign(
         pair_label=[_pair_label(a, b) for a, b in zip(summary.source, summary.target)]
     )
-    value = s.pivot_table(index="epoch", columns="pair_label", values="value", sort=False)
-    err = s.pivot_table(index="epoch", columns="pair_label", values="stderr", sort=False)
     acc = s.groupby("epoch")["test_accuracy"].first()
-    value = value[cols]
-    err = err[cols]
-    value.insert(0, "test_accuracy", acc)
-    err.insert(0, "test_accuracy", pd.Series(math.nan, index=acc.index))
-    return value, err
+    out = []
+    for name in ("value", "stderr", "converged"):
+        t = s.pivot_table(index="epoch", columns="pair_label", values=name, sort=False)[cols]
+        first = acc if name == "value" else pd.Series(math.nan, index=acc.index)
+        t.insert(0, "test_accuracy", first)
+        out.append(t)
+    return tuple(out)
 
 
-def format_table(table, stderr) -> str:
-    """Text table: one row per epoch, ``value ± stderr`` (nats) per pair, test accuracy."""
+def format_table(table, stderr, converged=None) -> str:
+    """Text table: one row per epoch, ``value ± stderr`` (nats) per pair, test accuracy;
+    with ``converged``, a ``*`` after every flagged estimate."""
     headers = ["epoch", *table.columns]
     rows = []
     for epoch in table.index:
@@ -143,7 +148,10 @@ def format_table(table, stderr) -> str:
                 row.append(f"{v:.3f}")
             else:
                 e = stderr.loc[epoch, col]
-                row.append(f"{v:.3f} ± {e:.3f}" if math.isfinite(e) else f"{v:.3f}")
+                cell = f"{v:.3f} ± {e:.3f}" if math.isfinite(e) else f"{v:.3f}"
+                if converged is not None and converged.loc[epoch, col] == 0:
+                    cell += "*"
+                row.append(cell)
         rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
@@ -233,10 +241,11 @@ def run_demo(
     import pandas as pd
 
     summary = pd.read_csv(res.files["summary"])
-    table, stderr = _tables(summary)
+    table, stderr, converged = _tables(summary)
     return DemoResult(
         table=table,
         stderr=stderr,
+        converged=converged,
         data_source=str(res.dataset.attrs["data_source"]),
         out_dir=Path(out_dir),
         files=dict(res.files),

@@ -189,6 +189,8 @@ def plot_information_plane(ds, path: str | Path, *, bracket: bool = False) -> Pa
     caption = _caption(ds)
     if bracket:
         caption += "; shaded bars: population bracket [lower, upper]"
+    if any(_unconverged(ds, i, *range(ds.sizes["pair"])).any() for i in range(n_cfg)):
+        caption += "; open markers: not converged (converged = 0)"
     _add_caption(fig, caption)
     return _save(fig, path)
 
@@ -224,7 +226,21 @@ def _plane_panel(ax, ds, i: int, layers: list[str], mean, err, cmap) -> list:
             zorder=2,
         )
         drawn.append((ax, color, xs[ok], ys[ok], i, px, py, ok))
-        ax.scatter(xs[ok], ys[ok], c=cmap(norm_epochs[ok]), s=28, zorder=3, edgecolors="k", lw=0.4)
+        colors = cmap(norm_epochs[ok])
+        bad = _unconverged(ds, i, px, py)[ok]  # open markers: flagged estimates
+        ax.scatter(
+            xs[ok][~bad], ys[ok][~bad], c=colors[~bad], s=28, zorder=3, edgecolors="k", lw=0.4
+        )
+        if bad.any():
+            ax.scatter(
+                xs[ok][bad],
+                ys[ok][bad],
+                s=28,
+                zorder=3,
+                facecolors="white",
+                edgecolors=colors[bad],
+                lw=1.4,
+            )
         ax.annotate(
             f"{layer}",
             (xs[ok][-1], ys[ok][-1]),
@@ -233,6 +249,15 @@ def _plane_panel(ax, ds, i: int, layers: list[str], mean, err, cmap) -> list:
             textcoords="offset points",
         )
     return drawn
+
+
+def _unconverged(ds, i: int, *pairs: int) -> np.ndarray:
+    """Per epoch: True where any of ``pairs`` (indices) has ``converged = 0`` in some
+    seed of configuration ``i`` (all False without the variable)."""
+    if "converged" not in ds:
+        return np.zeros(ds.sizes["epoch"], dtype=bool)
+    conv = ds["converged"].isel(config=i, pair=list(pairs)).min(("seed", "pair"))
+    return conv.values < 1
 
 
 def _mark_log_n(ax, n_inputs) -> None:

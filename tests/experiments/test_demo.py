@@ -37,6 +37,14 @@ def test_demo_end_to_end(tmp_path):
         assert (out / name).is_file()
     text = format_table(res.table, res.stderr)
     assert "I(X;h1)" in text and "±" in text and len(text.splitlines()) == 4
+    # flagged estimates carry a star, the others none
+    assert res.converged.shape == res.table.shape
+    flags = res.converged.copy()
+    flags.loc[0, "I(X;h2)"] = 0.0
+    flags.loc[1, "I(X;h2)"] = 1.0
+    starred = format_table(res.table, res.stderr, flags)
+    assert starred.splitlines()[2].count("*") == int((flags.loc[0] == 0).sum())
+    assert "*" not in format_table(res.table, res.stderr, flags.fillna(1.0) * 0 + 1)
     # the same command again reuses the finished cell and gives the same table
     again = run_demo(out, epochs=1, n=300, n_inputs=40, n_paths=2, progress=False, log=None)
     assert again.table.equals(res.table)

@@ -70,3 +70,32 @@ def test_missing_values_tolerated(tmp_path):
     ds["value"] = (ds.value.dims, v)
     files = plot_all(ds, tmp_path)
     assert len(files) == 3
+
+
+def test_unconverged_points_are_open_markers(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import colormaps
+    from matplotlib import pyplot as plt
+
+    from stochmi.experiments.plots import _mean_err, _plane_panel
+
+    ds = _dataset(sigmas=(1.0,), seeds=(0, 1))
+    conv = np.ones(ds.value.shape)
+    conv[0, 1, 0, 1] = 0  # X->h2 at epoch 0, in one seed only
+    ds["converged"] = (ds.value.dims, conv)
+    mean, err = _mean_err(ds)
+    fig, ax = plt.subplots()
+    _plane_panel(ax, ds, 0, ["h1", "h2"], mean, err, colormaps["viridis"])
+    open_pts = [
+        c
+        for c in ax.collections
+        if len(c.get_facecolors()) and np.allclose(c.get_facecolors()[:, :3], 1.0)
+    ]
+    assert len(open_pts) == 1 and len(open_pts[0].get_offsets()) == 1
+    h2_x = mean.isel(config=0, pair=1).values[0]
+    assert open_pts[0].get_offsets()[0][0] == h2_x
+    plt.close(fig)
+    path = plot_information_plane(ds, tmp_path / "p.png")
+    assert path.read_bytes()[:8] == PNG
