@@ -312,18 +312,6 @@ class _Step:
         e = self.pb.randn((b, r, self.y.shape[1])) @ self.chol_r.transpose(1, 2)
         return t - (t @ self.m.transpose(1, 2) + e) @ self.gain_t
 
-    def cross(self, z, mu) -> torch.Tensor:
-        """``log N(z_m; mu_i, Cov)`` for all ``m, i``: ``(B, M, N)`` by matrix products."""
-        out = 0.0
-        for a, c, wt in (
-            (z, mu, 1 / self.s2[:, None, :]),
-            (z @ self.w.transpose(1, 2), mu @ self.w.transpose(1, 2), None),
-        ):
-            aw, cw = (a * wt, c * wt) if wt is not None else (a, c)
-            out = out + (a * aw).sum(-1)[:, :, None] + (c * cw).sum(-1)[:, None, :]
-            out = out - 2 * aw @ c.transpose(1, 2)
-        return -0.5 * out.clamp_min(0) - self.norm[:, None, None]
-
 
 class _Guided:
     """Proposal ``q_j`` over whole paths for a block of queries.
@@ -335,9 +323,9 @@ class _Guided:
     ``M_k = M_{k+1} J_{k+1}``, ``R_k = R_{k+1} + M_{k+1} diag(s_{k+1}^2) M_{k+1}^T``.
     Forwards, each layer is drawn from its true conditional mean given the drawn parent
     combined with that likelihood (:class:`_Step`).  For a linear-Gaussian chain this is
-    the exact posterior of the path given ``t_j`` and the source it starts from; it
-    starts from the query's own source ``s_j`` for ``q_j`` and from source ``i`` for
-    the bridged proposal ``r_ji``.
+    the exact posterior of the path given ``t_j`` and ``s_j``.  With ``tq`` (the
+    queries' part of the observation, default ``t_j``) set to zero and source mean
+    paths as anchors, the same recursion gives the steps of :class:`_Bridge`.
     """
 
     def __init__(self, pb: _Problem, rows: torch.Tensor, anchors: list[torch.Tensor], tq=None):
@@ -431,7 +419,7 @@ def deep_log_density(
         Forward paths per query at which ``q_j`` is evaluated when the path is longer
         than 64 dimensions (all of them otherwise), besides the query's own source's.
     n_bridge : int
-        Bridged draws per source (even, at most ``n_fwd``; 0: none).
+        Bridged draws per source (even; 0: none).
     chunk_size : int, optional
         Queries per block (memory ``O(chunk * (n_is + n_fwd) * N)``).
     dtype : torch.dtype
