@@ -34,26 +34,29 @@ proposals by the balance heuristic (Veach & Guibas 1995):
    overweights forward paths that ``q_j`` would also have covered).
 3. **Bridged proposal** ``r_ji`` (``n_bridge`` draws per source, off by default;
    :func:`stochmi.layer_mi` turns it on from its second round when the first did not
-   converge): the construction of ``q_j`` linearised at *source* ``i``'s mean path
-   (``a_1 = E[t_1 | s_i]``, ``a_k = m_k(a_{k-1})``) and started from ``s_i``, i.e. the
-   linearised posterior of source ``i``'s path given ``t_j``.  Its covariances and gains
-   depend on ``i`` only and ``t_j`` enters its means linearly, so one set of factors
-   serves every query, and ``log r_ji`` at the forward paths is a quadratic in ``t_j``.
-   When the sources are far apart at layer 1 and the layers above carry much
-   information about it (wide, noisy-then-precise layers; networks early in training,
-   whose posterior of ``t_1`` stays near source ``i``'s own region, where the links'
-   Jacobians differ from those at the query's path), neither ``q_j`` nor forward paths
-   reach the other sources' posteriors and ``p(t_j | s_i)`` is underestimated;
-   ``r_ji`` reaches them.  With it, the off-diagonal entries combine ``r_ji`` and the
-   forward paths (``q_j`` then serves the diagonal only).  It costs ``n_bridge * N``
-   paths per query, i.e. ``O(n_bridge N^2)`` link evaluations.
+   converge): the construction of ``q_j`` linearised at a fresh forward path of
+   *source* ``i`` (not at the query's anchor) and started from ``s_i``, i.e. the
+   linearised posterior of source ``i``'s path given ``t_j``.  Its covariances and
+   gains depend on ``i`` only and ``t_j`` enters its means linearly, so one set of
+   factors serves every query, and ``log r_ji`` at any path is a quadratic in ``t_j``
+   (cheap at the forward paths and at ``q_j``'s draws).  When the sources are far apart
+   at layer 1 and the layers above carry much information about it (wide,
+   noisy-then-precise layers; networks early in training, whose posterior of ``t_1``
+   stays near source ``i``'s own region, where the links' Jacobians differ from those
+   at the query's path), neither ``q_j`` nor forward paths reach the other sources'
+   posteriors and ``p(t_j | s_i)`` is underestimated; ``r_ji`` reaches them.  With it,
+   the off-diagonal entries balance ``r_ji``, the forward paths and the first
+   ``_BRIDGE_Q`` (4) draws of ``q_j``, which cover sources whose posterior is pinned
+   near the query's path (trained networks with precise layers, where ``r_ji`` alone
+   is heavy-tailed).  It costs ``O(n_bridge N^2)`` link evaluations and three
+   ``(N, d_L, d_k)`` factors per intermediate layer.
 
-For source ``i`` and a draw ``z`` from either proposal of an entry, the weight is
-``p_i(z) p(t_j | z) / (M q_j(z) + K p_i(z))`` (``n_bridge r_ji(z)`` in place of
-``M q_j(z)`` off the diagonal with bridging) with ``p_i(z) = p(t_1 | s_i) prod_k
-p(t_k | t_{k-1})``: every entry is an unbiased estimate of ``p(t_j | s_i)``.  Where the
-network is strongly nonlinear over the posterior's spread, the linearisations are
-poor, the estimate does not settle and the caller flags the row.
+For source ``i`` and a draw ``z`` from any proposal of an entry, the weight is
+``p_i(z) p(t_j | z) / (M q_j(z) + K p_i(z))`` (``+ n_bridge r_ji(z)`` off the diagonal
+with bridging, ``M = 4`` there) with ``p_i(z) = p(t_1 | s_i) prod_k p(t_k | t_{k-1})``:
+every entry is an unbiased estimate of ``p(t_j | s_i)``.  Where the network is strongly
+nonlinear over the posterior's spread, the linearisations are poor, the estimate does
+not settle and the caller flags the row.
 
 Bias direction: each density is unbiased, so ``log`` of it is biased low by about
 ``Var / (2 mean^2)``; the MI estimate ``mean_j (L[j,j] - logmeanexp_i L[j,i])`` takes
@@ -82,6 +85,7 @@ __all__ = ["DeepLogDensity", "NotGaussianLink", "deep_log_density", "normal_para
 _LOG2PI = math.log(2 * math.pi)
 _DIAG_FACTOR = 4  # draws for the query's own source, as a multiple of n_is
 _FULL_Q_DIM = 64  # total path width up to which q_j is evaluated at every forward path
+_BRIDGE_Q = 4  # with bridging, draws of q_j per query that also serve the other sources
 
 
 class NotGaussianLink(TypeError):
@@ -299,11 +303,17 @@ class _Step:
             innov = innov + tq
         return prior_loc + innov @ g
 
-    def logpdf(self, t: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    def logpdf(self, t: torch.Tensor, mean: torch.Tensor, idx=None) -> torch.Tensor:
+        """Log density at ``t`` ``(B, R, d)`` (with ``idx``: rows ``idx`` of this step)."""
+        w, s2, norm = (
+            (self.w, self.s2, self.norm)
+            if idx is None
+            else (self.w[idx], self.s2[idx], self.norm[idx])
+        )
         r = t - mean
-        wr = r @ self.w.transpose(1, 2)
-        quad = (r * r / self.s2[:, None, :]).sum(-1) + (wr * wr).sum(-1)
-        return -0.5 * quad - self.norm[:, None]
+        wr = r @ w.transpose(1, 2)
+        quad = (r * r / s2[:, None, :]).sum(-1) + (wr * wr).sum(-1)
+        return -0.5 * quad - norm[:, None]
 
     def noise(self, shape) -> torch.Tensor:
         """``zeta ~ N(0, Cov)``, ``(B, R, d)`` (Matheron's rule)."""
@@ -353,11 +363,12 @@ class _Guided:
 
     def sample(self, m: int):
         """``m`` paths per query from ``q_j``: the layers (each ``(B, m, d_k)``), ``log q``
-        and the link log densities inside the path (``(B, m)`` each)."""
+        and the link log densities inside the path (``(B, m)`` each), and each layer's
+        conditional mean given its drawn parent (``None`` for the first layer)."""
         pb, b = self.pb, len(self.rows)
         mean = self.steps[0].mean(pb.loc1[self.rows][:, None, :]).expand(b, m, -1)
         t = mean + self.steps[0].noise((b, m))
-        layers = [t]
+        layers, priors = [t], [None]
         logq = self.steps[0].logpdf(t, mean)
         chain = torch.zeros_like(logq)
         for k in range(1, len(self.steps)):
@@ -367,7 +378,8 @@ class _Guided:
             logq = logq + self.steps[k].logpdf(t, mean)
             chain = chain + _row_gauss_logpdf(t, loc, scale)
             layers.append(t)
-        return layers, logq, chain
+            priors.append(loc)
+        return layers, logq, chain, priors
 
     def log_q_at(self, layers: list[torch.Tensor], priors: list[torch.Tensor]):
         """``log q_j`` at given paths ``(B, R, d_k)`` with parent means ``priors`` (the
@@ -513,9 +525,9 @@ def _log_g(pb, rows, t_last: torch.Tensor) -> torch.Tensor:
 
 def _draws(pb, q: _Guided, rows, m: int):
     """``m`` draws of ``q_j`` per query: ``log q``, ``log p(t_j | z)``, the link terms
-    inside the path and ``t_1`` (``(B, m, d_1)``)."""
-    layers, logq, chain = q.sample(m)
-    return logq, _log_g(pb, rows, layers[-1]), chain, layers[0]
+    inside the path, the layers and their parents' means (:meth:`_Guided.sample`)."""
+    layers, logq, chain, priors = q.sample(m)
+    return logq, _log_g(pb, rows, layers[-1]), chain, layers, priors
 
 
 class _Bridge:
@@ -532,11 +544,14 @@ class _Bridge:
     """
 
     def __init__(self, pb: _Problem, n_br: int, pool: _Pool):
-        nominal = [pb.loc1]
+        # linearisation points: one fresh forward path per source (not one of the pool's,
+        # at which r_ji is evaluated, so that r_ji stays independent of those draws)
+        path = [pb.loc1 + pb.scale1 * pb.randn(pb.loc1.shape)]
         for k in range(len(pb.links) - 1):
-            nominal.append(pb.call(k, nominal[-1])[0].to(torch.float64))
+            loc, scale = pb.call(k, path[-1])
+            path.append(loc + scale * pb.randn(loc.shape))
         rows = torch.arange(pb.n, device=pb.loc1.device)
-        self.q = _Guided(pb, rows, nominal, tq=torch.zeros_like(pb.t))
+        self.q = _Guided(pb, rows, path, tq=torch.zeros_like(pb.t))
         self.n_br = n_br
         self.zeta = [st.noise((pb.n, n_br)) for st in self.q.steps]  # (N, n_br, d_k)
         self.log_r = sum(
@@ -551,7 +566,7 @@ class _Bridge:
         ``-(u'Pu)/2 - norm + t_j'(G P u) - t_j'(G P G^T) t_j / 2``."""
         n = self.q.pb.n
         k_paths = pool.layers[0].shape[0] // n
-        self.pool_base, self.pool_v, self.pool_quad = 0.0, 0.0, 0.0
+        self.pool_base, self.pool_v, self.pool_quad, self.gp = 0.0, 0.0, 0.0, []
         for k, st in enumerate(self.q.steps):
             t, prior = (
                 v.reshape(k_paths, n, -1).transpose(0, 1) for v in (pool.layers[k], pool.priors[k])
@@ -561,6 +576,7 @@ class _Bridge:
             self.pool_base = self.pool_base + st.logpdf(t, mean0)
             gw = st.gain_t @ st.w.transpose(1, 2)  # (N, d_L, d_L)
             gp = st.gain_t / st.s2[:, None, :] + gw @ st.w  # G P, (N, d_L, d_k)
+            self.gp.append(gp)
             self.pool_v = self.pool_v + u @ gp.transpose(1, 2)  # (N, K, d_L)
             gs = st.gain_t / st.s2[:, None, :]
             self.pool_quad = (
@@ -578,13 +594,41 @@ class _Bridge:
             quad[:, c : c + step] = ((tq[None] @ qc) * tq[None]).sum(-1).T
         return self.pool_base.T[None] + lin - 0.5 * quad[:, None, :]
 
-    def draws(self, pb: _Problem, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``log p_i(z) + log p(t_j | z)`` and ``log p_i(z)`` at the bridged draws ``z``:
-        ``(B, n_br, N)`` each (``log r_ji(z)`` is ``log_r[i, k]``)."""
+    def at_draws(self, pb: _Problem, rows, layers, priors) -> torch.Tensor:
+        """``log r_ji`` at paths drawn for each query (``layers[k]`` ``(B, m, d_k)``,
+        ``priors[k]`` their parents' means, ``priors[0]`` unused) for every source ``i``:
+        ``(B, m, N)``, by the same quadratic in ``t_j`` as :meth:`at_pool`."""
+        b, m = layers[0].shape[:2]
+        tq = pb.t[rows]
+        tq_r = tq.repeat_interleave(m, 0)  # (B*m, d_L): the query of each path
+        out = torch.empty(b, m, pb.n, dtype=torch.float64, device=tq.device)
+        width = max(st.d for st in self.q.steps)
+        step = max(1, int(1.6e7 // max(1, b * m * width)))
+        for c in range(0, pb.n, step):
+            cols = torch.arange(c, min(pb.n, c + step), device=tq.device)
+            base = lin = 0.0
+            for k, st in enumerate(self.q.steps):
+                if k == 0:
+                    mean0 = st.mean(pb.loc1[cols][:, None, :], None, cols)  # (S, 1, d_1)
+                else:
+                    prior = priors[k].reshape(b * m, -1)[None].expand(len(cols), -1, -1)
+                    mean0 = st.mean(prior, None, cols)  # (S, B*m, d_k)
+                z = layers[k].reshape(b * m, -1)[None]
+                base = base + st.logpdf(z, mean0, cols)
+                lin = lin + ((z - mean0) @ self.gp[k][cols].transpose(1, 2) * tq_r).sum(-1)
+            quad = ((tq[None] @ self.pool_quad[cols]) * tq[None]).sum(-1)  # (S, B)
+            val = base + lin - 0.5 * quad.repeat_interleave(m, 1)  # (S, B*m)
+            out[:, :, cols] = val.T.reshape(b, m, len(cols))
+        return out
+
+    def draws(self, pb: _Problem, rows: torch.Tensor, q: _Guided):
+        """At the bridged draws ``z`` (``(B, n_br, N)`` each): ``log p_i(z) + log p(t_j |
+        z)``, ``log p_i(z)`` and ``log q_j(z)`` (``log r_ji(z)`` is ``log_r[i, k]``)."""
         b, n, nb = len(rows), pb.n, self.n_br
         tq = pb.t[rows]
         tq_r = tq.repeat_interleave(nb, 0)[None]  # (1, B*nb, d_L), row order (query, draw)
-        out = [torch.empty(b, nb, n, dtype=torch.float64, device=pb.loc1.device) for _ in "pg"]
+        out = [torch.empty(b, nb, n, dtype=torch.float64, device=pb.loc1.device) for _ in "pgq"]
+        q_mean0 = q.steps[0].mean(pb.loc1[rows][:, None, :])  # (B, 1, d_1)
         width = max(tq.shape[1], *(st.d for st in self.q.steps))
         step = max(1, int(4e6 // max(1, b * nb * width)))
         for c in range(0, n, step):
@@ -594,58 +638,73 @@ class _Bridge:
             def draw(k, mean, cols=cols, s=s):  # mean (S, B, 1 or nb, d)
                 return (mean + self.zeta[k][cols][:, None]).reshape(s, b * nb, -1)
 
+            def by_query(v, s=s):  # (S, B*nb, d) -> (B, S*nb, d)
+                return v.reshape(s, b, nb, -1).transpose(0, 1).reshape(b, s * nb, -1)
+
             prior = pb.loc1[cols][:, None, :]
             mean = self.q.steps[0].mean(prior, tq[None], cols)  # (S, B, d_1)
             t = draw(0, mean[:, :, None, :])
             lp = _row_gauss_logpdf(t, prior, pb.scale1[cols][:, None, :])
+            lq = q.steps[0].logpdf(by_query(t), q_mean0)  # (B, S*nb)
             for k in range(1, len(self.q.steps)):
                 loc, scale = (v.reshape(s, b * nb, -1) for v in pb.call(k - 1, t.flatten(0, 1)))
                 t = draw(k, self.q.steps[k].mean(loc, tq_r, cols).reshape(s, b, nb, -1))
                 lp = lp + _row_gauss_logpdf(t, loc, scale)
+                lq = lq + q.steps[k].logpdf(by_query(t), q.steps[k].mean(by_query(loc)))
             loc, scale = (
                 v.reshape(s, b * nb, -1) for v in pb.call(len(pb.links) - 1, t.flatten(0, 1))
             )
             lg = _row_gauss_logpdf(tq_r, loc, scale)
             out[0][:, :, cols] = (lp + lg).reshape(s, b, nb).permute(1, 2, 0)
             out[1][:, :, cols] = lp.reshape(s, b, nb).permute(1, 2, 0)
-        return out[0], out[1]
+            out[2][:, :, cols] = lq.reshape(b, s, nb).transpose(1, 2)
+        return out[0], out[1], out[2]
 
 
 def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r, bridge: _Bridge | None = None):
     n, b = pb.n, len(rows)
     ar = torch.arange(b, device=rows.device)
     q = _Guided(pb, rows, anchors)
-    # the query's own source gets DIAG_FACTOR * n_is draws of q_j; without bridging the
-    # first n_is of them also serve every other source (one layer-1 kernel row each)
-    logq_d, log_g_d, chain_d, first_d = _draws(pb, q, rows, _DIAG_FACTOR * n_is)
+    # the query's own source gets DIAG_FACTOR * n_is draws of q_j; the first m of them
+    # also serve every other source (one layer-1 kernel row each): n_is without
+    # bridging, _BRIDGE_Q with it (where r_ji must also be evaluated at them)
+    logq_d, log_g_d, chain_d, layers_d, priors_d = _draws(pb, q, rows, _DIAG_FACTOR * n_is)
+    first_d = layers_d[0]
     loc_j, scale_j = pb.loc1[rows][:, None], pb.scale1[rows][:, None]
     lp_d = _row_gauss_logpdf(first_d, loc_j, scale_j) + chain_d
     logq_pool, log_g_pool = _pool_logq(pb, q, pool, rows, top_r)
-    if bridge is None:
-        k1 = pb.layer1(first_d[:, :n_is].reshape(b * n_is, -1)).reshape(b, n_is, n)
-        lp = k1 + chain_d[:, :n_is, None]  # log p_i(z) at the q_j draws
-    else:
-        lpg_br, lp_br = bridge.draws(pb, rows)
+    m = n_is if bridge is None else min(n_is, _BRIDGE_Q)
+    k1 = pb.layer1(first_d[:, :m].reshape(b * m, -1)).reshape(b, m, n)
+    lp = k1 + chain_d[:, :m, None]  # log p_i(z) at the q_j draws
+    if bridge is not None:
+        r_at_q = bridge.at_draws(
+            pb, rows, [t[:, :m] for t in layers_d], [p if p is None else p[:, :m] for p in priors_d]
+        )
+        lpg_br, lp_br, lq_br = bridge.draws(pb, rows, q)
         r_pool = bridge.at_pool(pb, rows)  # (B, K, N)
     res = []
     for frac in (1, 2):
-        k_used, md = n_fwd // frac, _DIAG_FACTOR * n_is // frac
-        lk = math.log(k_used)
+        k_used, md, mu = n_fwd // frac, _DIAG_FACTOR * n_is // frac, max(1, m // frac)
+        lk, lm = math.log(k_used), math.log(mu)
         g_pool = log_g_pool.reshape(b, n_fwd, n)[:, :k_used]
         q_pool = logq_pool.reshape(b, n_fwd, n)[:, :k_used]
         own = pool.own[:k_used][None]
+        num = lp[:, :mu] + log_g_d[:, :mu, None]  # q_j's draws for every source
         if bridge is None:  # off the diagonal: balance of q_j and the forward paths
-            lm = math.log(n_is // frac)
-            num = lp[:, : n_is // frac] + log_g_d[:, : n_is // frac, None]
-            den = torch.logaddexp(lm + logq_d[:, : n_is // frac, None], lk + lp[:, : n_is // frac])
+            den = torch.logaddexp(lm + logq_d[:, :mu, None], lk + lp[:, :mu])
             off = [num - den, own + g_pool - torch.logaddexp(lm + q_pool, lk + own)]
-        else:  # off the diagonal: balance of the bridged draws and the forward paths
+        else:  # off the diagonal: balance of q_j, the bridged draws and the forward paths
             nb = bridge.n_br // frac
-            lb = math.log(nb)
-            lr = bridge.log_r.T[None, :nb]
+            lb, lr = math.log(nb), bridge.log_r.T[None, :nb]
+
+            def den3(lq, lr_, lp_, lm=lm, lb=lb, lk=lk):
+                parts = torch.broadcast_tensors(lm + lq, lb + lr_, lk + lp_)
+                return torch.logsumexp(torch.stack(parts), 0)
+
             off = [
-                lpg_br[:, :nb] - torch.logaddexp(lb + lr, lk + lp_br[:, :nb]),
-                own + g_pool - torch.logaddexp(lb + r_pool[:, :k_used], lk + own),
+                num - den3(logq_d[:, :mu, None], r_at_q[:, :mu], lp[:, :mu]),
+                lpg_br[:, :nb] - den3(lq_br[:, :nb], lr, lp_br[:, :nb]),
+                own + g_pool - den3(q_pool, r_pool[:, :k_used], own),
             ]
         out = torch.logsumexp(torch.cat(off, 1), 1)  # (B, N)
         # the diagonal with all of its draws

@@ -262,6 +262,21 @@ def test_bridged_density_at_forward_paths_matches_direct_evaluation():
                 quad = (r * r / step.s2[i]).sum(-1) + (wr * wr).sum(-1)
                 direct = direct - 0.5 * quad - step.norm[i]
             assert torch.allclose(fast[j, :, i], direct[0], atol=1e-9, rtol=0)
+    # and at paths drawn from each query's own proposal (the q_j draws)
+    from stochmi.layers.deep import _Guided
+
+    rows = torch.arange(n)
+    q = _Guided(pb, rows, [t[:n] for t in pool.layers])
+    layers, _, _, priors = q.sample(3)
+    fast = bridge.at_draws(pb, rows, layers, priors)  # (B, 3, N)
+    for j in range(n):
+        for i in range(n):
+            direct = 0.0
+            for k, step in enumerate(bridge.q.steps):
+                prior = loc1[i][None, None] if k == 0 else priors[k][j][None]
+                mean = step.mean(prior, tq[j][None, None], torch.tensor([i]))
+                direct = direct + step.logpdf(layers[k][j][None], mean, torch.tensor([i]))
+            assert torch.allclose(fast[j, :, i], direct[0], atol=1e-9, rtol=0)
 
 
 def test_bridged_draws_against_quadrature_on_a_nonlinear_chain():
