@@ -531,9 +531,9 @@ def _draws(pb, q: _Guided, rows, m: int):
 
 
 class _Bridge:
-    """Bridged proposal ``r_ji``: the construction of :class:`_Guided` linearised at each
-    source's mean path (``a_1 = first_loc[i]``, ``a_k = m_k(a_{k-1})``) instead of at
-    the query's anchor, and started from source ``i``.
+    """Bridged proposal ``r_ji``: the construction of :class:`_Guided` linearised at a
+    fresh forward path of each source instead of at the query's anchor, and started
+    from source ``i``.
 
     For source ``i`` every step's covariance and gain depend on ``i`` only; the query
     enters the means linearly (observation ``y_i + t_j``).  So one set of steps serves

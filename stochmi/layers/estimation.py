@@ -659,7 +659,10 @@ def _combine_dpi_bounds(df: pd.DataFrame, layers) -> None:
     """Tighten brackets with data processing (in place, in chain order).
 
     ``lower I(X;T_l) >= max(0, lower I(T_l;Y))`` and ``upper I(X;T_l) <= min(upper
-    I(X;T_{l-1}), upper I(T_{l-1};T_l))``; lower bounds are never negative.
+    I(X;T_{l-1}), upper I(T_{l-1};T_l))``; no bound is negative.  Each bound holds in
+    expectation only, so two of them can cross by Monte Carlo error (an I(X;T_l) near 0
+    whose upper end falls below the label row's lower end): then the upper end is
+    raised to the lower one, the weaker of the two choices.
     """
     key = {(r.source, r.target): i for i, r in enumerate(df.itertuples())}
     lo = df["lower"].to_numpy(dtype=float).copy()
@@ -676,6 +679,7 @@ def _combine_dpi_bounds(df: pd.DataFrame, layers) -> None:
             for other in (key.get(("X", layers[l - 1])), key.get((layers[l - 1], name))):
                 if other is not None and not math.isnan(hi[other]):
                     hi[i] = min(hi[i], hi[other])
+    hi = np.where(np.isnan(hi), hi, np.maximum(hi, np.nan_to_num(lo, nan=0.0)))
     df["lower"], df["upper"] = lo, hi
 
 

@@ -372,3 +372,25 @@ def test_bayesian_chain_marginal_mode_deep_rows_converge_and_respect_dpi():
     v = {(r.source, r.target): r for r in df.itertuples()}
     assert v[("X", "h2")].value <= v[("X", "h1")].value + 3 * v[("X", "h1")].stderr
     assert df.attrs["dpi"] == []
+
+
+def test_data_processing_bounds_that_cross_are_reconciled():
+    """Each bound holds in expectation only: when I(X;T)'s upper end falls below the
+    label row's lower end (an I(X;T) near 0), the combined bracket stays ordered and no
+    upper end is negative."""
+    import pandas as pd
+
+    from stochmi.layers.estimation import _combine_dpi_bounds
+
+    df = pd.DataFrame(
+        {
+            "source": ["X", "X", "h1", "h2"],
+            "target": ["h1", "h2", "Y", "Y"],
+            "lower": [1.0, -0.01, 0.3, 0.04],
+            "upper": [2.0, -0.002, 0.5, 0.09],
+        }
+    )
+    _combine_dpi_bounds(df, ["h1", "h2"])
+    assert (df["lower"] <= df["upper"]).all() and (df["upper"] >= 0).all()
+    assert df.loc[1, "lower"] == 0.04 and df.loc[1, "upper"] == 0.04
+    assert df.loc[0, "lower"] == 1.0 and df.loc[0, "upper"] == 2.0
