@@ -605,20 +605,21 @@ class _Bridge:
         width = max(st.d for st in self.q.steps)
         step = max(1, int(1.6e7 // max(1, b * m * width)))
         for c in range(0, pb.n, step):
-            cols = torch.arange(c, min(pb.n, c + step), device=tq.device)
+            cols = slice(c, min(pb.n, c + step))  # a view of the per-source factors
+            n_s = cols.stop - cols.start
             base = lin = 0.0
             for k, st in enumerate(self.q.steps):
                 if k == 0:
                     mean0 = st.mean(pb.loc1[cols][:, None, :], None, cols)  # (S, 1, d_1)
                 else:
-                    prior = priors[k].reshape(b * m, -1)[None].expand(len(cols), -1, -1)
+                    prior = priors[k].reshape(b * m, -1)[None].expand(n_s, -1, -1)
                     mean0 = st.mean(prior, None, cols)  # (S, B*m, d_k)
                 z = layers[k].reshape(b * m, -1)[None]
                 base = base + st.logpdf(z, mean0, cols)
                 lin = lin + ((z - mean0) @ self.gp[k][cols].transpose(1, 2) * tq_r).sum(-1)
             quad = ((tq[None] @ self.pool_quad[cols]) * tq[None]).sum(-1)  # (S, B)
             val = base + lin - 0.5 * quad.repeat_interleave(m, 1)  # (S, B*m)
-            out[:, :, cols] = val.T.reshape(b, m, len(cols))
+            out[:, :, cols] = val.T.reshape(b, m, n_s)
         return out
 
     def draws(self, pb: _Problem, rows: torch.Tensor, q: _Guided):
@@ -632,8 +633,8 @@ class _Bridge:
         width = max(tq.shape[1], *(st.d for st in self.q.steps))
         step = max(1, int(4e6 // max(1, b * nb * width)))
         for c in range(0, n, step):
-            cols = torch.arange(c, min(n, c + step), device=rows.device)
-            s = len(cols)
+            cols = slice(c, min(n, c + step))  # a view of the per-source factors
+            s = cols.stop - cols.start
 
             def draw(k, mean, cols=cols, s=s):  # mean (S, B, 1 or nb, d)
                 return (mean + self.zeta[k][cols][:, None]).reshape(s, b * nb, -1)
