@@ -83,9 +83,13 @@ from stochmi.core.kernel import as_gaussian_mixture
 __all__ = ["DeepLogDensity", "NotGaussianLink", "deep_log_density", "normal_params"]
 
 _LOG2PI = math.log(2 * math.pi)
+_U32 = 2.0**-24  # unit roundoff of float32
+_F32_TOL = 1e-3  # nats: largest rounding-error bound of a float32 kernel row
 _DIAG_FACTOR = 4  # draws for the query's own source, as a multiple of n_is
 _FULL_Q_DIM = 64  # total path width up to which q_j is evaluated at every forward path
 _BRIDGE_Q = 4  # with bridging, draws of q_j per query that also serve the other sources
+_BLOCK = 16  # queries per block when the sources are subsampled (they share U)
+_SUBSAMPLE_FRACTION = 0.5  # subsample only when a block's sources are under this share of N
 
 
 class NotGaussianLink(TypeError):
@@ -118,18 +122,60 @@ def _normal_params_grad(dist: td.Distribution) -> tuple[torch.Tensor, torch.Tens
     return loc, scale
 
 
-def _diag_gauss_kernel(t: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``log N(t_r; loc_c, diag scale_c^2)`` for all rows r and columns c: ``(R, C)``.
+class _GaussCols:
+    """Column features of ``log N(t_r; loc_c, diag scale_c^2)`` for a fixed set of
+    columns ``c``, computed once and reused for every block of rows.
 
-    Matrix-product form in float64, ``t`` and ``loc`` centred together first.
+    With ``t`` and ``loc`` centred on the columns' mean ``o``, ``P_c = scale_c^{-2}``:
+    ``-2 log N = (t-o)^2 . P_c - 2 (t-o) . ((loc_c-o) P_c) + (loc_c-o)^2 . P_c + const_c``:
+    two matrix products per block.  They run in float32 where a probabilistic
+    rounding-error bound, ``5 sqrt(d) u (sqrt(a_r) + sqrt(max_c b_c))^2 / 2`` nats with
+    ``a_r = (t_r-o)^2 . max P``, ``b_c = (loc_c-o)^2 . P_c`` and ``u = 2^-24``, stays
+    under ``_F32_TOL`` for the row; other rows are computed in float64.
     """
-    centre = loc.mean(0, keepdim=True)
-    t = t - centre
-    loc = loc - centre
-    prec = scale.pow(-2)  # (C, d)
-    quad = (t * t) @ prec.T - 2.0 * t @ (loc * prec).T + (loc * loc * prec).sum(1)[None, :]
-    norm = torch.log(scale).sum(1)[None, :] + 0.5 * t.shape[1] * _LOG2PI
-    return -0.5 * quad.clamp_min(0) - norm
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, centre=None):
+        loc = loc.to(torch.float64)
+        scale = torch.broadcast_to(scale.to(torch.float64), loc.shape)
+        self.centre = loc.mean(0, keepdim=True) if centre is None else centre
+        lc = loc - self.centre
+        self.prec = scale.pow(-2)  # (C, d)
+        self.lp = lc * self.prec
+        self.quad_c = (lc * self.lp).sum(1)  # b_c
+        self.norm = torch.log(scale).sum(1) + 0.5 * loc.shape[1] * _LOG2PI
+        self._f32 = None
+
+    def take(self, idx) -> _GaussCols:
+        out = object.__new__(_GaussCols)
+        out.centre = self.centre
+        out.prec, out.lp = self.prec[idx], self.lp[idx]
+        out.quad_c, out.norm = self.quad_c[idx], self.norm[idx]
+        out._f32 = None
+        return out
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """``log N(t_r; loc_c, diag scale_c^2)``: ``(R, C)`` float64."""
+        t = t.to(torch.float64) - self.centre
+        t2 = t * t
+        d = t.shape[1]
+        pmax = self.prec.max()
+        bound = 2.5 * math.sqrt(d) * _U32 * (
+            (t2.sum(1) * pmax).sqrt() + self.quad_c.max().clamp_min(0).sqrt()
+        ).pow(2)
+        if bool((bound <= _F32_TOL).all()):
+            if self._f32 is None:
+                self._f32 = (self.prec.to(torch.float32), self.lp.to(torch.float32))
+            p32, lp32 = self._f32
+            quad = (t2.to(torch.float32) @ p32.T - 2.0 * t.to(torch.float32) @ lp32.T).double()
+        else:
+            quad = t2 @ self.prec.T - 2.0 * t @ self.lp.T
+        quad = quad + self.quad_c[None, :]
+        return -0.5 * quad.clamp_min(0) - self.norm[None, :]
+
+
+def _diag_gauss_kernel(t: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``log N(t_r; loc_c, diag scale_c^2)`` for all rows r and columns c: ``(R, C)``."""
+    return _GaussCols(loc, scale)(t)
 
 
 def _row_gauss_logpdf(t: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -184,6 +230,7 @@ class _Problem:
         self.gen = gen
         self.dtype = dtype  # the model's dtype, for calling links
         self.n = self.loc1.shape[0]
+        self.cols1 = _GaussCols(self.loc1, self.scale1)
 
     def call(self, k: int, parent: torch.Tensor):
         return _link_params(self.links[k], parent.to(self.dtype))
@@ -193,7 +240,15 @@ class _Problem:
 
     def layer1(self, t1: torch.Tensor) -> torch.Tensor:
         """``log p(t1_r | s_i)`` for all rows and sources: ``(R, N)``."""
-        return _diag_gauss_kernel(t1, self.loc1, self.scale1)
+        return self.cols1(t1)
+
+    def take(self, cols: torch.Tensor) -> _Problem:
+        """The same problem with only the sources ``cols`` (queries unchanged)."""
+        out = object.__new__(_Problem)
+        out.__dict__.update(self.__dict__)
+        out.loc1, out.scale1, out.n = self.loc1[cols], self.scale1[cols], len(cols)
+        out.cols1 = self.cols1.take(cols)
+        return out
 
 
 def _cholesky32(h: torch.Tensor) -> torch.Tensor:
@@ -224,6 +279,8 @@ class DeepLogDensity:
         when the marginal density rests on a single draw, i.e. is unreliable.
     n_is, n_fwd : int
         Draws per query from ``q_j`` and forward paths per source.
+    n_sources : float
+        Mean number of sources a query was evaluated at (``N`` without subsampling).
     """
 
     L: torch.Tensor
@@ -232,6 +289,7 @@ class DeepLogDensity:
     marg_ess: torch.Tensor
     n_is: int
     n_fwd: int
+    n_sources: float
 
 
 class _Pool:
@@ -260,6 +318,20 @@ class _Pool:
             self.priors.append(loc)
         self.fin_loc, self.fin_scale = pb.call(len(pb.links) - 1, self.layers[-1])
         self.own = (self.first + self.chain).reshape(k_paths, n)  # log p_i(z), own source
+        self.fin = _GaussCols(self.fin_loc, self.fin_scale)
+
+    def take(self, cols: torch.Tensor) -> _Pool:
+        """The paths of the sources ``cols`` only (row ``k * len(cols) + c``)."""
+        k_paths, n = self.own.shape
+        idx = (torch.arange(k_paths, device=cols.device)[:, None] * n + cols[None, :]).reshape(-1)
+        out = object.__new__(_Pool)
+        out.layers = [t[idx] for t in self.layers]
+        out.priors = [p[idx] for p in self.priors]
+        out.first, out.chain = self.first[idx], self.chain[idx]
+        out.fin_loc, out.fin_scale = self.fin_loc[idx], self.fin_scale[idx]
+        out.own = self.own[:, cols]
+        out.fin = self.fin.take(idx)
+        return out
 
 
 class _Step:
@@ -314,6 +386,14 @@ class _Step:
         wr = r @ w.transpose(1, 2)
         quad = (r * r / s2[:, None, :]).sum(-1) + (wr * wr).sum(-1)
         return -0.5 * quad - norm[:, None]
+
+    def take(self, idx: torch.Tensor) -> _Step:
+        """The step's rows ``idx`` (per-source factors of :class:`_Bridge`)."""
+        out = object.__new__(_Step)
+        out.__dict__.update(self.__dict__)
+        for name in ("s2", "y", "m", "chol_r", "w", "gain_t", "logdet_cov", "norm"):
+            setattr(out, name, getattr(self, name)[idx])
+        return out
 
     def noise(self, shape) -> torch.Tensor:
         """``zeta ~ N(0, Cov)``, ``(B, R, d)`` (Matheron's rule)."""
@@ -404,6 +484,8 @@ def deep_log_density(
     generator: torch.Generator,
     top_r: int = 64,
     n_bridge: int = 0,
+    n_top: int | None = 48,
+    n_random: int = 128,
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress=None,
@@ -432,8 +514,15 @@ def deep_log_density(
         than 64 dimensions (all of them otherwise), besides the query's own source's.
     n_bridge : int
         Bridged draws per source (even; 0: none).
+    n_top : int or None
+        Sources per query taken whole, ranked by cheap proxies (:func:`_select_sources`);
+        ``None``: every query at every source (no subsampling).
+    n_random : int
+        Random sources per block of queries that stand for all the others, with
+        Horvitz-Thompson weights (even).  Subsampling runs only where a block's sources
+        would be under half of ``N``.
     chunk_size : int, optional
-        Queries per block (memory ``O(chunk * (n_is + n_fwd) * N)``).
+        Queries per block (memory ``O(chunk * (n_is + n_fwd) * S)`` for ``S`` sources).
     dtype : torch.dtype
         Dtype the links are called with (the model's).
     progress : callable, optional
@@ -451,49 +540,138 @@ def deep_log_density(
     if n_bridge < 0 or n_bridge % 2:
         raise ValueError(f"n_bridge must be an even int >= 0, got {n_bridge}")
     pb = _Problem(first_loc, first_scale, links, queries, generator, dtype)
-    n = pb.n
+    n, dev = pb.n, pb.loc1.device
     pool = _Pool(pb, n_fwd)
     bridge = _Bridge(pb, n_bridge, pool) if n_bridge else None
+    subsample = n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n
     if chunk_size is None:  # ~2e7 float64 elements per block for each large tensor
         widest = max(t.shape[1] for t in anchors)
+        n_src = min(n, _BLOCK * (n_top + 1) + n_random) if subsample else n
         per_row = max(
-            (n_is + n_fwd) * n,  # kernel rows of the proposal draws and forward paths
+            (n_is + n_fwd) * n_src,  # kernel rows of the proposal draws and forward paths
             widest * max(widest, queries.shape[1]),  # Jacobians and whitened maps
             _DIAG_FACTOR * n_is * widest,  # the draws themselves
             top_r * anchors[-1].shape[1],
-            (n_is + n_bridge) * n,  # bridged weights
+            (n_is + n_bridge) * n_src,  # bridged weights
         )
         chunk_size = max(1, min(n, int(2e7 // per_row)))
-    out = torch.empty(n, n, dtype=torch.float64)
-    half = torch.empty(n, n, dtype=torch.float64)
-    ess = torch.empty(n, dtype=torch.float64)
-    marg = torch.empty(n, dtype=torch.float64)
+        if subsample:
+            chunk_size = min(chunk_size, _BLOCK)
+    out = torch.full((n, n), -math.inf, dtype=torch.float64, device=dev)
+    half = torch.full((n, n), -math.inf, dtype=torch.float64, device=dev)
+    ess = torch.empty(n, dtype=torch.float64, device=dev)
+    marg = torch.empty(n, dtype=torch.float64, device=dev)
+    n_cols = []
+    top = _rank_sources(pb, pool, anchors, n_top) if subsample else None
     for start in range(0, n, chunk_size):
-        rows = torch.arange(start, min(n, start + chunk_size), device=pb.loc1.device)
-        out[rows], half[rows], ess[rows], marg[rows] = _block(
-            pb, rows, anchors, pool, n_is, n_fwd, top_r, bridge
+        rows = torch.arange(start, min(n, start + chunk_size), device=dev)
+        q = _Guided(pb, rows, anchors)
+        if subsample:
+            cols, logw, pos = _select_sources(pb, rows, top[rows], n_random)
+            sp, pool_b = pb.take(cols), pool.take(cols)
+            bridge_b = bridge.take(cols) if bridge is not None else None
+        else:
+            cols, logw, pos = None, None, rows
+            sp, pool_b, bridge_b = pb, pool, bridge
+        f, h, ess[rows], marg[rows] = _block(
+            pb, sp, rows, pos, q, pool_b, n_is, n_fwd, top_r, bridge_b, logw
         )
+        if cols is None:
+            out[rows], half[rows] = f, h
+        else:
+            out[rows[:, None], cols[None, :]] = f
+            half[rows[:, None], cols[None, :]] = h
+        n_cols.append(n if cols is None else len(cols))
         if progress is not None:
             progress(len(rows))
-    return DeepLogDensity(out, half, ess, marg, n_is, n_fwd)
+    return DeepLogDensity(out, half, ess, marg, n_is, n_fwd, float(sum(n_cols) / len(n_cols)))
 
 
-def _pool_logq(pb, q: _Guided, pool: _Pool, rows, top_r):
-    """``log q_j`` at forward paths ``(B, K*N)``: at every path when the paths are short
+def _rank_sources(pb: _Problem, pool: _Pool, anchors, n_top: int, step: int = 256):
+    """Each query's ``n_top`` most likely other sources: ``(N, n_top)`` indices.
+
+    Sources are ranked by two cheap proxies of ``log p(t_j | s_i)``, each relative to
+    its best source, and the larger is kept: the layer-1 density of the query's own
+    path, ``log N(a_j; mu_i, diag s_i^2)``, and the nested Monte Carlo estimate
+    ``log mean_k p(t_j | z_ik)`` from the forward paths of source ``i``.  Queries are
+    ranked ``step`` at a time (two matrix products each against fixed column features).
+    """
+    n, dev = pb.n, pb.loc1.device
+    k_paths = pool.own.shape[0]
+    top = torch.empty(n, min(n_top, n - 1), dtype=torch.long, device=dev)
+    for start in range(0, n, step):
+        rows = torch.arange(start, min(n, start + step), device=dev)
+        b = len(rows)
+        s1 = pb.layer1(anchors[0][rows])  # (B, N)
+        g = torch.logsumexp(pool.fin(pb.t[rows]).reshape(b, k_paths, n), 1)
+        score = torch.maximum(
+            s1 - s1.max(1, keepdim=True).values, g - g.max(1, keepdim=True).values
+        )
+        score[torch.arange(b, device=dev), rows] = -math.inf
+        top[rows] = torch.topk(score, top.shape[1], dim=1).indices
+    return top
+
+
+def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int):
+    """The sources a block of queries is evaluated at, and their weights.
+
+    The union ``D`` of every query's ``n_top`` best sources (``top``, from
+    :func:`_rank_sources`) and of the queries' own sources is taken whole (weight 1).
+    A uniform random subset ``U`` of ``n_random`` of all ``N`` sources, drawn independently of everything else, stands for the rest: a source of
+    ``U`` not in ``D`` gets weight ``N / n_random`` (Horvitz-Thompson), so that
+    ``sum_{i in D} p_ji + (N / n_random) sum_{i in U \\ D} p_ji`` is unbiased for
+    ``sum_i p_ji`` whatever ``D`` is.  The half-sample weights use the first
+    ``n_random / 2`` members of ``U`` at weight ``2 N / n_random``.
+
+    Returns
+    -------
+    cols : Tensor, shape (S,)
+        Source indices, ``D`` first.
+    logw : Tensor, shape (2, B, S)
+        Log weights (all draws, first half), ``-inf`` where a source is not used.
+    pos : Tensor, shape (B,)
+        Position of each query's own source in ``cols``.
+    """
+    n, b, dev = pb.n, len(rows), pb.loc1.device
+    in_d = torch.zeros(n, dtype=torch.bool, device=dev)
+    in_d[top.reshape(-1)] = True
+    in_d[rows] = True
+    perm = torch.randperm(n, generator=pb.gen, device=dev)[:n_random]
+    first_half = torch.zeros(n, dtype=torch.bool, device=dev)
+    first_half[perm[: n_random // 2]] = True
+    rand = perm[~in_d[perm]]
+    det = torch.nonzero(in_d)[:, 0]
+    cols = torch.cat([det, rand])
+    w = torch.zeros(len(cols), dtype=torch.float64, device=dev)
+    w[len(det) :] = math.log(n / n_random)
+    w_half = torch.zeros_like(w)
+    w_half[len(det) :] = torch.where(
+        first_half[rand], math.log(2 * n / n_random), -math.inf
+    ).to(torch.float64)
+    logw = torch.stack([w, w_half])[:, None, :].expand(2, b, len(cols))
+    where = torch.full((n,), -1, dtype=torch.long, device=dev)
+    where[cols] = torch.arange(len(cols), device=dev)
+    return cols, logw, where[rows]
+
+
+def _pool_logq(sp, q: _Guided, pool: _Pool, rows, pos, top_r):
+    """``log q_j`` at forward paths ``(B, K*S)``: at every path when the paths are short
     (intermediate widths summing to at most ``_FULL_Q_DIM``), else at the query's own
     source's paths and the ``top_r`` paths where source ``j``'s unnormalised posterior
-    is largest, ``-inf`` elsewhere; also ``log p(t_j | z)`` at every forward path."""
+    is largest, ``-inf`` elsewhere; also ``log p(t_j | z)`` at every forward path.
+    ``sp`` and ``pool`` hold the block's ``S`` sources, ``pos`` the queries' own
+    sources among them."""
     b = len(rows)
-    log_g = _diag_gauss_kernel(pb.t[rows], pool.fin_loc, pool.fin_scale)  # (B, K*N)
+    log_g = pool.fin(sp.t[rows])  # (B, K*S)
     n_paths = pool.layers[0].shape[0]
     if sum(t.shape[1] for t in pool.layers) <= _FULL_Q_DIM:
         return _q_at_pool(q, pool, b, n_paths), log_g
-    first_j = _diag_gauss_kernel(pool.layers[0], pb.loc1[rows], pb.scale1[rows]).T
+    first_j = _diag_gauss_kernel(pool.layers[0], q.pb.loc1[rows], q.pb.scale1[rows]).T
     score = log_g + pool.chain[None, :] + first_j
     idx = torch.topk(score, min(top_r, n_paths), dim=1).indices
     # and always at the query's own source's paths (the diagonal's forward draws)
-    k_paths = n_paths // pb.n
-    own = rows[:, None] + pb.n * torch.arange(k_paths, device=rows.device)[None, :]
+    k_paths = n_paths // sp.n
+    own = pos[:, None] + sp.n * torch.arange(k_paths, device=rows.device)[None, :]
     idx = torch.cat([idx, own], 1)
     vals = q.log_q_at([t[idx] for t in pool.layers], [p[idx] for p in pool.priors])
     logq = torch.full_like(log_g, -math.inf)
@@ -528,6 +706,11 @@ def _draws(pb, q: _Guided, rows, m: int):
     inside the path, the layers and their parents' means (:meth:`_Guided.sample`)."""
     layers, logq, chain, priors = q.sample(m)
     return logq, _log_g(pb, rows, layers[-1]), chain, layers, priors
+
+
+@dataclass
+class _StepList:
+    steps: list
 
 
 class _Bridge:
@@ -583,6 +766,17 @@ class _Bridge:
                 self.pool_quad + gs @ st.gain_t.transpose(1, 2) + gw @ gw.transpose(1, 2)
             )
 
+    def take(self, cols: torch.Tensor) -> _Bridge:
+        """The per-source factors and draws of the sources ``cols`` only."""
+        out = object.__new__(_Bridge)
+        out.n_br = self.n_br
+        out.q = _StepList([st.take(cols) for st in self.q.steps])
+        out.zeta = [z[cols] for z in self.zeta]
+        out.log_r, out.pool_base = self.log_r[cols], self.pool_base[cols]
+        out.pool_v, out.pool_quad = self.pool_v[cols], self.pool_quad[cols]
+        out.gp = [g[cols] for g in self.gp]
+        return out
+
     def at_pool(self, pb: _Problem, rows: torch.Tensor) -> torch.Tensor:
         """``log r_ji`` at source ``i``'s forward paths for queries ``rows``: ``(B, K, N)``."""
         tq = pb.t[rows]
@@ -629,7 +823,7 @@ class _Bridge:
         tq = pb.t[rows]
         tq_r = tq.repeat_interleave(nb, 0)[None]  # (1, B*nb, d_L), row order (query, draw)
         out = [torch.empty(b, nb, n, dtype=torch.float64, device=pb.loc1.device) for _ in "pgq"]
-        q_mean0 = q.steps[0].mean(pb.loc1[rows][:, None, :])  # (B, 1, d_1)
+        q_mean0 = q.steps[0].mean(q.pb.loc1[q.rows][:, None, :])  # (B, 1, d_1)
         width = max(tq.shape[1], *(st.d for st in self.q.steps))
         step = max(1, int(4e6 // max(1, b * nb * width)))
         for c in range(0, n, step):
@@ -662,10 +856,13 @@ class _Bridge:
         return out[0], out[1], out[2]
 
 
-def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r, bridge: _Bridge | None = None):
-    n, b = pb.n, len(rows)
+def _block(pb, sp, rows, pos, q: _Guided, pool: _Pool, n_is, n_fwd, top_r, bridge, logw):
+    """``(B, S)`` log densities of the block's queries ``rows`` at its ``S`` sources
+    (``sp``, ``pool`` and ``bridge`` restricted to them; ``pos``: each query's own
+    source among them), with all draws and with the first half, each off-diagonal
+    entry plus its source weight ``logw[0]`` / ``logw[1]`` ``(B, S)``."""
+    n, b = sp.n, len(rows)
     ar = torch.arange(b, device=rows.device)
-    q = _Guided(pb, rows, anchors)
     # the query's own source gets DIAG_FACTOR * n_is draws of q_j; the first m of them
     # also serve every other source (one layer-1 kernel row each): n_is without
     # bridging, _BRIDGE_Q with it (where r_ji must also be evaluated at them)
@@ -673,16 +870,16 @@ def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r, bridge: _Bridge |
     first_d = layers_d[0]
     loc_j, scale_j = pb.loc1[rows][:, None], pb.scale1[rows][:, None]
     lp_d = _row_gauss_logpdf(first_d, loc_j, scale_j) + chain_d
-    logq_pool, log_g_pool = _pool_logq(pb, q, pool, rows, top_r)
+    logq_pool, log_g_pool = _pool_logq(sp, q, pool, rows, pos, top_r)
     m = n_is if bridge is None else min(n_is, _BRIDGE_Q)
-    k1 = pb.layer1(first_d[:, :m].reshape(b * m, -1)).reshape(b, m, n)
+    k1 = sp.layer1(first_d[:, :m].reshape(b * m, -1)).reshape(b, m, n)
     lp = k1 + chain_d[:, :m, None]  # log p_i(z) at the q_j draws
     if bridge is not None:
         r_at_q = bridge.at_draws(
-            pb, rows, [t[:, :m] for t in layers_d], [p if p is None else p[:, :m] for p in priors_d]
+            sp, rows, [t[:, :m] for t in layers_d], [p if p is None else p[:, :m] for p in priors_d]
         )
-        lpg_br, lp_br, lq_br = bridge.draws(pb, rows, q)
-        r_pool = bridge.at_pool(pb, rows)  # (B, K, N)
+        lpg_br, lp_br, lq_br = bridge.draws(sp, rows, q)
+        r_pool = bridge.at_pool(sp, rows)  # (B, K, S)
     res = []
     for frac in (1, 2):
         k_used, md, mu = n_fwd // frac, _DIAG_FACTOR * n_is // frac, max(1, m // frac)
@@ -707,14 +904,16 @@ def _block(pb, rows, anchors, pool: _Pool, n_is, n_fwd, top_r, bridge: _Bridge |
                 lpg_br[:, :nb] - den3(lq_br[:, :nb], lr, lp_br[:, :nb]),
                 own + g_pool - den3(q_pool, r_pool[:, :k_used], own),
             ]
-        out = torch.logsumexp(torch.cat(off, 1), 1)  # (B, N)
+        if logw is not None:  # sources standing for a random share of the others
+            off = [t + logw[frac - 1][:, None, :] for t in off]
+        out = torch.logsumexp(torch.cat(off, 1), 1)  # (B, S)
         # the diagonal with all of its draws
         w_d = lp_d[:, :md] + log_g_d[:, :md]
         w_d = w_d - torch.logaddexp(math.log(md) + logq_d[:, :md], lk + lp_d[:, :md])
-        own_j = own[0][:, rows].T  # (B, k_used): paths of the query's own source
-        den_fd = torch.logaddexp(math.log(md) + q_pool[ar, :, rows], lk + own_j)
-        fwd_d = torch.logsumexp(own_j + g_pool[ar, :, rows] - den_fd, 1)
-        out[ar, rows] = torch.logaddexp(torch.logsumexp(w_d, 1), fwd_d)
+        own_j = own[0][:, pos].T  # (B, k_used): paths of the query's own source
+        den_fd = torch.logaddexp(math.log(md) + q_pool[ar, :, pos], lk + own_j)
+        fwd_d = torch.logsumexp(own_j + g_pool[ar, :, pos] - den_fd, 1)
+        out[ar, pos] = torch.logaddexp(torch.logsumexp(w_d, 1), fwd_d)
         res.append(out)
         if frac == 1:
             ess = torch.exp(2 * torch.logsumexp(w_d, 1) - torch.logsumexp(2 * w_d, 1))

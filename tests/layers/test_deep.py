@@ -394,3 +394,33 @@ def test_data_processing_bounds_that_cross_are_reconciled():
     assert (df["lower"] <= df["upper"]).all() and (df["upper"] >= 0).all()
     assert df.loc[1, "lower"] == 0.04 and df.loc[1, "upper"] == 0.04
     assert df.loc[0, "lower"] == 1.0 and df.loc[0, "upper"] == 2.0
+
+
+def test_subsampled_sources_match_the_exact_marginal_density():
+    """Sources subsampled per block (each query's best sources whole, a uniform random
+    share for the rest, Horvitz-Thompson weights): the marginal density sum_i p(t_j | x_i)
+    and the dataset MI against the exact Gaussian values of a linear chain."""
+    g = torch.Generator().manual_seed(3)
+    a1 = torch.randn(8, 5, generator=g, dtype=torch.float64) / 2
+    a2 = torch.randn(6, 8, generator=g, dtype=torch.float64) / 3
+    n = 800
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    mu1 = x @ a1.T
+    t1 = mu1 + 0.4 * torch.randn(mu1.shape, generator=g, dtype=torch.float64)
+    t2 = t1 @ a2.T + 0.3 * torch.randn(n, 6, generator=g, dtype=torch.float64)
+    cov = 0.16 * a2 @ a2.T + 0.09 * torch.eye(6, dtype=torch.float64)
+    exact = torch.distributions.MultivariateNormal(
+        torch.zeros(6, dtype=torch.float64), cov
+    ).log_prob(t2[:, None, :] - (mu1 @ a2.T)[None])
+    kw = dict(n_is=32, n_fwd=16, generator=g, dtype=torch.float64)
+    link = [lambda p: dist.Normal(p @ a2.T, 0.3).to_event(1)]
+    res = deep_log_density(mu1, torch.tensor(0.4), link, t2, [t1], n_top=8, n_random=64, **kw)
+    assert res.n_sources < 0.5 * n  # the subsampled path ran
+    assert torch.isinf(res.L).float().mean() > 0.4  # most entries were not evaluated
+    # the marginal density of every query: unbiased, so the mean ratio is 1 within 3 se
+    ratio = torch.exp(torch.logsumexp(res.L, 1) - torch.logsumexp(exact, 1))
+    assert abs(float(ratio.mean()) - 1) < 3 * float(ratio.std()) / math.sqrt(n)
+    f_est, _ = mi_terms_from_log_density(res.L)
+    f_ex, _ = mi_terms_from_log_density(exact)
+    diff = f_est - f_ex
+    assert abs(float(diff.mean())) < 3 * float(diff.std()) / math.sqrt(n) + 0.01
