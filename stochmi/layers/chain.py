@@ -244,7 +244,7 @@ class Chain:
 
     @staticmethod
     def _run(model, xk, gen):
-        seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
         with torch.random.fork_rng(devices=cuda_devices(xk)):
             torch.manual_seed(seed)
             with torch.no_grad():
@@ -259,5 +259,6 @@ class Chain:
         """``p(t_l | x_i)`` as a mixture over the first ``k`` paths (batch N)."""
         k = self.k if k is None else k
         n = self.n
-        idx = (torch.arange(k)[None, :] * n + torch.arange(n)[:, None]).to(self.values[l].device)
+        dev = self.values[l].device
+        idx = torch.arange(k, device=dev)[None, :] * n + torch.arange(n, device=dev)[:, None]
         return regroup(self.conds[l], idx)

@@ -51,6 +51,14 @@ proposals by the balance heuristic (Veach & Guibas 1995):
    is heavy-tailed).  It costs ``O(n_bridge N^2)`` link evaluations and three
    ``(N, d_L, d_k)`` factors per intermediate layer.
 
+**Subsampled sources** (large ``N``; :func:`_rank_sources`, :func:`_select_sources`):
+a block of queries is evaluated at the union of every query's ``n_top`` most likely
+sources (by two cheap proxies) and of a uniform random set of ``n_random`` sources that
+stands for all others with Horvitz-Thompson weight ``N / n_random``; every other entry
+of ``L`` is ``-inf``.  Each row's marginal ``sum_i p(t_j | s_i)`` stays unbiased, and
+the cost per query no longer grows with ``N`` except for the ranking, two matrix
+products against column features computed once.
+
 For source ``i`` and a draw ``z`` from any proposal of an entry, the weight is
 ``p_i(z) p(t_j | z) / (M q_j(z) + K p_i(z))`` (``+ n_bridge r_ji(z)`` off the diagonal
 with bridging, ``M = 4`` there) with ``p_i(z) = p(t_1 | s_i) prod_k p(t_k | t_{k-1})``:
@@ -617,8 +625,9 @@ def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int):
 
     The union ``D`` of every query's ``n_top`` best sources (``top``, from
     :func:`_rank_sources`) and of the queries' own sources is taken whole (weight 1).
-    A uniform random subset ``U`` of ``n_random`` of all ``N`` sources, drawn independently of everything else, stands for the rest: a source of
-    ``U`` not in ``D`` gets weight ``N / n_random`` (Horvitz-Thompson), so that
+    A uniform random subset ``U`` of ``n_random`` of all ``N`` sources, drawn
+    independently of everything else, stands for the rest: a source of ``U`` not in
+    ``D`` gets weight ``N / n_random`` (Horvitz-Thompson), so that
     ``sum_{i in D} p_ji + (N / n_random) sum_{i in U \\ D} p_ji`` is unbiased for
     ``sum_i p_ji`` whatever ``D`` is.  The half-sample weights use the first
     ``n_random / 2`` members of ``U`` at weight ``2 N / n_random``.

@@ -87,7 +87,7 @@ def _weight_draws(model, guide, x, weight_sites, count, gen) -> list[dict]:
     draws = []
     src = guide if guide is not None else model
     for _ in range(count):
-        seed = int(torch.randint(0, 2**62, (1,), generator=gen).item())
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
         with torch.random.fork_rng(devices=cuda_devices(x)):
             torch.manual_seed(seed)
             with torch.no_grad():
@@ -166,7 +166,7 @@ class _Deep:
     def _once(self, a, b, n_is, n_fwd, n_br=0):
         # traced links sample the layer site from torch's global RNG: run them on a
         # private, seeded copy so the caller's RNG is untouched and numbers reproduce
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.gen).item())
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.gen, device=self.gen.device).item())
         with torch.random.fork_rng(devices=cuda_devices(self.chain.values[b])):
             torch.manual_seed(seed)
             return self._once_inner(a, b, n_is, n_fwd, n_br)
@@ -508,7 +508,7 @@ def layer_mi(
         x = x.to(device)
         y = y.to(device) if y is not None else None
     master = spawn_seeds(seed, 4)
-    gen = torch.Generator().manual_seed(master[0])
+    gen = torch.Generator(device=x.device).manual_seed(master[0])
     with torch.random.fork_rng(devices=cuda_devices(x)):
         torch.manual_seed(master[1])
         with torch.no_grad():
