@@ -16,7 +16,19 @@ of the repeats and median --, which blocks ran in which precision and how many r
 their row shift redone, and the difference of the value and the upper bound from the
 float64 estimate) with the load average before and after each case.  ``--breakdown``
 adds, for the largest case, where the time of one estimate goes (``torch.profiler``, self
-time per op, against the float32 floor).  Nothing here is a test; no test needs a GPU.
+time per op, against the float32 floor).
+
+``--layer-mi [N]`` adds a section that times the whole ``stochmi.layer_mi`` (every
+default pair with labels: ``X -> h1..h3``, the deep rows ``X -> h2`` and ``X -> h3``,
+adjacent layers and ``h_l -> Y``) on the untrained ``noisy_mlp`` (noise sigma 1, seed 0)
+with ``N`` shared test images (default 2,000), on the CPU and on the CUDA device when
+there is one.  It prints seconds per device (best of ``--layer-mi-repeats``, default 1,
+after a warm-up run on 200 images) and the largest difference of the ``value`` column
+between the devices.  The CPU and CUDA generators give different numbers for one seed,
+so the values differ by Monte Carlo noise: the report also gives that difference over
+the rows' combined standard error.  Without CUDA the section runs on the CPU alone (with
+a note).  ``--skip-kernel`` leaves out the estimator cases above.  Nothing here is a
+test; no test needs a GPU.
 
 Usage::
 
@@ -25,6 +37,8 @@ Usage::
         --dims 64 256 1024 --repeats 3
     python benchmarks/bench_gpu.py --device cpu --threads 2 --sizes 10000 --dims 1024 \
         --repeats 5 --breakdown
+    python benchmarks/bench_gpu.py --skip-kernel --layer-mi          # layer_mi, N = 2,000
+    python benchmarks/bench_gpu.py --skip-kernel --layer-mi 500 --threads 2
 """
 
 from __future__ import annotations
@@ -203,6 +217,74 @@ def breakdown(n: int, d: int, device, top: int = 14) -> str:
     return "\n".join(lines)
 
 
+def layer_mi_section(n: int, devices: list, repeats: int, n_warm: int = 200) -> str:
+    """``stochmi.layer_mi`` on the untrained noisy_mlp (sigma 1, seed 0), every default pair
+    with labels, ``n`` shared test images, timed on each device (best of ``repeats``,
+    after a warm-up on ``n_warm`` images); a markdown report."""
+    import copy
+
+    import torch
+
+    import stochmi
+
+    spec = stochmi.load_spec("noisy_mlp", overrides={"noise.sigma": 1.0})
+    model = stochmi.build_model(spec, seed=0)
+    data = stochmi.load_mnist("shared-test", n=n, seed=0)
+    n_warm = min(n_warm, n)
+    times, frames, loads = {}, {}, {}
+    for dev in devices:
+        cuda = dev.type == "cuda"
+
+        def sync(cuda=cuda):
+            if cuda:
+                torch.cuda.synchronize()
+
+        m = copy.deepcopy(model).to(dev)
+        x, y = data.x.to(dev), data.y.to(dev)
+        stochmi.layer_mi(m, x[:n_warm], y[:n_warm], seed=0)  # warm-up (CUDA context etc.)
+        loads[dev] = _load()
+        t, df = _best(lambda m=m, x=x, y=y: stochmi.layer_mi(m, x, y, seed=0), sync, repeats)
+        times[dev], frames[dev] = t, df
+        print(f"layer_mi on {dev}: {t:.2f} s (load {loads[dev]}; {_load()})", flush=True)
+    lines = [
+        f"layer_mi, untrained noisy_mlp (sigma 1, seed 0), every default pair with labels, "
+        f"N = {n} shared test images, best of {repeats} (after a warm-up on {n_warm} images)",
+        "",
+        "| device | seconds | rows | converged | load before |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for dev in devices:
+        df = frames[dev]
+        lines.append(
+            f"| {dev} | {times[dev]:.2f} | {len(df)} | {int(df['converged'].sum())} "
+            f"| {loads[dev]} |"
+        )
+    ref = frames[devices[0]]
+    key = list(zip(ref["source"], ref["target"]))
+    lines += ["", "| pair | " + " | ".join(f"value ± se ({d})" for d in devices) + " |"]
+    lines.append("|---|" + "---:|" * len(devices))
+    for i, (a, b) in enumerate(key):
+        cells = [
+            f"{frames[d]['value'].iloc[i]:.4f} ± {frames[d]['stderr'].iloc[i]:.4f}" for d in devices
+        ]
+        lines.append(f"| {a} -> {b} | " + " | ".join(cells) + " |")
+    for dev in devices[1:]:
+        other = frames[dev]
+        if list(zip(other["source"], other["target"])) != key:
+            lines.append(f"\n{dev}: the pairs differ from the CPU's; no difference computed")
+            continue
+        diff = abs(other["value"].to_numpy() - ref["value"].to_numpy())
+        se = (other["stderr"].to_numpy() ** 2 + ref["stderr"].to_numpy() ** 2) ** 0.5
+        i = int(diff.argmax())
+        z = float((diff / se).max())
+        lines.append(
+            f"\nmax abs difference of value, {dev} vs cpu: {diff[i]:.2e} nats "
+            f"({key[i][0]} -> {key[i][1]}); largest |difference| / combined se: {z:.2f}; "
+            f"speed-up {times[devices[0]] / times[dev]:.1f}x"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1")
@@ -213,6 +295,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--breakdown", action="store_true", help="profile one estimate of the largest case"
     )
+    p.add_argument(
+        "--layer-mi",
+        type=int,
+        nargs="?",
+        const=2000,
+        default=None,
+        metavar="N",
+        help="time stochmi.layer_mi on the untrained noisy_mlp (sigma 1), every default pair "
+        "with labels, N shared test images (default 2000), on the CPU and on CUDA",
+    )
+    p.add_argument(
+        "--layer-mi-repeats", type=int, default=1, help="timed layer_mi runs per device (best)"
+    )
+    p.add_argument("--skip-kernel", action="store_true", help="leave out the estimator cases")
     args = p.parse_args(argv)
 
     import torch
@@ -229,16 +325,29 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} logical CPUs; load average at start {_load()}",
         flush=True,
     )
-    rows = []
-    for d in args.dims:
-        for n in args.sizes:
-            rows.append(run_case(n, d, dev, args.repeats))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
-    print()
-    print(table(rows))
-    if args.breakdown:
+    if not args.skip_kernel:
+        rows = []
+        for d in args.dims:
+            for n in args.sizes:
+                rows.append(run_case(n, d, dev, args.repeats))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
         print()
-        print(breakdown(max(args.sizes), max(args.dims), dev))
+        print(table(rows))
+        if args.breakdown:
+            print()
+            print(breakdown(max(args.sizes), max(args.dims), dev))
+    if args.layer_mi:
+        devices = [torch.device("cpu")]
+        if dev.type == "cuda":
+            devices.append(dev)
+        elif args.device == "auto":
+            print(
+                "\nnote: no CUDA device (torch.cuda.is_available() is False): "
+                "the layer_mi section runs on the CPU only",
+                flush=True,
+            )
+        print()
+        print(layer_mi_section(args.layer_mi, devices, args.layer_mi_repeats), flush=True)
     return 0
 
 

@@ -23,9 +23,11 @@ or the test's own model are not checked.  A failure lists each offending
 
 The runs cover every kind of pair on a Pyro noise-injected chain of three Gaussian
 layers: direct (``X -> h1``, adjacent layers), deep (``X -> h2``, ``X -> h3``), label
-(``h_l -> Y``) and non-adjacent (``h1 -> h3``) pairs.  The normals that the kernel
-would draw on a helper thread are drawn on the calling thread here, where the mode is
-active.
+(``h_l -> Y``) and non-adjacent (``h1 -> h3``) pairs; the deep estimator's bridged
+round and subsampled sources; models with global weight sites (mixture over prior
+draws, and the conditional mode with a guide); and a narrowed ``noisy_mlp``.  The
+normals that the kernel would draw on a helper thread are drawn on the calling thread
+here, where the mode is active.  Each test takes well under two seconds.
 """
 
 from __future__ import annotations
@@ -197,7 +199,10 @@ def recorder(monkeypatch):
     rec = DeviceRecorder()
     monkeypatch.setattr(torch, "Generator", rec.generator_class)
     monkeypatch.setattr(kernel, "_PREFETCH", False)  # the mode is per thread
-    return rec
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small problems: one thread is fastest and disturbs no one
+    yield rec
+    torch.set_num_threads(threads)
 
 
 def _assert_no_offences(rec: DeviceRecorder):
@@ -264,7 +269,6 @@ def test_recorder_flags_calls_without_a_device(recorder):
 
 def test_chain_with_labels_makes_everything_on_the_input_device(recorder):
     """Default pairs with labels: X -> h1..h3 (deep for h2, h3), h1 -> h2 -> h3, h_l -> Y."""
-    torch.set_num_threads(1)
     x, y = _data()
     with recorder:
         df = stochmi.layer_mi(TanhChain(), x, y, seed=0)
@@ -284,7 +288,6 @@ def test_chain_with_labels_makes_everything_on_the_input_device(recorder):
 
 
 def test_non_adjacent_pair_makes_everything_on_the_input_device(recorder):
-    torch.set_num_threads(1)
     x, _ = _data()
     with recorder:
         df = stochmi.layer_mi(TanhChain(), x, pairs=[("h1", "h3")], seed=0)
@@ -299,7 +302,6 @@ def test_bridged_draws_and_subsampled_sources_make_everything_on_the_input_devic
     """The deep estimator's other branches: a tolerance no first round meets sends every
     deep row to a second, bridged round, and a small ``n_top`` / ``n_random`` (at large
     ``N`` the defaults do the same) makes the sources subsampled per block of queries."""
-    torch.set_num_threads(1)
     from stochmi.layers import deep, estimation
 
     small = functools.partial(deep.deep_log_density, n_top=2, n_random=8)
@@ -359,8 +361,7 @@ class BayesChain:
 @pytest.mark.parametrize("weights, guide", [("marginal", False), ("conditional", True)])
 def test_chain_with_weight_sites_makes_everything_on_the_input_device(recorder, weights, guide):
     """Global weight sites: a mixture over prior weight draws (nested Monte Carlo paths),
-    and the conditional mode over posterior draws (one noise chain per draw)."""
-    torch.set_num_threads(1)
+    and the conditional mode (per draw from the guide)."""
     m = BayesChain()
     x, y = _data(n=40)
     with recorder:
@@ -376,4 +377,20 @@ def test_chain_with_weight_sites_makes_everything_on_the_input_device(recorder, 
             max_effort=1,
         )
     assert len(df) == 8
+    _assert_no_offences(recorder)
+
+
+def test_noisy_mlp_makes_everything_on_the_input_device(recorder):
+    """The reference ``noisy_mlp`` (narrowed to 16-8-6, noise 1), default pairs with labels:
+    its own forward pass is stochmi code and is checked too."""
+    spec = stochmi.load_spec(
+        "noisy_mlp", overrides={"noise.sigma": 1.0, "model.hidden": [16, 8, 6]}
+    )
+    model = stochmi.build_model(spec, seed=0)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, model.input_dim, generator=g)
+    y = torch.randint(0, model.n_classes, (40,), generator=g)
+    with recorder:
+        df = stochmi.layer_mi(model, x, y, seed=0)
+    assert len(df) == 8 and "stochmi/layers/deep.py" in recorder.files_seen()
     _assert_no_offences(recorder)
