@@ -97,6 +97,7 @@ _DIAG_FACTOR = 4  # draws for the query's own source, as a multiple of n_is
 _FULL_Q_DIM = 64  # total path width up to which q_j is evaluated at every forward path
 _BRIDGE_Q = 4  # with bridging, draws of q_j per query that also serve the other sources
 _BLOCK = 16  # queries per block when the sources are subsampled (they share U)
+_RANK_STEP = 256  # queries ranked together when the sources are subsampled
 _SUBSAMPLE_FRACTION = 0.5  # subsample only when a block's sources are under this share of N
 
 
@@ -244,7 +245,11 @@ class _Problem:
         return _link_params(self.links[k], parent.to(self.dtype))
 
     def randn(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gen, dtype=torch.float64, device=self.loc1.device)
+        """Standard normals drawn in float32 (four times faster than float64 on the CPU)
+        and returned as float64: a proposal's draw is then a float32-rounded normal, and
+        its density is evaluated in float64 at exactly that value."""
+        g = torch.randn(shape, generator=self.gen, dtype=torch.float32, device=self.loc1.device)
+        return g.to(torch.float64)
 
     def layer1(self, t1: torch.Tensor) -> torch.Tensor:
         """``log p(t1_r | s_i)`` for all rows and sources: ``(R, N)``."""
@@ -328,18 +333,72 @@ class _Pool:
         self.own = (self.first + self.chain).reshape(k_paths, n)  # log p_i(z), own source
         self.fin = _GaussCols(self.fin_loc, self.fin_scale)
 
-    def take(self, cols: torch.Tensor) -> _Pool:
+    @property
+    def n_paths(self) -> int:
+        return self.own.numel()
+
+    @property
+    def width(self) -> int:
+        return sum(t.shape[1] for t in self.layers)
+
+    def at(self, idx: torch.Tensor):
+        """Layers and parents' means of the paths ``idx`` (any shape)."""
+        return [t[idx] for t in self.layers], [p[idx] for p in self.priors]
+
+    def first_at(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``log N(t_1 of path r; loc_b, diag scale_b^2)``, ``(B, K*N)``, in float32 from
+        features of the paths computed once (a ranking score, not part of an estimate)."""
+        if not hasattr(self, "_z1"):
+            z = self.layers[0]
+            self._c1 = z.mean(0, keepdim=True)
+            zc = z - self._c1
+            self._z1 = (zc.to(torch.float32), (zc * zc).to(torch.float32))
+        zc32, zsq32 = self._z1
+        loc = loc.to(torch.float64) - self._c1
+        prec = torch.broadcast_to(scale.to(torch.float64), loc.shape).pow(-2)
+        quad = (prec.to(torch.float32) @ zsq32.T - 2.0 * (loc * prec).to(torch.float32) @ zc32.T)
+        quad = quad.double() + (loc * loc * prec).sum(1)[:, None]
+        norm = -0.5 * torch.log(prec).sum(1) + 0.5 * loc.shape[1] * _LOG2PI
+        return -0.5 * quad.clamp_min(0) - norm[:, None]
+
+    def take(self, cols: torch.Tensor) -> _PoolView:
         """The paths of the sources ``cols`` only (row ``k * len(cols) + c``)."""
-        k_paths, n = self.own.shape
-        idx = (torch.arange(k_paths, device=cols.device)[:, None] * n + cols[None, :]).reshape(-1)
-        out = object.__new__(_Pool)
-        out.layers = [t[idx] for t in self.layers]
-        out.priors = [p[idx] for p in self.priors]
-        out.first, out.chain = self.first[idx], self.chain[idx]
-        out.fin_loc, out.fin_scale = self.fin_loc[idx], self.fin_scale[idx]
-        out.own = self.own[:, cols]
-        out.fin = self.fin.take(idx)
-        return out
+        return _PoolView(self, cols)
+
+
+class _PoolView:
+    """The forward paths of a subset ``cols`` of the sources, without copies of the
+    paths themselves: path ``k * len(cols) + c`` is path ``k * N + cols[c]`` of the pool."""
+
+    def __init__(self, base: _Pool, cols: torch.Tensor):
+        k_paths, n = base.own.shape
+        self.base = base
+        ks = torch.arange(k_paths, device=cols.device)[:, None]
+        self.idx = (ks * n + cols[None, :]).reshape(-1)
+        self.own = base.own[:, cols]
+        self.chain = base.chain[self.idx]
+        self.width = base.width
+        self._fin = None
+
+    @property
+    def n_paths(self) -> int:
+        return self.own.numel()
+
+    @property
+    def fin(self) -> _GaussCols:
+        if self._fin is None:
+            self._fin = self.base.fin.take(self.idx)
+        return self._fin
+
+    @property
+    def layers(self):
+        return [t[self.idx] for t in self.base.layers]
+
+    def at(self, idx: torch.Tensor):
+        return self.base.at(self.idx[idx])
+
+    def first_at(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.base.first_at(loc, scale)[:, self.idx]
 
 
 class _Step:
@@ -570,54 +629,56 @@ def deep_log_density(
     ess = torch.empty(n, dtype=torch.float64, device=dev)
     marg = torch.empty(n, dtype=torch.float64, device=dev)
     n_cols = []
-    top = _rank_sources(pb, pool, anchors, n_top) if subsample else None
-    for start in range(0, n, chunk_size):
-        rows = torch.arange(start, min(n, start + chunk_size), device=dev)
-        q = _Guided(pb, rows, anchors)
+    # with subsampling, queries are ranked _RANK_STEP at a time (log p(t_j | z) at every
+    # forward path, kept for the blocks of those queries), then estimated in blocks
+    outer = _RANK_STEP if subsample else chunk_size
+    for ostart in range(0, n, outer):
+        orows = torch.arange(ostart, min(n, ostart + outer), device=dev)
         if subsample:
-            cols, logw, pos = _select_sources(pb, rows, top[rows], n_random)
-            sp, pool_b = pb.take(cols), pool.take(cols)
-            bridge_b = bridge.take(cols) if bridge is not None else None
-        else:
-            cols, logw, pos = None, None, rows
-            sp, pool_b, bridge_b = pb, pool, bridge
-        f, h, ess[rows], marg[rows] = _block(
-            pb, sp, rows, pos, q, pool_b, n_is, n_fwd, top_r, bridge_b, logw
-        )
-        if cols is None:
-            out[rows], half[rows] = f, h
-        else:
-            out[rows[:, None], cols[None, :]] = f
-            half[rows[:, None], cols[None, :]] = h
-        n_cols.append(n if cols is None else len(cols))
-        if progress is not None:
-            progress(len(rows))
+            g_all = pool.fin(pb.t[orows])  # (B_outer, K*N)
+            top = _rank_sources(pb, pool, anchors, orows, g_all, n_top)
+        for start in range(0, len(orows), chunk_size):
+            loc = slice(start, min(len(orows), start + chunk_size))
+            rows = orows[loc]
+            q = _Guided(pb, rows, anchors)
+            if subsample:
+                cols, logw, pos = _select_sources(pb, rows, top[loc], n_random)
+                sp, pool_b = pb.take(cols), pool.take(cols)
+                bridge_b = bridge.take(cols) if bridge is not None else None
+                log_g = g_all[loc][:, pool_b.idx]
+            else:
+                cols, logw, pos, log_g = None, None, rows, None
+                sp, pool_b, bridge_b = pb, pool, bridge
+            f, h, ess[rows], marg[rows] = _block(
+                pb, sp, rows, pos, q, pool_b, n_is, n_fwd, top_r, bridge_b, logw, log_g
+            )
+            if cols is None:
+                out[rows], half[rows] = f, h
+            else:
+                out[rows[:, None], cols[None, :]] = f
+                half[rows[:, None], cols[None, :]] = h
+            n_cols.append(n if cols is None else len(cols))
+            if progress is not None:
+                progress(len(rows))
     return DeepLogDensity(out, half, ess, marg, n_is, n_fwd, float(sum(n_cols) / len(n_cols)))
 
 
-def _rank_sources(pb: _Problem, pool: _Pool, anchors, n_top: int, step: int = 256):
-    """Each query's ``n_top`` most likely other sources: ``(N, n_top)`` indices.
+def _rank_sources(pb: _Problem, pool: _Pool, anchors, rows, log_g, n_top: int):
+    """Each query's ``n_top`` most likely other sources: ``(B, n_top)`` indices.
 
     Sources are ranked by two cheap proxies of ``log p(t_j | s_i)``, each relative to
     its best source, and the larger is kept: the layer-1 density of the query's own
     path, ``log N(a_j; mu_i, diag s_i^2)``, and the nested Monte Carlo estimate
-    ``log mean_k p(t_j | z_ik)`` from the forward paths of source ``i``.  Queries are
-    ranked ``step`` at a time (two matrix products each against fixed column features).
+    ``log mean_k p(t_j | z_ik)`` from the forward paths of source ``i`` (``log_g``,
+    ``log p(t_j | z)`` at every forward path, ``(B, K*N)``).
     """
-    n, dev = pb.n, pb.loc1.device
+    n, b, dev = pb.n, len(rows), pb.loc1.device
     k_paths = pool.own.shape[0]
-    top = torch.empty(n, min(n_top, n - 1), dtype=torch.long, device=dev)
-    for start in range(0, n, step):
-        rows = torch.arange(start, min(n, start + step), device=dev)
-        b = len(rows)
-        s1 = pb.layer1(anchors[0][rows])  # (B, N)
-        g = torch.logsumexp(pool.fin(pb.t[rows]).reshape(b, k_paths, n), 1)
-        score = torch.maximum(
-            s1 - s1.max(1, keepdim=True).values, g - g.max(1, keepdim=True).values
-        )
-        score[torch.arange(b, device=dev), rows] = -math.inf
-        top[rows] = torch.topk(score, top.shape[1], dim=1).indices
-    return top
+    s1 = pb.layer1(anchors[0][rows])  # (B, N)
+    g = torch.logsumexp(log_g.reshape(b, k_paths, n), 1)
+    score = torch.maximum(s1 - s1.max(1, keepdim=True).values, g - g.max(1, keepdim=True).values)
+    score[torch.arange(b, device=dev), rows] = -math.inf
+    return torch.topk(score, min(n_top, n - 1), dim=1).indices
 
 
 def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int):
@@ -663,26 +724,27 @@ def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int):
     return cols, logw, where[rows]
 
 
-def _pool_logq(sp, q: _Guided, pool: _Pool, rows, pos, top_r):
+def _pool_logq(sp, q: _Guided, pool, rows, pos, top_r, log_g=None):
     """``log q_j`` at forward paths ``(B, K*S)``: at every path when the paths are short
     (intermediate widths summing to at most ``_FULL_Q_DIM``), else at the query's own
     source's paths and the ``top_r`` paths where source ``j``'s unnormalised posterior
-    is largest, ``-inf`` elsewhere; also ``log p(t_j | z)`` at every forward path.
-    ``sp`` and ``pool`` hold the block's ``S`` sources, ``pos`` the queries' own
-    sources among them."""
+    is largest, ``-inf`` elsewhere; also ``log p(t_j | z)`` at every forward path
+    (``log_g`` when the caller has it).  ``sp`` and ``pool`` hold the block's ``S``
+    sources, ``pos`` the queries' own sources among them."""
     b = len(rows)
-    log_g = pool.fin(sp.t[rows])  # (B, K*S)
-    n_paths = pool.layers[0].shape[0]
-    if sum(t.shape[1] for t in pool.layers) <= _FULL_Q_DIM:
+    if log_g is None:
+        log_g = pool.fin(sp.t[rows])  # (B, K*S)
+    n_paths = pool.n_paths
+    if pool.width <= _FULL_Q_DIM:
         return _q_at_pool(q, pool, b, n_paths), log_g
-    first_j = _diag_gauss_kernel(pool.layers[0], q.pb.loc1[rows], q.pb.scale1[rows]).T
+    first_j = pool.first_at(q.pb.loc1[rows], q.pb.scale1[rows])
     score = log_g + pool.chain[None, :] + first_j
     idx = torch.topk(score, min(top_r, n_paths), dim=1).indices
     # and always at the query's own source's paths (the diagonal's forward draws)
     k_paths = n_paths // sp.n
     own = pos[:, None] + sp.n * torch.arange(k_paths, device=rows.device)[None, :]
     idx = torch.cat([idx, own], 1)
-    vals = q.log_q_at([t[idx] for t in pool.layers], [p[idx] for p in pool.priors])
+    vals = q.log_q_at(*pool.at(idx))
     logq = torch.full_like(log_g, -math.inf)
     logq.scatter_(1, idx, vals)
     return logq, log_g
@@ -691,13 +753,14 @@ def _pool_logq(sp, q: _Guided, pool: _Pool, rows, pos, top_r):
 def _q_at_pool(q: _Guided, pool: _Pool, b: int, n_paths: int):
     """``log q_j`` at the first ``n_paths`` forward paths, in chunks: ``(B, n_paths)``."""
     out = torch.empty(b, n_paths, dtype=torch.float64, device=pool.own.device)
-    width = sum(t.shape[1] for t in pool.layers)
+    width = pool.width
+    layers, priors = pool.at(torch.arange(n_paths, device=pool.own.device))
     step = max(1, int(4e6 // max(1, b * width)))
     for c in range(0, n_paths, step):
         sl = slice(c, min(n_paths, c + step))
         out[:, sl] = q.log_q_at(
-            [t[sl][None].expand(b, -1, -1) for t in pool.layers],
-            [p[sl][None].expand(b, -1, -1) for p in pool.priors],
+            [t[sl][None].expand(b, -1, -1) for t in layers],
+            [p[sl][None].expand(b, -1, -1) for p in priors],
         )
     return out
 
@@ -865,7 +928,7 @@ class _Bridge:
         return out[0], out[1], out[2]
 
 
-def _block(pb, sp, rows, pos, q: _Guided, pool: _Pool, n_is, n_fwd, top_r, bridge, logw):
+def _block(pb, sp, rows, pos, q: _Guided, pool, n_is, n_fwd, top_r, bridge, logw, log_g=None):
     """``(B, S)`` log densities of the block's queries ``rows`` at its ``S`` sources
     (``sp``, ``pool`` and ``bridge`` restricted to them; ``pos``: each query's own
     source among them), with all draws and with the first half, each off-diagonal
@@ -879,7 +942,7 @@ def _block(pb, sp, rows, pos, q: _Guided, pool: _Pool, n_is, n_fwd, top_r, bridg
     first_d = layers_d[0]
     loc_j, scale_j = pb.loc1[rows][:, None], pb.scale1[rows][:, None]
     lp_d = _row_gauss_logpdf(first_d, loc_j, scale_j) + chain_d
-    logq_pool, log_g_pool = _pool_logq(sp, q, pool, rows, pos, top_r)
+    logq_pool, log_g_pool = _pool_logq(sp, q, pool, rows, pos, top_r, log_g)
     m = n_is if bridge is None else min(n_is, _BRIDGE_Q)
     k1 = sp.layer1(first_d[:, :m].reshape(b * m, -1)).reshape(b, m, n)
     lp = k1 + chain_d[:, :m, None]  # log p_i(z) at the q_j draws
