@@ -152,11 +152,14 @@ class _GaussCols:
         self.lp = lc * self.prec
         self.quad_c = (lc * self.lp).sum(1)  # b_c
         self.norm = torch.log(scale).sum(1) + 0.5 * loc.shape[1] * _LOG2PI
+        # one precision vector for every column (noise of a fixed scale): the first
+        # product reduces to a row sum
+        self.shared = bool((self.prec == self.prec[:1]).all())
         self._f32 = None
 
     def take(self, idx) -> _GaussCols:
         out = object.__new__(_GaussCols)
-        out.centre = self.centre
+        out.centre, out.shared = self.centre, self.shared
         out.prec, out.lp = self.prec[idx], self.lp[idx]
         out.quad_c, out.norm = self.quad_c[idx], self.norm[idx]
         out._f32 = None
@@ -171,13 +174,20 @@ class _GaussCols:
         bound = 2.5 * math.sqrt(d) * _U32 * (
             (t2.sum(1) * pmax).sqrt() + self.quad_c.max().clamp_min(0).sqrt()
         ).pow(2)
-        if bool((bound <= _F32_TOL).all()):
-            if self._f32 is None:
-                self._f32 = (self.prec.to(torch.float32), self.lp.to(torch.float32))
+        use32 = bool((bound <= _F32_TOL).all())
+        if use32 and self._f32 is None:
+            self._f32 = (self.prec.to(torch.float32), self.lp.to(torch.float32))
+        if use32:
             p32, lp32 = self._f32
-            quad = (t2.to(torch.float32) @ p32.T - 2.0 * t.to(torch.float32) @ lp32.T).double()
+            quad = (-2.0 * t.to(torch.float32) @ lp32.T).double()
         else:
-            quad = t2 @ self.prec.T - 2.0 * t @ self.lp.T
+            quad = -2.0 * t @ self.lp.T
+        if self.shared:
+            quad = quad + (t2 @ self.prec[0])[:, None]
+        elif use32:
+            quad = quad + (t2.to(torch.float32) @ p32.T).double()
+        else:
+            quad = quad + t2 @ self.prec.T
         quad = quad + self.quad_c[None, :]
         return -0.5 * quad.clamp_min(0) - self.norm[None, :]
 
@@ -356,8 +366,15 @@ class _Pool:
         zc32, zsq32 = self._z1
         loc = loc.to(torch.float64) - self._c1
         prec = torch.broadcast_to(scale.to(torch.float64), loc.shape).pow(-2)
-        quad = (prec.to(torch.float32) @ zsq32.T - 2.0 * (loc * prec).to(torch.float32) @ zc32.T)
-        quad = quad.double() + (loc * loc * prec).sum(1)[:, None]
+        quad = (-2.0 * (loc * prec).to(torch.float32) @ zc32.T).double()
+        if bool((prec == prec[:1]).all()):  # one scale for every source: a row sum
+            cached = getattr(self, "_zsq_p", None)
+            if cached is None or not torch.equal(cached[0], prec[0]):
+                self._zsq_p = cached = (prec[0], (zsq32.double() @ prec[0])[None, :])
+            quad = quad + cached[1]
+        else:
+            quad = quad + (prec.to(torch.float32) @ zsq32.T).double()
+        quad = quad + (loc * loc * prec).sum(1)[:, None]
         norm = -0.5 * torch.log(prec).sum(1) + 0.5 * loc.shape[1] * _LOG2PI
         return -0.5 * quad.clamp_min(0) - norm[:, None]
 
@@ -637,6 +654,9 @@ def deep_log_density(
         if subsample:
             g_all = pool.fin(pb.t[orows])  # (B_outer, K*N)
             top = _rank_sources(pb, pool, anchors, orows, g_all, n_top)
+            first_all = None
+            if pool.width > _FULL_Q_DIM:  # the ranking term of _pool_logq, for all paths
+                first_all = pool.first_at(pb.loc1[orows], pb.scale1[orows])
         for start in range(0, len(orows), chunk_size):
             loc = slice(start, min(len(orows), start + chunk_size))
             rows = orows[loc]
@@ -646,11 +666,12 @@ def deep_log_density(
                 sp, pool_b = pb.take(cols), pool.take(cols)
                 bridge_b = bridge.take(cols) if bridge is not None else None
                 log_g = g_all[loc][:, pool_b.idx]
+                first = None if first_all is None else first_all[loc][:, pool_b.idx]
             else:
-                cols, logw, pos, log_g = None, None, rows, None
+                cols, logw, pos, log_g, first = None, None, rows, None, None
                 sp, pool_b, bridge_b = pb, pool, bridge
             f, h, ess[rows], marg[rows] = _block(
-                pb, sp, rows, pos, q, pool_b, n_is, n_fwd, top_r, bridge_b, logw, log_g
+                pb, sp, rows, pos, q, pool_b, n_is, n_fwd, top_r, bridge_b, logw, log_g, first
             )
             if cols is None:
                 out[rows], half[rows] = f, h
@@ -724,20 +745,22 @@ def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int):
     return cols, logw, where[rows]
 
 
-def _pool_logq(sp, q: _Guided, pool, rows, pos, top_r, log_g=None):
+def _pool_logq(sp, q: _Guided, pool, rows, pos, top_r, log_g=None, first_j=None):
     """``log q_j`` at forward paths ``(B, K*S)``: at every path when the paths are short
     (intermediate widths summing to at most ``_FULL_Q_DIM``), else at the query's own
     source's paths and the ``top_r`` paths where source ``j``'s unnormalised posterior
     is largest, ``-inf`` elsewhere; also ``log p(t_j | z)`` at every forward path
-    (``log_g`` when the caller has it).  ``sp`` and ``pool`` hold the block's ``S``
-    sources, ``pos`` the queries' own sources among them."""
+    (``log_g``, and the ranking term ``first_j``, when the caller has them).  ``sp``
+    and ``pool`` hold the block's ``S`` sources, ``pos`` the queries' own sources
+    among them."""
     b = len(rows)
     if log_g is None:
         log_g = pool.fin(sp.t[rows])  # (B, K*S)
     n_paths = pool.n_paths
     if pool.width <= _FULL_Q_DIM:
         return _q_at_pool(q, pool, b, n_paths), log_g
-    first_j = pool.first_at(q.pb.loc1[rows], q.pb.scale1[rows])
+    if first_j is None:
+        first_j = pool.first_at(q.pb.loc1[rows], q.pb.scale1[rows])
     score = log_g + pool.chain[None, :] + first_j
     idx = torch.topk(score, min(top_r, n_paths), dim=1).indices
     # and always at the query's own source's paths (the diagonal's forward draws)
@@ -928,7 +951,7 @@ class _Bridge:
         return out[0], out[1], out[2]
 
 
-def _block(pb, sp, rows, pos, q: _Guided, pool, n_is, n_fwd, top_r, bridge, logw, log_g=None):
+def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=None, first=None):
     """``(B, S)`` log densities of the block's queries ``rows`` at its ``S`` sources
     (``sp``, ``pool`` and ``bridge`` restricted to them; ``pos``: each query's own
     source among them), with all draws and with the first half, each off-diagonal
@@ -942,7 +965,7 @@ def _block(pb, sp, rows, pos, q: _Guided, pool, n_is, n_fwd, top_r, bridge, logw
     first_d = layers_d[0]
     loc_j, scale_j = pb.loc1[rows][:, None], pb.scale1[rows][:, None]
     lp_d = _row_gauss_logpdf(first_d, loc_j, scale_j) + chain_d
-    logq_pool, log_g_pool = _pool_logq(sp, q, pool, rows, pos, top_r, log_g)
+    logq_pool, log_g_pool = _pool_logq(sp, q, pool, rows, pos, top_r, log_g, first)
     m = n_is if bridge is None else min(n_is, _BRIDGE_Q)
     k1 = sp.layer1(first_d[:, :m].reshape(b * m, -1)).reshape(b, m, n)
     lp = k1 + chain_d[:, :m, None]  # log p_i(z) at the q_j draws
