@@ -216,7 +216,7 @@ def mlp_tables(n_ref: int, n_time: int, k_ref: int) -> None:
         f"{secs:.1f} s (load average {os.getloadavg()[0]:.1f})"
     )
     cols = ["source", "target", "value", "stderr", "lower", "upper", "converged", "k_paths"]
-    print(df[cols].to_markdown(index=False, floatfmt=".3f"))
+    print(_markdown(df[cols]))
 
 
 def untrained_table(n: int) -> None:
@@ -233,7 +233,7 @@ def untrained_table(n: int) -> None:
         f"test images: {secs:.1f} s (load average {os.getloadavg()[0]:.1f})"
     )
     cols = ["source", "target", "value", "stderr", "lower", "upper", "converged", "mc_bias"]
-    print(df[cols + ["n_is", "k_paths"]].to_markdown(index=False, floatfmt=".3f"))
+    print(_markdown(df[cols + ["n_is", "k_paths"]]))
 
 
 def _ais_log_density(model, loc, scale, src, tq, n_steps, n_part, gen):
@@ -328,6 +328,17 @@ def ais_check(n: int, n_queries: int = 12, n_top: int = 15, n_steps: int = 2500)
         diff = torch.logsumexp(torch.gather(est[e], 1, top), 1) - lse_ref
         se = float(diff.std()) / math.sqrt(n_queries)
         print(f"| {e} | {2 * e} | {float(diff.mean()):+.3f} ± {se:.3f} | {float(diff.std()):.3f} |")
+
+
+def _markdown(df) -> str:
+    """A markdown table of a DataFrame, floats to 3 decimals (no optional dependency)."""
+
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -13,6 +13,10 @@ rows converged and the values.  The machine's load average is printed with each 
 
     python benchmarks/bench_ratio.py                          # trained/untrained, N = 1000, 2000
     python benchmarks/bench_ratio.py --n 2000 5000 10000 --cases trained
+    python benchmarks/bench_ratio.py --n 2000 --before /path/to/other/checkout
+
+``--before`` also measures every case with the ``stochmi`` package of another checkout
+(first on ``PYTHONPATH`` in its subprocess): two versions on one machine in one run.
 """
 
 from __future__ import annotations
@@ -83,34 +87,40 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--cases", nargs="+", default=["trained", "untrained"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--before", help="checkout whose stochmi is measured as well")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
         print(json.dumps(_case(args._child[0], int(args._child[1]), args.threads)))
         return
     print(
-        "| case | N | floor (ms) | layer_mi (s) | ratio | peak MiB | deep rows converged | load |"
+        "| case | N | stochmi | floor (ms) | layer_mi (s) | ratio | peak MiB "
+        "| deep rows converged | load |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     values = []
+    versions = [("this checkout", None)] + ([("before", args.before)] if args.before else [])
     for case in args.cases:
         ckpt = _checkpoint(case == "trained")
         for n in args.n:
-            cmd = [sys.executable, __file__, "--threads", str(args.threads)]
-            out = subprocess.run(
-                cmd + ["--_child", str(ckpt), str(n)], capture_output=True, text=True, check=True
-            ).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            print(
-                f"| {case} | {n:,} | {r['floor_ms']:.1f} | {r['wall_s']:.1f} | "
-                f"{r['ratio']:.0f}x | {r['peak_mib']:.0f} | {r['deep_converged']} | "
-                f"{r['load']:.1f} |",
-                flush=True,
-            )
-            values.append((case, n, r["values"]))
+            for version, path in versions:
+                env = dict(os.environ)
+                if path:
+                    env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")])
+                cmd = [sys.executable, __file__, "--threads", str(args.threads)]
+                cmd += ["--_child", str(ckpt), str(n)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(
+                    f"| {case} | {n:,} | {version} | {r['floor_ms']:.1f} | {r['wall_s']:.1f} | "
+                    f"{r['ratio']:.0f}x | {r['peak_mib']:.0f} | {r['deep_converged']} | "
+                    f"{r['load']:.1f} |",
+                    flush=True,
+                )
+                values.append((f"{case}, {version}", n, r["values"]))
     print()
     for case, n, v in values:
-        print(f"{case} N={n}: " + ", ".join(f"{k} {x}" for k, x in v.items()))
+        print(f"{case}, N={n}: " + ", ".join(f"{k} {x}" for k, x in v.items()))
 
 
 if __name__ == "__main__":
