@@ -165,8 +165,9 @@ class _GaussCols:
         out._f32 = None
         return out
 
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        """``log N(t_r; loc_c, diag scale_c^2)``: ``(R, C)`` float64."""
+    def __call__(self, t: torch.Tensor, low: bool = False) -> torch.Tensor:
+        """``log N(t_r; loc_c, diag scale_c^2)``: ``(R, C)`` float64, or with ``low``
+        float32 where the bound allows (for large tables of the forward paths)."""
         t = t.to(torch.float64) - self.centre
         t2 = t * t
         d = t.shape[1]
@@ -177,6 +178,17 @@ class _GaussCols:
         use32 = bool((bound <= _F32_TOL).all())
         if use32 and self._f32 is None:
             self._f32 = (self.prec.to(torch.float32), self.lp.to(torch.float32))
+        if use32 and low:
+            p32, lp32 = self._f32
+            t32 = t.to(torch.float32)
+            quad = -2.0 * t32 @ lp32.T
+            if self.shared:
+                quad += (t2 @ self.prec[0]).to(torch.float32)[:, None]
+            else:
+                quad += (t32 * t32) @ p32.T
+            quad += self.quad_c.to(torch.float32)[None, :]
+            quad.clamp_(min=0).mul_(-0.5)
+            return quad.sub_(self.norm.to(torch.float32)[None, :])
         if use32:
             p32, lp32 = self._f32
             quad = (-2.0 * t.to(torch.float32) @ lp32.T).double()
@@ -366,17 +378,17 @@ class _Pool:
         zc32, zsq32 = self._z1
         loc = loc.to(torch.float64) - self._c1
         prec = torch.broadcast_to(scale.to(torch.float64), loc.shape).pow(-2)
-        quad = (-2.0 * (loc * prec).to(torch.float32) @ zc32.T).double()
+        quad = -2.0 * (loc * prec).to(torch.float32) @ zc32.T
         if bool((prec == prec[:1]).all()):  # one scale for every source: a row sum
             cached = getattr(self, "_zsq_p", None)
             if cached is None or not torch.equal(cached[0], prec[0]):
-                self._zsq_p = cached = (prec[0], (zsq32.double() @ prec[0])[None, :])
-            quad = quad + cached[1]
+                self._zsq_p = cached = (prec[0], (zsq32.double() @ prec[0]).float()[None, :])
+            quad += cached[1]
         else:
-            quad = quad + (prec.to(torch.float32) @ zsq32.T).double()
-        quad = quad + (loc * loc * prec).sum(1)[:, None]
+            quad += prec.to(torch.float32) @ zsq32.T
+        quad += (loc * loc * prec).sum(1).to(torch.float32)[:, None]
         norm = -0.5 * torch.log(prec).sum(1) + 0.5 * loc.shape[1] * _LOG2PI
-        return -0.5 * quad.clamp_min(0) - norm[:, None]
+        return quad.clamp_(min=0).mul_(-0.5).sub_(norm.to(torch.float32)[:, None])
 
     def take(self, cols: torch.Tensor) -> _PoolView:
         """The paths of the sources ``cols`` only (row ``k * len(cols) + c``)."""
@@ -652,7 +664,7 @@ def deep_log_density(
     for ostart in range(0, n, outer):
         orows = torch.arange(ostart, min(n, ostart + outer), device=dev)
         if subsample:
-            g_all = pool.fin(pb.t[orows])  # (B_outer, K*N)
+            g_all = pool.fin(pb.t[orows], low=True)  # (B_outer, K*N)
             top = _rank_sources(pb, pool, anchors, orows, g_all, n_top)
             first_all = None
             if pool.width > _FULL_Q_DIM:  # the ranking term of _pool_logq, for all paths
@@ -665,8 +677,8 @@ def deep_log_density(
                 cols, logw, pos = _select_sources(pb, rows, top[loc], n_random)
                 sp, pool_b = pb.take(cols), pool.take(cols)
                 bridge_b = bridge.take(cols) if bridge is not None else None
-                log_g = g_all[loc][:, pool_b.idx]
-                first = None if first_all is None else first_all[loc][:, pool_b.idx]
+                log_g = g_all[loc][:, pool_b.idx].to(torch.float64)
+                first = None if first_all is None else first_all[loc][:, pool_b.idx].double()
             else:
                 cols, logw, pos, log_g, first = None, None, rows, None, None
                 sp, pool_b, bridge_b = pb, pool, bridge
