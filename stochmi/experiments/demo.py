@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,12 +107,23 @@ def demo_experiment_text(
         f"n_inputs = {int(n_inputs)}",
         f"n_paths = {int(n_paths)}",
         "",
+        "[resources]",
+        f"cpus = {_cores()}.0  # the demo's single cell uses every core",
+        "",
         "[[model]]",
         f"spec = {json.dumps(spec)}",
         f'set = {{ "noise.sigma" = {float(sigma)!r} }}',
         "",
     ]
     return "\n".join(lines)
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _pair_label(source: str, target: str) -> str:

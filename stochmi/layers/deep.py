@@ -267,11 +267,7 @@ class _Problem:
         return _link_params(self.links[k], parent.to(self.dtype))
 
     def randn(self, shape) -> torch.Tensor:
-        """Standard normals drawn in float32 (four times faster than float64 on the CPU)
-        and returned as float64: a proposal's draw is then a float32-rounded normal, and
-        its density is evaluated in float64 at exactly that value."""
-        g = torch.randn(shape, generator=self.gen, dtype=torch.float32, device=self.loc1.device)
-        return g.to(torch.float64)
+        return torch.randn(shape, generator=self.gen, dtype=torch.float64, device=self.loc1.device)
 
     def layer1(self, t1: torch.Tensor) -> torch.Tensor:
         """``log p(t1_r | s_i)`` for all rows and sources: ``(R, N)``."""
