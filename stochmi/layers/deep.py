@@ -631,6 +631,10 @@ def deep_log_density(
             raise ValueError(f"{name} must be an even int >= 2, got {v}")
     if n_bridge < 0 or n_bridge % 2:
         raise ValueError(f"n_bridge must be an even int >= 0, got {n_bridge}")
+    if n_top is not None and (n_top < 1 or n_random < 2 or n_random % 2):
+        raise ValueError(
+            f"n_top must be >= 1 and n_random an even int >= 2, got {n_top} and {n_random}"
+        )
     pb = _Problem(first_loc, first_scale, links, queries, generator, dtype)
     n, dev = pb.n, pb.loc1.device
     pool = _Pool(pb, n_fwd)

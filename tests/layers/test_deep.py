@@ -433,3 +433,12 @@ def test_subsampled_sources_match_the_exact_marginal_density():
     f_ex, _ = mi_terms_from_log_density(exact)
     diff = f_est - f_ex
     assert abs(float(diff.mean())) < 3 * float(diff.std()) / math.sqrt(n) + 0.01
+
+
+@pytest.mark.parametrize("kw", [{"n_top": 0}, {"n_random": 3}, {"n_random": 0}])
+def test_bad_subsampling_settings_are_refused(kw):
+    g = torch.Generator().manual_seed(0)
+    loc = torch.randn(10, 2, generator=g, dtype=torch.float64)
+    link = [lambda p: dist.Normal(p, 0.5).to_event(1)]
+    with pytest.raises(ValueError, match="n_top must be"):
+        deep_log_density(loc, torch.tensor(0.5), link, loc, [loc], generator=g, **kw)
