@@ -204,11 +204,6 @@ class _GaussCols:
         return -0.5 * quad.clamp_min(0) - self.norm[None, :]
 
 
-def _diag_gauss_kernel(t: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``log N(t_r; loc_c, diag scale_c^2)`` for all rows r and columns c: ``(R, C)``."""
-    return _GaussCols(loc, scale)(t)
-
-
 def _row_gauss_logpdf(t: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     z = (t - loc) / scale
     return -0.5 * (z * z).sum(-1) - torch.log(scale).sum(-1) - 0.5 * t.shape[-1] * _LOG2PI
