@@ -36,6 +36,9 @@ matplotlib is imported on first use.
 """
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 
 from stochmi.core import closed_form
 from stochmi.core.bounds import pairwise_bounds
@@ -81,6 +84,40 @@ _LAZY = {
     "experiments": ("stochmi.experiments", None),
     "replica": ("stochmi.replica", None),
 }
+
+
+# public modules that live deeper in the package: ``import stochmi.<name>`` gives them
+_MODULE_ALIASES = {
+    f"stochmi.{name}": module
+    for name, (module, attr) in _LAZY.items()
+    if attr is None and module != f"stochmi.{name}"
+}
+_MODULE_ALIASES["stochmi.closed_form"] = "stochmi.core.closed_form"
+
+
+class _AliasLoader(importlib.abc.Loader):
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def create_module(self, spec):
+        return importlib.import_module(self.target)
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+class _AliasFinder(importlib.abc.MetaPathFinder):
+    """Finds ``stochmi.baselines``, ``stochmi.tasks`` and ``stochmi.closed_form`` as the
+    modules they stand for (one module object under two names)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _MODULE_ALIASES:
+            return None
+        return importlib.util.spec_from_loader(fullname, _AliasLoader(_MODULE_ALIASES[fullname]))
+
+
+if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
+    sys.meta_path.append(_AliasFinder())
 
 
 def __getattr__(name: str):

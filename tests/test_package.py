@@ -177,3 +177,25 @@ def test_no_function_longer_than_the_limit():
     """Every function in stochmi/ is at most MAX_FUNCTION_LINES long, docstring aside."""
     long = _long_functions()
     assert not long, "split these into named steps:\n" + "\n".join(long)
+
+
+def test_every_public_module_imports_by_its_public_name():
+    """``import stochmi.<name>`` works for every module named in ``stochmi.__all__`` and
+    gives the same object as the attribute (fresh interpreter, nothing imported yet)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, types, stochmi\n"
+        "mods = [n for n in stochmi.__all__ if isinstance(getattr(stochmi, n), types.ModuleType)]\n"
+        "assert {'baselines', 'tasks', 'closed_form', 'experiments', 'replica'} <= set(mods)\n"
+        "for n in mods:\n"
+        "    assert importlib.import_module('stochmi.' + n) is getattr(stochmi, n), n\n"
+        "print(len(mods))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    # and in the form users write, before any attribute access
+    code = "import stochmi.baselines, stochmi.tasks, stochmi.closed_form"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
