@@ -7,8 +7,8 @@ source has no closed form:
 .. math:: p(t_L \\mid s_i) = \\int p(t_1 \\mid s_i) \\prod_{k=2}^{L} p(t_k \\mid t_{k-1})
           \\, dt_1 \\dots dt_{L-1}.
 
-The old estimator (``K`` forward paths per source, the query drawn from one of them) is
-biased up by roughly ``exp(I(T_{L-1}; T_L | S)) / K``.  Here every entry of the matrix
+Nested Monte Carlo (``K`` forward paths per source, the query drawn from one of them)
+is biased up by roughly ``exp(I(T_{L-1}; T_L | S)) / K``.  Here every entry of the matrix
 ``L[j, i] = log p(t_j | s_i)`` is an unbiased importance-sampling estimate of the
 density (biased only through the logarithm, by ``-Var/2`` to first order), combined from
 proposals by the balance heuristic (Veach & Guibas 1995):

@@ -182,26 +182,34 @@ def test_nonlinear_1d_chain_against_grid():
     assert ry.lower - 3 * ry.lower_stderr <= truth_y <= ry.upper + 3 * ry.upper_stderr
 
 
+def _two_layer_linear(n, s1, s2, seed):
+    """x ~ N(0, I_5), t1 = A1 x + s1 Z, t2 = A2 t1 + s2 Z: the generator (for the
+    estimator), the layer-1 means, both layers, the exact ``log p(t2_j | x_i)`` (N, N)
+    and the link of t2 given t1."""
+    g = torch.Generator().manual_seed(seed)
+    a1 = torch.randn(8, 5, generator=g, dtype=torch.float64) / 2
+    a2 = torch.randn(6, 8, generator=g, dtype=torch.float64) / 3
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    mu1 = x @ a1.T
+    t1 = mu1 + s1 * torch.randn(mu1.shape, generator=g, dtype=torch.float64)
+    t2 = t1 @ a2.T + s2 * torch.randn(n, 6, generator=g, dtype=torch.float64)
+    cov = s1**2 * a2 @ a2.T + s2**2 * torch.eye(6, dtype=torch.float64)
+    exact = torch.distributions.MultivariateNormal(
+        torch.zeros(6, dtype=torch.float64), cov
+    ).log_prob(t2[:, None, :] - (mu1 @ a2.T)[None])
+    return g, mu1, t1, t2, exact, [lambda p: dist.Normal(p @ a2.T, s2).to_event(1)]
+
+
 @pytest.mark.parametrize("n_bridge", [0, 4])
 def test_deep_log_density_unbiased_for_linear_chain(n_bridge):
     """Entry by entry against the exact Gaussian p(t2 | x_i), with and without the
     bridged draws (which then carry every off-diagonal entry)."""
-    g = torch.Generator().manual_seed(0)
-    a1 = torch.randn(8, 5, generator=g, dtype=torch.float64) / 2
-    a2 = torch.randn(6, 8, generator=g, dtype=torch.float64) / 3
     n = 300
-    x = torch.randn(n, 5, generator=g, dtype=torch.float64)
-    mu1 = x @ a1.T
-    t1 = mu1 + 0.6 * torch.randn(mu1.shape, generator=g, dtype=torch.float64)
-    t2 = t1 @ a2.T + 0.9 * torch.randn(n, 6, generator=g, dtype=torch.float64)
-    cov = 0.36 * a2 @ a2.T + 0.81 * torch.eye(6, dtype=torch.float64)
-    exact = torch.distributions.MultivariateNormal(
-        torch.zeros(6, dtype=torch.float64), cov
-    ).log_prob(t2[:, None, :] - (mu1 @ a2.T)[None])
+    g, mu1, t1, t2, exact, link = _two_layer_linear(n, 0.6, 0.9, seed=0)
     res = deep_log_density(
         mu1,
         torch.tensor(0.6),
-        [lambda p: dist.Normal(p @ a2.T, 0.9).to_event(1)],
+        link,
         t2,
         [t1],
         n_is=32,
@@ -409,20 +417,9 @@ def test_subsampled_sources_match_the_exact_marginal_density():
     """Sources subsampled per block (each query's best sources whole, a uniform random
     share for the rest, Horvitz-Thompson weights): the marginal density sum_i p(t_j | x_i)
     and the dataset MI against the exact Gaussian values of a linear chain."""
-    g = torch.Generator().manual_seed(3)
-    a1 = torch.randn(8, 5, generator=g, dtype=torch.float64) / 2
-    a2 = torch.randn(6, 8, generator=g, dtype=torch.float64) / 3
     n = 800
-    x = torch.randn(n, 5, generator=g, dtype=torch.float64)
-    mu1 = x @ a1.T
-    t1 = mu1 + 0.4 * torch.randn(mu1.shape, generator=g, dtype=torch.float64)
-    t2 = t1 @ a2.T + 0.3 * torch.randn(n, 6, generator=g, dtype=torch.float64)
-    cov = 0.16 * a2 @ a2.T + 0.09 * torch.eye(6, dtype=torch.float64)
-    exact = torch.distributions.MultivariateNormal(
-        torch.zeros(6, dtype=torch.float64), cov
-    ).log_prob(t2[:, None, :] - (mu1 @ a2.T)[None])
+    g, mu1, t1, t2, exact, link = _two_layer_linear(n, 0.4, 0.3, seed=3)
     kw = dict(n_is=32, n_fwd=16, generator=g, dtype=torch.float64)
-    link = [lambda p: dist.Normal(p @ a2.T, 0.3).to_event(1)]
     res = deep_log_density(mu1, torch.tensor(0.4), link, t2, [t1], n_top=8, n_random=64, **kw)
     assert res.n_sources < 0.5 * n  # the subsampled path ran
     assert torch.isinf(res.L).float().mean() > 0.4  # most entries were not evaluated
