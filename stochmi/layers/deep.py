@@ -155,13 +155,20 @@ class _GaussCols:
         # one precision vector for every column (noise of a fixed scale): the first
         # product reduces to a row sum
         self.shared = bool((self.prec == self.prec[:1]).all())
+        self._maxima()
         self._f32 = None
+
+    def _maxima(self) -> None:
+        """The column maxima the rounding bound uses: ``max P`` and ``max_c b_c``."""
+        self.pmax = self.prec.max()
+        self.qmax = self.quad_c.max().clamp_min(0)
 
     def take(self, idx) -> _GaussCols:
         out = object.__new__(_GaussCols)
         out.centre, out.shared = self.centre, self.shared
         out.prec, out.lp = self.prec[idx], self.lp[idx]
         out.quad_c, out.norm = self.quad_c[idx], self.norm[idx]
+        out._maxima()
         out._f32 = None
         return out
 
@@ -171,10 +178,8 @@ class _GaussCols:
         t = t.to(torch.float64) - self.centre
         t2 = t * t
         d = t.shape[1]
-        pmax = self.prec.max()
-        bound = 2.5 * math.sqrt(d) * _U32 * (
-            (t2.sum(1) * pmax).sqrt() + self.quad_c.max().clamp_min(0).sqrt()
-        ).pow(2)
+        mag = ((t2.sum(1) * self.pmax).sqrt() + self.qmax.sqrt()).pow(2)
+        bound = 2.5 * math.sqrt(d) * _U32 * mag
         use32 = bool((bound <= _F32_TOL).all())
         if use32 and self._f32 is None:
             self._f32 = (self.prec.to(torch.float32), self.lp.to(torch.float32))
@@ -345,6 +350,8 @@ class _Pool:
         self.fin_loc, self.fin_scale = pb.call(len(pb.links) - 1, self.layers[-1])
         self.own = (self.first + self.chain).reshape(k_paths, n)  # log p_i(z), own source
         self.fin = _GaussCols(self.fin_loc, self.fin_scale)
+        self._z1 = None  # float32 features of the first layer, for first_at
+        self._zsq_p = None
 
     @property
     def n_paths(self) -> int:
@@ -361,7 +368,7 @@ class _Pool:
     def first_at(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``log N(t_1 of path r; loc_b, diag scale_b^2)``, ``(B, K*N)``, in float32 from
         features of the paths computed once (a ranking score, not part of an estimate)."""
-        if not hasattr(self, "_z1"):
+        if self._z1 is None:
             z = self.layers[0]
             self._c1 = z.mean(0, keepdim=True)
             zc = z - self._c1
@@ -371,7 +378,7 @@ class _Pool:
         prec = torch.broadcast_to(scale.to(torch.float64), loc.shape).pow(-2)
         quad = -2.0 * (loc * prec).to(torch.float32) @ zc32.T
         if bool((prec == prec[:1]).all()):  # one scale for every source: a row sum
-            cached = getattr(self, "_zsq_p", None)
+            cached = self._zsq_p
             if cached is None or not torch.equal(cached[0], prec[0]):
                 self._zsq_p = cached = (prec[0], (zsq32.double() @ prec[0]).float()[None, :])
             quad += cached[1]
@@ -409,10 +416,6 @@ class _PoolView:
         if self._fin is None:
             self._fin = self.base.fin.take(self.idx)
         return self._fin
-
-    @property
-    def layers(self):
-        return [t[self.idx] for t in self.base.layers]
 
     def at(self, idx: torch.Tensor):
         return self.base.at(self.idx[idx])
