@@ -1,8 +1,9 @@
 """Executors: process pool and Ray give the in-process results; failures; resume.
 
-The Ray tests start a local Ray (2 CPUs) for this module and stop it afterwards.
-Ray is an optional extra (``pip install -e ".[ray]"``); where it is missing these
-tests are skipped with a visible reason, except when ``CI`` or
+The Ray tests start a local Ray (2 CPUs) for this module and stop it afterwards.  They
+carry the ``ray`` marker, which the default run excludes; ``python -m pytest -m ray``
+selects them (``.ci/run`` does).  Ray is an optional extra (``pip install -e ".[ray]"``);
+where it is missing these tests are skipped with a visible reason, except when ``CI`` or
 ``STOCHMI_REQUIRE_RAY`` is set in the environment, where its absence is an error.
 """
 
@@ -143,6 +144,7 @@ def local_ray():
         ray.shutdown()
 
 
+@pytest.mark.ray
 def test_ray_identical_to_inprocess(exp_file, reference, local_ray, tmp_path):
     out = tmp_path / "out"
     res = _sweep(exp_file, out, executor="ray")
@@ -151,6 +153,7 @@ def test_ray_identical_to_inprocess(exp_file, reference, local_ray, tmp_path):
     assert local_ray.is_initialized()  # an existing Ray is used and left running
 
 
+@pytest.mark.ray
 def test_ray_failure_then_resume(exp_file, reference, local_ray, tmp_path):
     out = tmp_path / "out"
     res = _sweep(exp_file, out, executor="ray", cell_fn=failing_cell)
@@ -162,6 +165,7 @@ def test_ray_failure_then_resume(exp_file, reference, local_ray, tmp_path):
     xr.testing.assert_identical(load_results(out), reference)
 
 
+@pytest.mark.ray
 def test_ray_resource_hints_reach_tasks(local_ray, exp_file):
     """[resources] cpus becomes the task's Ray CPU request and its torch thread count."""
     import dataclasses
