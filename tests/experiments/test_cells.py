@@ -11,7 +11,7 @@ import torch
 
 from stochmi.experiments.cells import derive_seed, load_cell_data, run_cell
 from stochmi.experiments.config import DataSettings, parse_experiment
-from tests.helpers import tiny_experiment
+from tests.helpers import assert_data_processing, tiny_experiment
 
 TINY = tiny_experiment(
     epochs=2,
@@ -47,9 +47,20 @@ def test_record_contents(record, cells):
     pairs = {(r["epoch"], r["source"], r["target"]) for r in record["estimates"]}
     assert len(pairs) == 2 * 5 and (2, "X", "h2") in pairs and (0, "h2", "Y") in pairs
     for r in record["estimates"]:
-        assert math.isfinite(r["value"]) and r["stderr"] >= 0
-        assert r["value"] <= math.log(40) + 1e-9
-        assert r["k_paths"] >= 1
+        assert math.isfinite(r["value"]) and math.isfinite(r["stderr"]) and r["stderr"] > 0
+        assert r["n"] == 40 and r["k_paths"] >= 1
+    # data processing between rows estimated independently of each other, every epoch
+    rows = {
+        (r["epoch"], r["source"], r["target"]): (
+            r["value"],
+            r["stderr"],
+            math.nan if r.get("mc_bias") is None else r["mc_bias"],
+        )
+        for r in record["estimates"]
+    }
+    for epoch in (0, 2):
+        got = assert_data_processing(lambda s, t, e=epoch: rows.get((e, s, t)), ["h1", "h2"])
+        assert got == 3
     accs = {a["epoch"]: a for a in record["accuracy"]}
     assert set(accs) == {0, 2} and 0 <= accs[2]["test_accuracy"] <= 1
     assert math.isnan(accs[0]["loss"]) and math.isfinite(accs[2]["loss"])

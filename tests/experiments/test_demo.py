@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from stochmi.experiments.config import parse_experiment
 from stochmi.experiments.demo import demo_experiment_text, format_table, run_demo
+from stochmi.experiments.store import load_results
+from tests.helpers import assert_data_processing
 
 
 def test_demo_experiment_text_is_valid():
@@ -30,8 +30,23 @@ def test_demo_end_to_end(tmp_path):
     assert {"I(X;h1)", "I(X;h3)", "I(h1;h2)", "I(h3;Y)"} <= set(cols)
     vals = res.table.drop(columns="test_accuracy").to_numpy()
     se = res.stderr[res.table.drop(columns="test_accuracy").columns].to_numpy()
-    # dataset MI is >= 0 and <= log N; its estimate within 3 standard errors of that
-    assert (vals >= -3 * se - 1e-9).all() and (vals <= math.log(40) + 1e-9).all()
+    # dataset MI is >= 0; its estimate within 3 standard errors of that
+    assert (vals >= -3 * se - 1e-9).all()
+    # data processing between the stored rows, estimated independently of each other
+    ds = load_results(out).isel(config=0, seed=0)
+    pairs = list(ds.pair.values)
+
+    def row(epoch):
+        def get(s, t):
+            if f"{s}->{t}" not in pairs:
+                return None
+            r = ds.sel(epoch=epoch, pair=f"{s}->{t}")
+            return float(r.value), float(r.stderr), float(r.mc_bias)
+
+        return get
+
+    for epoch in (0, 1):
+        assert assert_data_processing(row(epoch), ["h1", "h2", "h3"]) == 5
     assert res.files["information_plane"].read_bytes()[:4] == b"\x89PNG"
     for name in ("results.nc", "summary.csv", "layer_to_layer.png"):
         assert (out / name).is_file()
