@@ -34,7 +34,7 @@ def test_bounds_bracket_the_exact_dataset_mi():
         cond = torch.distributions.Independent(torch.distributions.Normal(t, math.sqrt(var)), 1)
         exact = stochmi.mi_from_conditional(cond, n_draws=8, seed=0)
         assert est.lower - 4 * exact.stderr <= exact.value <= est.upper + 4 * exact.stderr
-        assert 0 <= est.lower <= est.upper <= math.log(400) + 1e-9
+        assert est.lower < est.upper  # Bhattacharyya below KL for distinct components
 
 
 def test_value_grows_as_imagined_noise_shrinks():

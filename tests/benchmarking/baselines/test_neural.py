@@ -42,14 +42,16 @@ def test_bound_formulas_on_a_score_matrix(scores):
     assert float(nwj_terms(scores)[1].mean()) == pytest.approx(nwj, abs=1e-12)
 
 
-def test_infonce_never_above_log_batch_size():
+def test_infonce_saturates_at_log_batch_size():
     # 4 channels with SNR 400: I = 4 * 1/2 log(1 + A A^T / sigma^2) ~ 10 nats >> log 16
     task = additive_gaussian_task(1200, dim_x=4, dim_t=4, sigma=0.05, A=np.eye(4), seed=0)
     assert task.true_mi > 10
     est = InfoNCE(batch_size=16, **FAST).estimate(task.x, task.t, seed=0)
     assert est.extra["batch_size"] == 16
-    assert est.value <= math.log(16) + 1e-9
     assert est.value > math.log(16) - 0.5  # saturated: the bound, not the MI, is the limit
+    # a larger batch lifts the limit, and the estimate with it
+    big = InfoNCE(batch_size=64, **FAST).estimate(task.x, task.t, seed=0)
+    assert big.value > math.log(16) + 3 * big.stderr, (big.value, big.stderr)
 
 
 @pytest.mark.parametrize("cls", [MINE, NWJ, SMILE, InfoNCE])
