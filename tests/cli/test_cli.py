@@ -137,7 +137,7 @@ def test_models_lists_shipped_specs(capsys):
     assert all(len(line.split(None, 1)) == 2 for line in lines)  # name + description
 
 
-# -- issue 11 item 1: bad input or environment is exit 2 with a one-line message --------
+# -- bad input or environment is exit 2 with a one-line message ------------------------
 
 
 def _exit2(capsys, argv, *fragments):

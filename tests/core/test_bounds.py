@@ -141,7 +141,8 @@ def test_rejects_bad_input():
 
 
 def test_scale_shape_mismatch_is_a_clear_value_error():
-    """Issue 11 #8: scale (55, 3) against loc (60, 3) gave a raw broadcasting RuntimeError."""
+    """Scale (55, 3) against loc (60, 3): a ValueError naming both shapes, not torch's
+    broadcasting RuntimeError."""
     loc = torch.randn(60, 3, generator=_gen(13), dtype=F64)
     with pytest.raises(ValueError, match=r"scale of shape \(55, 3\) does not match loc"):
         pairwise_bounds(loc, torch.ones(55, 3, dtype=F64))
@@ -150,7 +151,7 @@ def test_scale_shape_mismatch_is_a_clear_value_error():
 
 
 def test_negative_scale_is_reported_as_negative():
-    """Issue 11 #9 (bounds side): a negative scale is not a zero-noise channel."""
+    """A negative scale is reported as negative, not as a zero-noise channel."""
     loc = torch.randn(10, 3, generator=_gen(14), dtype=F64)
     scale = torch.ones(10, 3, dtype=F64)
     scale[2, 1] = -2.0

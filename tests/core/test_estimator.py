@@ -196,8 +196,8 @@ def test_value_stderr_tracks_monte_carlo_error_with_draws():
     """The reported stderr of the dataset MI should be its Monte Carlo error given the sources.
 
     Measured directly as the spread of ``value`` over independent seeds (same sources).
-    Fails at the time of writing (core_bugs.md #3): sd(per-source means)/sqrt(N) keeps the
-    between-source spread, so stderr stops shrinking with n_draws (ratio ~2.7 at 10 draws).
+    A stderr of sd(per-source means)/sqrt(N) would keep the between-source spread and stop
+    shrinking with n_draws (a ratio near 2.7 at 10 draws).
     """
     cond = td.Normal(_sources(), 0.5)
     ests = [stochmi.mi_from_conditional(cond, n_draws=10, seed=k) for k in range(30)]

@@ -148,8 +148,8 @@ def test_fast_path_equals_generic_path_on_the_same_draws(name):
 
 
 def test_generic_block_keeps_float64_for_wrapped_distributions():
-    """Regression (core_bugs.md #1): Independent/MixtureSameFamily hide their tensors one level
-    down; the generic path must still evaluate float64 samples in float64."""
+    """Independent/MixtureSameFamily hide their tensors one level down; the generic path
+    must still evaluate float64 samples in float64."""
     g = _gen(5)
     loc = 100.0 + 1e-2 * torch.randn(N, 3, generator=g, dtype=F64)
     scale = torch.full((N, 3), 1e-3, dtype=F64)
@@ -287,7 +287,7 @@ def test_default_chunk_respects_memory_budget():
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_chunk_size_must_be_positive(bad):
-    """Regression (core_bugs.md #2): chunk_size=-1 used to return garbage silently."""
+    """A chunk size that is not a positive int is refused, not used silently."""
     cond = td.Normal(torch.randn(20, dtype=F64), 1.0)
     with pytest.raises(ValueError, match="chunk_size"):
         LogDensityKernel(cond, chunk_size=bad)
@@ -322,11 +322,11 @@ def test_generator_seed_round_trip():
     assert isinstance(s2, int) and torch.equal(torch.get_rng_state(), state)
 
 
-# ------------------------------------------------------------------ issue 11, items 7 and 9
+# ------------------------------------------------ NaN mixture weights and negative scales
 @pytest.mark.parametrize("family", ["normal", "laplace"])
 @pytest.mark.parametrize("param", ["logits", "probs"])
 def test_nan_mixture_weights_give_a_clear_error(family, param):
-    """Issue 11 #7: NaN mixture weights used to surface as torch's raw RuntimeError
+    """NaN mixture weights give a ValueError that names them, not torch's RuntimeError
     'probability tensor contains either inf, nan or element < 0'."""
     loc = torch.randn(N, D, generator=_gen(30), dtype=F64)
     w = torch.full((N, 2), 0.5, dtype=F64)
@@ -356,7 +356,7 @@ def test_zero_weight_components_are_still_accepted():
 
 @pytest.mark.parametrize("event", ["scalar", "vector"])
 def test_negative_scale_is_reported_as_negative(event):
-    """Issue 11 #9: a negative scale was reported as 'a point mass: zero noise scale'."""
+    """A negative scale is reported as negative, not as 'a point mass: zero noise scale'."""
     loc = torch.randn(N, D, generator=_gen(32), dtype=F64)
     scale = torch.ones(N, D, dtype=F64)
     scale[5, 2] = -0.5

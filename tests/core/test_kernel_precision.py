@@ -1,4 +1,4 @@
-"""Precision-adaptive kernel (issue 14): float32 cross terms where a rounding-error bound
+"""Precision-adaptive kernel: float32 cross terms where a rounding-error bound
 allows, float64 per block where it does not, with the same answers as float64."""
 
 from __future__ import annotations

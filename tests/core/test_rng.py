@@ -1,4 +1,4 @@
-"""One seed rule everywhere (issue 11 item 11): stochmi.core.rng and its users."""
+"""One seed rule everywhere: stochmi.core.rng and its users."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def _spy(calls):
     ],
 )
 def test_invalid_record_is_recomputed_and_reported(finished, tmp_path, damage, reason):
-    """Issue 11 item 3: a record that parses but lacks content is not counted as done."""
+    """A record that parses but lacks content is not counted as done."""
     exp, out = _copy(finished, tmp_path)
     cell_file = out / "cells" / "noisy_noise.sigma=0.5_seed=0.json"
     rec = json.loads(cell_file.read_text())
@@ -66,8 +66,8 @@ def test_invalid_record_is_recomputed_and_reported(finished, tmp_path, damage, r
 
 
 def test_cell_key_includes_versions_and_estimator_defaults(monkeypatch, finished):
-    """Issue 11 item 4: an upgrade of stochmi (or torch, pyro) or a changed estimator
-    default changes the key, and the reason is named."""
+    """An upgrade of stochmi (or torch, pyro) or a changed estimator default changes
+    the key, and the reason is named."""
     exp, out = finished
     cell = parse_experiment(TINY).cells()[0]
     key = cell.key()
@@ -88,7 +88,7 @@ def test_cell_key_includes_versions_and_estimator_defaults(monkeypatch, finished
 
 
 def test_truncated_manifest_is_reported_as_corrupt(finished, tmp_path):
-    """Issue 11 item 2."""
+    """A truncated manifest is reported as corrupt, and --force takes the folder over."""
     exp, out = _copy(finished, tmp_path)
     manifest = out / "manifest.json"
     manifest.write_text(manifest.read_text()[:20])
@@ -105,7 +105,7 @@ def test_truncated_manifest_is_reported_as_corrupt(finished, tmp_path):
 
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
 def test_written_files_respect_umask(tmp_path, mask):
-    """Issue 11 item 5: files get 0666 less the umask (mkstemp alone gives 0600)."""
+    """Files get 0666 less the umask (mkstemp alone gives 0600)."""
     old = os.umask(mask)
     try:
         atomic_write_text(tmp_path / "a.txt", "x")
@@ -125,7 +125,7 @@ def test_sweep_outputs_readable_by_group_and_others(finished):
 
 
 def test_second_sweep_on_same_folder_is_refused(finished, tmp_path):
-    """Issue 11 item 6: a sweep holds a lock on its folder; a second one names it."""
+    """A sweep holds a lock on its folder; a second one names it."""
     exp, out = _copy(finished, tmp_path)
     holder = ResultStore(out)
     holder.lock()
@@ -143,7 +143,7 @@ def test_second_sweep_on_same_folder_is_refused(finished, tmp_path):
 
 
 def test_rerun_into_read_only_finished_folder(finished, tmp_path, monkeypatch):
-    """Issue 11 item 1: a finished sweep in a read-only folder reruns without writing."""
+    """A finished sweep in a read-only folder reruns without writing."""
     import stochmi.experiments.store as store_mod
 
     exp, out = _copy(finished, tmp_path)

@@ -172,9 +172,9 @@ def test_uncertainty_validation():
         parse_experiment(TEXT.replace("uncertainty = true", "uncertainty = 1"))
 
 
-def test_keys_without_uncertainty_unchanged():
-    """Cells without the option keep the settings (and so the keys) of earlier
-    versions; with it, the key changes and names weight_mi's defaults."""
+def test_keys_without_uncertainty_carry_no_uncertainty_settings():
+    """Without the option a cell's settings (and so its key) have no uncertainty entry
+    and no weight_mi defaults; with it, the key changes and names weight_mi's defaults."""
     off = TEXT.replace("uncertainty = true\n", "")
     a = parse_experiment(off).cells()[0]
     assert "uncertainty" not in a.settings()["estimate"]

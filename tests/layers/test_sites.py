@@ -1,4 +1,4 @@
-"""Issue 11 item 10: the no-layers message gives the plate advice, not the zero-noise text."""
+"""A model without layer sites: the message gives the plate advice, not the zero-noise text."""
 
 from __future__ import annotations
 

@@ -213,7 +213,7 @@ def test_hint_in_spec_files_and_get(tmp_path):
 
 
 def test_spec_and_experiment_share_one_validation_mechanism():
-    """Issue 10 item 3: both schemas are made of stochmi.validation.Key and checked by
+    """Both schemas are made of stochmi.validation.Key and checked by
     stochmi.validation.Validator."""
     from stochmi.experiments import config
     from stochmi.models import spec

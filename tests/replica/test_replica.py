@@ -279,7 +279,7 @@ def test_bad_input(kwargs, match):
 @pytest.mark.slow
 def test_hardtanh_small_weights_behaves_linearly():
     # at weight scale 0.1 a hardtanh unit is linear with probability ~1: the two networks
-    # must give the same I(X;T_2) (regression: coarse quadrature once gave a negative MI)
+    # must give the same I(X;T_2) (a coarse quadrature gives a negative MI here)
     kw = dict(widths=[100, 100, 10], noise=[0.0, 2.0], weight_scale=[0.1, 1.0])
     ht = replica.mutual_information(activations=["hardtanh", "linear"], **kw).mi[1]
     lin = replica.mutual_information(activations=["linear", "linear"], **kw).mi[1]

@@ -1,5 +1,5 @@
-"""Issue 11 items 12-15: divergence flags, discrete inputs announced, shared input
-checks, and the seed used returned in ``extra``."""
+"""Baseline checks: divergence flags, discrete inputs announced, shared input checks,
+and the seed used returned in ``extra``."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_binning_rejects_nan_and_3d_like_the_others():
 
 @pytest.mark.parametrize("name", ["cs_qmi", "renyi", "kde", "naive", "infonce"])
 def test_dataframe_inputs_work(name):
-    """Item 14: a DataFrame as x is accepted (it used to say 't must be a torch.Tensor')."""
+    """A pandas DataFrame as x is accepted like an array."""
     x, t = _gauss(200)
     kw = FAST if name == "infonce" else {}
     a = baselines.get(name, **kw).estimate(pd.DataFrame(x, columns=["a"]), t, seed=0)
