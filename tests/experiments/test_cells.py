@@ -1,4 +1,7 @@
-"""One cell: determinism from (config, seed), isolation of global RNG state, contents."""
+"""One cell: determinism from (config, seed), isolation of global RNG state, contents.
+
+The records read here are those of the session's finished sweep (``tiny_sweep``); a cell
+run again in-process must reproduce its stored record exactly."""
 
 from __future__ import annotations
 
@@ -11,15 +14,10 @@ import torch
 
 from stochmi.experiments.cells import derive_seed, load_cell_data, run_cell
 from stochmi.experiments.config import DataSettings, parse_experiment
-from tests.helpers import assert_data_processing, tiny_experiment
+from stochmi.experiments.executors import InProcessExecutor
+from tests.helpers import SHARED_TINY, assert_data_processing
 
-TINY = tiny_experiment(
-    epochs=2,
-    model="""[[model]]
-spec = "noisy_mlp"
-set = { "model.hidden" = [16, 8], "training.batch_size" = 64, "noise.sigma" = 1.0 }
-""",
-)
+TINY = SHARED_TINY  # sigma 0.5 and 1.0, seeds 0 and 1, epochs [0, 2], one thread per cell
 
 
 def _strip(rec):
@@ -34,9 +32,13 @@ def cells():
     return parse_experiment(TINY).cells()
 
 
-@pytest.fixture(scope="module")
-def record(cells):
-    return run_cell(cells[0])
+def _stored(tiny_sweep, cell):
+    return json.loads((tiny_sweep.out / "cells" / f"{cell.cell_id}.json").read_text())
+
+
+@pytest.fixture
+def record(tiny_sweep, cells):
+    return _stored(tiny_sweep, cells[0])
 
 
 def test_record_contents(record, cells):
@@ -70,14 +72,17 @@ def test_record_contents(record, cells):
 def test_same_seed_same_numbers_and_global_rng_untouched(record, cells):
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    again = run_cell(cells[0])
+    # with the cell's one torch thread, as the sweep ran it
+    (outcome,) = InProcessExecutor().run(run_cell, [cells[0]])
+    again = outcome.result
     assert torch.equal(torch.random.get_rng_state(), before)
     # compare as JSON (what is stored), where NaN == NaN
     assert json.dumps(_strip(again), sort_keys=True) == json.dumps(_strip(record), sort_keys=True)
 
 
-def test_other_seed_other_numbers(record, cells):
-    other = run_cell(cells[1])
+def test_other_seed_other_numbers(record, cells, tiny_sweep):
+    (twin,) = [c for c in cells if c.sigma == cells[0].sigma and c.seed != cells[0].seed]
+    other = _stored(tiny_sweep, twin)
     a = np.array([r["value"] for r in record["estimates"]])
     b = np.array([r["value"] for r in other["estimates"]])
     assert not np.allclose(a, b)

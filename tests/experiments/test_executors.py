@@ -25,9 +25,9 @@ from stochmi.experiments.executors import (
 )
 from stochmi.experiments.store import load_results
 from stochmi.experiments.sweep import run_sweep
-from tests.helpers import tiny_experiment, write_experiment
+from tests.helpers import SHARED_TINY
 
-TINY = tiny_experiment(extra="[resources]\ncpus = 1\n\n")
+TINY = SHARED_TINY  # [resources] cpus = 1
 
 FAIL_ID = "noisy_noise.sigma=0.5_seed=1"
 
@@ -43,17 +43,15 @@ def _sweep(exp, out, **kw):
     return run_sweep(exp, out, progress=False, log=None, plots=False, **kw)
 
 
-@pytest.fixture(scope="module")
-def exp_file(tmp_path_factory):
-    return write_experiment(tmp_path_factory.mktemp("exp"), TINY)
+@pytest.fixture
+def exp_file(tiny_sweep):
+    return tiny_sweep.exp
 
 
-@pytest.fixture(scope="module")
-def reference(exp_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "out"
-    res = _sweep(exp_file, out)
-    assert res.complete
-    return load_results(out)
+@pytest.fixture
+def reference(tiny_sweep):
+    """The results of the session's in-process sweep of TINY."""
+    return load_results(tiny_sweep.out)
 
 
 def test_make_executor():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 
 import pytest
@@ -14,23 +13,20 @@ from stochmi.experiments.cells import run_cell
 from stochmi.experiments.config import parse_experiment
 from stochmi.experiments.store import ResultStore, ResumeError, atomic_write_text
 from stochmi.experiments.sweep import run_sweep
-from tests.helpers import tiny_experiment, write_experiment
+from tests.helpers import SHARED_TINY, copy_sweep
 
-TINY = tiny_experiment(seeds=[0])
+TINY = SHARED_TINY
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("finished")
-    exp = write_experiment(tmp, TINY)
-    run_sweep(exp, tmp / "out", progress=False, log=None, plots=False)
-    return exp, tmp / "out"
+@pytest.fixture
+def finished(tiny_sweep):
+    """The session's finished sweep of TINY (read it; ``_copy`` it to write into it)."""
+    return tiny_sweep.exp, tiny_sweep.out
 
 
 def _copy(finished, tmp_path):
     exp, out = finished
-    shutil.copytree(out, tmp_path / "out")
-    return exp, tmp_path / "out"
+    return exp, copy_sweep(out, tmp_path)
 
 
 def _spy(calls):
@@ -161,7 +157,7 @@ def test_rerun_into_read_only_finished_folder(finished, tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod, "_replace_via_tmp", refuse)
     lines = []
     res = run_sweep(exp, out, progress=False, log=lines.append, plots=False, cell_fn=_spy([]))
-    assert res.complete and res.n_skipped == 2 and res.dataset is not None
+    assert res.complete and res.n_skipped == 4 and res.dataset is not None
     assert any("read-only" in line for line in lines)
     # with a cell left to run, a clear refusal instead
     (out / "cells" / "noisy_noise.sigma=0.5_seed=0.json").unlink()

