@@ -96,6 +96,24 @@ def write_experiment(folder: Path, text: str, name: str = "tiny.toml") -> Path:
     return p
 
 
+def gaussian_dataset_mi(
+    loc: torch.Tensor, cov: torch.Tensor, *, n_draws: int, seed: int
+) -> tuple[float, float]:
+    """Independent estimate ``(value, stderr)`` of the dataset MI of the Gaussian channel
+    ``p(t | s_i) = N(loc_i, cov)`` (one covariance for every source), from its exact
+    density in coordinates where the noise is white (an invertible map of t, which
+    leaves the MI unchanged)."""
+    from torch import distributions as td
+
+    from stochmi.core.estimator import mi_from_conditional
+
+    chol = torch.linalg.cholesky(cov.to(torch.float64))
+    white = torch.linalg.solve_triangular(chol, loc.to(torch.float64).T, upper=False).T
+    cond = td.Independent(td.Normal(white, 1.0), 1)
+    est = mi_from_conditional(cond, n_draws=n_draws, seed=seed)
+    return est.value, est.stderr
+
+
 def data_processing_pairs(layers: Sequence[str]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
     """``(larger, smaller)`` pairs that data processing orders for a chain of ``layers``
     with labels that are a function of the input: ``I(X;T_l) >= I(X;T_{l+1})`` and
