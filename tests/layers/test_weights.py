@@ -166,13 +166,13 @@ def test_chain_rule_linear_gaussian_layer():
     # I(X; T) closed form for the dataset: p(t | x) = N(M x, diag(S^2 x^2) + s^2) exactly
     marg = td.Independent(td.Normal(x @ loc.T, ((x**2) @ (scale**2).T + S1**2).sqrt()), 1)
     ixt = stochmi.mi_from_conditional(marg, n_draws=64, seed=0)
-    assert abs(cr["I(X;T)"] - ixt.value) < 3 * math.hypot(cr["I(X;T) stderr"], ixt.stderr) + 0.05
+    assert abs(cr["I(X;T)"] - ixt.value) < 3 * math.hypot(cr["I(X;T) stderr"], ixt.stderr)
     # direct joint: sources (x_n, w_m) with W uniform over 256 guide draws
     g = torch.Generator().manual_seed(9)
     w = loc + scale * torch.randn(256, D1, D_IN, generator=g)
     means = torch.einsum("mij,nj->mni", w, x).reshape(-1, D1)
     joint = stochmi.mi_from_conditional(td.Independent(td.Normal(means, S1), 1), n_draws=4, seed=1)
-    tol = 3 * math.hypot(cr["I(X,W;T) stderr"], joint.stderr) + 0.03 * joint.value
+    tol = 3 * math.hypot(cr["I(X,W;T) stderr"], joint.stderr)
     assert abs(cr["I(X,W;T)"] - joint.value) < tol
     assert cr["I(X,W;T)"] == pytest.approx(cr["I(X;T)"] + cr["I(W;T|X)"])
 
