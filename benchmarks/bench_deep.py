@@ -19,15 +19,14 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "layers"))
-
-from test_deep import LinearChain, _grid_truth_tanh_chain, _x  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import stochmi  # noqa: E402
 from stochmi.core.estimator import mi_from_conditional  # noqa: E402
 from stochmi.core.from_matrix import mi_terms_from_log_density  # noqa: E402
 from stochmi.layers.chain import Chain  # noqa: E402
 from stochmi.layers.estimation import layer_mi  # noqa: E402
+from tests.layers.test_deep import LinearChain, _grid_truth_tanh_chain, _x  # noqa: E402
 
 
 def nested_mc(model, x, layers, target, k, seed):

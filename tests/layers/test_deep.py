@@ -15,10 +15,10 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from stochmi.core.estimator import mi_from_conditional
 from stochmi.core.from_matrix import label_bounds_from_log_density, mi_terms_from_log_density
 from stochmi.layers.deep import deep_log_density
 from stochmi.layers.estimation import layer_mi
+from tests.helpers import gaussian_dataset_mi
 
 
 def _logdet(m):
@@ -45,31 +45,6 @@ class LinearChain:
                 h = pyro.sample(name, dist.Normal(h @ a.T, s).to_event(1))
         return h
 
-    def _cov(self, upto):
-        """Cov(h_upto) and the map / noise covariance from x to h_upto."""
-        d0 = self.A[0].shape[1]
-        b = torch.eye(d0, dtype=torch.float64)
-        noise = torch.zeros(d0, d0, dtype=torch.float64)
-        for a, s in zip(self.A[:upto], self.s[:upto]):
-            b = a @ b
-            noise = a @ noise @ a.T + s**2 * torch.eye(a.shape[0], dtype=torch.float64)
-        return b, noise
-
-    def mi_x(self, l):
-        b, noise = self._cov(l)
-        return 0.5 * (_logdet(b @ b.T + noise) - _logdet(noise))
-
-    def mi_layers(self, a, b_):
-        """I(h_a; h_b), a < b (1-based)."""
-        ba, na = self._cov(a)
-        cov_a = ba @ ba.T + na
-        m = torch.eye(cov_a.shape[0], dtype=torch.float64)
-        noise = torch.zeros_like(cov_a)
-        for aa, s in zip(self.A[a:b_], self.s[a:b_]):
-            m = aa @ m
-            noise = aa @ noise @ aa.T + s**2 * torch.eye(aa.shape[0], dtype=torch.float64)
-        return 0.5 * (_logdet(m @ cov_a @ m.T + noise) - _logdet(noise))
-
     def _link(self, a, b_):
         """Map and noise covariance of h_b given h_a (a < b, 1-based; a = 0 is x)."""
         d = self.A[a].shape[1]
@@ -80,35 +55,40 @@ class LinearChain:
             noise = aa @ noise @ aa.T + s**2 * torch.eye(aa.shape[0], dtype=torch.float64)
         return m, noise
 
-    @staticmethod
-    def _whitened(src, m, noise):
-        """p(h | src_i) = N(m src_i, noise) in coordinates where the noise is white (the
-        MI does not change under that invertible map)."""
-        chol = torch.linalg.cholesky(noise)
-        loc = torch.linalg.solve_triangular(chol, (src @ m.T).T, upper=False).T
-        return dist.Normal(loc, 1.0).to_event(1)
+    def _cov_layer(self, a):
+        """Cov(h_a) (a >= 1; x ~ N(0, I))."""
+        b, noise = self._link(0, a)
+        return b @ b.T + noise
+
+    def mi_x(self, l):
+        b, noise = self._link(0, l)
+        return 0.5 * (_logdet(b @ b.T + noise) - _logdet(noise))
+
+    def mi_layers(self, a, b_):
+        """I(h_a; h_b), a < b (1-based)."""
+        cov_a = self._cov_layer(a)
+        m, noise = self._link(a, b_)
+        return 0.5 * (_logdet(m @ cov_a @ m.T + noise) - _logdet(noise))
 
     def dataset_mi_x(self, l, x, seed):
         """Independent estimate (value, stderr) of the dataset I(X; h_l) for these x, from
         the exact Gaussian p(h_l | x_i) (8 draws per source)."""
         m, noise = self._link(0, l)
-        est = mi_from_conditional(self._whitened(x, m, noise), n_draws=8, seed=seed)
-        return est.value, est.stderr
+        return gaussian_dataset_mi(x @ m.T, noise, n_draws=8, seed=seed)
 
     def dataset_mi_layers(self, a, b_, n, seed, reps=4):
         """Independent estimate (value, stderr) of the dataset I(h_a; h_b) expected for
         ``n`` sources drawn from the population of h_a: the mean over ``reps`` source
         sets of estimates from the exact Gaussian p(h_b | h_a)."""
-        ba, na = self._cov(a)
-        chol = torch.linalg.cholesky(ba @ ba.T + na)
+        chol = torch.linalg.cholesky(self._cov_layer(a))
         m, noise = self._link(a, b_)
         g = torch.Generator().manual_seed(seed)
         vals, ses = [], []
         for r in range(reps):
             src = torch.randn(n, chol.shape[0], generator=g, dtype=torch.float64) @ chol.T
-            est = mi_from_conditional(self._whitened(src, m, noise), n_draws=2, seed=seed + 1 + r)
-            vals.append(est.value)
-            ses.append(est.stderr)
+            v, se = gaussian_dataset_mi(src @ m.T, noise, n_draws=2, seed=seed + 1 + r)
+            vals.append(v)
+            ses.append(se)
         return sum(vals) / reps, math.sqrt(sum(se**2 for se in ses)) / reps
 
     def reference(self, r, x, seed):
