@@ -88,7 +88,13 @@ from torch import distributions as td
 
 from stochmi.core.kernel import as_gaussian_mixture
 
-__all__ = ["DeepLogDensity", "NotGaussianLink", "deep_log_density", "normal_params"]
+__all__ = [
+    "DeepLogDensity",
+    "NotGaussianLink",
+    "deep_log_density",
+    "normal_params",
+    "pool_estimates",
+]
 
 _LOG2PI = math.log(2 * math.pi)
 _U32 = 2.0**-24  # unit roundoff of float32
@@ -267,7 +273,11 @@ class _Problem:
         return _link_params(self.links[k], parent.to(self.dtype))
 
     def randn(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gen, dtype=torch.float64, device=self.loc1.device)
+        """Standard normals, drawn in float32 (torch's float64 normal sampler is several
+        times slower) and returned in float64: every density below is evaluated at the
+        returned values themselves."""
+        z = torch.randn(shape, generator=self.gen, dtype=torch.float32, device=self.loc1.device)
+        return z.to(torch.float64)
 
     def layer1(self, t1: torch.Tensor) -> torch.Tensor:
         """``log p(t1_r | s_i)`` for all rows and sources: ``(R, N)``."""
@@ -280,6 +290,33 @@ class _Problem:
         out.loc1, out.scale1, out.n = self.loc1[cols], self.scale1[cols], len(cols)
         out.cols1 = self.cols1.take(cols)
         return out
+
+
+def _sq_norm_of_product(r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``|w_b r_bk|^2`` for ``r`` ``(B, R, d)`` and ``w`` ``(B, e, d)`` (either batch may
+    be 1): ``(B, R)`` float64.
+
+    The product runs in float32; entries whose probabilistic rounding-error bound
+    exceeds ``_F32_TOL`` nats are recomputed in float64 (the batches that hold them).
+    Each entry ``l`` of ``w r`` is off by about ``sqrt(d) u |r| |w_l|`` (``u = 2^-24``),
+    so the squared norm by at most ``2 |w r| sqrt(d) u |r| max_l |w_l|``; the bound
+    taken is 2.5 times that, as for the kernel rows (:class:`_GaussCols`).  An error of
+    ``e`` in a log density moves every density estimate built on it by a factor within
+    ``exp(+-e / 2)``.
+    """
+    wr = r.to(torch.float32) @ w.to(torch.float32).transpose(1, 2)
+    sq = (wr * wr).sum(-1).to(torch.float64)
+    w_max = w.norm(dim=-1).max(-1).values  # (B,)
+    bound = 5.0 * math.sqrt(r.shape[-1]) * _U32 * sq.sqrt() * r.norm(dim=-1) * w_max[:, None]
+    bad = (bound > _F32_TOL).any(-1)  # (B,)
+    if bool(bad.any()):
+        sq = sq.expand(torch.broadcast_shapes(sq.shape, bound.shape)).clone()
+        idx = torch.nonzero(bad)[:, 0]
+        r_b = r[idx] if r.shape[0] > 1 else r
+        w_b = w[idx] if w.shape[0] > 1 else w
+        wr64 = r_b @ w_b.transpose(1, 2)
+        sq[idx] = (wr64 * wr64).sum(-1)
+    return sq
 
 
 def _cholesky32(h: torch.Tensor) -> torch.Tensor:
@@ -321,6 +358,33 @@ class DeepLogDensity:
     n_is: int
     n_fwd: int
     n_sources: float
+
+
+def pool_estimates(first: DeepLogDensity, second: DeepLogDensity) -> DeepLogDensity:
+    """Two independent estimates of the same densities at the same effort, as one.
+
+    Each entry of ``first.L`` and ``second.L`` is (the log of) an unbiased estimate of
+    ``p(t_j | s_i)``, so their mean in linear space, ``log((e^L1 + e^L2) / 2)``, is one
+    with twice the draws.  ``first.L`` is that pooled estimate from half of its draws:
+    it becomes ``L_half``, for the same convergence check as within one estimate.  The
+    effective sample sizes add.  Entries that one estimate left out (``-inf``, sources
+    not sampled for a query) count as zero in that estimate, which keeps every row's
+    Horvitz-Thompson sum unbiased.
+    """
+    if first.L.shape != second.L.shape or (first.n_is, first.n_fwd) != (
+        second.n_is,
+        second.n_fwd,
+    ):
+        raise ValueError("pooled estimates must have the same shape and effort")
+    return DeepLogDensity(
+        torch.logaddexp(first.L, second.L) - math.log(2.0),
+        first.L,
+        first.diag_ess + second.diag_ess,
+        first.marg_ess + second.marg_ess,
+        first.n_is + second.n_is,
+        first.n_fwd + second.n_fwd,
+        0.5 * (first.n_sources + second.n_sources),
+    )
 
 
 class _Pool:
@@ -473,8 +537,7 @@ class _Step:
             else (self.w[idx], self.s2[idx], self.norm[idx])
         )
         r = t - mean
-        wr = r @ w.transpose(1, 2)
-        quad = (r * r / s2[:, None, :]).sum(-1) + (wr * wr).sum(-1)
+        quad = (r * r / s2[:, None, :]).sum(-1) + _sq_norm_of_product(r, w)
         return -0.5 * quad - norm[:, None]
 
     def take(self, idx: torch.Tensor) -> _Step:

@@ -51,7 +51,12 @@ from stochmi.core.from_matrix import label_bounds_from_log_density, mi_terms_fro
 from stochmi.core.kernel import as_gaussian_mixture
 from stochmi.core.rng import spawn_seeds
 from stochmi.layers.chain import Chain, cuda_devices
-from stochmi.layers.deep import NotGaussianLink, deep_log_density, normal_params
+from stochmi.layers.deep import (
+    NotGaussianLink,
+    deep_log_density,
+    normal_params,
+    pool_estimates,
+)
 from stochmi.layers.links import LocalReparamModel, model_links
 from stochmi.layers.sites import find_layers, no_layers_message, resolve_layers, trace_model
 
@@ -200,38 +205,60 @@ class _Deep:
         )
 
     def _run(self, a: int, b: int) -> dict:
+        """Rounds until converged.  The first round has no bridged draws; if it fails,
+        every later round has them (``n_fwd / 8`` per source, at least 2) and is pooled
+        with the rounds before it (:func:`~stochmi.layers.deep.pool_estimates`): a
+        bridged round at the starting effort, a second one that doubles the pooled
+        draws, then one at twice that, and so on until the pooled effort would exceed
+        ``max_effort`` times the starting sizes.  Nothing drawn after the first round
+        is discarded."""
         o = self.opts
-        effort, bridge = 1, False
-        while True:
-            # from the second round on, the off-diagonal densities come from bridged draws
-            # (n_fwd / 8 per source at twice the effort) and the forward paths
-            n_br = max(2, 2 * (o.n_fwd * effort // 16)) if bridge else 0
-            res = self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
-            full, loo = mi_terms_from_log_density(res.L)
-            half, _ = mi_terms_from_log_density(res.L_half)
-            value = float(full.mean())
-            bias = abs(float(half.mean()) - value)
-            marg_ess = float(res.marg_ess.median())
-            se = float(full.std()) / math.sqrt(len(full))
-            ok = (
-                bias <= max(o.tolerance, o.rel_tolerance * abs(value))
-                and marg_ess >= MIN_MARGINAL_ESS  # the marginal density rests on few draws
-                and value >= -3 * se  # a dataset MI cannot be negative
-            )
-            if ok or effort * 2 > o.max_effort:
+        res = self._once(a, b, o.n_is, o.n_fwd, 0)
+        ok, stats = self._check(res)
+        pooled, effort = None, 1
+        while not ok:
+            if pooled is not None:
+                if 2 * effort > o.max_effort:
+                    break
+                n_br = max(2, 2 * (o.n_fwd * effort // 16))
+                res = pool_estimates(
+                    pooled, self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
+                )
+                effort *= 2
+            elif o.max_effort < 2:
                 break
-            bridge = True
-            effort *= 2
+            else:
+                res = self._once(a, b, o.n_is, o.n_fwd, max(2, 2 * (o.n_fwd // 16)))
+            pooled = res
+            ok, stats = self._check(res)
         return {
             "res": res,
-            "full": full,
-            "loo": loo,
-            "bias": bias,
+            "full": stats["full"],
+            "loo": stats["loo"],
+            "bias": stats["bias"],
             "converged": ok,
             "n_is": res.n_is,
             "n_fwd": res.n_fwd,
-            "marg_ess": marg_ess,
+            "marg_ess": stats["marg_ess"],
         }
+
+    def _check(self, res) -> tuple[bool, dict]:
+        """Whether one estimate of the densities meets the convergence rule: remaining
+        bias (full minus half-sample MI) within tolerance, enough effective terms
+        behind the marginal density, and no significantly negative MI."""
+        o = self.opts
+        full, loo = mi_terms_from_log_density(res.L)
+        half, _ = mi_terms_from_log_density(res.L_half)
+        value = float(full.mean())
+        bias = abs(float(half.mean()) - value)
+        marg_ess = float(res.marg_ess.median())
+        se = float(full.std()) / math.sqrt(len(full))
+        ok = (
+            bias <= max(o.tolerance, o.rel_tolerance * abs(value))
+            and marg_ess >= MIN_MARGINAL_ESS  # the marginal density rests on few draws
+            and value >= -3 * se  # a dataset MI cannot be negative
+        )
+        return ok, {"full": full, "loo": loo, "bias": bias, "marg_ess": marg_ess}
 
 
 def _conv_entry(d: dict) -> dict:
