@@ -54,3 +54,27 @@ def test_no_development_history_in_user_facing_text():
         text = f.read_text(encoding="utf-8", errors="replace")
         hits += _hits(text.splitlines(), str(f.relative_to(ROOT)))
     assert not hits, "development history in user-facing text:\n" + "\n".join(hits)
+
+
+README_COMMANDS = [
+    'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.14.1 '
+    "torchvision==0.29.1 -e . && stochmi demo",
+    'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.14.1 '
+    'torchvision==0.29.1 -e ".[test,ray]" && python -m pytest',
+]
+
+
+def _first_code_block(lines):
+    start = next(i for i, line in enumerate(lines) if line.startswith("```"))
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("```"))
+    return lines[start], lines[start + 1 : end]
+
+
+def test_readme_is_a_front_page_that_opens_with_the_two_commands():
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 150, f"README.md has {len(lines)} lines; detail belongs in docs/"
+    fence, body = _first_code_block(lines)
+    assert fence == "```bash"
+    assert body == README_COMMANDS
+    # nothing but the title comes before the commands
+    assert [line for line in lines[: lines.index(fence)] if line.strip()] == ["# stochmi"]

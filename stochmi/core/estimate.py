@@ -1,4 +1,12 @@
-"""The result type every stochmi estimator returns."""
+"""The result type of the core estimators and the baselines.
+
+:func:`stochmi.mi_from_conditional`, :func:`stochmi.mi_with_labels` and every
+baseline's ``estimate`` (:mod:`stochmi.baselines`) return an :class:`MIEstimate`.
+:func:`stochmi.layer_mi` and :func:`stochmi.weight_mi` return a ``pandas.DataFrame``
+whose rows carry the main fields (``value, stderr, lower, upper``, ...) as columns;
+:func:`stochmi.replica.mutual_information` returns a table of its own (entropies and
+MI per unit, no Monte Carlo error).
+"""
 
 from __future__ import annotations
 
@@ -28,9 +36,9 @@ class MIEstimate:
     lower_stderr, upper_stderr : float
         Monte Carlo standard errors of ``lower`` and ``upper``.
     saturated : bool
-        True when ``lower`` sits within ``saturation_margin`` nats of ``log N``:
-        the InfoNCE bound cannot exceed ``log N``, so the bracket is loose and
-        more samples are needed.
+        True when ``lower`` sits near ``log N`` (for :func:`stochmi.mi_from_conditional`
+        within its ``saturation_margin``, 1 nat by default): the InfoNCE bound cannot
+        exceed ``log N``, so the bracket is loose and more samples are needed.
     n : int
         Number of source values N.
     n_draws : int

@@ -362,20 +362,30 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
     Returns
     -------
     dict
-        JSON-able record with keys ``cell_id``, ``key`` (:meth:`CellSpec.key`), ``fingerprint``
-        (:meth:`CellSpec.fingerprint`, what the key is made of),
-        ``cell`` (the spec as a dict), ``data_source``, ``n_train``, ``n_test``,
-        ``n_inputs``, ``layer_sites``, ``estimates`` (one row per epoch x pair:
-        ``epoch, source, target, value, stderr, lower, upper, n, k_paths,
-        saturated, dpi_ok``; nats, weights marginalised), ``conditional`` (for
-        models with a weight posterior when ``estimate.conditional``: one row per
-        epoch x pair with the per-draw values ``draws`` of I(X;T | W=w)),
-        ``uncertainty`` (with ``estimate.uncertainty``, else None: for models with a
-        weight posterior one row per epoch x target of :func:`stochmi.weight_mi`,
-        the epistemic information I(T_l; W | X) of each layer with injected noise
-        and BALD I(Y; W | X), see :func:`epistemic_rows`; empty for models with
-        fixed weights), ``accuracy`` (``epoch, test_accuracy``),
-        ``dpi_violations``, ``history``, ``versions`` and ``wall_s``.
+        JSON-able record with keys
+
+        - ``cell_id``, ``key`` (:meth:`CellSpec.key`), ``fingerprint``
+          (:meth:`CellSpec.fingerprint`, what the key is made of), ``cell`` (the spec
+          as a dict);
+        - ``data_source``, ``n_train``, ``n_test``, ``n_inputs``, ``layer_sites``;
+        - ``estimates``: one row per epoch x pair of :func:`stochmi.layer_mi` with
+          weights marginalised: ``epoch, source, target, value, stderr, lower, upper,
+          n, k_paths, saturated, dpi_ok, converged, mc_bias`` (nats);
+        - ``conditional``: for models with a weight posterior when
+          ``estimate.conditional``, the same rows of the conditional-mode table (means
+          over posterior draws) with ``draws``, the per-draw values of
+          I(X;T | W=w); empty otherwise;
+        - ``uncertainty``: with ``estimate.uncertainty`` (else None), for models with
+          a weight posterior one row per epoch x target of :func:`stochmi.weight_mi`,
+          the epistemic information I(T_l; W | X) of each layer with injected noise
+          and BALD I(Y; W | X), see :func:`epistemic_rows`; empty for models with
+          fixed weights;
+        - ``accuracy``: one row per measured epoch, ``epoch, test_accuracy,
+          train_accuracy, loss``;
+        - ``dpi_violations``: ``{epoch: attrs["dpi"] of the marginal table}`` for the
+          epochs with any;
+        - ``history`` (the training history), ``versions``
+          (:func:`package_versions`), ``torch_threads`` and ``wall_s``.
 
     Notes
     -----

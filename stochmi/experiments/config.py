@@ -242,9 +242,9 @@ class CellSpec:
 
     def settings(self) -> dict[str, Any]:
         """The cell's settings that determine its numbers (all fields but device and
-        resources), JSON-able.  ``estimate.uncertainty`` appears only when true, so
-        the keys of cells without it are those of earlier versions (their records are
-        reused)."""
+        resources), JSON-able.  ``estimate.uncertainty`` appears only when true, so a
+        cell without it has the same key whether or not the file names the option (its
+        records are reused)."""
         d = self.to_dict()
         d.pop("device")
         d.pop("resources")

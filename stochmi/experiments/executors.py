@@ -21,10 +21,11 @@ Torch threads: every executor runs a cell with the same number of torch threads,
 restores the previous setting afterwards.  Matrix products round differently with
 another thread count (differences of order 1e-8 nats after training), so a fixed
 count per cell is what makes the numbers bitwise identical whichever executor runs
-the cell.  Use ``workers x threads <= cores``.  On the project's 2-core machine, one
-thread per cell was also much the fastest: the noise_sweep example took 70 s in-process
-with 1 thread and 415 s with torch's default of 2 threads (same numbers to 5e-8;
-idle-spinning threads of small matrix products, measured under load from other jobs).
+the cell.  Use ``workers x threads <= cores``.  On a 2-core machine under load from
+other jobs, one thread per cell was also much the fastest: the noise_sweep example took
+70 s in-process with 1 thread and 415 s with torch's default of 2 threads (same numbers
+to 5e-8; idle-spinning threads of small matrix products; deep rows by nested Monte
+Carlo in that run, see ``docs/experiments.md``).
 
 A cell that raises is reported as a failed outcome (with its traceback) and the
 other cells go on.  A cell's numbers depend only on its configuration and seed (see

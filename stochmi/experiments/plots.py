@@ -19,7 +19,10 @@ standard error.
   line per noise level, and the last epoch against the noise level.
 
 Every figure carries a caption with the number of MI inputs N, the noise levels, the
-estimator settings (paths K per input, weight draws) and the number of seeds.
+estimator settings (``n_paths``, the starting number of forward paths per input for
+densities across several layers, and weight draws) and the number of seeds.
+In the information plane and the epistemic plot, a point flagged as not converged
+(``converged`` or ``epistemic_converged`` 0 in some seed) is an open marker.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def _caption(ds, *, err: bool = True) -> str:
     if sig:
         parts.append("noise sigma = " + ", ".join(f"{x:g}" for x in sig))
     if settings.get("n_paths"):
-        parts.append(f"K = {settings['n_paths']} paths per input for I(X;T_l), l >= 2")
+        parts.append(f"n_paths = {settings['n_paths']} for densities across layers")
     specs = " ".join(map(str, ds["spec"].values)) if "spec" in ds.coords else ""
     if settings.get("n_weight_draws") and "bayes" in specs:
         parts.append(f"{settings['n_weight_draws']} weight draws")

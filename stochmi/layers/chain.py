@@ -1,4 +1,11 @@
-"""The layer chain: ``K`` paths through the layers and the conditional of each layer.
+"""The layer chain: samples of the layers and the conditional of each layer given its parent.
+
+:func:`stochmi.layer_mi` takes ``p(t_1 | x_i)``, ``p(t_l | t_{l-1})`` and the samples
+that serve as sources and queries from here; densities across several Gaussian layers
+come from :mod:`stochmi.layers.deep`.  The chain runs ``K > 1`` paths per input only
+where those densities come from nested Monte Carlo instead (layer families other than
+Gaussian, the generic mixture over weight draws): then ``p(t_l | x_i)`` is the
+mixture over the ``K`` paths (:meth:`Chain.given_x`).
 
 Also the helpers that bring a site's distribution to batch ``(N,)`` and regroup rows
 into mixtures (``p(t_l | x_i)`` over paths, the Monte Carlo marginal over weight draws).
@@ -188,7 +195,8 @@ def sample_rows(cond: td.Distribution, gen: torch.Generator) -> torch.Tensor:
 # the chain
 # ---------------------------------------------------------------------------
 class Chain:
-    """Samples ``K`` paths through the layers and the conditionals along them.
+    """Samples ``K`` paths through the layers (``K = 1`` unless nested Monte Carlo needs
+    more) and the conditionals along them.
 
     ``values[l]`` has shape (K*N, d_l) with row ``k*N + i`` = path ``k`` of input ``i``;
     ``conds[l]`` has batch (K*N,): ``p(t_l | t_{l-1}[row])`` (``t_0 = x``).

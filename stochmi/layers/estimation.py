@@ -7,20 +7,32 @@ A Pyro model called as ``model(x)`` whose stochastic layers are latent
 
 each link a channel with a known density ``p(t_l | t_{l-1})`` (the site's
 distribution given its parent).  :func:`layer_mi` traces the model, finds those
-sites, and estimates with :func:`stochmi.mi_from_conditional`:
+sites, and estimates each pair from ``L[j, i] = log p(t_j | s_i)`` as
+:func:`stochmi.mi_from_conditional` does (value, bracket, standard errors):
 
 * ``I(X; T_1)`` from ``p(t_1 | x_i)`` directly;
 * ``I(T_{l-1}; T_l)`` with sources ``t_{l-1}`` sampled from the chain;
-* ``I(X; T_l)`` for ``l >= 2`` by nested Monte Carlo: ``p(t_l | x) =
-  E[p(t_l | T_{l-1}) | x]`` is approximated by a ``K``-component mixture over
-  ``K`` paths propagated from each input (``n_paths``).  Since ``t`` is drawn
-  from the same ``K``-mixture it is evaluated under, the estimate is the MI of a
-  channel that knows which path was taken more sharply than the true one: by the
-  convexity of MI in the channel it *overstates* ``I(X; T_l)`` in expectation,
-  and the excess shrinks as ``K`` grows.  The value with the first ``K/2`` paths
-  is reported beside it (``attrs["path_convergence"]``) so convergence can be read off.
-* ``I(T_l; Y)`` for labels by class-conditional mixtures
-  (:func:`stochmi.mi_with_labels`) of ``p(t_l | x_i)``.
+* ``I(X; T_l)`` for ``l >= 2``, non-adjacent pairs ``I(T_a; T_b)`` and ``I(T_l; Y)``
+  for ``l >= 2`` from densities across several layers, ``p(t_b | s_i) =
+  E[p(t_b | T_{b-1}) | s_i]``, which have no closed form.  Where every link after the
+  first is a single Gaussian whose mean is differentiable in its parent (noise
+  injection, local reparameterisation, fixed weight draws), each entry of
+  ``L[j, i]`` is estimated by importance sampling over paths
+  (:mod:`stochmi.layers.deep`, :ref:`deep-layers`).  The effort doubles until the
+  difference between the estimate from all draws and from half of them, the estimated
+  remaining bias (``mc_bias``), is within ``tolerance``, up to ``max_effort`` times.
+  A row has ``converged`` False when it misses that, when the median effective number
+  of terms behind the marginal ``sum_i p(t_j | s_i)`` is below
+  :data:`MIN_MARGINAL_ESS`, or when its value is below ``-3`` standard errors.  The
+  bracket of every row estimated this way is widened by ``mc_bias``.
+* Other layer families (Laplace, Student-t, ...) and the generic mixture over weight
+  draws have no importance sampler: ``I(X; T_l)`` and ``I(T_l; Y)`` for ``l >= 2``
+  use nested Monte Carlo, ``p(t_l | x_i)`` as a mixture over ``n_paths`` paths
+  propagated from each input, with ``converged`` False and ``mc_bias`` NaN (for
+  ``I(X; T_l)`` the value from half the paths is in ``attrs["path_convergence"]``);
+  non-adjacent layer pairs are refused (``ValueError``).
+* ``I(T_1; Y)`` for labels by class-conditional mixtures
+  (:func:`stochmi.mi_with_labels`) of ``p(t_1 | x_i)``.
 
 Global latent sites (no data dimension) are weights.  With ``weights="marginal"``
 (predictive MI) weights are drawn independently per example: models that offer
@@ -142,6 +154,7 @@ class DeepOptions:
         A row is converged when its estimated remaining bias (full minus half-sample
         estimate) is at most ``max(tolerance, rel_tolerance * value)`` nats.
     rel_tolerance : float
+        Relative part of that bound (a share of ``|value|``).
     max_effort : int
         Effort doubles (both sample sizes) until converged or this multiple of the
         starting sizes is reached.
@@ -414,8 +427,10 @@ def _dpi(
 ) -> list[dict]:
     """Data-processing inequalities ``A >= B`` broken by more than their error bars.
 
-    The tolerance is ``z`` combined standard errors plus, for ``I(X; T_l)`` from
-    ``K`` paths, the nested Monte Carlo excess estimated as ``|value(K/2) - value(K)|``.
+    The tolerance is ``z`` combined standard errors plus, for each side with an entry
+    in ``conv`` (``attrs["path_convergence"]``: importance-sampled rows and nested Monte
+    Carlo ``X -> T_l`` rows), ``|value_half - value|``, the half- against full-sample
+    difference.
     """
     conv = conv or {}
     val = {(r.source, r.target): (r.value, r.stderr) for r in df.itertuples()}
@@ -515,19 +530,53 @@ def layer_mi(
     -------
     pandas.DataFrame
         One row per pair with columns ``source, target, value, stderr, lower,
-        upper`` (nats) and ``lower_stderr, upper_stderr, n, k_paths, saturated,
-        dpi_ok``.  ``attrs``: ``"layers"``, ``"weights"``, ``"mode"``,
-        ``"dpi"`` (violations), ``"path_convergence"`` (K vs K/2), and in
-        conditional mode ``"per_draw"`` (DataFrame, one row per draw and pair),
-        ``"inference_data"`` (ArviZ) and ``"summary"`` (ArviZ summary).
+        upper`` (nats; ``value`` the dataset MI, ``[lower, upper]`` the bracket on the
+        population MI) and
+
+        - ``lower_stderr, upper_stderr``: standard errors of the bracket's ends;
+        - ``n``: number of inputs ``N``;
+        - ``k_paths``: forward paths per input behind the density (1 where it is
+          direct; for importance-sampled rows ``n_paths`` times the effort reached);
+        - ``saturated``: ``lower > log N - 1`` (more inputs needed);
+        - ``converged``: True for direct densities and importance-sampled rows that met
+          ``tolerance``; False for unconverged and nested Monte Carlo rows;
+        - ``mc_bias``: estimated remaining bias (nats) of importance-sampled rows,
+          ``|full - half-sample value|``; 0 for direct densities, NaN for nested Monte
+          Carlo rows;
+        - ``n_is``, ``marginal_ess`` (only when some row is importance-sampled; NaN on
+          the others): proposal draws per query at the effort reached, and the median
+          effective number of terms behind the marginal ``sum_i p(t_j | s_i)``;
+        - ``dpi_ok``: False for the rows of a broken data-processing inequality.
+
+        In conditional mode the columns are means over the weight draws (``stderr``
+        and the bracket's standard errors across draws), with ``posterior_sd``
+        (sd over draws), ``converged`` (every draw converged) and ``mc_bias`` (largest
+        over draws) and without ``n_is`` and ``marginal_ess``.
+
+        ``attrs``: ``"layers"``, ``"weights"``, ``"mode"`` (how the densities were
+        obtained), ``"dpi"`` (violations: ``larger``, ``smaller``, ``excess``,
+        ``tolerance``) and ``"path_convergence"``: for every importance-sampled row
+        and every nested Monte Carlo ``X -> T_l`` row, ``"source->target"`` -> the
+        dataset MI ``value`` with ``k`` paths and ``value_half`` with ``k_half``, and
+        for importance-sampled rows also ``n_is``, ``converged``, ``diag_ess_median``
+        and ``marginal_ess_median`` (a ``T_l -> Y`` entry describes the matrix
+        ``log p(t_l | x_i)`` it shares with ``X -> T_l``; empty in conditional mode).
+        In conditional mode also ``"per_draw"`` (DataFrame, one row per draw and pair,
+        column ``draw``), ``"inference_data"`` (ArviZ, one variable per pair),
+        ``"summary"`` (ArviZ summary; None for one draw) and ``"weight_draws"`` (the
+        weight values, one dict per draw).
 
     Raises
     ------
     ValueError
         Fewer than two inputs, NaN/inf inputs, label shape mismatch, unknown
-        layer names, a deterministic layer (infinite MI) or no layers at all.
+        layer names or pairs, a deterministic layer (infinite MI), no layers at all,
+        an invalid setting (``n_paths`` or ``n_is`` odd or below 2, a non-positive
+        ``tolerance``, ...), a non-adjacent layer pair in a model without Gaussian
+        links, or a Gaussian link whose mean is not differentiable in its parent.
     TypeError
-        Non-tensor inputs or float labels.
+        Non-tensor inputs, float labels, or a generic marginal over weight draws
+        (no ``local_reparam_conditional``) of layers that are not Normal.
     """
     opts = _check_options(weights, n_paths, n_is, tolerance, max_effort, n_weight_draws, n_draws)
     y = _check_inputs(x, y)
@@ -668,7 +717,12 @@ def _gaussian_links(chain: Chain) -> bool:
 
 
 def _run_pairs(chain, layers, pairs, y, seeds, n_draws, chunk_size, device, progress, deep):
-    """:func:`_estimate_pairs`, falling back to nested Monte Carlo for non-Gaussian links."""
+    """:func:`_estimate_pairs`, with a link that :mod:`stochmi.layers.deep` cannot use (a
+    Gaussian whose mean is not differentiable in its parent) reported as ``ValueError``.
+
+    Nested Monte Carlo for other layer families is chosen earlier, in
+    :func:`_marginal_chain` (``deep`` is None then); nothing here falls back.
+    """
     try:
         return _estimate_pairs(
             chain, layers, pairs, y, seeds, n_draws, chunk_size, device, progress, deep

@@ -538,10 +538,13 @@ def weight_mi(
         population bracket) and ``n_inputs, n_weight_draws, saturated, method``.
         ``attrs``: ``per_input`` (DataFrame, one row per input, one column per
         target), ``decomposition`` (``{"per_input": DataFrame(total, aleatoric,
-        epistemic), "mean": dict}``), ``chain_rule`` (DataFrame), ``convergence``
-        (deep layers: value with half the draws, median diagonal ESS), ``closed_form``
-        (first layer, a :class:`~stochmi.layers.links.LocalReparamModel`: the exact population
-        value per input, not limited by ``log M``), ``seed``.
+        epistemic), "mean": dict}``; None without a label site), ``chain_rule``
+        (DataFrame; None with ``chain_rule=False``), ``convergence`` (per deeper layer:
+        ``value`` and ``upper`` with all draws, ``value_half`` and ``upper_half`` with
+        the first half, ``diag_ess_median``, ``n_is``, ``n_fwd``), ``closed_form``
+        (first layer, a :class:`~stochmi.layers.links.LocalReparamModel`: the exact
+        population value per input, not limited by ``log M``), ``label_site``,
+        ``layers``, ``n_weight_draws`` (``M``) and ``seed`` (the seed used).
 
     Raises
     ------
