@@ -18,9 +18,10 @@ sites, and estimates each pair from ``L[j, i] = log p(t_j | s_i)`` as
   first is a single Gaussian whose mean is differentiable in its parent (noise
   injection, local reparameterisation, fixed weight draws), each entry of
   ``L[j, i]`` is estimated by importance sampling over paths
-  (:mod:`stochmi.layers.deep`, :ref:`deep-layers`).  The effort doubles until the
-  difference between the estimate from all draws and from half of them, the estimated
-  remaining bias (``mc_bias``), is within ``tolerance``, up to ``max_effort`` times.
+  (:mod:`stochmi.layers.deep`, :ref:`deep-layers`).  Rounds of draws are pooled, the
+  pooled effort doubling, until the difference between the estimate from all draws
+  and from half of them, the estimated remaining bias (``mc_bias``), is within
+  ``tolerance``, up to ``max_effort`` times the starting sizes.
   A row has ``converged`` False when it misses that, when the median effective number
   of terms behind the marginal ``sum_i p(t_j | s_i)`` is below
   :data:`MIN_MARGINAL_ESS`, or when its value is below ``-3`` standard errors.  The
@@ -156,8 +157,8 @@ class DeepOptions:
     rel_tolerance : float
         Relative part of that bound (a share of ``|value|``).
     max_effort : int
-        Effort doubles (both sample sizes) until converged or this multiple of the
-        starting sizes is reached.
+        The pooled effort (both sample sizes) doubles until converged or this multiple
+        of the starting sizes is reached.
     """
 
     n_is: int = 32
@@ -508,8 +509,8 @@ def layer_mi(
     tolerance : float, default 0.02
         Target accuracy (nats) of those rows: the remaining bias, estimated as the
         difference between the estimate with all draws and with half of them, must be
-        at most ``max(tolerance, 1% of the value)``; otherwise both sample sizes double,
-        up to ``max_effort`` times the starting sizes.  Unconverged rows are flagged
+        at most ``max(tolerance, 1% of the value)``; otherwise more rounds are drawn and
+        pooled with the earlier ones, up to ``max_effort`` times the starting sizes.  Unconverged rows are flagged
         (``converged`` False) and their bracket is widened by the bias estimate.
     max_effort : int, default 4
         Largest multiple of ``n_paths`` / ``n_is`` tried.

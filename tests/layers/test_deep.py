@@ -322,8 +322,10 @@ def _tanh_links(widths, gains, sigmas, seed):
 
 def test_bridged_density_at_forward_paths_matches_direct_evaluation():
     """``log r_ji`` at source i's forward paths, evaluated as a quadratic in t_j, equals
-    the density of the proposal's steps evaluated directly (a 3-layer tanh chain)."""
-    from stochmi.layers.deep import _Bridge, _Pool, _Problem
+    the density of the proposal's steps evaluated directly (a 3-layer tanh chain), up to
+    the float32 rounding bound of the steps' quadratic forms (``_F32_TOL / 2`` nats per
+    step and evaluation)."""
+    from stochmi.layers.deep import _F32_TOL, _Bridge, _Pool, _Problem
 
     g = torch.Generator().manual_seed(0)
     n, k = 6, 4
@@ -334,6 +336,7 @@ def test_bridged_density_at_forward_paths_matches_direct_evaluation():
     pool = _Pool(pb, k)
     bridge = _Bridge(pb, 2, pool)
     fast = bridge.at_pool(pb, torch.arange(n))  # (B, K, N)
+    tol = len(bridge.q.steps) * _F32_TOL
     for j in range(n):
         for i in range(n):
             direct = 0.0
@@ -344,7 +347,7 @@ def test_bridged_density_at_forward_paths_matches_direct_evaluation():
                 wr = r @ step.w[i].T
                 quad = (r * r / step.s2[i]).sum(-1) + (wr * wr).sum(-1)
                 direct = direct - 0.5 * quad - step.norm[i]
-            assert torch.allclose(fast[j, :, i], direct[0], atol=1e-9, rtol=0)
+            assert torch.allclose(fast[j, :, i], direct[0], atol=tol, rtol=0)
     # and at paths drawn from each query's own proposal (the q_j draws)
     from stochmi.layers.deep import _Guided
 
@@ -359,7 +362,31 @@ def test_bridged_density_at_forward_paths_matches_direct_evaluation():
                 prior = loc1[i][None, None] if k == 0 else priors[k][j][None]
                 mean = step.mean(prior, tq[j][None, None], torch.tensor([i]))
                 direct = direct + step.logpdf(layers[k][j][None], mean, torch.tensor([i]))
-            assert torch.allclose(fast[j, :, i], direct[0], atol=1e-9, rtol=0)
+            assert torch.allclose(fast[j, :, i], direct[0], atol=tol, rtol=0)
+
+
+def test_squared_norm_of_product_within_its_rounding_bound():
+    """``|w r|^2`` from the float32 product is within ``_F32_TOL`` of float64 where the
+    bound allows it, and is the float64 value itself (batch by batch) where it does not."""
+    from stochmi.layers.deep import _F32_TOL, _sq_norm_of_product
+
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(3, 50, 64, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 8, 64, generator=g, dtype=torch.float64) / 8
+    exact = ((r @ w.transpose(1, 2)) ** 2).sum(-1)
+    got = _sq_norm_of_product(r, w)
+    assert (got - exact).abs().max() <= _F32_TOL
+    assert not torch.equal(got, exact)  # the float32 product ran
+    w_big = w.clone()
+    w_big[1] *= 1e3  # batch 1's bound is far over the tolerance
+    exact_big = ((r @ w_big.transpose(1, 2)) ** 2).sum(-1)
+    got_big = _sq_norm_of_product(r, w_big)
+    assert torch.equal(got_big[1], exact_big[1])
+    assert torch.equal(got_big[0], got[0]) and torch.equal(got_big[2], got[2])
+    # one batch of r against many of w (the bridged draws' layout)
+    got_b = _sq_norm_of_product(r[:1], w)
+    assert got_b.shape == (3, 50)
+    assert (got_b - ((r[:1] @ w.transpose(1, 2)) ** 2).sum(-1)).abs().max() <= _F32_TOL
 
 
 def test_bridged_draws_against_quadrature_on_a_nonlinear_chain():
