@@ -105,7 +105,6 @@ _BRIDGE_Q = 4  # with bridging, draws of q_j per query that also serve the other
 _BLOCK = 16  # queries per block when the sources are subsampled (they share U)
 _RANK_STEP = 256  # queries ranked together when the sources are subsampled
 _SUBSAMPLE_FRACTION = 0.5  # subsample only when a block's sources are under this share of N
-_HT_REL_VAR = 0.01  # target relative variance of a row's Horvitz-Thompson part (screening)
 
 
 class NotGaussianLink(TypeError):
@@ -701,9 +700,7 @@ def deep_log_density(
     n, dev = pb.n, pb.loc1.device
     pool = _Pool(pb, n_fwd)
     bridge = _Bridge(pb, n_bridge, pool) if n_bridge else None
-    # screening pays only where the random share is a small part of all sources; each
-    # block is still evaluated at every source when its screened set is not small
-    subsample = n_top is not None and n_random < _SUBSAMPLE_FRACTION * n
+    subsample = n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n
     if chunk_size is None:  # ~2e7 float64 elements per block for each large tensor
         widest = max(t.shape[1] for t in anchors)
         n_src = min(n, _BLOCK * (n_top + 1) + n_random) if subsample else n
@@ -729,7 +726,7 @@ def deep_log_density(
         orows = torch.arange(ostart, min(n, ostart + outer), device=dev)
         if subsample:
             g_all = pool.fin(pb.t[orows], low=True)  # (B_outer, K*N)
-            top = _rank_sources(pb, pool, anchors, orows, g_all, n_top, n_random)
+            top = _rank_sources(pb, pool, anchors, orows, g_all, n_top)
             first_all = None
             if pool.width > _FULL_Q_DIM:  # the ranking term of _pool_logq, for all paths
                 first_all = pool.first_at(pb.loc1[orows], pb.scale1[orows])
@@ -737,12 +734,8 @@ def deep_log_density(
             loc = slice(start, min(len(orows), start + chunk_size))
             rows = orows[loc]
             q = _Guided(pb, rows, anchors)
-            cols = None
             if subsample:
-                cols, logw, pos = _select_sources(pb, rows, [t[loc] for t in top], n_random)
-                if len(cols) >= _SUBSAMPLE_FRACTION * n:  # dense: cheaper than screened
-                    cols = None
-            if cols is not None:
+                cols, logw, pos = _select_sources(pb, rows, top[loc], n_random)
                 sp, pool_b = pb.take(cols), pool.take(cols)
                 bridge_b = bridge.take(cols) if bridge is not None else None
                 log_g = g_all[loc][:, pool_b.idx].to(torch.float64)
@@ -764,45 +757,29 @@ def deep_log_density(
     return DeepLogDensity(out, half, ess, marg, n_is, n_fwd, float(sum(n_cols) / len(n_cols)))
 
 
-def _rank_sources(pb: _Problem, pool: _Pool, anchors, rows, log_g, n_top: int, n_random: int):
-    """Each query's dominant other sources: ``(B, n_top)`` indices, best first, and a
-    ``(B, n_top)`` mask of those to take whole.
+def _rank_sources(pb: _Problem, pool: _Pool, anchors, rows, log_g, n_top: int):
+    """Each query's ``n_top`` most likely other sources: ``(B, n_top)`` indices.
 
     Sources are ranked by two cheap proxies of ``log p(t_j | s_i)``, each relative to
     its best source, and the larger is kept: the layer-1 density of the query's own
     path, ``log N(a_j; mu_i, diag s_i^2)``, and the nested Monte Carlo estimate
     ``log mean_k p(t_j | z_ik)`` from the forward paths of source ``i`` (``log_g``,
-    ``log p(t_j | z)`` at every forward path, ``(B, K*N)``).  Normalised over the
-    sources, the proxy gives shares ``w_i``; the sources left to the random sample
-    add about ``(N / n_random) sum_{i not taken} w_i^2`` to the relative variance of
-    the row's marginal, so the best sources are taken until that is at most
-    ``_HT_REL_VAR`` (at most ``n_top``; none when the marginal is broad).  The proxy
-    affects only the variance: every source keeps its chance to be drawn at random.
+    ``log p(t_j | z)`` at every forward path, ``(B, K*N)``).
     """
     n, b, dev = pb.n, len(rows), pb.loc1.device
     k_paths = pool.own.shape[0]
     s1 = pb.layer1(anchors[0][rows])  # (B, N)
-    g = torch.logsumexp(log_g.reshape(b, k_paths, n).to(torch.float64), 1)
+    g = torch.logsumexp(log_g.reshape(b, k_paths, n), 1)
     score = torch.maximum(s1 - s1.max(1, keepdim=True).values, g - g.max(1, keepdim=True).values)
     score[torch.arange(b, device=dev), rows] = -math.inf
-    top = torch.topk(score, min(n_top, n - 1), dim=1)
-    sq_share = torch.exp(2 * (top.values - torch.logsumexp(score, 1, keepdim=True)))
-    total = torch.exp(
-        torch.logsumexp(2 * score, 1, keepdim=True) - 2 * torch.logsumexp(score, 1, keepdim=True)
-    )
-    # left to the random sample after taking the first m: total - cumsum(share)[m - 1]
-    tail = (total - torch.cumsum(sq_share, 1)).clamp_min(0)
-    tail = torch.cat([total, tail[:, :-1]], 1)  # tail before taking source m
-    keep = tail * (n / n_random) > _HT_REL_VAR
-    return top.indices, keep
+    return torch.topk(score, min(n_top, n - 1), dim=1).indices
 
 
-def _select_sources(pb: _Problem, rows, top, n_random: int):
+def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int):
     """The sources a block of queries is evaluated at, and their weights.
 
-    The union ``D`` of every query's dominant sources (``top``: indices and the mask of
-    those taken, from :func:`_rank_sources`) and of the queries' own sources is taken
-    whole (weight 1).
+    The union ``D`` of every query's ``n_top`` best sources (``top``, from
+    :func:`_rank_sources`) and of the queries' own sources is taken whole (weight 1).
     A uniform random subset ``U`` of ``n_random`` of all ``N`` sources, drawn
     independently of everything else, stands for the rest: a source of ``U`` not in
     ``D`` gets weight ``N / n_random`` (Horvitz-Thompson), so that
@@ -821,8 +798,7 @@ def _select_sources(pb: _Problem, rows, top, n_random: int):
     """
     n, b, dev = pb.n, len(rows), pb.loc1.device
     in_d = torch.zeros(n, dtype=torch.bool, device=dev)
-    idx, keep = top
-    in_d[idx[keep]] = True
+    in_d[top.reshape(-1)] = True
     in_d[rows] = True
     perm = torch.randperm(n, generator=pb.gen, device=dev)[:n_random]
     first_half = torch.zeros(n, dtype=torch.bool, device=dev)
