@@ -131,7 +131,8 @@ def _add_demo(sub, common: argparse.ArgumentParser) -> None:
         type=int,
         nargs="+",
         default=None,
-        help="epochs at which to estimate MI (default 0 1 2 3 4 6 8 10 ... up to --epochs)",
+        help="epochs at which to estimate MI (default: those of "
+        f"{' '.join(str(e) for e in demo_mod.DEMO_MEASURE)} up to --epochs, and --epochs)",
     )
     _valued(p, "--sigma", float, demo_mod.DEMO_SIGMA, "noise std after each activation")
     _valued(p, "--n-inputs", int, demo_mod.DEMO_N_INPUTS, "held-out images used as X for MI")

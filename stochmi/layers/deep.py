@@ -273,11 +273,7 @@ class _Problem:
         return _link_params(self.links[k], parent.to(self.dtype))
 
     def randn(self, shape) -> torch.Tensor:
-        """Standard normals, drawn in float32 (torch's float64 normal sampler is several
-        times slower) and returned in float64: every density below is evaluated at the
-        returned values themselves."""
-        z = torch.randn(shape, generator=self.gen, dtype=torch.float32, device=self.loc1.device)
-        return z.to(torch.float64)
+        return torch.randn(shape, generator=self.gen, dtype=torch.float64, device=self.loc1.device)
 
     def layer1(self, t1: torch.Tensor) -> torch.Tensor:
         """``log p(t1_r | s_i)`` for all rows and sources: ``(R, N)``."""
@@ -918,6 +914,7 @@ class _Bridge:
         n = self.q.pb.n
         k_paths = pool.layers[0].shape[0] // n
         self.pool_base, self.pool_v, self.pool_quad, self.gp = 0.0, 0.0, 0.0, []
+        self.gs, self.vq = [None], [None]
         for k, st in enumerate(self.q.steps):
             t, prior = (
                 v.reshape(k_paths, n, -1).transpose(0, 1) for v in (pool.layers[k], pool.priors[k])
@@ -933,6 +930,10 @@ class _Bridge:
             self.pool_quad = (
                 self.pool_quad + gs @ st.gain_t.transpose(1, 2) + gw @ gw.transpose(1, 2)
             )
+            if k > 0:  # for at_draws: the step's terms in v = prior M^T - y (d_L x d_L)
+                g_t = st.gain_t.transpose(1, 2)
+                self.gs.append(gs)
+                self.vq.append((gs @ g_t, gw.transpose(1, 2), gp @ g_t))
 
     def take(self, cols: torch.Tensor) -> _Bridge:
         """The per-source factors and draws of the sources ``cols`` only."""
@@ -943,6 +944,8 @@ class _Bridge:
         out.log_r, out.pool_base = self.log_r[cols], self.pool_base[cols]
         out.pool_v, out.pool_quad = self.pool_v[cols], self.pool_quad[cols]
         out.gp = [g[cols] for g in self.gp]
+        out.gs = [None] + [g[cols] for g in self.gs[1:]]
+        out.vq = [None] + [tuple(f[cols] for f in fs) for fs in self.vq[1:]]
         return out
 
     def at_pool(self, pb: _Problem, rows: torch.Tensor) -> torch.Tensor:
@@ -959,29 +962,63 @@ class _Bridge:
     def at_draws(self, pb: _Problem, rows, layers, priors) -> torch.Tensor:
         """``log r_ji`` at paths drawn for each query (``layers[k]`` ``(B, m, d_k)``,
         ``priors[k]`` their parents' means, ``priors[0]`` unused) for every source ``i``:
-        ``(B, m, N)``, by the same quadratic in ``t_j`` as :meth:`at_pool`."""
+        ``(B, m, N)``, by the same quadratic in ``t_j`` as :meth:`at_pool`.
+
+        Every term is a matrix product against per-source factors, without a
+        ``(sources, paths, d_k)`` residual.  With ``r = z - mean`` the residual of a step
+        at ``t_j = 0`` and ``P = S^-1 + w^T w`` its precision: in the first layer the mean
+        ``a_i`` is fixed per source, so ``r^T S^-1 r`` expands into products of ``z`` and
+        ``z^2`` with ``S^-1`` and ``a_i S^-1``, and ``w r = w z - w a_i``.  Above it the
+        parent's mean ``p`` is the path's, ``r = u + v G`` with ``u = z - p`` (shared by
+        all sources) and ``v = p M^T - y_i`` (``d_L`` per source and path), so
+        ``r^T S^-1 r = u^T S^-1 u + 2 v . (G S^-1 u) + v^T (G S^-1 G^T) v`` and
+        ``w r = w u + (w G^T) v``.  The term linear in ``t_j`` is ``t_j . (G P r)``.
+        """
         b, m = layers[0].shape[:2]
+        bm = b * m
         tq = pb.t[rows]
-        tq_r = tq.repeat_interleave(m, 0)  # (B*m, d_L): the query of each path
+        tq_r = tq.repeat_interleave(m, 0).T  # (d_L, B*m): the query of each path
         out = torch.empty(b, m, pb.n, dtype=torch.float64, device=tq.device)
-        width = max(st.d for st in self.q.steps)
-        step = max(1, int(1.6e7 // max(1, b * m * width)))
+        z = [t.reshape(bm, -1) for t in layers]
+        u = [None] + [z[k] - priors[k].reshape(bm, -1) for k in range(1, len(z))]
+        width = max(tq.shape[1], *(st.d for st in self.q.steps))
+        step = max(1, int(1.6e7 // max(1, bm * width)))
         for c in range(0, pb.n, step):
             cols = slice(c, min(pb.n, c + step))  # a view of the per-source factors
-            n_s = cols.stop - cols.start
-            base = lin = 0.0
+            val = 0.0
             for k, st in enumerate(self.q.steps):
+                inv = 1.0 / st.s2[cols]  # (S, d_k)
+                w, gp = st.w[cols], self.gp[k][cols]
                 if k == 0:
-                    mean0 = st.mean(pb.loc1[cols][:, None, :], None, cols)  # (S, 1, d_1)
+                    a = st.mean(pb.loc1[cols][:, None, :], None, cols)[:, 0]  # (S, d_1)
+                    diag = (
+                        inv @ (z[0] * z[0]).T
+                        - 2.0 * (a * inv) @ z[0].T
+                        + (a * a * inv).sum(1, keepdim=True)
+                    )  # (S, B*m)
+                    wr = w @ z[0].T - w @ a[:, :, None]  # (S, d_L, B*m)
+                    lin = gp @ z[0].T - gp @ a[:, :, None]
                 else:
-                    prior = priors[k].reshape(b * m, -1)[None].expand(n_s, -1, -1)
-                    mean0 = st.mean(prior, None, cols)  # (S, B*m, d_k)
-                z = layers[k].reshape(b * m, -1)[None]
-                base = base + st.logpdf(z, mean0, cols)
-                lin = lin + ((z - mean0) @ self.gp[k][cols].transpose(1, 2) * tq_r).sum(-1)
+                    qq, wg, gpg = self.vq[k]
+                    prior = priors[k].reshape(bm, -1)
+                    v = st.m[cols] @ prior.T - st.y[cols][:, :, None]  # (S, d_L, B*m)
+                    uk = u[k].T  # (d_k, B*m)
+                    diag = (
+                        inv @ (u[k] * u[k]).T
+                        + 2.0 * ((self.gs[k][cols] @ uk) * v).sum(1)
+                        + ((qq[cols] @ v) * v).sum(1)
+                    )
+                    wr = w @ uk + wg[cols] @ v
+                    lin = gp @ uk + gpg[cols] @ v
+                val = (
+                    val
+                    - 0.5 * (diag + (wr * wr).sum(1))
+                    - st.norm[cols][:, None]
+                    + (lin * tq_r[None]).sum(1)
+                )
             quad = ((tq[None] @ self.pool_quad[cols]) * tq[None]).sum(-1)  # (S, B)
-            val = base + lin - 0.5 * quad.repeat_interleave(m, 1)  # (S, B*m)
-            out[:, :, cols] = val.T.reshape(b, m, n_s)
+            val = val - 0.5 * quad.repeat_interleave(m, 1)  # (S, B*m)
+            out[:, :, cols] = val.T.reshape(b, m, -1)
         return out
 
     def draws(self, pb: _Problem, rows: torch.Tensor, q: _Guided):

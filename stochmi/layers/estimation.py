@@ -510,8 +510,9 @@ def layer_mi(
         Target accuracy (nats) of those rows: the remaining bias, estimated as the
         difference between the estimate with all draws and with half of them, must be
         at most ``max(tolerance, 1% of the value)``; otherwise more rounds are drawn and
-        pooled with the earlier ones, up to ``max_effort`` times the starting sizes.  Unconverged rows are flagged
-        (``converged`` False) and their bracket is widened by the bias estimate.
+        pooled with the earlier ones, up to ``max_effort`` times the starting sizes.
+        Unconverged rows are flagged (``converged`` False) and their bracket is widened
+        by the bias estimate.
     max_effort : int, default 4
         Largest multiple of ``n_paths`` / ``n_is`` tried.
     n_weight_draws : int, default 16
