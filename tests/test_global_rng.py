@@ -76,8 +76,8 @@ def _x(n=24, d=2):
 
 def noisy_chain(x):
     with pyro.plate("data", x.shape[0]):
-        h1 = pyro.sample("h1", dist.Normal(torch.tanh(x @ W1), 0.5).to_event(1))
-        pyro.sample("h2", dist.Normal(h1 @ W2, 0.4).to_event(1))
+        h1 = pyro.sample("h1", dist.Normal(torch.tanh(x @ W1.to(x)), 0.5).to_event(1))
+        pyro.sample("h2", dist.Normal(h1 @ W2.to(h1), 0.4).to_event(1))
 
 
 def laplace_chain(x):
@@ -178,6 +178,22 @@ def test_seed_none_is_not_taken_from_the_global_rng(name):
         out = CORE_CASES[name](None)
         values.append(out.value if isinstance(out, stochmi.MIEstimate) else tuple(out["value"]))
     assert values[0] != values[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cuda_generators_are_left_alone(seed):
+    """On a GPU the draws use forked, seeded copies of the device's generator only."""
+    torch.cuda.manual_seed_all(11)
+    before = [s.clone() for s in torch.cuda.get_rng_state_all()]
+    with global_rng_untouched():
+        stochmi.layer_mi(noisy_chain, _x(), seed=seed, n_paths=2, n_is=2, device="cuda")
+        stochmi.mi_from_conditional(
+            torch.distributions.Independent(torch.distributions.Laplace(_x().cuda(), 0.5), 1),
+            seed=seed,
+        )
+    after = torch.cuda.get_rng_state_all()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
 # ----------------------------------------------------------------------------- replay
@@ -374,3 +390,15 @@ def test_nuts_leaves_the_global_rng_alone(seed, mlx60):
     assert isinstance(idata.attrs["seed"], int) and idata.attrs["seed"] >= 0
     if seed is not None:
         assert idata.attrs["seed"] == seed
+
+
+def test_an_experiment_cell_leaves_the_global_rng_alone():
+    from stochmi.experiments.cells import run_cell
+    from stochmi.experiments.config import parse_experiment
+    from tests.helpers import TINY_GRID_MODEL, tiny_experiment
+
+    one = TINY_GRID_MODEL.replace('grid = { "noise.sigma" = [0.5, 1.0] }', "")
+    (cell,) = parse_experiment(tiny_experiment(seeds=(0,), epochs=1, model=one)).cells()
+    with global_rng_untouched():
+        rec = run_cell(cell)
+    assert rec["estimates"]
