@@ -37,6 +37,7 @@ from torch import nn
 from stochmi.benchmarking.baselines import REGISTRY, get
 from stochmi.benchmarking.baselines.util import torch_threads
 from stochmi.core.estimate import MIEstimate
+from stochmi.core.rng import make_generator, resolve_seed, rng_context
 
 __all__ = ["run_comparison", "train_mlp", "layer_activations", "SETTINGS"]
 
@@ -140,7 +141,7 @@ def train_mlp(
     epochs: int = 5,
     batch_size: int = 128,
     lr: float = 1e-3,
-    seed: int = 0,
+    seed: int | None = 0,
     progress: bool = False,
 ) -> nn.Sequential:
     """Train a deterministic tanh MLP classifier ``784 - widths - 10`` with Adam.
@@ -152,7 +153,8 @@ def train_mlp(
     widths : hidden layer widths
     epochs, batch_size, lr : training recipe (cross-entropy)
     seed : int
-        Initialisation (inside ``torch.random.fork_rng``) and minibatch order.
+        Initialisation (inside :func:`stochmi.core.rng.rng_context`) and minibatch
+        order (``None``: a fresh seed); the global RNG is left as it was.
     progress : bool
 
     Returns
@@ -163,8 +165,8 @@ def train_mlp(
     from tqdm.auto import tqdm
 
     widths = list(widths)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    seed = resolve_seed(seed)
+    with rng_context(seed):
         layers: list[nn.Module] = []
         prev = x.shape[1]
         for w in widths:
@@ -172,7 +174,7 @@ def train_mlp(
             prev = w
         layers.append(nn.Linear(prev, int(y.max()) + 1))
         net = nn.Sequential(*layers)
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_generator(seed)[0]
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     with torch_threads(1):
         for _ in tqdm(range(epochs), desc="train MLP", disable=not progress, leave=False):

@@ -17,7 +17,8 @@ Families (after Czyż et al., "Beyond Normal", NeurIPS 2023):
 * :func:`transformed_task` - MI-preserving per-coordinate monotone maps (asinh,
   half-cube, wiggly) applied to another task.
 
-Every sampler takes ``seed`` and uses a private ``numpy.random.Generator``.
+Every sampler takes ``seed`` (the rule of :mod:`stochmi.core.rng`) and uses a private
+``numpy.random.Generator``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from torch.distributions import (
     constraints,
 )
 from torch.distributions.transforms import Transform
+
+from stochmi.core.rng import numpy_generator
 
 __all__ = [
     "Task",
@@ -271,7 +274,7 @@ def gaussian_task(
     """
     n, dim_x, dim_t = _check_n(n), _check_dim(dim_x, "dim_x"), _check_dim(dim_t, "dim_t")
     cov = _correlation(dim_x, dim_t, correlation, float(rho))
-    rng = np.random.default_rng(seed)
+    rng = numpy_generator(seed)
     z = rng.standard_normal((n, dim_x + dim_t)) @ np.linalg.cholesky(cov).T
     return Task(
         name=f"gauss-{correlation}-{dim_x}x{dim_t}-rho{rho:g}",
@@ -313,7 +316,7 @@ def additive_gaussian_task(
     n = _check_n(n)
     if not sigma > 0:
         raise ValueError(f"sigma must be positive (zero noise gives infinite MI), got {sigma}")
-    rng = np.random.default_rng(seed)
+    rng = numpy_generator(seed)
     if A is None:
         dim_x, dim_t = _check_dim(dim_x, "dim_x"), _check_dim(dim_t, "dim_t")
         a = rng.standard_normal((dim_t, dim_x)) / math.sqrt(dim_x)
@@ -360,7 +363,7 @@ def additive_uniform_task(n: int, *, eps: float = 0.1, dim: int = 1, seed: int |
     """
     n, dim = _check_n(n), _check_dim(dim, "dim")
     mi1 = additive_uniform_mi(float(eps))
-    rng = np.random.default_rng(seed)
+    rng = numpy_generator(seed)
     x = rng.uniform(0.0, 1.0, (n, dim))
     t = x + rng.uniform(-eps, eps, (n, dim))
 
@@ -417,7 +420,7 @@ def student_t_task(
     if not df > 0:
         raise ValueError(f"df must be positive, got {df}")
     cov = _correlation(dim_x, dim_t, "sparse", float(rho))
-    rng = np.random.default_rng(seed)
+    rng = numpy_generator(seed)
     z = rng.standard_normal((n, dim_x + dim_t)) @ np.linalg.cholesky(cov).T
     w = rng.chisquare(df, size=(n, 1))
     s = z / np.sqrt(w / df)

@@ -80,6 +80,8 @@ from dataclasses import dataclass
 import torch
 from torch import distributions as td
 
+from stochmi.core.rng import draw_seed, rng_context
+
 __all__ = [
     "GaussianMixture",
     "as_gaussian_mixture",
@@ -625,7 +627,7 @@ class LogDensityKernel:
         """``n_draws`` samples per source, shape ``(n_draws, N, *event)``.
 
         The Gaussian path draws with ``generator`` directly; other families use
-        ``cond.sample`` inside :func:`torch.random.fork_rng`, seeded from
+        ``cond.sample`` inside :func:`stochmi.core.rng.rng_context`, seeded from
         ``generator``, so the caller's global RNG state is untouched.
         """
         if self.gauss is not None:
@@ -639,10 +641,7 @@ class LogDensityKernel:
             if len(self.cond.event_shape) == 0:
                 t = t.squeeze(-1)
             return t
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with rng_context(draw_seed(generator), self.device):
             t = self.cond.sample((n_draws,))
         t = t.to(self.device)
         if not bool(torch.isfinite(t).all()):

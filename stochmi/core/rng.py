@@ -1,8 +1,10 @@
 """Seeds and random generators: every rule stochmi uses, in one module.
 
 The promise that a cell, an estimate or a training run gives identical numbers
-under any executor rests on the functions here; no other module seeds anything
-by its own rule.
+under any executor rests on the functions here.  Every public function that draws
+random numbers takes a ``seed`` (or a private generator), validates it with
+:func:`check_seed`, and draws from private generators made here; none reseeds or
+consumes the caller's global torch or NumPy RNG.
 
 The seed rule
 -------------
@@ -10,8 +12,8 @@ A seed is ``None`` or an integer (a Python ``int`` or a NumPy integer; ``bool`` 
 refused) in ``[-2**63, 2**64)``:
 
 - ``None`` draws a fresh seed from the operating system (56 bits,
-  :func:`resolve_seed`); functions that report what they used return it, so a run can
-  be replayed.
+  :func:`resolve_seed`; ``os.urandom``, so no global RNG is read); functions that
+  report what they used return it, so a run can be replayed.
 - A negative seed is mapped to its 64-bit two's complement, ``seed + 2**64``
   (:func:`check_seed`). This is the value :meth:`torch.Generator.manual_seed` itself
   uses, so ``-1`` and ``2**64 - 1`` are the same seed everywhere: in torch generators
@@ -25,13 +27,17 @@ Derived seeds
   layer-MI and weight-draw streams.
 - :func:`derive_seed` (31-bit seed from a seed and integer tags): experiment cells.
 - :func:`chain_seeds` (32-bit seeds, one per MCMC chain): NUTS.
+- :func:`draw_seed` (a 62-bit seed drawn from a private ``torch.Generator``): one
+  sub-stream per traced model call or sampled distribution.
 
 Generators
 ----------
 - :func:`make_generator`: a private ``torch.Generator`` and the seed it got.
 - :func:`numpy_generator`: a NumPy ``Generator`` under the same rule.
 - :func:`rng_context`: a block run on a forked copy of torch's global RNG (what Pyro
-  draws from), seeded, with the caller's state restored afterwards.
+  and ``Distribution.sample`` draw from), seeded, with the caller's state restored
+  afterwards.  Code that must call something drawing from the global RNG does it
+  inside ``rng_context(draw_seed(generator), devices)``.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ __all__ = [
     "chain_seeds",
     "check_seed",
     "derive_seed",
+    "draw_seed",
     "make_generator",
     "numpy_generator",
     "resolve_seed",
@@ -142,25 +149,48 @@ def chain_seeds(seed: object, count: int) -> list[int]:
     return [int(s) for s in ss.generate_state(count, dtype=np.uint32)]
 
 
+def draw_seed(generator: torch.Generator) -> int:
+    """A 62-bit seed drawn from a private ``generator`` (advances it by one draw).
+
+    The seed of a sub-stream: :func:`rng_context` runs a block that draws from torch's
+    global RNG (a Pyro trace, ``Distribution.sample``) on a copy seeded with it.
+    """
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+
+
+def _cuda_indices(device) -> list[int]:
+    """CUDA device indices among ``device`` (a device, a name, or a list of them)."""
+    if device is None:
+        return []
+    items = device if isinstance(device, list | tuple) else [device]
+    out: list[int] = []
+    for d in items:
+        d = torch.device(d)
+        if d.type == "cuda":
+            idx = d.index if d.index is not None else torch.cuda.current_device()
+            if idx not in out:
+                out.append(idx)
+    return out
+
+
 @contextlib.contextmanager
 def rng_context(seed: object, device=None):
     """Run a block on a private copy of torch's global RNG, seeded with ``seed``.
 
     Pyro draws from torch's global RNG; this forks it (``torch.random.fork_rng``) so
     that the caller's RNG state is restored afterwards, and seeds the CPU generator
-    (and, for a CUDA ``device``, that device's generator) with ``seed``.
-    ``seed=None`` forks without seeding (continues the caller's stream on a copy).
+    and, for each CUDA device in ``device``, that device's generator with ``seed``
+    (other devices' generators are neither forked nor reseeded, unlike
+    ``torch.manual_seed``).  ``device`` is ``None`` (CPU only), a device or device
+    name, or a list of them.  ``seed=None`` forks without seeding (continues the
+    caller's stream on a copy).
     """
     value = check_seed(seed)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    cuda = dev.type == "cuda"
-    devices = []
-    if cuda:
-        devices = [dev.index if dev.index is not None else torch.cuda.current_device()]
+    devices = _cuda_indices(device)
     with torch.random.fork_rng(devices=devices):
         if value is not None:
             torch.random.default_generator.manual_seed(value)
-            if cuda:
-                with torch.cuda.device(devices[0]):
+            for idx in devices:
+                with torch.cuda.device(idx):
                     torch.cuda.manual_seed(value)
         yield

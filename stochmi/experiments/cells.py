@@ -7,7 +7,7 @@ and, through the training callback, calls :func:`stochmi.layer_mi` and
 
 Everything random is derived from the cell's seed (weight initialisation, training,
 the Monte Carlo draws of each estimate, predictive accuracy), and the whole cell runs
-inside ``torch.random.fork_rng`` seeded from it and in a private Pyro parameter
+inside :func:`stochmi.core.rng.rng_context` seeded from it and in a private Pyro parameter
 store.  A cell's numbers therefore depend only on its configuration and seed, not on
 which executor ran it, in which process, or after which other cell.
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from stochmi.core.rng import derive_seed
+from stochmi.core.rng import derive_seed, rng_context
 from stochmi.experiments.config import CellSpec, DataSettings
 
 __all__ = [
@@ -403,8 +403,7 @@ def run_cell(cell: CellSpec, *, progress: bool = False) -> dict[str, Any]:
     source, train_d, test_d, inputs = load_cell_data(cell.data, cell.estimate.n_inputs)
     spec = _cell_spec(cell)
     measure = _Measurements(cell, inputs)
-    with torch.random.fork_rng(devices=[]), pyro.get_param_store().scope():
-        torch.manual_seed(derive_seed(cell.seed, TAG_INIT))
+    with rng_context(derive_seed(cell.seed, TAG_INIT), cell.device), pyro.get_param_store().scope():
         model = build_model(spec, seed=derive_seed(cell.seed, TAG_INIT))
         result = train(
             model,

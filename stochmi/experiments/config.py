@@ -255,7 +255,9 @@ class CellSpec:
     def fingerprint(self) -> dict[str, Any]:
         """What a stored record must match to be reused: ``settings`` (SHA-256 of
         :meth:`settings`), ``versions`` of the packages that compute the numbers
-        (stochmi, torch, pyro-ppl, numpy) and ``estimator``, the default settings of
+        (stochmi, torch, pyro-ppl, numpy), ``estimator_revision``
+        (:data:`stochmi.core.ESTIMATOR_REVISION`, which changes whenever a change to
+        the estimators can move a number) and ``estimator``, the default settings of
         :func:`stochmi.layer_mi` (those an experiment file does not set); with
         ``estimate.uncertainty`` also ``weight_estimator``, those of
         :func:`stochmi.weight_mi`."""
@@ -263,6 +265,7 @@ class CellSpec:
         out = {
             "settings": hashlib.sha256(blob).hexdigest(),
             "versions": dict(_numeric_versions()),
+            "estimator_revision": _estimator_revision(),
             "estimator": dict(_estimator_defaults()),
         }
         if self.estimate.uncertainty:
@@ -271,7 +274,8 @@ class CellSpec:
 
     def key(self) -> str:
         """SHA-256 of :meth:`fingerprint`: the cell's settings, the versions of the
-        packages that compute its numbers and the estimator's default settings."""
+        packages that compute its numbers, the estimator revision and the estimator's
+        default settings."""
         blob = json.dumps(self.fingerprint(), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 
@@ -287,6 +291,13 @@ def _numeric_versions() -> tuple[tuple[str, str], ...]:
         except md.PackageNotFoundError:  # pragma: no cover - all are dependencies
             out.append((name, "not installed"))
     return tuple(out)
+
+
+def _estimator_revision() -> str:
+    """:data:`stochmi.core.ESTIMATOR_REVISION`, read at every call (part of a cell's key)."""
+    import stochmi.core
+
+    return str(stochmi.core.ESTIMATOR_REVISION)
 
 
 @functools.lru_cache(maxsize=1)

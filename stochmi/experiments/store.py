@@ -233,19 +233,17 @@ class ResultStore:
                 "--force, or use another --out folder."
             ) from None
 
-    def open(self, config: ExperimentConfig, cells: Sequence[CellSpec], *, force=False) -> None:
-        """Claim the folder for ``config``: check the manifest, then (re)write it.
+    def check_claim(self, config: ExperimentConfig, *, force=False) -> None:
+        """Check, without creating or writing anything, that :meth:`open` would accept
+        the folder for ``config``.
 
-        Files whose content is unchanged are not rewritten, so a finished sweep in a
-        read-only folder can be opened again.
+        A sweep calls this before :meth:`lock`, so a refused sweep leaves the folder
+        exactly as it found it: no lock file created, none rewritten.
 
         Raises
         ------
         ResumeError
-            When ``out_dir`` holds results of a different experiment file (different
-            text), has a corrupt manifest, or is a non-empty folder that is not a sweep
-            folder, unless ``force`` (then records whose cell settings are unchanged are
-            reused and the others recomputed); when ``out_dir`` is a file.
+            As :meth:`open`.
         """
         self.check_folder()
         manifest_path = self.out_dir / MANIFEST
@@ -264,6 +262,24 @@ class ResultStore:
                     f"{self.out_dir} is not empty and is not a stochmi sweep folder "
                     f"(no {MANIFEST}); choose an empty or new --out folder, or pass --force"
                 )
+
+    def open(self, config: ExperimentConfig, cells: Sequence[CellSpec], *, force=False) -> None:
+        """Claim the folder for ``config``: check the manifest, then (re)write it.
+
+        Files whose content is unchanged are not rewritten, so a finished sweep in a
+        read-only folder can be opened again.
+
+        Raises
+        ------
+        ResumeError
+            When ``out_dir`` holds results of a different experiment file (different
+            text), has a corrupt manifest, or is a non-empty folder that is not a sweep
+            folder, unless ``force`` (then records whose cell settings are unchanged are
+            reused and the others recomputed); when ``out_dir`` is a file.  Nothing is
+            written then.
+        """
+        self.check_claim(config, force=force)
+        manifest_path = self.out_dir / MANIFEST
         manifest = {
             "experiment_name": config.name,
             "experiment_file": config.path,
@@ -384,6 +400,10 @@ def stale_reason(record: dict[str, Any], cell: CellSpec) -> str:
                     for n in sorted(set(a) | set(b))
                     if a.get(n) != b.get(n)
                 ]
+            elif k == "estimator_revision":
+                changed.append(
+                    f"estimator revision {old.get(k) or '(none recorded)'} -> {new.get(k)}"
+                )
             elif k == "settings" and isinstance(record.get("cell"), dict):
                 a, b = record["cell"], cell.to_dict()
                 names = [n for n in sorted(set(a) | set(b)) if n not in ("device", "resources")]

@@ -149,6 +149,9 @@ def run_sweep(
     store.check_folder()
     if not store.writable():
         return _read_only_sweep(store, config, cells, say, t0)
+    # refuse before taking the lock, so that a refused sweep creates no lock file and
+    # leaves an existing one as it was; open() checks again under the lock
+    store.check_claim(config, force=force)
     with store:
         store.lock()
         store.open(config, cells, force=force)

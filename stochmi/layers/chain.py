@@ -20,6 +20,7 @@ import torch
 from torch import distributions as td
 
 from stochmi.core.kernel import DETERMINISTIC_MESSAGE, as_gaussian_mixture, is_delta
+from stochmi.core.rng import draw_seed, rng_context
 from stochmi.layers.sites import trace_model
 
 if TYPE_CHECKING:  # stochmi.layers.links imports this module
@@ -165,7 +166,7 @@ def mixture_over_draws(conds: list[td.Distribution]) -> td.Distribution:
 
 
 def cuda_devices(*objs) -> list:
-    """CUDA devices among tensors/distributions, for ``fork_rng``."""
+    """CUDA devices among tensors/distributions, for :func:`stochmi.core.rng.rng_context`."""
     from stochmi.core.kernel import first_tensor
 
     out = []
@@ -177,17 +178,15 @@ def cuda_devices(*objs) -> list:
 
 
 def sample_rows(cond: td.Distribution, gen: torch.Generator) -> torch.Tensor:
-    """One draw per batch row, shape (M, *event), from ``gen`` (fork_rng for generic)."""
+    """One draw per batch row, shape (M, *event), from ``gen`` (generic families:
+    ``cond.sample`` inside :func:`~stochmi.core.rng.rng_context` seeded from ``gen``)."""
     gm = as_gaussian_mixture(cond)
     if gm is not None:
         if gm.loc.device != gen.device:  # e.g. CUDA tensors, CPU master generator
-            seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
-            gen = torch.Generator(device=gm.loc.device).manual_seed(seed)
+            gen = torch.Generator(device=gm.loc.device).manual_seed(draw_seed(gen))
         t = gm.sample(1, gen)[0]
         return t.squeeze(-1) if len(cond.event_shape) == 0 else t
-    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device))
-    with torch.random.fork_rng(devices=cuda_devices(cond)):
-        torch.manual_seed(seed)
+    with rng_context(draw_seed(gen), cuda_devices(cond)):
         return cond.sample()
 
 
@@ -252,11 +251,8 @@ class Chain:
 
     @staticmethod
     def _run(model, xk, gen):
-        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
-        with torch.random.fork_rng(devices=cuda_devices(xk)):
-            torch.manual_seed(seed)
-            with torch.no_grad():
-                return trace_model(model, xk)
+        with rng_context(draw_seed(gen), cuda_devices(xk)), torch.no_grad():
+            return trace_model(model, xk)
 
     def first_path(self, l: int) -> td.Distribution:
         """``p(t_l | t_{l-1})`` on path 0 (batch N)."""

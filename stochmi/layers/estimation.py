@@ -62,7 +62,7 @@ from stochmi.core.estimate import MIEstimate
 from stochmi.core.estimator import mi_from_conditional, mi_with_labels
 from stochmi.core.from_matrix import label_bounds_from_log_density, mi_terms_from_log_density
 from stochmi.core.kernel import as_gaussian_mixture
-from stochmi.core.rng import spawn_seeds
+from stochmi.core.rng import draw_seed, resolve_seed, rng_context, spawn_seeds
 from stochmi.layers.chain import Chain, cuda_devices
 from stochmi.layers.deep import (
     NotGaussianLink,
@@ -105,11 +105,8 @@ def _weight_draws(model, guide, x, weight_sites, count, gen) -> list[dict]:
     draws = []
     src = guide if guide is not None else model
     for _ in range(count):
-        seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
-        with torch.random.fork_rng(devices=cuda_devices(x)):
-            torch.manual_seed(seed)
-            with torch.no_grad():
-                tr = trace_model(src, x[:2])
+        with rng_context(draw_seed(gen), cuda_devices(x)), torch.no_grad():
+            tr = trace_model(src, x[:2])
         missing = [w for w in weight_sites if w not in tr.nodes]
         if missing:
             raise ValueError(f"the guide does not sample the weight sites {missing}")
@@ -185,9 +182,7 @@ class _Deep:
     def _once(self, a, b, n_is, n_fwd, n_br=0):
         # traced links sample the layer site from torch's global RNG: run them on a
         # private, seeded copy so the caller's RNG is untouched and numbers reproduce
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.gen, device=self.gen.device).item())
-        with torch.random.fork_rng(devices=cuda_devices(self.chain.values[b])):
-            torch.manual_seed(seed)
+        with rng_context(draw_seed(self.gen), cuda_devices(self.chain.values[b])):
             return self._once_inner(a, b, n_is, n_fwd, n_br)
 
     def _once_inner(self, a, b, n_is, n_fwd, n_br):
@@ -499,7 +494,9 @@ def layer_mi(
         ``"marginal"``: predictive MI with weights drawn per example;
         ``"conditional"``: ``I(. ; . | W = w)`` per posterior draw, summarised.
     seed : int, optional
-        Seed for every draw (the global RNG is left as it was).
+        Seed for every draw, under the rule of :mod:`stochmi.core.rng` (``None``: a
+        fresh seed from the operating system); the seed used is ``attrs["seed"]``, and
+        passing it back replays the run.  The global RNG is neither read nor changed.
     n_paths : int, default 16
         Forward paths per source for densities across several layers (``I(X; T_l)``,
         ``l >= 2``, non-adjacent layer pairs, ``I(T_l; Y)``); see
@@ -585,14 +582,13 @@ def layer_mi(
     if device is not None:
         x = x.to(device)
         y = y.to(device) if y is not None else None
-    master = spawn_seeds(seed, 4)
+    used_seed = resolve_seed(seed)
+    master = spawn_seeds(used_seed, 4)
     gen = torch.Generator(device=x.device).manual_seed(master[0])
-    with torch.random.fork_rng(devices=cuda_devices(x)):
-        torch.manual_seed(master[1])
-        with torch.no_grad():
-            sites = find_layers(model, x)
-    if layers is None and not sites.layers:
-        raise ValueError(no_layers_message(model, x))
+    with rng_context(master[1], cuda_devices(x)), torch.no_grad():
+        sites = find_layers(model, x)
+        if layers is None and not sites.layers:
+            raise ValueError(no_layers_message(model, x))
     layers = resolve_layers(sites.layers, layers)
     pairs = _resolve_pairs(pairs, layers, y)
     pair_seeds = spawn_seeds(master[2], len(pairs))
@@ -606,7 +602,7 @@ def layer_mi(
 
     has_weights = bool(sites.weights)
     if weights == "conditional" and has_weights:
-        return _conditional(
+        df = _conditional(
             model,
             guide,
             x,
@@ -623,6 +619,8 @@ def layer_mi(
             device,
             progress,
         )
+        df.attrs["seed"] = used_seed
+        return df
     chain, links, mode = _marginal_chain(
         model, guide, x, layers, sites.weights, k, gen, n_weight_draws
     )
@@ -632,7 +630,9 @@ def layer_mi(
     rows, conv = _run_pairs(
         chain, layers, pairs, y, pair_seeds, n_draws, chunk_size, device, progress, deep
     )
-    return _finish(pd.DataFrame(rows), layers, weights, mode, conv)
+    df = _finish(pd.DataFrame(rows), layers, weights, mode, conv)
+    df.attrs["seed"] = used_seed
+    return df
 
 
 def _check_options(weights, n_paths, n_is, tolerance, max_effort, n_weight_draws, n_draws):

@@ -44,7 +44,6 @@ Information in the weights: :func:`weight_kl`, ``KL(q(W) || p(W))`` per weight s
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable, Mapping
 
@@ -55,6 +54,7 @@ from torch import distributions as td
 
 from stochmi.core.from_matrix import mi_terms_from_log_density
 from stochmi.core.kernel import DETERMINISTIC_MESSAGE, is_delta
+from stochmi.core.rng import draw_seed, resolve_seed, rng_context, spawn_seeds
 from stochmi.layers.chain import as_batch_n, cuda_devices
 from stochmi.layers.links import LocalReparamModel
 from stochmi.layers.sites import find_layers, is_local, resolve_layers, sample_sites, trace_model
@@ -68,22 +68,13 @@ _LOG2PI = math.log(2 * math.pi)
 # ---------------------------------------------------------------------------
 # weight draws
 # ---------------------------------------------------------------------------
-def _seeds(seed: int | None, count: int) -> list[int]:
-    if seed is None:
-        seed = int.from_bytes(os.urandom(7), "little")
-    ss = np.random.SeedSequence(int(seed))
-    return [int(s.generate_state(1, np.uint64)[0] >> np.uint64(2)) for s in ss.spawn(count)]
-
-
 def _trace(fn, x, seed: int, data: Mapping | None = None):
     import pyro.poutine as poutine
 
     if data:
         fn = poutine.condition(fn, data=dict(data))
-    with torch.random.fork_rng(devices=cuda_devices(x)):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            return trace_model(fn, x)
+    with rng_context(seed, cuda_devices(x)), torch.no_grad():
+        return trace_model(fn, x)
 
 
 def _as_sample_dict(samples) -> dict[str, torch.Tensor]:
@@ -130,7 +121,7 @@ def _weight_draws(model, guide, x, weight_sites, m, gen) -> list[dict]:
     src = guide if guide is not None else model
     out = []
     for _ in range(m):
-        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        seed = draw_seed(gen)
         try:
             tr = _trace(src, x, seed)
         except Exception:  # guides that take no arguments
@@ -230,9 +221,6 @@ class _Deep:
         self.inflate = inflate
         self.gen = gen
 
-    def _seed(self) -> int:
-        return int(torch.randint(0, 2**62, (1,), generator=self.gen))
-
     def _cond(self, w, x, values: dict[str, torch.Tensor]):
         data = dict(w)
         b = x.shape[0]
@@ -240,7 +228,7 @@ class _Deep:
             data[k] = v.reshape(b, *self.shapes[k]).to(
                 x.dtype if x.is_floating_point() else v.dtype
             )
-        return _trace(self.model, x, self._seed(), data)
+        return _trace(self.model, x, draw_seed(self.gen), data)
 
     def _linearise(self, w, x):
         """Mean path, Jacobians and scales under ``w`` -> posterior-proposal pieces.
@@ -286,8 +274,7 @@ class _Deep:
         data = dict(w)
         data.update({kk: v.reshape(b, *self.shapes[kk]) for kk, v in fixed.items()})
         data[prev] = parent.reshape(b, *self.shapes[prev])
-        with torch.random.fork_rng(devices=cuda_devices(x)):
-            torch.manual_seed(self._seed())
+        with rng_context(draw_seed(self.gen), cuda_devices(x)):
             with torch.enable_grad():
                 tr = trace_model(poutine.condition(self.model, data=data), x)
                 loc, sc = _normal_grad(tr.nodes[name]["fn"], b)
@@ -509,7 +496,9 @@ def weight_mi(
     layers : list of str, optional
         Layer sites (default: all, in execution order).
     seed : int, optional
-        Seed of every draw (the global RNG is left as it was).
+        Seed of every draw, under the rule of :mod:`stochmi.core.rng` (``None``: a fresh
+        seed from the operating system); the seed used is ``attrs["seed"]``, and passing
+        it back replays the run.  The global RNG is neither read nor changed.
     n_weight_draws : int, default 64
         ``M``, posterior draws; the dataset MI over them is at most ``log M``.
     n_is, n_fwd : int, default 16
@@ -557,8 +546,8 @@ def weight_mi(
     _check_weight_mi_args(x, n_weight_draws, n_noise, n_is, n_fwd)
     from tqdm.auto import tqdm
 
-    used_seed = seed if seed is not None else int.from_bytes(os.urandom(7), "little")
-    master = _seeds(used_seed, 6)
+    used_seed = resolve_seed(seed)
+    master = spawn_seeds(used_seed, 6)
     gen = torch.Generator().manual_seed(master[0])
     n = x.shape[0]
     sites = _weighted_sites(model, x, master[1])
@@ -566,7 +555,7 @@ def weight_mi(
     draws = _weight_draws(model, guide, x, sites.weights, n_weight_draws, gen)
     m = len(draws)
     # one forward trace per draw: layer-1 conditionals, queries for every layer, labels
-    traces = [_trace(model, x, int(torch.randint(0, 2**62, (1,), generator=gen)), w) for w in draws]
+    traces = [_trace(model, x, draw_seed(gen), w) for w in draws]
     label = _label_site(traces[0], n) if prediction else None
     shapes = {name: tuple(traces[0].nodes[name]["value"].shape[1:]) for name in sites.layers}
     rows, per_input, conv, closed = [], {}, {}, {}
@@ -655,10 +644,8 @@ def _weighted_sites(model, x: torch.Tensor, seed: int):
     """
     n = x.shape[0]
     xs = x if n >= 2 else x.repeat(2, *([1] * (x.dim() - 1)))  # site discovery needs N >= 2
-    with torch.random.fork_rng(devices=cuda_devices(x)):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            sites = find_layers(model, xs)
+    with rng_context(seed, cuda_devices(x)), torch.no_grad():
+        sites = find_layers(model, xs)
     if not sites.weights:
         raise ValueError(
             "the model has no weight sites (global latent sample sites outside the data plate): "
@@ -757,7 +744,7 @@ def _label_probs(model, draws, x, label, layer_sites, n_noise, gen) -> torch.Ten
     out = []
     for w in draws:
         xr = x.repeat(k, *([1] * (x.dim() - 1)))
-        tr = _trace(model, xr, int(torch.randint(0, 2**62, (1,), generator=gen)), w)
+        tr = _trace(model, xr, draw_seed(gen), w)
         p = _class_probs(tr.nodes[label]["fn"])
         out.append(p.reshape(k, n, -1).mean(0).cpu())
     return torch.stack(out)
@@ -891,11 +878,9 @@ def weight_kl(
             raise ValueError("pass x (any valid input) to trace the model's priors")
         p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
         x = torch.zeros(2, int(model.input_dim), device=p.device if p is not None else "cpu")
-    seeds = _seeds(seed, 2 + n_samples)
-    with torch.random.fork_rng(devices=cuda_devices(x)):
-        torch.manual_seed(seeds[0])
-        with torch.no_grad():
-            sites = find_layers(model, x)
+    seeds = spawn_seeds(seed, 2 + n_samples)
+    with rng_context(seeds[0], cuda_devices(x)), torch.no_grad():
+        sites = find_layers(model, x)
     gtrs = []
     for s in range(max(1, n_samples)):
         try:

@@ -31,8 +31,8 @@ Training mode (``register_layers=False``, or :meth:`StochasticNet.train_forward`
 draws the layer noise by reparameterised sampling without registering the ``h``
 sites, so that SVI's ELBO is ``E_{q(W), noise} log p(y | x, W, noise) - KL(q || p)``
 with a correct gradient.  Randomness comes from torch's global RNG, as in all of
-Pyro; wrap calls in ``torch.random.fork_rng`` with a seed (:func:`rng_context`;
-the training and evaluation functions of :mod:`stochmi.models.training` do).
+Pyro; wrap calls in :func:`rng_context` with a seed (the training and evaluation
+functions of :mod:`stochmi.models.training` do).
 
 Parameters are module-local: every forward pass runs under Pyro's
 ``module_local_params`` setting, so the networks' and guides' parameters never
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
-from stochmi.core.rng import make_generator, rng_context
+from stochmi.core.rng import make_generator, resolve_seed, rng_context
 from stochmi.models.spec import ModelSpec, load_spec
 
 __all__ = [
@@ -662,8 +662,8 @@ def build_model(spec, *, seed: int | None = 0, overrides=None) -> StochasticNet:
     spec : ModelSpec, str or path
         A spec, or a name/path for :func:`stochmi.models.spec.load_spec`.
     seed : int or None
-        Seed of the deterministic weights' initialisation (noisy nets); the
-        global RNG is restored afterwards.
+        Seed of the deterministic weights' initialisation (noisy nets; ``None``: a
+        fresh seed); the global RNG is left as it was.
     overrides : dict or list of str, optional
         Applied when ``spec`` is a name or path.
 
@@ -674,5 +674,5 @@ def build_model(spec, *, seed: int | None = 0, overrides=None) -> StochasticNet:
     """
     spec = load_spec(spec, overrides)
     cls = _KINDS[spec.kind]
-    with rng_context(seed):
+    with rng_context(resolve_seed(seed)):
         return cls(spec)

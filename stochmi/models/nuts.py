@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stochmi.core.rng import chain_seeds, rng_context
+from stochmi.core.rng import chain_seeds, resolve_seed, rng_context
 from stochmi.data.mnist import MNISTData
 from stochmi.models.nets import BayesMLP, build_model
 from stochmi.models.spec import ModelSpec, load_spec
@@ -77,8 +77,9 @@ def run_nuts(
     num_samples, warmup_steps, num_chains, max_tree_depth : int, optional
         Default to the spec's ``[nuts]`` section.
     seed : int or None
-        Chain ``c`` uses a seed derived from ``seed`` (``numpy.random.SeedSequence``);
-        torch's global RNG is forked and restored.
+        Chain ``c`` uses a seed derived from ``seed`` (``numpy.random.SeedSequence``;
+        ``None``: a fresh seed, recorded in ``attrs["seed"]``); torch's global RNG is
+        forked and restored.
     model : BayesMLP, optional
         The network (default ``build_model(spec)``).
     progress : bool
@@ -113,13 +114,14 @@ def run_nuts(
         with torch.no_grad():
             x = model.input_transform(x)
         kwargs["transformed_input"] = True
+    used_seed = resolve_seed(seed)
     idatas = []
     threads = torch.get_num_threads()
     try:
         # The potential of this tiny net is latency bound: one intra-op thread is
         # faster than several, and much faster on a loaded machine (restored below).
         torch.set_num_threads(1)
-        for chain_seed in chain_seeds(seed, num_chains):
+        for chain_seed in chain_seeds(used_seed, num_chains):
             with rng_context(chain_seed, buf.device):
                 kernel = NUTS(model, max_tree_depth=depth, jit_compile=False)
                 mcmc = MCMC(
@@ -140,7 +142,7 @@ def run_nuts(
             "stochmi_spec_toml": spec.to_toml(),
             "data_source": data.source,
             "n_train": len(data),
-            "seed": -1 if seed is None else int(seed),
+            "seed": used_seed,
             "num_samples": num_samples,
             "warmup_steps": warmup_steps,
             "num_chains": num_chains,
@@ -196,7 +198,7 @@ def nuts_predictive_log_proba(
     """
     buf = next(iter(model.buffers()))
     draws, s = _posterior_draws(idata, buf.device)
-    with rng_context(seed, buf.device), torch.no_grad():
+    with rng_context(resolve_seed(seed), buf.device), torch.no_grad():
         return predictive_from_draws(model, x.to(buf.device), draws, s, batch_size)
 
 

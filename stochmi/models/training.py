@@ -21,9 +21,10 @@ modules (never in Pyro's global param store) and are optimised with
 ``torch.optim`` (``Adam``, ``SGD``) or Pyro's ``ClippedAdam`` optimiser.
 
 Randomness: minibatch order comes from a private ``torch.Generator``; the noise
-and weight draws use torch's global RNG inside ``torch.random.fork_rng`` seeded
-with ``seed``, so the caller's RNG is untouched and the same seed gives the
-same history.
+and weight draws use torch's global RNG inside :func:`stochmi.core.rng.rng_context`
+seeded with ``seed``, so the caller's RNG is untouched and the same seed gives the
+same history.  ``seed=None`` draws a fresh seed (the rule of :mod:`stochmi.core.rng`),
+which :attr:`TrainResult.seed` records.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pyro.infer import Trace_ELBO
 from pyro.optim.clipped_adam import ClippedAdam
 from tqdm.auto import tqdm
 
-from stochmi.core.rng import make_generator, rng_context
+from stochmi.core.rng import make_generator, resolve_seed, rng_context
 from stochmi.data.mnist import MNISTData, load_mnist, train_test_split
 from stochmi.models.nets import StochasticNet, build_model
 from stochmi.models.spec import ModelSpec, load_spec, spec_from_toml
@@ -81,12 +82,16 @@ class TrainResult:
         in nats, :func:`stochmi.layers.weights.weight_kl`), plus whatever the
         callback returned.
     spec : ModelSpec
+    seed : int
+        The seed used (a fresh one when :func:`train` got ``seed=None``); passing it
+        back replays the run.
     """
 
     model: StochasticNet
     guide: Any
     history: list[dict] = field(default_factory=list)
     spec: ModelSpec | None = None
+    seed: int | None = None
 
     @property
     def final(self) -> dict:
@@ -147,7 +152,8 @@ def train(
         Overrides ``training.epochs``.
     seed : int or None
         Seeds minibatch order, noise and weight draws, and the guide's
-        initialisation.  Same seed, same history.
+        initialisation.  Same seed, same history; ``None`` draws a fresh seed
+        (recorded in :attr:`TrainResult.seed`).  The global RNG is left as it was.
     device : str or torch.device
         Where to train; the model (and guide) are moved there.
     progress : bool
@@ -179,6 +185,7 @@ def train(
     model.to(dev)
     x, y = data.x.to(dev), data.y.to(dev)
     n = len(data)
+    seed = resolve_seed(seed)
     gen = make_generator(seed)[0]
     eval_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     train_eval = data
@@ -221,7 +228,7 @@ def train(
                 bar.set_postfix(epoch=epoch, loss=f"{last['loss']:.4f}", test=last["test_acc"])
         finally:
             bar.close()
-    return TrainResult(model, guide, history, spec)
+    return TrainResult(model, guide, history, spec, seed)
 
 
 def _check_train_inputs(model, data, test) -> None:
@@ -372,7 +379,8 @@ def predictive_log_proba(
     n_samples : int
         ``S``, number of predictive draws.
     seed : int or None
-        Seed for the draws (global RNG forked, caller's state restored).
+        Seed for the draws (``None``: a fresh one); the global RNG is forked and the
+        caller's state restored.
     batch_size : int
         Inputs per forward pass (bounds memory).  It changes the order in which
         the layer noise is drawn, so the numbers (not their distribution)
@@ -388,7 +396,7 @@ def predictive_log_proba(
     dev = next(iter(model.buffers()), next(iter(model.parameters()), None))
     device = dev.device if dev is not None else torch.device("cpu")
     x = x.to(device)
-    with rng_context(seed, device), torch.no_grad():
+    with rng_context(resolve_seed(seed), device), torch.no_grad():
         return predictive_from_draws(
             model, x, _weight_draws(guide, n_samples), n_samples, batch_size
         )

@@ -3,7 +3,12 @@
 Every function here is a one-dimensional (or, for inner noisy layers, a small fixed
 three-dimensional) integral, done by Gauss-Hermite / Gauss-Legendre quadrature with
 all inner integrals over the piecewise-linear activations in closed form through
-(truncated) Gaussian moments.  Linear channels and the normal prior are closed form.
+(truncated) Gaussian moments.  Where the integrand changes on a scale much narrower
+than the Gaussian it is averaged against (near a kink of the activation, within a few
+noise standard deviations; near 0 for the spike-slab prior), the rule is a composite
+Gauss-Legendre one with panels refined there (:func:`_gauss_nodes`): the conditional
+entropy, the last layer's terms and the spike-slab prior's terms.  Linear channels
+and the normal prior are closed form.
 
 Conventions (all per unit, natural logs):
 
@@ -43,6 +48,40 @@ def _gauss_hermite(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 _GH = {n: _gauss_hermite(n) for n in (16, 24, 32, 48, 64, 96)}
 _GL = {n: np.polynomial.legendre.leggauss(n) for n in (6, 8, 12, 16, 24, 32, 48, 64)}
+
+
+#: panel edges around a kink, in units of the width of the feature there
+_KINK_EDGES = np.array([-40.0, -20.0, -10.0, -6.0, -4.0, -2.5, -1.5, -0.75, 0.0,
+                        0.75, 1.5, 2.5, 4.0, 6.0, 10.0, 20.0, 40.0])  # fmt: skip
+
+
+def _gauss_nodes(var: float, kinks, width: float, n: int = 16, span: float = 12.0):
+    """Nodes and weights for ``E f(h)``, ``h ~ N(0, var)``, where ``f`` is smooth except
+    within a few ``width`` of each point in ``kinks``.
+
+    Composite ``n``-point Gauss-Legendre on ``[-span sd, span sd]`` (``sd = sqrt(var)``;
+    the Gaussian mass outside is below 1e-32), with panel edges at every ``sd`` and,
+    around each kink ``k``, at ``k + width * _KINK_EDGES``.  A Gauss-Hermite rule on
+    ``h`` alone misses features much narrower than ``sd``.
+    """
+    if var <= 0:
+        return np.zeros(1), np.ones(1)
+    sd = np.sqrt(var)
+    lo, hi = -span * sd, span * sd
+    edges = [np.linspace(lo, hi, int(2 * span) + 1)]
+    edges += [k + width * _KINK_EDGES for k in kinks]
+    e = np.unique(np.clip(np.concatenate(edges), lo, hi))
+    x, w = _GL[n]
+    mid, half = 0.5 * (e[1:] + e[:-1]), 0.5 * (e[1:] - e[:-1])
+    h = (mid[:, None] + half[:, None] * x[None, :]).ravel()
+    wt = (half[:, None] * w[None, :]).ravel() * np.exp(-0.5 * h**2 / var) / np.sqrt(2 * np.pi * var)
+    return h, wt
+
+
+def _gauss_expect(f, var: float, kinks, width: float) -> float:
+    """``E f(h)``, ``h ~ N(0, var)``, on the nodes of :func:`_gauss_nodes`."""
+    h, w = _gauss_nodes(var, kinks, width)
+    return float(w @ f(h))
 
 
 def _log_phi_diff(alpha, beta):
@@ -108,7 +147,8 @@ class Prior:
             for p_comp, var_r in ((1 - rho, s2), (rho, 1.0 + s2)):
                 if p_comp <= 0:
                     continue
-                r = np.sqrt(var_r) * z
+                # the posterior switches from spike to slab within a few sqrt(s2) of 0
+                r, w = _gauss_nodes(var_r, (0.0,), np.sqrt(s2))
                 l0 = (
                     np.log1p(-rho) - 0.5 * np.log(2 * np.pi * s2) - 0.5 * r**2 / s2
                     if rho < 1
@@ -208,13 +248,28 @@ class Activation:
 
     def cond_entropy(self, rho_h: float, delta: float) -> float:
         """``E_h H(phi(h + xi) | h)``, ``h ~ N(0, rho_h)``, per unit (``-inf`` if noiseless
-        and not discrete)."""
+        and not discrete).
+
+        ``H(phi(h + xi) | h)`` changes within a few noise standard deviations
+        ``sqrt(delta)`` of each kink of ``phi`` (for a ReLU, where the atom at 0 takes
+        over), which is much narrower than ``sqrt(rho_h)`` when the noise is small, so
+        the average is a composite Gauss-Legendre rule with panels refined around the
+        kinks (:func:`_gauss_expect`), not a Gauss-Hermite rule on ``h``.
+        """
         if delta <= 0:
             return 0.0 if self.discrete else -np.inf
         if self.is_linear:
             return 0.5 * np.log(2 * np.pi * np.e * delta)
-        z, w = _GH[96]
-        return float(w @ self._neg_logp_given_r(np.sqrt(rho_h) * z, delta))
+        return _gauss_expect(
+            lambda r: self._neg_logp_given_r(r, delta), rho_h, self.kinks, np.sqrt(delta)
+        )
+
+    @property
+    def kinks(self) -> tuple[float, ...]:
+        """The finite points of ``u`` where ``phi`` changes piece."""
+        ends = [e for _, lo, hi in self.atoms for e in (lo, hi)]
+        ends += [e for _, _, lo, hi in self.pieces for e in (lo, hi)]
+        return tuple(sorted({float(e) for e in ends if np.isfinite(e)}))
 
     # ---- last layer: t observed
     def last_terms(self, a: float, rho_h: float, delta: float) -> tuple[float, float]:
@@ -226,8 +281,7 @@ class Activation:
         vh_u = ia - ia * kappa  # Var(h | u)
         if self.is_linear:
             return -0.5 * np.log(2 * np.pi * np.e * v), vh_u
-        z, w = _GH[96]
-        r = np.sqrt(q) * z
+        r, w = _gauss_nodes(q, self.kinks, np.sqrt(v))
         logp = -self._neg_logp_given_r(r, v)
         mm = np.zeros_like(r)
         for _, lo, hi in self.atoms:

@@ -27,6 +27,8 @@ import torch
 from torch import distributions as td
 from torch.distributions import constraints
 
+from stochmi.core.rng import make_generator
+
 __all__ = [
     "CensoredNormal",
     "random_weights",
@@ -110,10 +112,13 @@ def random_weights(
     dtype=torch.float64,
 ) -> list[torch.Tensor]:
     """Weights ``W_l`` of shape ``(n_l, n_{l-1})``: i.i.d. ``N(0, scale^2 / n_{l-1})`` or
-    scaled orthonormal rows/columns with the same Frobenius norm."""
-    gen = torch.Generator().manual_seed(
-        int(seed) if seed is not None else int(torch.seed() % 2**62)
-    )
+    scaled orthonormal rows/columns with the same Frobenius norm.
+
+    ``seed`` follows the rule of :mod:`stochmi.core.rng` (``None``: a fresh seed from
+    the operating system); the draws come from a private generator, so the global
+    RNG is neither read nor changed.
+    """
+    gen = make_generator(seed)[0]
     L = len(widths) - 1
     scales = (
         [float(weight_scale)] * L
@@ -140,10 +145,12 @@ def random_weights(
 def sample_inputs(
     n: int, n0: int, prior="normal", *, seed: int | None = None, dtype=torch.float64
 ) -> torch.Tensor:
-    """``n`` inputs of width ``n0`` with i.i.d. coordinates from ``prior``."""
-    gen = torch.Generator().manual_seed(
-        int(seed) if seed is not None else int(torch.seed() % 2**62)
-    )
+    """``n`` inputs of width ``n0`` with i.i.d. coordinates from ``prior``.
+
+    ``seed`` follows the rule of :mod:`stochmi.core.rng` (``None``: a fresh seed from
+    the operating system); the global RNG is neither read nor changed.
+    """
+    gen = make_generator(seed)[0]
     if prior in ("normal", "gaussian"):
         return torch.randn(n, n0, generator=gen, dtype=dtype)
     if prior == "bimodal":
@@ -163,12 +170,20 @@ def forward(
     leaky_slope: float = 0.01,
     generator: torch.Generator | None = None,
 ) -> list[torch.Tensor]:
-    """Sample every layer ``[t_1, ..., t_L]`` for inputs ``x`` (shape ``(N, n0)``)."""
+    """Sample every layer ``[t_1, ..., t_L]`` for inputs ``x`` (shape ``(N, n0)``).
+
+    The noise comes from ``generator`` (default: a private generator with a fresh
+    seed, :func:`stochmi.core.rng.make_generator`); the global RNG is not used.
+    """
+    if generator is None:
+        generator = make_generator(None, x.device)[0]
     t, out = x, []
     for w, name, d in zip(weights, activations, noise):
         h = t @ w.T
         if d > 0:
-            h = h + math.sqrt(d) * torch.randn(h.shape, generator=generator, dtype=h.dtype)
+            h = h + math.sqrt(d) * torch.randn(
+                h.shape, generator=generator, dtype=h.dtype, device=h.device
+            )
         t = _phi(name, h, leaky_slope)
         out.append(t)
     return out

@@ -96,3 +96,21 @@ def test_users_share_the_rule():
             make("1")
     with pytest.raises(TypeError, match="seed must be None or an integer"):
         mi_from_conditional(cond, seed="1")
+
+
+def test_draw_seed_is_a_62_bit_draw_from_the_private_generator():
+    gen = torch.Generator().manual_seed(4)
+    before = torch.random.get_rng_state()
+    seeds = [rng.draw_seed(gen) for _ in range(3)]
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(isinstance(s, int) and 0 <= s < 2**62 for s in seeds)
+    assert len(set(seeds)) == 3  # the generator advances
+    again = torch.Generator().manual_seed(4)
+    assert seeds == [rng.draw_seed(again) for _ in range(3)]
+
+
+def test_rng_context_takes_a_list_of_devices_and_seeds_like_manual_seed():
+    with rng.rng_context(11, [torch.device("cpu"), "cpu"]):
+        a = torch.rand(3)
+    b = torch.rand(3, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(a, b)

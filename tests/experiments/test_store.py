@@ -83,6 +83,30 @@ def test_cell_key_includes_versions_and_estimator_defaults(monkeypatch, finished
     assert "estimator settings changed" in store.check(cell)[1]
 
 
+def test_changed_estimator_revision_invalidates_stored_records(monkeypatch, finished, tmp_path):
+    """Records written under another estimator revision are recomputed, never reused,
+    and the log names the revision change."""
+    import stochmi.core
+
+    exp, out = _copy(finished, tmp_path)
+    cells = parse_experiment(TINY).cells()
+    store = ResultStore(out)
+    assert all(store.check(c)[0] is not None for c in cells)
+    old = stochmi.core.ESTIMATOR_REVISION
+    monkeypatch.setattr(stochmi.core, "ESTIMATOR_REVISION", old + "-next")
+    lines, calls = [], []
+    res = run_sweep(exp, out, progress=False, log=lines.append, plots=False, cell_fn=_spy(calls))
+    assert sorted(calls) == sorted(c.cell_id for c in cells) and res.complete
+    reasons = [line for line in lines if "recomputing" in line]
+    assert len(reasons) == len(cells)
+    assert all(f"estimator revision {old} -> {old}-next" in line for line in reasons), reasons
+    for c in cells:
+        rec = json.loads(store.record_path(c).read_text())
+        assert rec["fingerprint"]["estimator_revision"] == old + "-next"
+    monkeypatch.undo()  # back at the old revision, the new records are stale in turn
+    assert all("estimator revision" in store.check(c)[1] for c in cells)
+
+
 def test_truncated_manifest_is_reported_as_corrupt(finished, tmp_path):
     """A truncated manifest is reported as corrupt, and --force takes the folder over."""
     exp, out = _copy(finished, tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -165,6 +166,57 @@ def test_refuses_other_experiment_unless_force(clean, tmp_path):
     (junk / "notes.txt").write_text("mine")
     with pytest.raises(ResumeError, match="not a stochmi sweep folder"):
         _sweep(exp, junk)
+
+
+def _snapshot(folder):
+    """Every entry under ``folder``: its kind, bytes (files), mode and mtime in ns."""
+    out = {}
+    for p in [folder, *sorted(folder.rglob("*"))]:
+        st = p.stat()
+        out[str(p.relative_to(folder))] = (
+            p.is_dir(),
+            None if p.is_dir() else p.read_bytes(),
+            st.st_mode,
+            st.st_mtime_ns,
+        )
+    return out
+
+
+def _no_cell(cell, progress=False):
+    raise AssertionError(f"a refused sweep ran cell {cell.cell_id}")
+
+
+def test_refused_non_sweep_folder_is_left_as_found(clean, tmp_path):
+    exp, _, _ = clean
+    junk = tmp_path / "junk"
+    (junk / "sub").mkdir(parents=True)
+    (junk / "notes.txt").write_text("mine")
+    before = _snapshot(junk)
+    with pytest.raises(ResumeError, match="not a stochmi sweep folder"):
+        _sweep(exp, junk, cell_fn=_no_cell)
+    assert not (junk / ".lock").exists()
+    assert _snapshot(junk) == before
+
+
+@pytest.mark.parametrize("why", ["changed experiment", "corrupt manifest"])
+def test_refused_sweep_folder_and_its_lock_are_left_as_found(clean, tmp_path, why):
+    exp, clean_out, _ = clean
+    out = copy_sweep(clean_out, tmp_path)
+    lock = out / ".lock"
+    assert lock.is_file() and lock.read_bytes()  # left by the finished sweep
+    for p in out.rglob("*"):  # old times: a rewrite within the test would show
+        os.utime(p, ns=(1_000_000_000, 1_000_000_000))
+    if why == "changed experiment":
+        run = _write_exp(tmp_path, TINY.replace("seeds = [0, 1]", "seeds = [0, 1, 2]"), "b.toml")
+        match = "different experiment"
+    else:
+        (out / "manifest.json").write_text("{not json")
+        os.utime(out / "manifest.json", ns=(1_000_000_000, 1_000_000_000))
+        run, match = exp, "corrupt"
+    before = _snapshot(out)
+    with pytest.raises(ResumeError, match=match):
+        _sweep(run, out, cell_fn=_no_cell)
+    assert _snapshot(out) == before
 
 
 def test_force_reuses_unchanged_cells(clean, tmp_path):

@@ -24,6 +24,7 @@ from stochmi.benchmarking.baselines.util import (
     standardize,
 )
 from stochmi.core.estimate import MIEstimate
+from stochmi.core.rng import numpy_generator
 
 __all__ = ["KSG", "knn_radius", "count_within"]
 
@@ -179,7 +180,7 @@ class KSG:
         seed : int or None
             Seed of the tie-breaking jitter.
         """
-        rng = np.random.default_rng(seed)
+        rng = numpy_generator(seed)
         xa = self._prepare(as_2d_float(x, "x"), rng)
         if is_label_array(t):
             return self._estimate_labels(xa, as_labels(t, "t"))

@@ -42,6 +42,7 @@ from stochmi.benchmarking.baselines.util import (
     torch_threads,
 )
 from stochmi.core.estimate import MIEstimate
+from stochmi.core.rng import numpy_generator, rng_context
 
 __all__ = ["MINE", "NWJ", "InfoNCE", "SMILE", "Critic", "DIVERGED_BELOW", "divergence_reason"]
 
@@ -240,7 +241,7 @@ class _NeuralBound:
     Inputs are standardised with the training statistics (see
     :func:`stochmi.benchmarking.baselines.util.standardize`: near-constant coordinates are not
     inflated); integer labels are one-hot encoded.  Randomness: ``seed`` drives the
-    split, the batches and (via ``torch.random.fork_rng``) the critic
+    split, the batches and (via :func:`stochmi.core.rng.rng_context`) the critic
     initialisation; the caller's global RNG state is left untouched.
     """
 
@@ -352,15 +353,14 @@ class _NeuralBound:
         xa = self._as_features(x, "x")
         ta = self._as_features(t, "t")
         n = check_pair(xa, ta, min_n=8)
-        rng = np.random.default_rng(seed)  # seed: resolved by checked_estimate
+        rng = numpy_generator(seed)  # seed: resolved by checked_estimate
         tr, te = split_indices(n, self.holdout, rng)
         xt = torch.as_tensor(standardize(xa, tr), dtype=torch.float32)
         tt = torch.as_tensor(standardize(ta, tr), dtype=torch.float32)
         x_tr, t_tr, x_te, t_te = xt[tr], tt[tr], xt[te], tt[te]
         gen = make_generator(int(rng.integers(2**62)))
         init_seed = int(rng.integers(2**62))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
+        with rng_context(init_seed):
             f = Critic(xa.shape[1], ta.shape[1], self.hidden, self.critic, self.embed_dim)
         opt = torch.optim.Adam(f.parameters(), lr=self.lr)
         self._reset_state()

@@ -22,11 +22,13 @@ from stochmi.benchmarking.baselines.util import (
     check_pair,
     checked_estimate,
     is_label_array,
+    make_generator,
     split_indices,
     standardize,
     torch_threads,
 )
 from stochmi.core.estimate import MIEstimate
+from stochmi.core.rng import numpy_generator, rng_context
 
 __all__ = ["VInformation", "VInfoLinear", "VInfoMLP"]
 
@@ -108,7 +110,7 @@ class VInformation:
     log-loss differences (valid given the fitted probes).  Inputs are standardised
     with the train statistics (near-constant coordinates are not inflated).
     ``seed`` fixes the split, the MLP initialisation (inside
-    ``torch.random.fork_rng``) and the minibatches.
+    :func:`stochmi.core.rng.rng_context`) and the minibatches.
     """
 
     name = "vinfo"
@@ -150,8 +152,7 @@ class VInformation:
     def _fit_mlp(self, x_fit, y_fit, x_val, y_val, d_out, loss_fn, gen, init_seed):
         from tqdm.auto import tqdm
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
+        with rng_context(init_seed):
             net = nn.Sequential(
                 nn.Linear(x_fit.shape[1], self.hidden), nn.ReLU(), nn.Linear(self.hidden, d_out)
             ).double()
@@ -239,12 +240,12 @@ class VInformation:
         labels = is_label_array(t)
         ta = as_labels(t, "t") if labels else as_2d_float(t, "t")
         n = check_pair(xa, ta if not labels else ta[:, None], min_n=10)
-        rng = np.random.default_rng(seed)
+        rng = numpy_generator(seed)  # seed: resolved by checked_estimate
         tr, te = split_indices(n, self.holdout, rng)
         fit, val = split_indices(len(tr), self.val_fraction, rng)
         fit, val = tr[fit], tr[val]
         xs = torch.as_tensor(standardize(xa, tr), dtype=torch.float64)
-        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        gen = make_generator(int(rng.integers(2**62)))
         init_seed = int(rng.integers(2**62))
         if labels:
             y = torch.as_tensor(ta)
