@@ -315,6 +315,13 @@ def _sq_norm_of_product(r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return sq
 
 
+def _stacked_mm(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``f_s @ x`` for every ``s``: ``f`` ``(S, e, d)``, ``x`` ``(d, R)`` -> ``(S, e, R)``,
+    as one ``(S e, d) @ (d, R)`` product (no copy of ``x`` per ``s``)."""
+    s, e, d = f.shape
+    return (f.reshape(s * e, d) @ x).reshape(s, e, -1)
+
+
 def _cholesky32(h: torch.Tensor) -> torch.Tensor:
     """Batched float32 Cholesky factor, with diagonal jitter where a factor fails."""
     h32 = h.to(torch.float32)
@@ -805,9 +812,9 @@ def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int):
     w = torch.zeros(len(cols), dtype=torch.float64, device=dev)
     w[len(det) :] = math.log(n / n_random)
     w_half = torch.zeros_like(w)
-    w_half[len(det) :] = torch.where(
-        first_half[rand], math.log(2 * n / n_random), -math.inf
-    ).to(torch.float64)
+    w_half[len(det) :] = torch.where(first_half[rand], math.log(2 * n / n_random), -math.inf).to(
+        torch.float64
+    )
     logw = torch.stack([w, w_half])[:, None, :].expand(2, b, len(cols))
     where = torch.full((n,), -1, dtype=torch.long, device=dev)
     where[cols] = torch.arange(len(cols), device=dev)
@@ -996,20 +1003,21 @@ class _Bridge:
                         - 2.0 * (a * inv) @ z[0].T
                         + (a * a * inv).sum(1, keepdim=True)
                     )  # (S, B*m)
-                    wr = w @ z[0].T - w @ a[:, :, None]  # (S, d_L, B*m)
-                    lin = gp @ z[0].T - gp @ a[:, :, None]
+                    wgp = torch.cat([w, gp], 1)  # (S, 2 d_L, d_1): one product for both
+                    both = _stacked_mm(wgp, z[0].T) - wgp @ a[:, :, None]
+                    wr, lin = both[:, : w.shape[1]], both[:, w.shape[1] :]  # (S, d_L, B*m)
                 else:
                     qq, wg, gpg = self.vq[k]
                     prior = priors[k].reshape(bm, -1)
-                    v = st.m[cols] @ prior.T - st.y[cols][:, :, None]  # (S, d_L, B*m)
+                    v = _stacked_mm(st.m[cols], prior.T) - st.y[cols][:, :, None]  # (S, d_L, B*m)
                     uk = u[k].T  # (d_k, B*m)
+                    three = _stacked_mm(torch.cat([self.gs[k][cols], w, gp], 1), uk)
+                    gsu, wu, gpu = three.split(w.shape[1], 1)
                     diag = (
-                        inv @ (u[k] * u[k]).T
-                        + 2.0 * ((self.gs[k][cols] @ uk) * v).sum(1)
-                        + ((qq[cols] @ v) * v).sum(1)
+                        inv @ (u[k] * u[k]).T + 2.0 * (gsu * v).sum(1) + ((qq[cols] @ v) * v).sum(1)
                     )
-                    wr = w @ uk + wg[cols] @ v
-                    lin = gp @ uk + gpg[cols] @ v
+                    wr = wu + wg[cols] @ v
+                    lin = gpu + gpg[cols] @ v
                 val = (
                     val
                     - 0.5 * (diag + (wr * wr).sum(1))
