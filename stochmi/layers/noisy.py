@@ -428,15 +428,18 @@ def check_estimable(model, x: torch.Tensor | None = None, layers: list[str] | No
     """
     if not isinstance(model, nn.Module):
         return
-    for name, m in model.named_modules():
-        label = name or type(model).__name__
+    root = model.module if isinstance(model, NoisyNetwork) else model  # the user's names
+    for name, m in root.named_modules():
+        label = name or type(root).__name__
         training = m.training
         if training and _is_dropout(m) and float(getattr(m, "p", 1.0)) > 0:
-            raise ValueError(f"{type(m).__name__} module '{label}' is in training mode: "
-                             + DROPOUT_MESSAGE)
+            raise ValueError(
+                f"{type(m).__name__} module '{label}' is in training mode: " + DROPOUT_MESSAGE
+            )
         if training and isinstance(m, nn.modules.batchnorm._BatchNorm):
-            raise ValueError(f"{type(m).__name__} module '{label}' is in training mode: "
-                             + BATCHNORM_MESSAGE)
+            raise ValueError(
+                f"{type(m).__name__} module '{label}' is in training mode: " + BATCHNORM_MESSAGE
+            )
     if not isinstance(model, NoisyNetwork):
         return
     if model._zero_mean:
