@@ -518,7 +518,7 @@ def layer_mi(
     if layers is None and not sites.layers:
         raise ValueError(no_layers_message(model, x))
     layers = resolve_layers(sites.layers, layers)
-    check_estimable(model, x, layers)  # noisy networks, as traced: atoms, skipped sites
+    check_estimable(model, layers)  # noisy networks, as traced: atoms, skipped sites
     pairs = _resolve_pairs(pairs, layers, y)
     pair_seeds = spawn_seeds(master[2], len(pairs))
     # nested Monte Carlo paths only for models without Gaussian links (generic marginal

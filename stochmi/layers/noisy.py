@@ -411,14 +411,14 @@ def noisy(module: nn.Module, sigma, *, layers=None, kind: str = "additive") -> N
     return NoisyNetwork(module, sig, order, kind)
 
 
-def check_estimable(model, x: torch.Tensor | None = None, layers: list[str] | None = None) -> None:
+def check_estimable(model, layers: list[str] | None = None) -> None:
     """Refuse a model whose layers have no density at estimation time.
 
     For any ``nn.Module`` model: an active binary dropout module (training mode, ``p >
-    0``) or batch normalisation in training mode.  For a :class:`NoisyNetwork` after it
-    has been traced on the inputs: multiplicative noise where a mean is exactly 0, and a
-    ``layers`` selection that leaves out a noise site before or between the measured
-    ones (the links would then skip a channel).
+    0``) or batch normalisation in training mode.  For a :class:`NoisyNetwork`, as its
+    last call (the trace of site discovery) saw it: multiplicative noise where a mean is
+    exactly 0, and a ``layers`` selection (site names) that leaves out a noise site before
+    or between the measured ones (the links would then skip a channel).
 
     Raises
     ------
