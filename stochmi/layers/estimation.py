@@ -71,6 +71,7 @@ from stochmi.layers.deep import (
     pool_estimates,
 )
 from stochmi.layers.links import LocalReparamModel, model_links
+from stochmi.layers.noisy import check_estimable
 from stochmi.layers.sites import find_layers, no_layers_message, resolve_layers, trace_model
 
 __all__ = ["layer_mi", "find_layers", "COLUMNS"]
@@ -579,6 +580,7 @@ def layer_mi(
     """
     opts = _check_options(weights, n_paths, n_is, tolerance, max_effort, n_weight_draws, n_draws)
     y = _check_inputs(x, y)
+    check_estimable(model)  # binary dropout, batch statistics
     if device is not None:
         x = x.to(device)
         y = y.to(device) if y is not None else None
@@ -590,6 +592,7 @@ def layer_mi(
         if layers is None and not sites.layers:
             raise ValueError(no_layers_message(model, x))
     layers = resolve_layers(sites.layers, layers)
+    check_estimable(model, layers)  # noisy networks, as traced: atoms, skipped sites
     pairs = _resolve_pairs(pairs, layers, y)
     pair_seeds = spawn_seeds(master[2], len(pairs))
     # nested Monte Carlo paths only for models without Gaussian links (generic marginal

@@ -57,6 +57,7 @@ from stochmi.core.kernel import DETERMINISTIC_MESSAGE, is_delta
 from stochmi.core.rng import draw_seed, resolve_seed, rng_context, spawn_seeds
 from stochmi.layers.chain import as_batch_n, cuda_devices
 from stochmi.layers.links import LocalReparamModel
+from stochmi.layers.noisy import check_estimable
 from stochmi.layers.sites import find_layers, is_local, resolve_layers, sample_sites, trace_model
 
 __all__ = ["weight_mi", "weight_kl", "COLUMNS"]
@@ -544,6 +545,7 @@ def weight_mi(
         Deeper layers whose links are not Gaussian.
     """
     _check_weight_mi_args(x, n_weight_draws, n_noise, n_is, n_fwd)
+    check_estimable(model)
     from tqdm.auto import tqdm
 
     used_seed = resolve_seed(seed)
