@@ -93,7 +93,6 @@ __all__ = [
     "NotGaussianLink",
     "deep_log_density",
     "normal_params",
-    "pool_estimates",
 ]
 
 _LOG2PI = math.log(2 * math.pi)
@@ -361,33 +360,6 @@ class DeepLogDensity:
     n_is: int
     n_fwd: int
     n_sources: float
-
-
-def pool_estimates(first: DeepLogDensity, second: DeepLogDensity) -> DeepLogDensity:
-    """Two independent estimates of the same densities at the same effort, as one.
-
-    Each entry of ``first.L`` and ``second.L`` is (the log of) an unbiased estimate of
-    ``p(t_j | s_i)``, so their mean in linear space, ``log((e^L1 + e^L2) / 2)``, is one
-    with twice the draws.  ``first.L`` is that pooled estimate from half of its draws:
-    it becomes ``L_half``, for the same convergence check as within one estimate.  The
-    effective sample sizes add.  Entries that one estimate left out (``-inf``, sources
-    not sampled for a query) count as zero in that estimate, which keeps every row's
-    Horvitz-Thompson sum unbiased.
-    """
-    if first.L.shape != second.L.shape or (first.n_is, first.n_fwd) != (
-        second.n_is,
-        second.n_fwd,
-    ):
-        raise ValueError("pooled estimates must have the same shape and effort")
-    return DeepLogDensity(
-        torch.logaddexp(first.L, second.L) - math.log(2.0),
-        first.L,
-        first.diag_ess + second.diag_ess,
-        first.marg_ess + second.marg_ess,
-        first.n_is + second.n_is,
-        first.n_fwd + second.n_fwd,
-        0.5 * (first.n_sources + second.n_sources),
-    )
 
 
 class _Pool:

@@ -18,10 +18,9 @@ sites, and estimates each pair from ``L[j, i] = log p(t_j | s_i)`` as
   first is a single Gaussian whose mean is differentiable in its parent (noise
   injection, local reparameterisation, fixed weight draws), each entry of
   ``L[j, i]`` is estimated by importance sampling over paths
-  (:mod:`stochmi.layers.deep`, :ref:`deep-layers`).  Rounds of draws are pooled, the
-  pooled effort doubling, until the difference between the estimate from all draws
-  and from half of them, the estimated remaining bias (``mc_bias``), is within
-  ``tolerance``, up to ``max_effort`` times the starting sizes.
+  (:mod:`stochmi.layers.deep`, :ref:`deep-layers`).  The effort doubles until the
+  difference between the estimate from all draws and from half of them, the estimated
+  remaining bias (``mc_bias``), is within ``tolerance``, up to ``max_effort`` times.
   A row has ``converged`` False when it misses that, when the median effective number
   of terms behind the marginal ``sum_i p(t_j | s_i)`` is below
   :data:`MIN_MARGINAL_ESS`, or when its value is below ``-3`` standard errors.  The
@@ -64,12 +63,7 @@ from stochmi.core.from_matrix import label_bounds_from_log_density, mi_terms_fro
 from stochmi.core.kernel import as_gaussian_mixture
 from stochmi.core.rng import draw_seed, resolve_seed, rng_context, spawn_seeds
 from stochmi.layers.chain import Chain, cuda_devices
-from stochmi.layers.deep import (
-    NotGaussianLink,
-    deep_log_density,
-    normal_params,
-    pool_estimates,
-)
+from stochmi.layers.deep import NotGaussianLink, deep_log_density, normal_params
 from stochmi.layers.links import LocalReparamModel, model_links
 from stochmi.layers.noisy import check_estimable
 from stochmi.layers.sites import find_layers, no_layers_message, resolve_layers, trace_model
@@ -155,8 +149,8 @@ class DeepOptions:
     rel_tolerance : float
         Relative part of that bound (a share of ``|value|``).
     max_effort : int
-        The pooled effort (both sample sizes) doubles until converged or this multiple
-        of the starting sizes is reached.
+        Effort doubles (both sample sizes) until converged or this multiple of the
+        starting sizes is reached.
     """
 
     n_is: int = 32
@@ -215,32 +209,18 @@ class _Deep:
         )
 
     def _run(self, a: int, b: int) -> dict:
-        """Rounds until converged.  The first round has no bridged draws; if it fails,
-        every later round has them (``n_fwd / 8`` per source, at least 2) and is pooled
-        with the rounds before it (:func:`~stochmi.layers.deep.pool_estimates`): a
-        bridged round at the starting effort, a second one that doubles the pooled
-        draws, then one at twice that, and so on until the pooled effort would exceed
-        ``max_effort`` times the starting sizes.  Nothing drawn after the first round
-        is discarded."""
         o = self.opts
-        res = self._once(a, b, o.n_is, o.n_fwd, 0)
-        ok, stats = self._check(res)
-        pooled, effort = None, 1
-        while not ok:
-            if pooled is not None:
-                if 2 * effort > o.max_effort:
-                    break
-                n_br = max(2, 2 * (o.n_fwd * effort // 16))
-                res = pool_estimates(
-                    pooled, self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
-                )
-                effort *= 2
-            elif o.max_effort < 2:
-                break
-            else:
-                res = self._once(a, b, o.n_is, o.n_fwd, max(2, 2 * (o.n_fwd // 16)))
-            pooled = res
+        effort, bridge = 1, False
+        while True:
+            # from the second round on, the off-diagonal densities come from bridged draws
+            # (n_fwd / 8 per source at twice the effort) and the forward paths
+            n_br = max(2, 2 * (o.n_fwd * effort // 16)) if bridge else 0
+            res = self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
             ok, stats = self._check(res)
+            if ok or effort * 2 > o.max_effort:
+                break
+            bridge = True
+            effort *= 2
         return {
             "res": res,
             "full": stats["full"],
@@ -507,10 +487,9 @@ def layer_mi(
     tolerance : float, default 0.02
         Target accuracy (nats) of those rows: the remaining bias, estimated as the
         difference between the estimate with all draws and with half of them, must be
-        at most ``max(tolerance, 1% of the value)``; otherwise more rounds are drawn and
-        pooled with the earlier ones, up to ``max_effort`` times the starting sizes.
-        Unconverged rows are flagged (``converged`` False) and their bracket is widened
-        by the bias estimate.
+        at most ``max(tolerance, 1% of the value)``; otherwise both sample sizes double,
+        up to ``max_effort`` times the starting sizes.  Unconverged rows are flagged
+        (``converged`` False) and their bracket is widened by the bias estimate.
     max_effort : int, default 4
         Largest multiple of ``n_paths`` / ``n_is`` tried.
     n_weight_draws : int, default 16
