@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import stochmi
 
 ROOT = Path(stochmi.__file__).parent
@@ -179,6 +181,7 @@ def test_no_function_longer_than_the_limit():
     assert not long, "split these into named steps:\n" + "\n".join(long)
 
 
+@pytest.mark.slow
 def test_every_public_module_imports_by_its_public_name():
     """``import stochmi.<name>`` works for every module named in ``stochmi.__all__`` and
     gives the same object as the attribute (fresh interpreter, nothing imported yet)."""

@@ -77,6 +77,7 @@ def test_sweep_ray_without_ray_names_install(tmp_path, capsys, monkeypatch):
     assert 'pip install -e ".[ray]"' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_then_estimate(tmp_path, capsys):
     ck = tmp_path / "ck.pt"
     argv = ["--seed", "1", "train", "noisy_mlp", "--set", "model.hidden=[16,8]"]

@@ -95,6 +95,7 @@ def test_ray_missing_gives_install_command(monkeypatch):
     assert str(exc.value) == RAY_INSTALL_HINT and 'pip install -e ".[ray]"' in str(exc.value)
 
 
+@pytest.mark.slow
 def test_process_pool_matches_inprocess_reports_failure_and_resumes(exp_file, reference, tmp_path):
     """Two spawned workers: one cell fails in a worker, the other three are written as they
     arrive; a rerun (here in-process) runs only the failed cell, and the assembled results

@@ -110,6 +110,7 @@ def test_linear_gaussian_chain_matches_closed_forms():
     assert df["dpi_ok"].all()
 
 
+@pytest.mark.slow
 def test_very_noisy_first_layer_then_a_precise_one():
     """A very noisy first layer followed by a precise one, where nested Monte Carlo over
     a few forward paths overstates I(X; h2) badly: the importance-sampled densities are
