@@ -351,6 +351,10 @@ class DeepLogDensity:
         Draws per query from ``q_j`` and forward paths per source.
     n_sources : float
         Mean number of sources a query was evaluated at (``N`` without subsampling).
+    rows : Tensor of int64, shape (R,), or None
+        The queries that were estimated (``None``: all ``N``).  The other rows of ``L``
+        and ``L_half`` are ``-inf`` and the other entries of ``diag_ess`` and
+        ``marg_ess`` NaN.
     """
 
     L: torch.Tensor
@@ -360,6 +364,7 @@ class DeepLogDensity:
     n_is: int
     n_fwd: int
     n_sources: float
+    rows: torch.Tensor | None = None
 
 
 class _Pool:
@@ -569,6 +574,13 @@ class _Guided:
             m = mj
         self.steps = steps
 
+    def take(self, idx) -> _Guided:
+        """The proposals of the queries ``rows[idx]`` only (a slice or index tensor)."""
+        out = object.__new__(_Guided)
+        out.pb, out.rows = self.pb, self.rows[idx]
+        out.steps = [st.take(idx) for st in self.steps]
+        return out
+
     def sample(self, m: int):
         """``m`` paths per query from ``q_j``: the layers (each ``(B, m, d_k)``), ``log q``
         and the link log densities inside the path (``(B, m)`` each), and each layer's
@@ -617,6 +629,7 @@ def deep_log_density(
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress=None,
+    rows: torch.Tensor | None = None,
 ) -> DeepLogDensity:
     """Estimate ``L[j, i] = log p(t_j | s_i)`` through ``len(links)`` Gaussian links.
 
@@ -655,6 +668,9 @@ def deep_log_density(
         Dtype the links are called with (the model's).
     progress : callable, optional
         Called with the number of queries finished after each block.
+    rows : Tensor of int64, shape (R,), optional
+        Estimate only the rows ``L[rows, :]`` (queries ``rows``, at every source; the
+        forward paths and bridged factors still cover all ``N`` sources).  Default: all.
 
     Returns
     -------
@@ -673,6 +689,16 @@ def deep_log_density(
         )
     pb = _Problem(first_loc, first_scale, links, queries, generator, dtype)
     n, dev = pb.n, pb.loc1.device
+    if rows is not None:
+        rows = torch.as_tensor(rows, dtype=torch.long, device=dev).reshape(-1)
+        if (
+            len(rows) < 1
+            or bool(((rows < 0) | (rows >= n)).any())
+            or len(rows.unique()) < len(rows)
+        ):
+            raise ValueError(f"rows must be distinct query indices in [0, {n})")
+    selected = rows
+    all_rows = torch.arange(n, device=dev) if rows is None else rows
     pool = _Pool(pb, n_fwd)
     bridge = _Bridge(pb, n_bridge, pool) if n_bridge else None
     subsample = n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n
@@ -691,14 +717,20 @@ def deep_log_density(
             chunk_size = min(chunk_size, _BLOCK)
     out = torch.full((n, n), -math.inf, dtype=torch.float64, device=dev)
     half = torch.full((n, n), -math.inf, dtype=torch.float64, device=dev)
-    ess = torch.empty(n, dtype=torch.float64, device=dev)
-    marg = torch.empty(n, dtype=torch.float64, device=dev)
+    ess = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
+    marg = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
     n_cols = []
     # with subsampling, queries are ranked _RANK_STEP at a time (log p(t_j | z) at every
     # forward path, kept for the blocks of those queries), then estimated in blocks
     outer = _RANK_STEP if subsample else chunk_size
-    for ostart in range(0, n, outer):
-        orows = torch.arange(ostart, min(n, ostart + outer), device=dev)
+    # queries whose proposals are built together: a multiple of chunk_size with at most
+    # ~2e7 elements in each (queries, d_L, d_k) factor
+    widest = max(t.shape[1] for t in anchors)
+    q_group = chunk_size * max(
+        1, min(outer // chunk_size, int(2e7 // (chunk_size * widest * queries.shape[1])))
+    )
+    for ostart in range(0, len(all_rows), outer):
+        orows = all_rows[ostart : ostart + outer]
         if subsample:
             g_all = pool.fin(pb.t[orows], low=True)  # (B_outer, K*N)
             top = _rank_sources(pb, pool, anchors, orows, g_all, n_top)
@@ -708,7 +740,12 @@ def deep_log_density(
         for start in range(0, len(orows), chunk_size):
             loc = slice(start, min(len(orows), start + chunk_size))
             rows = orows[loc]
-            q = _Guided(pb, rows, anchors)
+            if start % q_group == 0:
+                # the proposals of several blocks' queries at once (one batched Jacobian
+                # per link instead of one per block), sliced per block below
+                q_start = start
+                q_all = _Guided(pb, orows[start : start + q_group], anchors)
+            q = q_all.take(slice(start - q_start, loc.stop - q_start))
             if subsample:
                 cols, logw, pos = _select_sources(pb, rows, top[loc], n_random)
                 sp, pool_b = pb.take(cols), pool.take(cols)
@@ -729,7 +766,9 @@ def deep_log_density(
             n_cols.append(n if cols is None else len(cols))
             if progress is not None:
                 progress(len(rows))
-    return DeepLogDensity(out, half, ess, marg, n_is, n_fwd, float(sum(n_cols) / len(n_cols)))
+    return DeepLogDensity(
+        out, half, ess, marg, n_is, n_fwd, float(sum(n_cols) / len(n_cols)), selected
+    )
 
 
 def _rank_sources(pb: _Problem, pool: _Pool, anchors, rows, log_g, n_top: int):

@@ -164,9 +164,10 @@ class _Deep:
     """``L[j, i] = log p(t_b,j | s_i)`` for sources ``X`` (a = -1) or layer ``a`` and a
     later layer ``b``, estimated to tolerance; cached per pair of layer indices."""
 
-    def __init__(self, chain: Chain, links, opts: DeepOptions, gen, dtype, progress):
+    def __init__(self, chain: Chain, links, opts: DeepOptions, gen, dtype, progress, rows=None):
         self.chain, self.links, self.opts = chain, links, opts
         self.gen, self.dtype, self.progress = gen, dtype, progress
+        self.rows = rows  # the queries estimated (None: all N)
         self.cache: dict[tuple[int, int], dict] = {}
 
     def get(self, a: int, b: int) -> dict:
@@ -188,7 +189,8 @@ class _Deep:
         bar = None
         if self.progress:
             desc = f"deep densities ({n_is}/{n_fwd}/{n_br} draws)"
-            bar = tqdm(total=ch.n, desc=desc, leave=False)
+            total = ch.n if self.rows is None else len(self.rows)
+            bar = tqdm(total=total, desc=desc, leave=False)
         with bar if bar is not None else contextlib.nullcontext():
             return self._densities(a, b, n_is, n_fwd, n_br, loc, scale, bar)
 
@@ -206,6 +208,7 @@ class _Deep:
             generator=self.gen,
             dtype=self.dtype,
             progress=bar.update if bar is not None else None,
+            rows=self.rows,
         )
 
     def _run(self, a: int, b: int) -> dict:
@@ -237,11 +240,12 @@ class _Deep:
         bias (full minus half-sample MI) within tolerance, enough effective terms
         behind the marginal density, and no significantly negative MI."""
         o = self.opts
-        full, loo = mi_terms_from_log_density(res.L)
-        half, _ = mi_terms_from_log_density(res.L_half)
+        full, loo = _estimated(res, *mi_terms_from_log_density(res.L))
+        (half,) = _estimated(res, mi_terms_from_log_density(res.L_half)[0])
         value = float(full.mean())
         bias = abs(float(half.mean()) - value)
-        marg_ess = float(res.marg_ess.median())
+        (marg,) = _estimated(res, res.marg_ess)
+        marg_ess = float(marg.median())
         se = float(full.std()) / math.sqrt(len(full))
         ok = (
             bias <= max(o.tolerance, o.rel_tolerance * abs(value))
@@ -251,8 +255,14 @@ class _Deep:
         return ok, {"full": full, "loo": loo, "bias": bias, "marg_ess": marg_ess}
 
 
+def _estimated(res, *terms: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-query terms of the queries that ``res`` (a :class:`DeepLogDensity`) estimated."""
+    return tuple(t if res.rows is None else t[res.rows] for t in terms)
+
+
 def _conv_entry(d: dict) -> dict:
-    half, _ = mi_terms_from_log_density(d["res"].L_half)
+    (half,) = _estimated(d["res"], mi_terms_from_log_density(d["res"].L_half)[0])
+    (diag_ess,) = _estimated(d["res"], d["res"].diag_ess)
     return {
         "k": d["n_fwd"],
         "n_is": d["n_is"],
@@ -260,14 +270,14 @@ def _conv_entry(d: dict) -> dict:
         "k_half": d["n_fwd"] // 2,
         "value_half": float(half.mean()),
         "converged": d["converged"],
-        "diag_ess_median": float(d["res"].diag_ess.median()),
+        "diag_ess_median": float(diag_ess.median()),
         "marginal_ess_median": d["marg_ess"],
     }
 
 
 def _deep_row(src, tgt, d: dict, terms: torch.Tensor, lower, upper, n: int) -> dict:
     value = float(terms.mean())
-    se = float(terms.std(unbiased=True)) / math.sqrt(n)
+    se = float(terms.std(unbiased=True)) / math.sqrt(len(terms))
     return {
         "source": src,
         "target": tgt,
@@ -276,7 +286,7 @@ def _deep_row(src, tgt, d: dict, terms: torch.Tensor, lower, upper, n: int) -> d
         "lower": lower,
         "upper": upper,
         "lower_stderr": se,
-        "upper_stderr": float(d["loo"].std(unbiased=True)) / math.sqrt(n),
+        "upper_stderr": float(d["loo"].std(unbiased=True)) / math.sqrt(len(d["loo"])),
         "n": n,
         "k_paths": d["n_fwd"],
         "n_is": d["n_is"],
@@ -296,10 +306,14 @@ def _deep_xy_row(src, tgt, d: dict, n: int) -> dict:
 
 def _deep_label_row(src, d: dict, y: torch.Tensor, n: int) -> dict:
     terms, ba, up, h_y = label_bounds_from_log_density(d["res"].L, y)
-    lower = max(0.0, h_y + float(ba.mean()) - d["bias"]) if ba is not None else math.nan
+    terms, up = _estimated(d["res"], terms, up)
+    lower = math.nan
+    if ba is not None:
+        (ba,) = _estimated(d["res"], ba)
+        lower = max(0.0, h_y + float(ba.mean()) - d["bias"])
     upper = min(h_y, float(up.mean()) + d["bias"])
     row = _deep_row(src, "Y", d, terms, lower, upper, n)
-    row["upper_stderr"] = float(up.std(unbiased=True)) / math.sqrt(n) if upper < h_y else 0.0
+    row["upper_stderr"] = float(up.std(unbiased=True)) / math.sqrt(len(up)) if upper < h_y else 0.0
     # I(T; Y) of the data set is never negative: a value far below 0 means the
     # class-conditional densities are off, whatever the half-sample check says
     row["converged"] = bool(row["converged"] and row["value"] >= -3 * row["stderr"])
@@ -529,8 +543,17 @@ def layer_mi(
 
         In conditional mode the columns are means over the weight draws (``stderr``
         and the bracket's standard errors across draws), with ``posterior_sd``
-        (sd over draws), ``converged`` (every draw converged) and ``mc_bias`` (largest
-        over draws) and without ``n_is`` and ``marginal_ess``.
+        (sd over draws of ``I(.;.|W=w)``, with the per-draw Monte Carlo variance
+        removed: ``sqrt(max(0, var - mean stderr^2))``), ``converged`` (every draw
+        converged) and ``mc_bias`` (largest over draws) and without ``n_is`` and
+        ``marginal_ess``.  There, the rows across several layers of each draw average
+        the terms ``log p(t_j | x_j, w) - log mean_i p(t_j | x_i, w)`` over a share of
+        the queries only (``attrs["queries_per_draw"]``: ``max(ceil(N / n_weight_draws),
+        64)``, at most ``N``; the draws' shares together cover every input), while
+        the marginal density of each still sums over all ``N`` inputs.  Each draw's
+        value is an unbiased estimate of its dataset MI, and all draws together cost
+        about one table instead of one per draw; the per-draw ``stderr`` counts the
+        queries it used.
 
         ``attrs``: ``"layers"``, ``"weights"``, ``"mode"`` (how the densities were
         obtained), ``"dpi"`` (violations: ``larger``, ``smaller``, ``excess``,
@@ -765,6 +788,35 @@ def _finish(df: pd.DataFrame, layers, weights, mode, conv) -> pd.DataFrame:
     return df
 
 
+#: Fewest queries per weight draw for the densities across several layers in
+#: conditional mode (all N when N is smaller).
+MIN_QUERIES_PER_DRAW = 64
+
+
+def _query_sets(n: int, n_w: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """The queries each weight draw estimates its densities across layers at.
+
+    One random permutation of the ``n`` inputs cut into ``n_w`` consecutive runs of
+    ``max(ceil(n / n_w), MIN_QUERIES_PER_DRAW)`` (at most ``n``; runs wrap around and
+    overlap when that exceeds ``n / n_w``), so every input is a query of at least one
+    draw and the draws together cost about one full table.
+    """
+    n_q = min(n, max(-(-n // n_w), MIN_QUERIES_PER_DRAW))
+    perm = torch.randperm(n, generator=gen, device=gen.device)
+    offs = torch.arange(n_q, device=gen.device)
+    return [perm[((d * n) // n_w + offs) % n].sort().values for d in range(n_w)]
+
+
+def _posterior_sd(values: pd.Series, stderrs: pd.Series) -> float:
+    """Spread of the per-draw MI over the posterior: the sd of the per-draw estimates
+    with their mean squared Monte Carlo error removed, ``sqrt(max(0, var - mean se^2))``
+    (method of moments; NaN for a single draw)."""
+    if len(values) < 2:
+        return math.nan
+    var = float(values.var(ddof=1)) - float((stderrs**2).mean())
+    return math.sqrt(max(0.0, var))
+
+
 def _conditional(
     model,
     guide,
@@ -786,13 +838,14 @@ def _conditional(
     from tqdm.auto import tqdm
 
     draws = _weight_draws(model, guide, x, weight_sites, n_w, gen)
+    query_sets = _query_sets(x.shape[0], n_w, gen)
     per = []
     for di, wv in enumerate(tqdm(draws, desc="weight draws", disable=not progress)):
         chain = Chain(model, x, layers, weight_sites, [wv], 1, "single", guide, gen)
         deep = None
         if _gaussian_links(chain):
             links = model_links(model, x, layers, "fixed", weight_values=wv)
-            deep = _Deep(chain, links, opts, gen, x.dtype, False)
+            deep = _Deep(chain, links, opts, gen, x.dtype, False, rows=query_sets[di])
         else:
             chain = Chain(model, x, layers, weight_sites, [wv], opts.n_fwd, "single", guide, gen)
         rows, _ = _run_pairs(
@@ -828,7 +881,7 @@ def _conditional(
                 "n": int(g["n"].iloc[0]),
                 "k_paths": int(g["k_paths"].iloc[0]),
                 "saturated": bool(g["saturated"].any()),
-                "posterior_sd": g["value"].std(ddof=1),
+                "posterior_sd": _posterior_sd(g["value"], g["stderr"]),
                 "converged": bool(g["converged"].all()),
                 "mc_bias": float(g["mc_bias"].max()),
             }
@@ -845,6 +898,12 @@ def _conditional(
     df = pd.DataFrame(out)
     df = _finish(df, layers, "conditional", f"conditional on each of {n_w} weight draws", {})
     df.attrs.update(
-        {"per_draw": per_df, "inference_data": idata, "summary": summary, "weight_draws": draws}
+        {
+            "per_draw": per_df,
+            "inference_data": idata,
+            "summary": summary,
+            "weight_draws": draws,
+            "queries_per_draw": len(query_sets[0]),
+        }
     )
     return df

@@ -308,6 +308,33 @@ def test_deep_log_density_unbiased_for_linear_chain(n_bridge):
     assert abs(f_est.mean() - f_ex.mean()) < 3 * (f_est - f_ex).std() / math.sqrt(n) + 0.01
 
 
+def test_deep_log_density_on_a_subset_of_queries():
+    """``rows``: only those queries are estimated, each at every source.  Their marginal
+    densities are unbiased against the exact Gaussian ones and their dataset-MI terms
+    average to the exact terms' mean within 3 standard errors; every other row is
+    ``-inf`` with NaN diagnostics."""
+    n = 300
+    g, mu1, t1, t2, exact, link = _two_layer_linear(n, 0.6, 0.9, seed=4)
+    rows = torch.arange(5, n, 3)
+    kw = dict(n_is=32, n_fwd=16, generator=g, dtype=torch.float64)
+    res = deep_log_density(mu1, torch.tensor(0.6), link, t2, [t1], rows=rows, **kw)
+    other = torch.ones(n, dtype=torch.bool)
+    other[rows] = False
+    assert torch.equal(res.rows, rows)
+    assert bool(torch.isinf(res.L[other]).all()) and bool(torch.isnan(res.marg_ess[other]).all())
+    assert bool(torch.isfinite(res.L[rows]).all()) and bool(
+        torch.isfinite(res.diag_ess[rows]).all()
+    )
+    ratio = torch.exp(torch.logsumexp(res.L[rows], 1) - torch.logsumexp(exact[rows], 1))
+    assert abs(float(ratio.mean()) - 1) < 3 * float(ratio.std()) / math.sqrt(len(rows))
+    f_est = mi_terms_from_log_density(res.L)[0][rows]
+    f_ex = mi_terms_from_log_density(exact)[0][rows]
+    assert abs(f_est.mean() - f_ex.mean()) < 3 * (f_est - f_ex).std() / math.sqrt(len(rows))
+    for bad in (torch.tensor([0, 0]), torch.tensor([n]), torch.tensor([], dtype=torch.long)):
+        with pytest.raises(ValueError, match="rows"):
+            deep_log_density(mu1, torch.tensor(0.6), link, t2, [t1], rows=bad, **kw)
+
+
 def _tanh_links(widths, gains, sigmas, seed):
     g = torch.Generator().manual_seed(seed)
     ws = [
@@ -471,6 +498,33 @@ def test_bayesian_chain_conditional_mode_matches_per_draw_closed_form():
         _check_row(r, *chain.reference(r, x, 100 + di))
     row = df[(df.source == "X") & (df.target == "h2")].iloc[0]
     assert bool(row.converged)
+
+
+def test_conditional_mode_splits_the_queries_between_weight_draws():
+    """Conditional mode: each weight draw's deep rows use a share of the queries (the
+    shares cover every input), and each draw's X -> h2 value agrees with that draw's
+    linear-Gaussian dataset MI within 3 combined standard errors plus its mc_bias."""
+    from stochmi.layers.estimation import _query_sets
+
+    sets = _query_sets(10, 4, torch.Generator().manual_seed(0))
+    assert [len(q) for q in sets] == [10] * 4  # under 64 queries: every draw takes all
+    sets = _query_sets(1000, 8, torch.Generator().manual_seed(0))
+    assert [len(q) for q in sets] == [125] * 8
+    assert len(torch.cat(sets).unique()) == 1000
+
+    m = BayesChain()
+    x = _x(600, 3, 33)
+    df = layer_mi(m, x, guide=m.guide, weights="conditional", seed=0, n_weight_draws=4)
+    assert df.attrs["queries_per_draw"] == 150
+    per = df.attrs["per_draw"]
+    for di, wv in enumerate(df.attrs["weight_draws"]):
+        chain = LinearChain([3, 4, 3], m.s, 0)
+        chain.A = [wv["w1"].double(), wv["w2"].double()]
+        r = per[(per.draw == di) & (per.source == "X") & (per.target == "h2")].iloc[0]
+        ref_value, ref_se = chain.dataset_mi_x(2, x, 200 + di)
+        tol = 3 * math.hypot(r.stderr, ref_se) + r.mc_bias
+        assert abs(r.value - ref_value) <= tol, (di, r.value, ref_value, tol)
+        assert r.converged
 
 
 def test_bayesian_chain_marginal_mode_deep_rows_converge_and_respect_dpi():
