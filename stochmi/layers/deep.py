@@ -243,7 +243,9 @@ def _link_jacobian(link: Link, parent: torch.Tensor, rows: torch.Tensor | None =
         else:
             grads = rows.transpose(0, 1).to(loc.dtype)  # (R, B, d_out)
         try:
-            (jac,) = torch.autograd.grad(loc, p, grad_outputs=grads, is_grads_batched=True)
+            (jac,) = torch.autograd.grad(
+                loc, p, grad_outputs=grads, is_grads_batched=True, retain_graph=True
+            )
         except RuntimeError:  # an op without a batching rule: one backward pass per row
             jac = torch.stack(
                 [torch.autograd.grad(loc, p, grad_outputs=g, retain_graph=True)[0] for g in grads]

@@ -586,3 +586,28 @@ def test_bad_subsampling_settings_are_refused(kw):
     link = [lambda p: dist.Normal(p, 0.5).to_event(1)]
     with pytest.raises(ValueError, match="n_top must be"):
         deep_log_density(loc, torch.tensor(0.5), link, loc, [loc], generator=g, **kw)
+
+
+def test_link_jacobian_falls_back_to_one_backward_pass_per_row(monkeypatch):
+    """When the batched backward pass fails (an op without a batching rule, or memory),
+    the Jacobian comes from one backward pass per output row, with the same values."""
+    from stochmi.layers import deep
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    (link,) = [lambda p: dist.Normal(torch.tanh(p @ w.T), 0.5).to_event(1)]
+    p = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    batched = deep._link_jacobian(link, p)[2]
+    real_grad = torch.autograd.grad
+
+    def no_batching(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):  # run one pass as a failing call may, then fail
+            first = kwargs["grad_outputs"][0]
+            real_grad(*args, grad_outputs=first, retain_graph=kwargs.get("retain_graph"))
+            raise RuntimeError("batching rule not implemented")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(deep.torch.autograd, "grad", no_batching)
+    per_row = deep._link_jacobian(link, p)[2]
+    expected = (1 - torch.tanh(p @ w.T) ** 2)[:, :, None] * w[None]
+    assert torch.allclose(batched, expected) and torch.allclose(per_row, expected)
