@@ -80,6 +80,7 @@ difference estimates the remaining bias of the full estimate.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -91,7 +92,9 @@ from stochmi.core.kernel import as_gaussian_mixture
 __all__ = [
     "DeepLogDensity",
     "NotGaussianLink",
+    "bridge_bytes",
     "deep_log_density",
+    "memory_budget",
     "normal_params",
 ]
 
@@ -104,6 +107,24 @@ _BRIDGE_Q = 4  # with bridging, draws of q_j per query that also serve the other
 _BLOCK = 16  # queries per block when the sources are subsampled (they share U)
 _RANK_STEP = 256  # queries ranked together when the sources are subsampled
 _SUBSAMPLE_FRACTION = 0.5  # subsample only when a block's sources are under this share of N
+
+
+def bridge_bytes(n: int, widths: list[int], d_last: int) -> int:
+    """Memory the bridged proposal holds (:class:`_Bridge`, ``n_bridge > 0``): about six
+    float64 ``(N, d_L, d_k)`` factors per intermediate layer of width ``d_k`` (the
+    steps' maps, gains and whitened maps, their products, and the link Jacobians while
+    they are built), for ``N`` sources and a query layer of width ``d_L``."""
+    return 6 * 8 * n * d_last * sum(widths)
+
+
+def memory_budget(device: torch.device) -> int:
+    """Half of the device's memory in bytes (physical memory on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 2
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # not available: no limit
+        return 2**62
 
 
 class NotGaussianLink(TypeError):

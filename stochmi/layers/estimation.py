@@ -63,7 +63,13 @@ from stochmi.core.from_matrix import label_bounds_from_log_density, mi_terms_fro
 from stochmi.core.kernel import as_gaussian_mixture
 from stochmi.core.rng import draw_seed, resolve_seed, rng_context, spawn_seeds
 from stochmi.layers.chain import Chain, cuda_devices
-from stochmi.layers.deep import NotGaussianLink, deep_log_density, normal_params
+from stochmi.layers.deep import (
+    NotGaussianLink,
+    bridge_bytes,
+    deep_log_density,
+    memory_budget,
+    normal_params,
+)
 from stochmi.layers.links import LocalReparamModel, model_links
 from stochmi.layers.noisy import check_estimable
 from stochmi.layers.sites import find_layers, no_layers_message, resolve_layers, trace_model
@@ -213,7 +219,7 @@ class _Deep:
 
     def _run(self, a: int, b: int) -> dict:
         o = self.opts
-        effort, bridge = 1, False
+        effort, bridge, stopped = 1, False, None
         while True:
             # from the second round on, the off-diagonal densities come from bridged draws
             # (n_fwd / 8 per source at twice the effort) and the forward paths
@@ -222,9 +228,13 @@ class _Deep:
             ok, stats = self._check(res)
             if ok or effort * 2 > o.max_effort:
                 break
+            stopped = self._bridge_too_large(a, b)
+            if stopped is not None:
+                break
             bridge = True
             effort *= 2
         return {
+            "stopped": stopped,
             "res": res,
             "full": stats["full"],
             "loo": stats["loo"],
@@ -234,6 +244,26 @@ class _Deep:
             "n_fwd": res.n_fwd,
             "marg_ess": stats["marg_ess"],
         }
+
+    def _bridge_too_large(self, a: int, b: int) -> str | None:
+        """Why the bridged round is not run (its factors would take more than half of
+        the device's memory), or None."""
+        ch = self.chain
+        widths = [int(ch.values[m].reshape(ch.n, -1).shape[1]) for m in range(a + 1, b)]
+        d_last = int(ch.values[b].reshape(ch.n, -1).shape[1])
+        need = bridge_bytes(ch.n, widths, d_last)
+        budget = memory_budget(ch.values[b].device)
+        if need <= budget:
+            return None
+        msg = (
+            f"the bridged round of this row would hold about {need / 2**30:.1f} GiB "
+            f"(N = {ch.n} sources, query width {d_last}, intermediate widths {widths}), "
+            f"more than half of the device's memory ({2 * budget / 2**30:.1f} GiB): "
+            "the row stops at the first round and is flagged if it did not converge "
+            "(use fewer inputs, narrower noisy layers, or more noise)"
+        )
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return msg
 
     def _check(self, res) -> tuple[bool, dict]:
         """Whether one estimate of the densities meets the convergence rule: remaining
@@ -272,6 +302,7 @@ def _conv_entry(d: dict) -> dict:
         "converged": d["converged"],
         "diag_ess_median": float(diag_ess.median()),
         "marginal_ess_median": d["marg_ess"],
+        **({"stopped": d["stopped"]} if d.get("stopped") else {}),
     }
 
 
@@ -561,7 +592,9 @@ def layer_mi(
         and every nested Monte Carlo ``X -> T_l`` row, ``"source->target"`` -> the
         dataset MI ``value`` with ``k`` paths and ``value_half`` with ``k_half``, and
         for importance-sampled rows also ``n_is``, ``converged``, ``diag_ess_median``
-        and ``marginal_ess_median`` (a ``T_l -> Y`` entry describes the matrix
+        and ``marginal_ess_median``, and ``stopped`` (why the effort was not raised:
+        the bridged round would take more than half of the device's memory; also
+        a ``RuntimeWarning``) where that happened (a ``T_l -> Y`` entry describes the matrix
         ``log p(t_l | x_i)`` it shares with ``X -> T_l``; empty in conditional mode).
         In conditional mode also ``"per_draw"`` (DataFrame, one row per draw and pair,
         column ``draw``), ``"inference_data"`` (ArviZ, one variable per pair),

@@ -611,3 +611,25 @@ def test_link_jacobian_falls_back_to_one_backward_pass_per_row(monkeypatch):
     per_row = deep._link_jacobian(link, p)[2]
     expected = (1 - torch.tanh(p @ w.T) ** 2)[:, :, None] * w[None]
     assert torch.allclose(batched, expected) and torch.allclose(per_row, expected)
+
+
+def test_bridged_round_that_would_not_fit_in_memory_is_skipped_and_the_row_flagged(monkeypatch):
+    """A row whose first round misses the tolerance goes on to the bridged round, unless
+    that round's factors would take more than half of the device's memory: then the row
+    keeps its first round, is flagged, and says why (a warning and
+    ``path_convergence[...]["stopped"]``)."""
+    from stochmi.layers import deep, estimation
+
+    m = LinearChain([20, 96, 64], [1.0, 1.0], 3)  # sources apart at layer 1 (see above)
+    m.A = [a * 0.6 for a in m.A]
+    x = _x(150, 20, 13)
+    kw = dict(seed=1, pairs=[("X", "h2")], max_effort=2)
+    need = deep.bridge_bytes(150, [96], 64)
+    monkeypatch.setattr(estimation, "memory_budget", lambda device: need - 1)
+    with pytest.warns(RuntimeWarning, match="bridged round"):
+        df = layer_mi(m, x, **kw)
+    r, conv = df.iloc[0], df.attrs["path_convergence"]["X->h2"]
+    assert not r.converged and r.k_paths == 16 and "GiB" in conv["stopped"]
+    monkeypatch.setattr(estimation, "memory_budget", lambda device: need)
+    df = layer_mi(m, x, **kw)  # fits: the bridged rounds run up to max_effort
+    assert df.iloc[0].k_paths == 32 and "stopped" not in df.attrs["path_convergence"]["X->h2"]
