@@ -699,45 +699,18 @@ def deep_log_density(
     -------
     DeepLogDensity
     """
-    if len(links) < 1 or len(anchors) != len(links):
-        raise ValueError("need one anchor layer per link")
-    for name, v in (("n_is", n_is), ("n_fwd", n_fwd)):
-        if v < 2 or v % 2:
-            raise ValueError(f"{name} must be an even int >= 2, got {v}")
-    if n_bridge < 0 or n_bridge % 2:
-        raise ValueError(f"n_bridge must be an even int >= 0, got {n_bridge}")
-    if n_top is not None and (n_top < 1 or n_random < 2 or n_random % 2):
-        raise ValueError(
-            f"n_top must be >= 1 and n_random an even int >= 2, got {n_top} and {n_random}"
-        )
+    _check_settings(links, anchors, n_is, n_fwd, n_bridge, n_top, n_random)
     pb = _Problem(first_loc, first_scale, links, queries, generator, dtype)
     n, dev = pb.n, pb.loc1.device
-    if rows is not None:
-        rows = torch.as_tensor(rows, dtype=torch.long, device=dev).reshape(-1)
-        if (
-            len(rows) < 1
-            or bool(((rows < 0) | (rows >= n)).any())
-            or len(rows.unique()) < len(rows)
-        ):
-            raise ValueError(f"rows must be distinct query indices in [0, {n})")
-    selected = rows
+    selected = rows = _check_rows(rows, n, dev)
     all_rows = torch.arange(n, device=dev) if rows is None else rows
     pool = _Pool(pb, n_fwd)
     bridge = _Bridge(pb, n_bridge, pool) if n_bridge else None
     subsample = n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n
-    if chunk_size is None:  # ~2e7 float64 elements per block for each large tensor
-        widest = max(t.shape[1] for t in anchors)
-        n_src = min(n, _BLOCK * (n_top + 1) + n_random) if subsample else n
-        per_row = max(
-            (n_is + n_fwd) * n_src,  # kernel rows of the proposal draws and forward paths
-            widest * max(widest, queries.shape[1]),  # Jacobians and whitened maps
-            _DIAG_FACTOR * n_is * widest,  # the draws themselves
-            top_r * anchors[-1].shape[1],
-            (n_is + n_bridge) * n_src,  # bridged weights
+    if chunk_size is None:
+        chunk_size = _default_chunk(
+            n, anchors, queries, n_is, n_fwd, n_bridge, top_r, n_top, n_random, subsample
         )
-        chunk_size = max(1, min(n, int(2e7 // per_row)))
-        if subsample:
-            chunk_size = min(chunk_size, _BLOCK)
     out = torch.full((n, n), -math.inf, dtype=torch.float64, device=dev)
     half = torch.full((n, n), -math.inf, dtype=torch.float64, device=dev)
     ess = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
@@ -747,10 +720,10 @@ def deep_log_density(
     # forward path, kept for the blocks of those queries), then estimated in blocks
     outer = _RANK_STEP if subsample else chunk_size
     # queries whose proposals are built together: a multiple of chunk_size with at most
-    # ~2e7 elements in each (queries, d_L, d_k) factor
+    # ~2e6 elements in each (queries, d_L, d_k) factor
     widest = max(t.shape[1] for t in anchors)
     q_group = chunk_size * max(
-        1, min(outer // chunk_size, int(2e7 // (chunk_size * widest * queries.shape[1])))
+        1, min(outer // chunk_size, int(2e6 // (chunk_size * widest * queries.shape[1])))
     )
     for ostart in range(0, len(all_rows), outer):
         orows = all_rows[ostart : ostart + outer]
@@ -792,6 +765,49 @@ def deep_log_density(
     return DeepLogDensity(
         out, half, ess, marg, n_is, n_fwd, float(sum(n_cols) / len(n_cols)), selected
     )
+
+
+def _check_settings(links, anchors, n_is, n_fwd, n_bridge, n_top, n_random) -> None:
+    """The ``ValueError`` of :func:`deep_log_density` for inconsistent settings."""
+    if len(links) < 1 or len(anchors) != len(links):
+        raise ValueError("need one anchor layer per link")
+    for name, v in (("n_is", n_is), ("n_fwd", n_fwd)):
+        if v < 2 or v % 2:
+            raise ValueError(f"{name} must be an even int >= 2, got {v}")
+    if n_bridge < 0 or n_bridge % 2:
+        raise ValueError(f"n_bridge must be an even int >= 0, got {n_bridge}")
+    if n_top is not None and (n_top < 1 or n_random < 2 or n_random % 2):
+        raise ValueError(
+            f"n_top must be >= 1 and n_random an even int >= 2, got {n_top} and {n_random}"
+        )
+
+
+def _check_rows(rows, n: int, dev) -> torch.Tensor | None:
+    """``rows`` as distinct int64 query indices in ``[0, n)`` on ``dev`` (None stays)."""
+    if rows is None:
+        return None
+    rows = torch.as_tensor(rows, dtype=torch.long, device=dev).reshape(-1)
+    if len(rows) < 1 or bool(((rows < 0) | (rows >= n)).any()) or len(rows.unique()) < len(rows):
+        raise ValueError(f"rows must be distinct query indices in [0, {n})")
+    return rows
+
+
+def _default_chunk(n, anchors, queries, n_is, n_fwd, n_bridge, top_r, n_top, n_random, subsample):
+    """Queries per block: ~2e7 float64 elements per block for each large tensor (at most
+    ``_BLOCK`` when the sources are subsampled)."""
+    widest = max(t.shape[1] for t in anchors)
+    n_src = min(n, _BLOCK * (n_top + 1) + n_random) if subsample else n
+    per_row = max(
+        (n_is + n_fwd) * n_src,  # kernel rows of the proposal draws and forward paths
+        widest * max(widest, queries.shape[1]),  # Jacobians and whitened maps
+        _DIAG_FACTOR * n_is * widest,  # the draws themselves
+        top_r * anchors[-1].shape[1],
+        (n_is + n_bridge) * n_src,  # bridged weights
+    )
+    chunk_size = max(1, min(n, int(2e7 // per_row)))
+    if subsample:
+        chunk_size = min(chunk_size, _BLOCK)
+    return chunk_size
 
 
 def _rank_sources(pb: _Problem, pool: _Pool, anchors, rows, log_g, n_top: int):

