@@ -118,11 +118,11 @@ def bridge_bytes(n: int, widths: list[int], d_last: int) -> int:
 
 
 def memory_budget(device: torch.device) -> int:
-    """Half of the device's memory in bytes (physical memory on the CPU)."""
+    """Three quarters of the device's memory in bytes (physical memory on the CPU)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 2
+        return torch.cuda.get_device_properties(device).total_memory * 3 // 4
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4
     except (ValueError, OSError, AttributeError):  # not available: no limit
         return 2**62
 

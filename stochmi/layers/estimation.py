@@ -258,7 +258,7 @@ class _Deep:
         msg = (
             f"the bridged round of this row would hold about {need / 2**30:.1f} GiB "
             f"(N = {ch.n} sources, query width {d_last}, intermediate widths {widths}), "
-            f"more than half of the device's memory ({2 * budget / 2**30:.1f} GiB): "
+            f"more than the {budget / 2**30:.1f} GiB allowed (3/4 of the device's memory): "
             "the row stops at the first round and is flagged if it did not converge "
             "(use fewer inputs, narrower noisy layers, or more noise)"
         )
@@ -593,7 +593,7 @@ def layer_mi(
         dataset MI ``value`` with ``k`` paths and ``value_half`` with ``k_half``, and
         for importance-sampled rows also ``n_is``, ``converged``, ``diag_ess_median``
         and ``marginal_ess_median``, and ``stopped`` (why the effort was not raised:
-        the bridged round would take more than half of the device's memory; also
+        the bridged round would take more than 3/4 of the device's memory; also
         a ``RuntimeWarning``) where that happened (a ``T_l -> Y`` entry describes the matrix
         ``log p(t_l | x_i)`` it shares with ``X -> T_l``; empty in conditional mode).
         In conditional mode also ``"per_draw"`` (DataFrame, one row per draw and pair,

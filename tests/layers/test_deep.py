@@ -615,7 +615,7 @@ def test_link_jacobian_falls_back_to_one_backward_pass_per_row(monkeypatch):
 
 def test_bridged_round_that_would_not_fit_in_memory_is_skipped_and_the_row_flagged(monkeypatch):
     """A row whose first round misses the tolerance goes on to the bridged round, unless
-    that round's factors would take more than half of the device's memory: then the row
+    that round's factors would take more than 3/4 of the device's memory: then the row
     keeps its first round, is flagged, and says why (a warning and
     ``path_convergence[...]["stopped"]``)."""
     from stochmi.layers import deep, estimation
