@@ -633,3 +633,24 @@ def test_bridged_round_that_would_not_fit_in_memory_is_skipped_and_the_row_flagg
     monkeypatch.setattr(estimation, "memory_budget", lambda device: need)
     df = layer_mi(m, x, **kw)  # fits: the bridged rounds run up to max_effort
     assert df.iloc[0].k_paths == 32 and "stopped" not in df.attrs["path_convergence"]["X->h2"]
+
+
+def test_posterior_sd_removes_the_per_draw_monte_carlo_variance():
+    """Per-draw estimates = the draw's true MI (sd 0.3 over the posterior) + Monte Carlo
+    noise of known sd 0.4: the sd over draws is 0.5, the posterior sd 0.3 (within 3 of
+    its standard errors, about sd / sqrt(2 n) for the variance estimate)."""
+    import pandas as pd
+
+    from stochmi.layers.estimation import _posterior_sd
+
+    g = torch.Generator().manual_seed(5)
+    n = 4000
+    true = 1.0 + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    values = pd.Series((true + 0.4 * torch.randn(n, generator=g, dtype=torch.float64)).numpy())
+    stderrs = pd.Series([0.4] * n)
+    sd = _posterior_sd(values, stderrs)
+    se_var = 0.5**2 * math.sqrt(2 / n)  # standard error of the sample variance
+    assert abs(sd**2 - 0.3**2) <= 3 * se_var
+    assert abs(float(values.std()) - 0.5) < 0.02  # the raw sd over draws is not it
+    assert math.isnan(_posterior_sd(values[:1], stderrs[:1]))
+    assert _posterior_sd(pd.Series([1.0, 1.1]), pd.Series([1.0, 1.0])) == 0.0
