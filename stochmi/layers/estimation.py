@@ -246,8 +246,8 @@ class _Deep:
         }
 
     def _bridge_too_large(self, a: int, b: int) -> str | None:
-        """Why the bridged round is not run (its factors would take more than half of
-        the device's memory), or None."""
+        """Why the bridged round is not run (its factors would take more than
+        :func:`memory_budget`, 3/4 of the device's memory), or None."""
         ch = self.chain
         widths = [int(ch.values[m].reshape(ch.n, -1).shape[1]) for m in range(a + 1, b)]
         d_last = int(ch.values[b].reshape(ch.n, -1).shape[1])
