@@ -57,9 +57,9 @@ def test_no_development_history_in_user_facing_text():
 
 
 README_COMMANDS = [
-    "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.14.1 "
+    'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.14.1 '
     "torchvision==0.29.1 -e . && stochmi demo",
-    "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.14.1 "
+    'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.14.1 '
     'torchvision==0.29.1 -e ".[test,ray]" && python -m pytest',
 ]
 

@@ -208,7 +208,9 @@ def draw_normals(g: GaussianMixture, n_draws: int, generator: torch.Generator) -
     """The standard normals of :meth:`GaussianMixture.sample_with_components` (one
     component): ``randn((n_draws, N, d))`` in the locations' dtype and device."""
     n, _, d = g.loc.shape
-    return torch.randn((n_draws, n, d), generator=generator, dtype=g.loc.dtype, device=g.loc.device)
+    return torch.randn(
+        (n_draws, n, d), generator=generator, dtype=g.loc.dtype, device=g.loc.device
+    )
 
 
 class _Prefetch:

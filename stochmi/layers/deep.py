@@ -702,8 +702,8 @@ def deep_log_density(
     _check_settings(links, anchors, n_is, n_fwd, n_bridge, n_top, n_random)
     pb = _Problem(first_loc, first_scale, links, queries, generator, dtype)
     n, dev = pb.n, pb.loc1.device
-    selected = rows = _check_rows(rows, n, dev)
-    all_rows = torch.arange(n, device=dev) if rows is None else rows
+    selected = _check_rows(rows, n, dev)  # the loop below reuses the name rows per block
+    all_rows = torch.arange(n, device=dev) if selected is None else selected
     pool = _Pool(pb, n_fwd)
     bridge = _Bridge(pb, n_bridge, pool) if n_bridge else None
     subsample = n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n

@@ -453,10 +453,9 @@ def test_label_bracket_contains_population_truth_and_upper_is_tight():
     I(S;T) - I(S;T|Y)) sits far below the data-processing one, I(S;T)."""
     grid = torch.linspace(-12, 12, 24001, dtype=F64)
     p1 = 0.35
-    dens = (
-        p1 * td.Normal(1.0, 1.0).log_prob(grid).exp()
-        + (1 - p1) * td.Normal(-1.0, 1.0).log_prob(grid).exp()
-    )
+    dens = p1 * td.Normal(1.0, 1.0).log_prob(grid).exp() + (1 - p1) * td.Normal(
+        -1.0, 1.0
+    ).log_prob(grid).exp()
     h_t = float(torch.trapezoid(-dens * torch.log(dens), grid))
     truth = h_t - 0.5 * math.log(2 * math.pi * math.e)
     ups, los, dpi = [], [], []
