@@ -402,11 +402,11 @@ def noisy(module: nn.Module, sigma, *, layers=None, kind: str = "additive") -> N
     noise sites (widths ``d``)                  N      time    peak memory  load avg.
     ==========================================  =====  ======  ===========  ==========
     pool2, relu3, relu4 (400, 120, 84)          500    6.3 s   1.4 GB       1.8
-    pool2, relu3, relu4 (400, 120, 84)          2,000  24.1 s  2.3 GB       1.8
+    pool2, relu3, relu4 (400, 120, 84)          2,000  23.3 s  1.8 GB       1.9
     pool1, pool2, relu3, relu4 (1176, 400, ..)  100    716 s   3.8 GB       3-6
     ==========================================  =====  ======  ===========  ==========
 
-    (Peak memory: the process's maximum resident set, 0.7 GB of it before the estimate.
+    (Peak memory: the process's maximum resident set, 0.7-0.9 GB of it before the estimate.
     The last row was measured with an earlier release of the deep path on a busier
     machine; with ``pool1`` noisy, two of the eleven rows did not converge at the default
     effort.)  With a conv feature map of 1,176 units feeding one of 400, the ``400 x 1176``
