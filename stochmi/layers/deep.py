@@ -92,10 +92,13 @@ from stochmi.core.kernel import as_gaussian_mixture
 __all__ = [
     "DeepLogDensity",
     "NotGaussianLink",
+    "OwnLogDensity",
     "bridge_bytes",
     "deep_log_density",
+    "mean_path",
     "memory_budget",
     "normal_params",
+    "own_log_density",
 ]
 
 _LOG2PI = math.log(2 * math.pi)
@@ -1183,3 +1186,187 @@ def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=N
             terms = torch.cat([t.flatten(1) for t in off] + [w_d], 1)
             marg = torch.exp(2 * torch.logsumexp(terms, 1) - torch.logsumexp(2 * terms, 1))
     return res[0], res[1], ess, marg
+
+
+@dataclass
+class OwnLogDensity:
+    """Estimated ``log p(t_j | s_j)``, each query at its own source only.
+
+    Attributes
+    ----------
+    value : Tensor, shape (Q,), float64
+        With all draws (unbiased for the density; ``E[value] <= log p``).
+    half : Tensor, shape (Q,), float64
+        With the first half of the draws of both proposals.
+    upper : Tensor, shape (Q,), float64
+        With the path that produced the query among the draws: ``E[upper] >= log p``
+        (NaN when no such paths were given).
+    ess : Tensor, shape (Q,)
+        Effective sample size of the proposal draws.
+    n_is, n_fwd : int
+        Draws of ``q_j`` per query (``_DIAG_FACTOR * n_is``, as for the diagonal of
+        :func:`deep_log_density`) and forward paths per query.
+    """
+
+    value: torch.Tensor
+    half: torch.Tensor
+    upper: torch.Tensor
+    ess: torch.Tensor
+    n_is: int
+    n_fwd: int
+
+
+def own_log_density(
+    first_loc: torch.Tensor,
+    first_scale: torch.Tensor,
+    links: list[Link],
+    queries: torch.Tensor,
+    anchors: list[torch.Tensor],
+    *,
+    paths: list[torch.Tensor] | None = None,
+    n_is: int = 32,
+    n_fwd: int = 16,
+    generator: torch.Generator,
+    chunk_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress=None,
+) -> OwnLogDensity:
+    """Estimate ``log p(t_j | s_j)`` through ``len(links)`` Gaussian links, query by query.
+
+    The diagonal of :func:`deep_log_density` without the other sources: query ``j`` has
+    its own first layer ``N(first_loc[j], diag first_scale[j]^2)`` and is estimated by
+    the balance heuristic over ``M = 4 n_is`` draws of the guided proposal ``q_j`` and
+    ``K = n_fwd`` forward paths of its source,
+
+    .. math:: \\hat p_j = \\sum_{z} \\frac{p_j(z)\\, p(t_j \\mid z)}
+              {M q_j(z) + K p_j(z)},
+
+    an unbiased estimate of the density, so ``E log \\hat p_j <= log p(t_j | s_j)``.
+
+    **Upper estimate** (with ``paths``).  When ``paths[j]`` is an exact draw ``z*`` from
+    the path's posterior ``p(z | t_j, s_j)`` (the path that produced ``t_j``) and the
+    proposals do not depend on it, one draw of a stratum chosen with probability
+    ``M q_j(z*) / (M q_j(z*) + K p_j(z*))`` (``q_j``; otherwise the forward paths) is
+    replaced by ``z*``.  The draws then come from the extended target whose ratio to the
+    proposals' joint density is ``p_hat / p``, so ``E log p_hat_up - log p`` is a
+    Kullback-Leibler divergence and ``E log p_hat_up >= log p(t_j | s_j)`` (the
+    posterior-sample half of bidirectional Monte Carlo; Grosse et al. 2015).  A proposal
+    linearised at ``z*`` itself would break this, so ``anchors`` must not be ``paths``:
+    the source's mean path (each layer at the mean given its parent's mean) serves.
+
+    Parameters
+    ----------
+    first_loc, first_scale : Tensor, shape (Q, d_1)
+        Layer-1 conditional of each query's source.
+    links : list of callables
+        As for :func:`deep_log_density` (shared by every query).
+    queries : Tensor, shape (Q, d_L)
+    anchors : list of Tensor, shapes (Q, d_1) ... (Q, d_{L-1})
+        A path through the intermediate layers per query, the linearisation point of
+        ``q_j``.
+    paths : list of Tensor, shapes as ``anchors``, optional
+        The path that produced each query, for ``upper`` (NaN without it).
+    n_is, n_fwd : int
+        Even, >= 2.
+    generator : torch.Generator
+    chunk_size : int, optional
+        Queries per block (default: about ``2e7`` elements per large tensor).
+    dtype : torch.dtype
+        Dtype the links are called with.
+    progress : callable, optional
+        Called with the number of queries finished after each block.
+
+    Returns
+    -------
+    OwnLogDensity
+    """
+    _check_settings(links, anchors, n_is, n_fwd, 0, None, 2)
+    pb = _Problem(first_loc, first_scale, links, queries, generator, dtype)
+    n, dev = pb.n, pb.loc1.device
+    md = _DIAG_FACTOR * n_is
+    widest = max(max(t.shape[1] for t in anchors), queries.shape[1])
+    if chunk_size is None:
+        chunk_size = max(1, min(n, int(2e7 // ((md + n_fwd) * widest + widest * widest))))
+    out = {k: torch.empty(n, dtype=torch.float64, device=dev) for k in ("v", "h", "u", "e")}
+    for start in range(0, n, chunk_size):
+        rows = torch.arange(start, min(n, start + chunk_size), device=dev)
+        for key, val in zip("vhue", _own_block(pb, rows, anchors, paths, md, n_fwd)):
+            out[key][rows] = val
+        if progress is not None:
+            progress(len(rows))
+    return OwnLogDensity(out["v"], out["h"], out["u"], out["e"], n_is, n_fwd)
+
+
+def _path_terms(pb: _Problem, q: _Guided, rows, paths):
+    """At one given path per query: ``log p_j(z) + log p(t_j | z)``, ``log p_j(z)`` and
+    ``log q_j(z)``, each ``(B,)``."""
+    a = [t[rows].to(torch.float64) for t in paths]
+    lp = _row_gauss_logpdf(a[0], pb.loc1[rows], pb.scale1[rows])
+    priors = [None]
+    for k in range(1, len(a)):
+        loc, scale = pb.call(k - 1, a[k - 1])
+        lp = lp + _row_gauss_logpdf(a[k], loc, scale)
+        priors.append(loc[:, None, :])
+    loc, scale = pb.call(len(a) - 1, a[-1])
+    lg = _row_gauss_logpdf(pb.t[rows], loc, scale)
+    lq = q.log_q_at([t[:, None, :] for t in a], priors)[:, 0]
+    return lp + lg, lp, lq
+
+
+def _own_block(pb: _Problem, rows, anchors, paths, md: int, n_fwd: int):
+    """Full, half and upper estimates and the ESS of :func:`own_log_density` for ``rows``."""
+    b = len(rows)
+    q = _Guided(pb, rows, anchors)
+    logq_d, log_g_d, chain_d, layers_d, _ = _draws(pb, q, rows, md)
+    lp_d = _row_gauss_logpdf(layers_d[0], pb.loc1[rows][:, None], pb.scale1[rows][:, None])
+    lp_d = lp_d + chain_d
+    sp = pb.take(rows)
+    pool = _Pool(sp, n_fwd)  # path k of query c is row k * B + c
+    lay, pri = pool.at(torch.arange(pool.n_paths, device=rows.device))
+    by_q = [t.reshape(n_fwd, b, -1).transpose(0, 1) for t in lay]
+    q_f = q.log_q_at(by_q, [p.reshape(n_fwd, b, -1).transpose(0, 1) for p in pri])  # (B, K)
+    g_f = _row_gauss_logpdf(
+        pb.t[rows][:, None, :],
+        pool.fin_loc.reshape(n_fwd, b, -1).transpose(0, 1),
+        pool.fin_scale.reshape(n_fwd, b, -1).transpose(0, 1),
+    )
+    own = pool.own.T  # (B, K): log p_j(z) at the forward paths
+    upper = torch.full((b,), math.nan, dtype=torch.float64, device=rows.device)
+    if paths is not None:
+        f_a, p_a, q_a = _path_terms(pb, q, rows, paths)
+    res = []
+    for frac in (1, 2):
+        m_u, k_u = md // frac, n_fwd // frac
+        lm, lk = math.log(m_u), math.log(k_u)
+        w_d = lp_d[:, :m_u] + log_g_d[:, :m_u]
+        w_d = w_d - torch.logaddexp(lm + logq_d[:, :m_u], lk + lp_d[:, :m_u])
+        w_f = own[:, :k_u] + g_f[:, :k_u]
+        w_f = w_f - torch.logaddexp(lm + q_f[:, :k_u], lk + own[:, :k_u])
+        res.append(torch.logaddexp(torch.logsumexp(w_d, 1), torch.logsumexp(w_f, 1)))
+        if frac == 1:
+            ess = torch.exp(2 * torch.logsumexp(w_d, 1) - torch.logsumexp(2 * w_d, 1))
+        if frac == 1 and paths is not None:
+            # the query's own path replaces the last draw of a stratum chosen in proportion
+            # to that stratum's share of the mixture density at the path
+            w_a = f_a - torch.logaddexp(lm + q_a, lk + p_a)
+            p_q = torch.sigmoid((lm + q_a) - (lk + p_a))
+            u = torch.rand(b, generator=pb.gen, dtype=torch.float64, device=rows.device)
+            in_q = (u < p_q)[:, None]
+            w_d_up, w_f_up = w_d.clone(), w_f.clone()
+            w_d_up[:, -1] = torch.where(in_q[:, 0], w_a, w_d[:, -1])
+            w_f_up[:, -1] = torch.where(in_q[:, 0], w_f[:, -1], w_a)
+            upper = torch.logaddexp(torch.logsumexp(w_d_up, 1), torch.logsumexp(w_f_up, 1))
+    return res[0], res[1], upper, ess
+
+
+def mean_path(first_loc: torch.Tensor, links: list[Link], dtype=torch.float32) -> list:
+    """The intermediate layers of each source's mean path, ``(Q, d_1) .. (Q, d_{L-1})``
+    float64: ``first_loc``, then each link's mean at the previous layer's value.
+
+    A linearisation point for :func:`own_log_density` that depends on the source only.
+    """
+    path = [first_loc.to(torch.float64)]
+    for k in range(len(links) - 1):
+        loc, _ = _link_params(links[k], path[-1].to(dtype))
+        path.append(loc)
+    return path

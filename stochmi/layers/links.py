@@ -6,7 +6,8 @@ model never produced (draws of an importance-sampling proposal).  A link is a ca
 
 Where they come from, fastest first:
 
-* a model method ``conditional(site, parent)`` (the reference noise-injected nets);
+* a model method ``conditional(site, parent)`` (the reference noise-injected nets), or
+  ``conditional(site, parent, weights)`` for fixed weights (the reference Bayesian MLP);
 * ``local_reparam_conditional(site, parent, guide)``, the :class:`LocalReparamModel`
   protocol (mean-field Bayesian layers with weights drawn per example, the exact
   Gaussian marginal);
@@ -69,16 +70,18 @@ class LocalReparamModel(Protocol):
         ...
 
 
-def _has_plain_conditional(model) -> bool:
+def _conditional_arity(model) -> int | None:
+    """Required arguments of the model's ``conditional`` method: 2 for
+    ``conditional(site, parent)`` (noise only), 3 for ``conditional(site, parent,
+    weights)`` (fixed weights); None without one."""
     fn = getattr(model, "conditional", None)
     if fn is None or not callable(fn):
-        return False
+        return None
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return False
-    required = [p for p in params if p.default is inspect.Parameter.empty]
-    return len(required) == 2
+        return None
+    return len([p for p in params if p.default is inspect.Parameter.empty])
 
 
 def _traced_link(model, x, layers, l, weight_values) -> Callable:
@@ -141,8 +144,12 @@ def model_links(model, x, layers, mode: str, guide=None, weight_values=None) -> 
                     model.local_reparam_conditional(s, p, guide), p.shape[0], s
                 )
             )
-        elif mode == "noise" and _has_plain_conditional(model):
+        elif mode == "noise" and _conditional_arity(model) == 2:
             links.append(lambda p, s=site: as_batch_n(model.conditional(s, p), p.shape[0], s))
+        elif mode == "fixed" and weight_values and _conditional_arity(model) == 3:
+            links.append(
+                lambda p, s=site: as_batch_n(model.conditional(s, p, weight_values), p.shape[0], s)
+            )
         else:
             links.append(_traced_link(model, x, layers, l, weight_values or {}))
     return links

@@ -56,6 +56,8 @@ from stochmi.core.from_matrix import mi_terms_from_log_density
 from stochmi.core.kernel import DETERMINISTIC_MESSAGE, is_delta
 from stochmi.core.rng import draw_seed, resolve_seed, rng_context, spawn_seeds
 from stochmi.layers.chain import as_batch_n, cuda_devices
+from stochmi.layers.deep import normal_params
+from stochmi.layers.epistemic import dataset_deep_matrix, posterior_layer
 from stochmi.layers.links import LocalReparamModel
 from stochmi.layers.noisy import check_estimable
 from stochmi.layers.sites import find_layers, is_local, resolve_layers, sample_sites, trace_model
@@ -63,7 +65,16 @@ from stochmi.layers.sites import find_layers, is_local, resolve_layers, sample_s
 __all__ = ["weight_mi", "weight_kl", "COLUMNS"]
 
 COLUMNS = ["target", "value", "stderr", "lower", "upper"]
-_LOG2PI = math.log(2 * math.pi)
+_EXTRA = [
+    "n_inputs",
+    "n_weight_draws",
+    "saturated",
+    "method",
+    "converged",
+    "mc_bias",
+    "dataset_mi",
+    "n_queries",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -166,26 +177,6 @@ def _class_probs(fn: td.Distribution) -> torch.Tensor:
     return p.reshape(-1, p.shape[-1]).to(torch.float64)
 
 
-def _normal_grad(fn: td.Distribution, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loc, scale)`` ``(B, d)`` of a Normal / Independent(Normal) site, graph kept."""
-    base = fn
-    while isinstance(base, td.Independent):
-        base = base.base_dist
-    if not isinstance(base, td.Normal):
-        raise TypeError(
-            f"deeper layers need Gaussian links; this layer's family is {type(base).__name__}"
-        )
-    loc = base.loc.reshape(b, -1)
-    scale = torch.broadcast_to(base.scale, base.loc.shape).reshape(b, -1)
-    return loc, scale
-
-
-def _site_logp(site, b: int) -> torch.Tensor:
-    """``log p`` of a layer site's value per row, ``(B,)`` float64."""
-    lp = site["fn"].log_prob(site["value"])
-    return lp.reshape(b, -1).sum(1).to(torch.float64)
-
-
 def _check_layer(fn: td.Distribution, name: str, b: int) -> td.Distribution:
     if is_delta(fn):
         raise ValueError(
@@ -208,210 +199,6 @@ def _first_layer_L(fns: list[td.Distribution], queries: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------
-# deeper layers: importance sampling over paths, per source
-# ---------------------------------------------------------------------------
-class _Deep:
-    """Evaluates ``log p(t_l | x_n, w_i)`` for all queries of a chunk of inputs."""
-
-    def __init__(self, model, layers, l, shapes, n_is, n_fwd, inflate, gen):
-        self.model = model
-        self.layers = layers
-        self.l = l  # index of the target layer (>= 1)
-        self.shapes = shapes  # per-row value shape of every layer site
-        self.n_is, self.n_fwd = n_is, n_fwd
-        self.inflate = inflate
-        self.gen = gen
-
-    def _cond(self, w, x, values: dict[str, torch.Tensor]):
-        data = dict(w)
-        b = x.shape[0]
-        for k, v in values.items():
-            data[k] = v.reshape(b, *self.shapes[k]).to(
-                x.dtype if x.is_floating_point() else v.dtype
-            )
-        return _trace(self.model, x, draw_seed(self.gen), data)
-
-    def _linearise(self, w, x):
-        """Mean path, Jacobians and scales under ``w`` -> posterior-proposal pieces.
-
-        Returns ``(m0, mu, K, Lc, off)`` of :func:`_path_posterior`.
-        """
-        means, scales, jacs = self._mean_path(w, x)
-        return _path_posterior(means, scales, jacs, self.inflate, x.device)
-
-    def _mean_path(self, w, x):
-        """The chain up to the target layer under ``w``, each layer at its parent's mean.
-
-        Returns per layer ``k = 0..l`` the mean ``(b, d_k)`` and scale ``(b, d_k)`` of
-        ``t_k`` given ``t_{k-1}`` = the previous mean, and for ``k >= 1`` the Jacobian
-        ``d mean_k / d t_{k-1}`` ``(b, d_k, d_{k-1})``; all float64.
-        """
-        b = x.shape[0]
-        names = self.layers[: self.l + 1]
-        means, scales, jacs = [], [], []
-        fixed: dict[str, torch.Tensor] = {}
-        for k, name in enumerate(names):
-            if k == 0:
-                tr = self._cond(w, x, {})
-                loc, sc = _normal_grad(tr.nodes[name]["fn"], b)
-            else:
-                loc, sc, jac = self._linear_link(w, x, names[k - 1], name, means[-1], fixed)
-                jacs.append(jac.permute(1, 0, 2).detach().to(torch.float64))
-            means.append(loc.detach().to(torch.float64))
-            scales.append(sc.detach().to(torch.float64))
-            fixed[name] = means[-1].to(x.dtype)
-        return means, scales, jacs
-
-    def _linear_link(self, w, x, prev, name, prev_mean, fixed):
-        """Layer ``name``'s mean and scale at parent ``prev_mean`` and its Jacobian.
-
-        The earlier layers are conditioned on their means (``fixed``); the Jacobian has
-        shape ``(d_out, b, d_in)``.
-        """
-        import pyro.poutine as poutine
-
-        b = x.shape[0]
-        parent = prev_mean.to(x.dtype).clone().requires_grad_(True)
-        data = dict(w)
-        data.update({kk: v.reshape(b, *self.shapes[kk]) for kk, v in fixed.items()})
-        data[prev] = parent.reshape(b, *self.shapes[prev])
-        with rng_context(draw_seed(self.gen), cuda_devices(x)):
-            with torch.enable_grad():
-                tr = trace_model(poutine.condition(self.model, data=data), x)
-                loc, sc = _normal_grad(tr.nodes[name]["fn"], b)
-                if not loc.requires_grad:
-                    raise TypeError(
-                        f"layer '{name}': its mean does not depend differentiably "
-                        "on the previous layer"
-                    )
-                jac = _batched_jacobian(loc, parent)
-        return loc, sc, jac
-
-    def block(self, w, x, queries):
-        """``(full, half, ess)`` for source ``w``: log-density of every query, ``(b, M)``.
-
-        ``queries``: ``(b, M, d_l)`` float64 (query ``j`` of input ``n``).
-        """
-        b, m, _ = queries.shape
-        names = self.layers[: self.l + 1]
-        tgt = names[-1]
-        r, kf = self.n_is, self.n_fwd
-        m0, mu, K, Lc, off = self._linearise(w, x)
-        dd = m0.shape[1]
-        logdet = torch.log(torch.diagonal(Lc, dim1=1, dim2=2)).sum(1)  # (b,)
-        # proposal means for every query: m0 + K (t_j - mu)
-        means = m0[:, None, :] + ((queries - mu[:, None, :]) @ K.transpose(1, 2))  # (b, M, D)
-        eps = torch.randn((b, m, r, dd), generator=self.gen, dtype=torch.float64)
-        z = means[:, :, None, :] + eps @ Lc.transpose(1, 2)[:, None]  # (b, M, R, D)
-        logq = -0.5 * (eps * eps).sum(-1) - logdet[:, None, None] - 0.5 * dd * _LOG2PI
-        rows = b * m * r
-        xr = x.repeat_interleave(m * r, 0)
-        vals = {
-            nm: z[..., off[k] : off[k + 1]].reshape(rows, -1) for k, nm in enumerate(names[:-1])
-        }
-        vals[tgt] = queries[:, :, None, :].expand(b, m, r, queries.shape[-1]).reshape(rows, -1)
-        tr = self._cond(w, xr, vals)
-        lp = sum(_site_logp(tr.nodes[nm], rows) for nm in names[:-1]).reshape(b, m, r)
-        lg = _site_logp(tr.nodes[tgt], rows).reshape(b, m, r)
-        # forward paths under w: K per input, shared by all queries
-        xf = x.repeat_interleave(kf, 0)
-        trf = self._cond(w, xf, {})
-        zf = torch.cat(
-            [trf.nodes[nm]["value"].reshape(b * kf, -1).to(torch.float64) for nm in names[:-1]], 1
-        ).reshape(b, kf, dd)
-        lpf = sum(_site_logp(trf.nodes[nm], b * kf) for nm in names[:-1]).reshape(b, kf)
-        # p(t_j | z_f) needs the target site's conditional at the forward path's parents
-        fn = _check_layer(trf.nodes[tgt]["fn"], tgt, b * kf)
-        qv = queries.to(trf.nodes[tgt]["value"].dtype)  # (b, M, d)
-        qv = qv[:, None].expand(b, kf, m, qv.shape[-1]).reshape(b * kf, m, -1).transpose(0, 1)
-        lgf = fn.log_prob(qv).to(torch.float64).T.reshape(b, kf, m)  # (b, K, M)
-        # q_j at the forward paths
-        A = torch.linalg.solve_triangular(Lc, zf.transpose(1, 2), upper=False)  # (b, D, K)
-        B = torch.linalg.solve_triangular(Lc, means.transpose(1, 2), upper=False)  # (b, D, M)
-        u = A.transpose(1, 2)[:, :, None, :] - B.transpose(1, 2)[:, None, :, :]  # (b, K, M, D)
-        logqf = -0.5 * (u * u).sum(-1) - logdet[:, None, None] - 0.5 * dd * _LOG2PI
-        res = []
-        for r_u, k_u in ((r, kf), (r // 2, kf // 2)):
-            lr, lk = math.log(r_u), math.log(k_u)
-            num = lp[:, :, :r_u] + lg[:, :, :r_u]
-            den = torch.logaddexp(lr + logq[:, :, :r_u], lk + lp[:, :, :r_u])
-            is_t = torch.logsumexp(num - den, -1)  # (b, M)
-            num_f = lpf[:, :k_u, None] + lgf[:, :k_u]
-            den_f = torch.logaddexp(lr + logqf[:, :k_u], lk + lpf[:, :k_u, None])
-            fw_t = torch.logsumexp(num_f - den_f, 1)  # (b, M)
-            res.append(torch.logaddexp(is_t, fw_t))
-            if r_u == r:
-                wts = num - den
-                ess = torch.exp(2 * torch.logsumexp(wts, -1) - torch.logsumexp(2 * wts, -1))
-        return res[0], res[1], ess
-
-
-def _batched_jacobian(loc: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
-    """``d loc[n, o] / d parent[n, :]`` for every row, shape ``(d_out, b, d_in)``.
-
-    Rows are independent (row ``n`` of ``loc`` depends on row ``n`` of ``parent`` only).
-    Batched ``autograd.grad`` when the graph supports it, one output unit at a time
-    otherwise.
-    """
-    b, d_out = loc.shape
-    eye = torch.eye(d_out, dtype=loc.dtype, device=loc.device)
-    grads = eye[:, None, :].expand(d_out, b, d_out)
-    try:
-        (jac,) = torch.autograd.grad(loc, parent, grad_outputs=grads, is_grads_batched=True)
-    except RuntimeError:
-        jac = torch.stack(
-            [
-                torch.autograd.grad(loc[:, o].sum(), parent, retain_graph=True)[0]
-                for o in range(d_out)
-            ]
-        )
-    return jac
-
-
-def _path_posterior(means, scales, jacs, inflate: float, device):
-    """Gaussian proposal of the path ``z = (t_1..t_{l-1})`` given ``t_l`` in the linearised chain.
-
-    ``means``/``scales`` ``(b, d_k)`` and ``jacs`` ``(b, d_k, d_{k-1})`` from
-    :meth:`_Deep._mean_path`.  Returns ``m0`` ``(b, D)`` (the path's mean), ``mu``
-    ``(b, d_l)`` (the target's), the gain ``K`` ``(b, D, d_l)`` (the proposal mean for a
-    query ``t`` is ``m0 + K (t - mu)``), ``Lc`` ``(b, D, D)`` the Cholesky factor of
-    the conditional covariance inflated by ``inflate**2``, and ``off`` the offsets of
-    the layers in ``z``.
-    """
-    b = means[0].shape[0]
-    dims = [mm.shape[1] for mm in means[:-1]]
-    off = np.concatenate([[0], np.cumsum(dims)]).tolist()
-    dd = off[-1]
-    P = torch.zeros(b, dd, dd, dtype=torch.float64, device=device)
-    P[:, : off[1], : off[1]] = torch.diag_embed(scales[0] ** 2)
-    for k in range(1, len(dims)):
-        a0, a1, b0, b1 = off[k - 1], off[k], off[k], off[k + 1]
-        J = jacs[k - 1]
-        cross = J @ P[:, a0:a1, :b0]  # Cov(t_k, earlier)
-        P[:, b0:b1, :b0] = cross
-        P[:, :b0, b0:b1] = cross.transpose(1, 2)
-        P[:, b0:b1, b0:b1] = J @ P[:, a0:a1, a0:a1] @ J.transpose(1, 2) + torch.diag_embed(
-            scales[k] ** 2
-        )
-    J = jacs[-1]  # (b, d_l, d_{l-1})
-    a0, a1 = off[-2], off[-1]
-    PH = P[:, :, a0:a1] @ J.transpose(1, 2)  # (b, D, d_l)
-    S = J @ PH[:, a0:a1, :] + torch.diag_embed(scales[-1] ** 2)
-    Sc = torch.linalg.cholesky(S)
-    K = torch.cholesky_solve(PH.transpose(1, 2), Sc).transpose(1, 2)  # (b, D, d_l)
-    C = P - K @ PH.transpose(1, 2)
-    C = 0.5 * (C + C.transpose(1, 2)) * inflate**2
-    jitter = 1e-10 * torch.diagonal(C, dim1=1, dim2=2).mean(1).clamp_min(1e-30)
-    Lc, info = torch.linalg.cholesky_ex(C + jitter[:, None, None] * torch.eye(dd))
-    if bool((info != 0).any()):
-        Lc = torch.linalg.cholesky(
-            C + 1e-6 * torch.eye(dd) * torch.diagonal(C, dim1=1, dim2=2).mean(1)[:, None, None]
-        )
-    m0 = torch.cat(means[:-1], 1)
-    return m0, means[-1], K, Lc, off
-
-
-# ---------------------------------------------------------------------------
 # reductions
 # ---------------------------------------------------------------------------
 def _per_input(L: torch.Tensor) -> dict[str, np.ndarray]:
@@ -426,6 +213,7 @@ def _per_input(L: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def _summary_row(target, pi: dict, m: int, method: str) -> dict:
+    """A row from per-input values over the draws as sources (exact or BALD: converged)."""
     n = len(pi["value"])
     value = float(pi["value"].mean())
     return {
@@ -438,6 +226,10 @@ def _summary_row(target, pi: dict, m: int, method: str) -> dict:
         "n_weight_draws": m,
         "saturated": bool(value > math.log(m) - 1.0),
         "method": method,
+        "converged": True,
+        "mc_bias": 0.0,
+        "dataset_mi": value if target != "Y" else math.nan,
+        "n_queries": n * m,
     }
 
 
@@ -475,7 +267,8 @@ def weight_mi(
     n_is: int = 16,
     n_fwd: int = 16,
     n_noise: int = 16,
-    inflate: float = 1.2,
+    tolerance: float = 0.02,
+    max_effort: int = 4,
     chain_rule: bool = True,
     prediction: bool = True,
     chunk_size: int | None = None,
@@ -559,40 +352,54 @@ def weight_mi(
     # one forward trace per draw: layer-1 conditionals, queries for every layer, labels
     traces = [_trace(model, x, draw_seed(gen), w) for w in draws]
     label = _label_site(traces[0], n) if prediction else None
-    shapes = {name: tuple(traces[0].nodes[name]["value"].shape[1:]) for name in sites.layers}
+    posterior = _has_weight_marginal(model, guide)
     rows, per_input, conv, closed = [], {}, {}, {}
     bar = tqdm(total=len(layers), desc="weight MI", disable=not progress, leave=False)
     pos = {nm: k for k, nm in enumerate(sites.layers)}
+    effort = {"n_is": n_is, "n_fwd": n_fwd, "chunk_size": chunk_size}
     for name in layers:
         fns = [_check_layer(tr.nodes[name]["fn"], name, n) for tr in traces]
-        queries = torch.stack([tr.nodes[name]["value"].reshape(n, -1) for tr in traces])  # (M,N,d)
         l = pos[name]
+        layer_gen = torch.Generator().manual_seed(master[2] + l)
         if l == 0:
+            queries = torch.stack([tr.nodes[name]["value"].reshape(n, -1) for tr in traces])
             cf = _first_layer_closed_form(model, name, x, guide, fns)
             if cf is not None:
                 closed[name] = cf
             pi = _per_input(_first_layer_L(fns, queries))
-            method = "exact"
         else:
-            L, Lh, ess = _deep_matrix(
-                model,
-                sites.layers,
-                l,
-                shapes,
-                draws,
-                x,
-                queries,
-                n_is,
-                n_fwd,
-                inflate,
-                torch.Generator().manual_seed(master[2] + l),
-                chunk_size,
-                bar,
+            L, Lh, ess = None, None, None
+            if not posterior:
+                L, Lh, ess = dataset_deep_matrix(
+                    model, x, sites.layers, l, draws, traces, layer_gen, **effort
+                )
+            pi = None if L is None else _per_input(L)
+        if posterior:
+            est = posterior_layer(
+                model, guide, x, sites.layers, l, draws, traces, layer_gen,
+                tolerance=(tolerance, 0.01), max_effort=max_effort, **effort,
+            )  # fmt: skip
+            row = _posterior_row(name, est, pi, n, m)
+            per_input[name] = est["per_input"]
+            if est["convergence"] is not None:
+                conv[name] = est["convergence"]
+        else:
+            row = _summary_row(name, pi, m, "exact" if l == 0 else "importance sampling")
+            row["method"] = f"dataset MI over {m} draws ({row['method']}; capped at log M)"
+            if l > 0:
+                conv[name] = _dataset_convergence(pi, _per_input(Lh), ess, effort)
+                row["converged"] = conv[name]["converged"]
+                row["mc_bias"] = abs(conv[name]["value"] - conv[name]["value_half"])
+            per_input[name] = pi["value"]
+        if not row["converged"]:
+            warnings.warn(
+                f"weight_mi: layer '{name}': the importance-sampling estimate has not "
+                f"converged (estimated remaining bias {row['mc_bias']:.4f} nats); raise "
+                "n_is / n_fwd or max_effort",
+                RuntimeWarning,
+                stacklevel=2,
             )
-            pi, conv[name] = _deep_convergence(name, L, Lh, ess, n_is, n_fwd)
-            method = "importance sampling over paths"
-        per_input[name] = pi["value"]
-        rows.append(_summary_row(name, pi, m, method))
+        rows.append(row)
         bar.update(1)
     bar.close()
     decomposition = None
@@ -601,7 +408,7 @@ def weight_mi(
         rows.append(_summary_row("Y", b, m, "BALD"))
         per_input["Y"] = b["value"]
         decomposition = _bald_decomposition(b)
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows, columns=COLUMNS + _EXTRA)
     chain = None
     if chain_rule and layers:
         chain = _chain_rule(model, x, guide, layers, df, master[3])
@@ -619,6 +426,53 @@ def weight_mi(
         }
     )
     return df
+
+
+def _has_weight_marginal(model, guide) -> bool:
+    """The weight marginal of every layer has a closed form: a
+    :class:`~stochmi.layers.links.LocalReparamModel` with a guide (or the prior), not
+    posterior samples."""
+    if not isinstance(model, LocalReparamModel):
+        return False
+    return not (isinstance(guide, Mapping) or hasattr(guide, "posterior"))
+
+
+def _posterior_row(name: str, est: dict, pi: dict | None, n: int, m: int) -> dict:
+    """A layer row of the posterior estimate (``pi``: the dataset MI over the draws, or
+    None where it was not computed)."""
+    return {
+        "target": name,
+        "value": est["value"],
+        "stderr": est["stderr"],
+        "lower": est["lower"],
+        "upper": est["upper"],
+        "n_inputs": n,
+        "n_weight_draws": m,
+        "saturated": False,
+        "method": "exact densities" if est["convergence"] is None else "importance sampling",
+        "converged": bool(est["converged"]),
+        "mc_bias": est["mc_bias"],
+        "dataset_mi": math.nan if pi is None else float(pi["value"].mean()),
+        "n_queries": est["n_queries"],
+    }
+
+
+def _dataset_convergence(pi: dict, half: dict, ess: float, effort: dict) -> dict:
+    """Convergence record of a deeper layer estimated over the draws as sources: the
+    value with all draws against the first half, within ``3 stderr + 2%``."""
+    n = len(pi["value"])
+    v_full, v_half = float(pi["value"].mean()), float(half["value"].mean())
+    se = math.sqrt(pi["var"].sum()) / n
+    return {
+        "value": v_full,
+        "value_half": v_half,
+        "upper": float(pi["upper"].mean()),
+        "upper_half": float(half["upper"].mean()),
+        "diag_ess_median": ess,
+        "n_is": effort["n_is"],
+        "n_fwd": effort["n_fwd"],
+        "converged": abs(v_full - v_half) <= 3 * se + 0.02 * abs(v_full),
+    }
 
 
 def _check_weight_mi_args(x, n_weight_draws, n_noise, n_is, n_fwd) -> None:
@@ -656,38 +510,6 @@ def _weighted_sites(model, x: torch.Tensor, seed: int):
     return sites
 
 
-def _deep_convergence(name: str, L, Lh, ess, n_is: int, n_fwd: int) -> tuple[dict, dict]:
-    """Per-input numbers of a deeper layer and its convergence record.
-
-    Compares the estimate from all importance-sampling draws (``L``) with the one from
-    the first half (``Lh``) and warns (RuntimeWarning, pointing at the caller of
-    :func:`weight_mi`) when they differ by more than ``3 stderr + 2%``.
-    """
-    pi = _per_input(L)
-    half = _per_input(Lh)
-    n = len(pi["value"])
-    v_full, v_half = float(pi["value"].mean()), float(half["value"].mean())
-    se = math.sqrt(pi["var"].sum()) / n
-    conv = {
-        "value": v_full,
-        "value_half": v_half,
-        "upper": float(pi["upper"].mean()),
-        "upper_half": float(half["upper"].mean()),
-        "diag_ess_median": float(ess.median()),
-        "n_is": n_is,
-        "n_fwd": n_fwd,
-    }
-    if abs(v_full - v_half) > 3 * se + 0.02 * abs(v_full):
-        warnings.warn(
-            f"weight_mi: layer '{name}': the importance-sampling estimate has not "
-            f"converged (value {v_full:.4f} with all draws, {v_half:.4f} with half); "
-            "raise n_is / n_fwd",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return pi, conv
-
-
 def _bald_decomposition(b: dict) -> dict:
     """``total = aleatoric + epistemic`` entropy of the prediction, per input and mean."""
     dec = pd.DataFrame({"total": b["total"], "aleatoric": b["aleatoric"], "epistemic": b["value"]})
@@ -700,43 +522,16 @@ def _first_layer_closed_form(model, name, x, guide, fns):
     entering linearly) with a guide (not posterior samples): given ``W`` the
     layer is ``N(W a + b, sigma^2)``, so ``I = 1/2 sum_i log(var_i / sigma_i^2)`` with
     ``var`` the weight-marginal variance.  ``None`` when not available."""
-    if not isinstance(model, LocalReparamModel) or guide is None:
-        return None
-    if isinstance(guide, Mapping) or hasattr(guide, "posterior"):
+    if not _has_weight_marginal(model, guide):
         return None
     try:
         with torch.no_grad():
             lr = model.local_reparam_conditional(name, x, guide)
-            var = _normal_grad(lr, x.shape[0])[1] ** 2
-            sig = _normal_grad(fns[0], x.shape[0])[1] ** 2
+            var = normal_params(as_batch_n(lr, x.shape[0], name))[1] ** 2
+            sig = normal_params(fns[0])[1] ** 2
     except Exception:
         return None
     return (0.5 * torch.log(var.double() / sig.double()).sum(1)).cpu().numpy()
-
-
-def _deep_matrix(
-    model, all_layers, l, shapes, draws, x, queries, n_is, n_fwd, inflate, gen, chunk_size, bar
-):
-    n = x.shape[0]
-    m = len(draws)
-    deep = _Deep(model, all_layers, l, shapes, n_is, n_fwd, inflate, gen)
-    dd = sum(int(np.prod(shapes[nm])) if shapes[nm] else 1 for nm in all_layers[:l])
-    if chunk_size is None:
-        per_input = m * n_is * (dd + int(np.prod(x.shape[1:])) + 8) + m * n_fwd * dd + dd * dd
-        chunk_size = max(1, min(n, int(2e7 // max(1, per_input))))
-    q = queries.to(torch.float64).transpose(0, 1)  # (N, M, d)
-    L = torch.empty(n, m, m, dtype=torch.float64)
-    Lh = torch.empty_like(L)
-    ess = torch.empty(n, m, dtype=torch.float64)
-    for start in range(0, n, chunk_size):
-        sl = slice(start, min(n, start + chunk_size))
-        xb = x[sl]
-        for i, w in enumerate(draws):
-            full, half, e = deep.block(w, xb, q[sl])
-            L[sl, :, i] = full.cpu()
-            Lh[sl, :, i] = half.cpu()
-            ess[sl, i] = e[:, i].cpu()
-    return L, Lh, ess
 
 
 def _label_probs(model, draws, x, label, layer_sites, n_noise, gen) -> torch.Tensor:

@@ -639,9 +639,10 @@ class BayesMLP(StochasticNet):
                 f"{site} has no injected noise (sigma = 0): given the weights it is a "
                 "deterministic function of its parent, so the conditional has no density"
             )
-        with torch.no_grad():
+        with torch.set_grad_enabled(parent.requires_grad):  # differentiable in the parent
             a = self._parent_activation(l, parent)
-            mean = F.linear(a, weights[f"layers.{l}.weight"], weights[f"layers.{l}.bias"])
+            w, b = weights[f"layers.{l}.weight"].detach(), weights[f"layers.{l}.bias"].detach()
+            mean = F.linear(a, w, b)
         return dist.Normal(mean, self.sigmas[l]).to_event(1)
 
 
