@@ -194,18 +194,8 @@ def noisy_layers(model) -> list[str] | None:
 
 
 def _weight_mi_converged(df) -> dict[str, int]:
-    """1/0 per target: deep layers by the half-sample check of :func:`stochmi.weight_mi`
-    (value with half the draws within ``3 stderr + 2%``), the rest exact (1)."""
-    conv = df.attrs.get("convergence") or {}
-    out = {}
-    for rec in df.to_dict(orient="records"):
-        c = conv.get(rec["target"])
-        if c is None:
-            out[rec["target"]] = 1
-            continue
-        gap = abs(c["value"] - c["value_half"])
-        out[rec["target"]] = int(gap <= 3 * rec["stderr"] + 0.02 * abs(c["value"]))
-    return out
+    """1/0 per target: the ``converged`` column of :func:`stochmi.weight_mi`."""
+    return {str(r.target): int(bool(r.converged)) for r in df.itertuples()}
 
 
 def epistemic_rows(df, epoch: int) -> list[dict[str, Any]]:

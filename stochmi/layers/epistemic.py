@@ -17,8 +17,8 @@ independent under ``q``: ``p(t_1, .., t_l | x)`` is the local-reparameterisation
 
 * **Queries.** ``M`` posterior draws ``w_m``; for every input ``n`` a set of draws
   ``m``, and ``t`` and its path ``z = (t_1, .., t_{l-1})`` from one forward pass under
-  ``w_m`` (all ``N M`` pairs for the first layer, ``max(1, ceil(256 / N))`` draws per
-  input for deeper ones).
+  ``w_m`` (all ``N M`` pairs for the first layer, ``max(1, ceil(min_queries / N))``
+  draws per input for deeper ones).
 * **Densities.** Layer 1: both exact (the site's Gaussian under ``w_m``; the
   local-reparameterisation Gaussian).  Deeper: :func:`stochmi.layers.deep.own_log_density`
   on the fixed-weight chain under ``w_m`` and on the marginal chain, each with the
@@ -59,10 +59,6 @@ from stochmi.layers.links import model_links
 
 __all__ = ["posterior_layer", "dataset_deep_matrix", "draw_clustered_se"]
 
-#: fewest queries per deeper layer (draws per input are raised to reach it)
-MIN_QUERIES = 256
-
-
 def _gaussian(fn: td.Distribution, n: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         return normal_params(as_batch_n(fn, n, name))
@@ -70,14 +66,14 @@ def _gaussian(fn: td.Distribution, n: int, name: str) -> tuple[torch.Tensor, tor
         raise TypeError(f"deeper layers need Gaussian layer sites; layer '{name}': {err}") from err
 
 
-def _pairs(n: int, m: int, l: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _pairs(n: int, m: int, l: int, min_queries: int, gen: torch.Generator):
     """Input and draw index of every query: all pairs for the first layer; for deeper
-    ones ``r = min(m, max(1, ceil(MIN_QUERIES / n)))`` draws per input, evenly spaced
+    ones ``r = min(m, max(1, ceil(min_queries / n)))`` draws per input, evenly spaced
     from a random offset."""
     if l == 0:
         q_m, q_n = torch.meshgrid(torch.arange(m), torch.arange(n), indexing="ij")
         return q_n.reshape(-1), q_m.reshape(-1)
-    r = min(m, max(1, -(-MIN_QUERIES // n)))
+    r = min(m, max(1, -(-min_queries // n)))
     off = torch.randint(0, m, (n,), generator=gen)
     q_m = (off[:, None] + (torch.arange(r) * m) // r) % m  # (n, r)
     return torch.arange(n).repeat_interleave(r), q_m.reshape(-1)
@@ -98,12 +94,12 @@ def draw_clustered_se(terms: torch.Tensor, draw: torch.Tensor) -> float:
 class _Posterior:
     """The densities of one layer's queries under the fixed-weight and marginal chains."""
 
-    def __init__(self, model, guide, x, layers, l, draws, traces, gen, dtype, chunk_size):
+    def __init__(self, model, guide, x, layers, l, draws, traces, gen, dtype, opts):
         self.model, self.guide, self.x, self.layers, self.l = model, guide, x, layers, l
-        self.chunk_size = chunk_size
+        self.chunk_size = opts["chunk_size"]
         self.draws, self.traces, self.gen, self.dtype = draws, traces, gen, dtype
         n = x.shape[0]
-        self.q_n, self.q_m = _pairs(n, len(draws), l, gen)
+        self.q_n, self.q_m = _pairs(n, len(draws), l, opts["min_queries"], gen)
         vals = [
             torch.stack([tr.nodes[nm]["value"].reshape(n, -1) for tr in traces])
             for nm in layers[: l + 1]
@@ -221,7 +217,7 @@ def _logpdf(t, loc, scale) -> torch.Tensor:
 
 def posterior_layer(
     model, guide, x, layers, l, draws, traces, gen, *, n_is, n_fwd, tolerance, max_effort,
-    chunk_size=None,
+    min_queries=256, chunk_size=None,
 ) -> dict:  # fmt: skip
     """``I_q(T_l; W | X)`` for layer ``layers[l]`` of a local-reparameterisation model.
 
@@ -246,6 +242,9 @@ def posterior_layer(
         ``(absolute, relative)``: converged when ``|value - half| <= max(abs, rel |value|)``.
     max_effort : int
         Effort doubles until converged or this multiple of the starting sizes.
+    min_queries : int
+        Deeper layers: fewest queries; draws per input are raised to reach it (at most
+        ``M``).
     chunk_size : int, optional
         Queries per block of :func:`stochmi.layers.deep.own_log_density`.
 
@@ -257,7 +256,8 @@ def posterior_layer(
         None for the first layer) and ``n_queries``.
     """
     dtype = x.dtype if x.is_floating_point() else torch.float32
-    post = _Posterior(model, guide, x, layers, l, draws, traces, gen, dtype, chunk_size)
+    opts = {"chunk_size": chunk_size, "min_queries": min_queries}
+    post = _Posterior(model, guide, x, layers, l, draws, traces, gen, dtype, opts)
     conv = None
     if l == 0:
         r = post.exact()

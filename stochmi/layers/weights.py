@@ -269,6 +269,7 @@ def weight_mi(
     n_noise: int = 16,
     tolerance: float = 0.02,
     max_effort: int = 4,
+    min_queries: int = 256,
     chain_rule: bool = True,
     prediction: bool = True,
     chunk_size: int | None = None,
@@ -377,7 +378,8 @@ def weight_mi(
         if posterior:
             est = posterior_layer(
                 model, guide, x, sites.layers, l, draws, traces, layer_gen,
-                tolerance=(tolerance, 0.01), max_effort=max_effort, **effort,
+                tolerance=(tolerance, 0.01), max_effort=max_effort, min_queries=min_queries,
+                **effort,
             )  # fmt: skip
             row = _posterior_row(name, est, pi, n, m)
             per_input[name] = est["per_input"]

@@ -86,16 +86,20 @@ def test_epistemic_columns_in_results(sweep):
 def test_epistemic_bounds_and_bald(sweep):
     ds = sweep[2].dataset.sel(config=["bayes_noise.sigma=0.5", "bayes_noise.sigma=1.0"])
     v, lo, up, se = (ds[f"epistemic_{k}"] for k in ("value", "lower", "upper", "stderr"))
-    # the lower end is the value itself; the leave-one-out / variational upper end above it
-    assert bool((lo == v).all()) and bool((v <= up + 1e-12).all())
-    # the exact population I(h1; W | X) of the mean-field posterior lies in the bracket:
-    # above the value (a lower bound in expectation), below the upper end
+    # the bracket holds the value (to Monte Carlo error); exact densities close it (h1, Y)
+    assert bool((lo <= v + 3 * se).all()) and bool((v <= up + 3 * se).all())
     h1 = ds.sel(epistemic_target="h1")
+    assert bool((h1.epistemic_lower == h1.epistemic_value).all())
+    assert bool((h1.epistemic_upper == h1.epistemic_value).all())
+    # the exact population I(h1; W | X) of the mean-field posterior: the estimate is
+    # unbiased for it, with no log M ceiling
     exact, se1 = h1.epistemic_closed_form, h1.epistemic_stderr
-    assert bool((h1.epistemic_value <= exact + 3 * se1).all())
-    assert bool((exact <= h1.epistemic_upper + 3 * se1).all())
-    # saturation is flagged where the value is within 1 nat of log M
-    assert bool((ds.epistemic_saturated == (v > math.log(M) - 1.0)).all())
+    assert bool((abs(h1.epistemic_value - exact) <= 3 * se1).all())
+    # the layers' values have no log M ceiling, so only BALD is flagged near log M
+    layers = ds.epistemic_saturated.sel(epistemic_target=["h1", "h2"])
+    assert not bool(layers.any())
+    y = ds.sel(epistemic_target="Y")
+    assert bool((y.epistemic_saturated == (y.epistemic_value > math.log(M) - 1.0)).all())
     bald = v.sel(epistemic_target="Y")
     assert bool((bald >= -2 * se.sel(epistemic_target="Y")).all())
     # BALD is the epistemic part of the predictive entropy: total = aleatoric + BALD

@@ -77,6 +77,9 @@ def make_guide(dims, loc_scale: float, scale: float, seed: int) -> MeanFieldGuid
     g = torch.Generator().manual_seed(seed)
     params = {}
     for l, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        params[f"W{l + 1}"] = (loc_scale * torch.randn(b, a, generator=g), torch.full((b, a), scale))
+        params[f"W{l + 1}"] = (
+            loc_scale * torch.randn(b, a, generator=g),
+            torch.full((b, a), scale),
+        )
         params[f"b{l + 1}"] = (loc_scale * torch.randn(b, generator=g), torch.full((b,), scale))
     return MeanFieldGuide(params)
