@@ -1,34 +1,40 @@
 """Epistemic information: how much of what a layer carries is about the weights.
 
-For a fixed input ``x`` the ``M`` posterior draws ``w_1..w_M`` of the weights are the
-sources and ``p(t_l | x, w_m)`` is the channel, so the dataset-MI machinery of
-:func:`stochmi.mi_from_conditional` gives ``I(T_l; W | X = x)`` (``W`` uniform over the
-draws) and a population bracket for the posterior ``q(W)``: with
-``L[j, i] = log p(t_j | x, w_i)``, ``t_j ~ p(t | x, w_j)``,
+For a weight posterior ``q(W)`` and a fixed input ``x``,
 
 .. math::
 
-    \\hat I(x) = \\frac1M \\sum_j \\Big(L_{jj} - \\log\\frac1M\\sum_i e^{L_{ji}}\\Big)
-    \\le I_{q}(T_l; W \\mid X = x) \\lesssim
-    \\frac1M \\sum_j \\Big(L_{jj} - \\log\\frac1{M-1}\\sum_{i\\ne j} e^{L_{ji}}\\Big)
+    I_q(T_l; W \\mid X = x) = E_{w \\sim q,\\, t \\sim p(t \\mid x, w)}
+    \\big[\\log p(t \\mid x, w) - \\log p(t \\mid x)\\big],
 
-(lower and upper hold in expectation; :func:`stochmi.core.from_matrix.mi_terms_from_log_density`).
-Averaged over the ``N`` inputs this is ``I(T_l; W | X)``.
+averaged over the ``N`` inputs.  Two estimators, chosen by the model:
 
-* **Layer 1** (the first stochastic layer): ``p(t_1 | x, w)`` is the site's own
-  distribution, so ``L`` is exact.
-* **Deeper layers**: ``p(t_l | x, w) = \\int p(t_1 | x, w) \\prod_k p(t_k | t_{k-1}, w)``
-  integrates the earlier layers' noise, and every link depends on the source ``w_i``.
-  Each entry ``L[j, i]`` is an importance-sampling estimate over the path
-  ``z = (t_1, .., t_{l-1})`` with two proposals combined by the balance heuristic:
-  (1) ``n_is`` draws from the Gaussian posterior of ``z`` given ``t_j`` in the chain
-  linearised around the mean path under ``w_i`` (exact for linear-Gaussian chains,
-  where that entry then has zero variance), covariance inflated by ``inflate``;
-  (2) ``n_fwd`` forward paths under ``w_i`` (shared by all queries).  The links must be
-  Gaussian (Normal site distributions with a mean differentiable in the parent).
-  Convergence: every entry is recomputed with the first half of both sample sets
-  (``attrs["convergence"]``); a warning is raised when the two values differ by more
-  than ``3 stderr + 2%``.
+* **Closed-form weight marginal** (a :class:`~stochmi.layers.links.LocalReparamModel`
+  with a guide or the prior, e.g. :class:`stochmi.models.nets.BayesMLP`):
+  :func:`stochmi.layers.epistemic.posterior_layer`.  ``p(t | x)`` is the
+  local-reparameterisation chain, ``p(t | x, w)`` the fixed-weight chain; the first
+  layer's densities are exact, deeper ones come from
+  :func:`stochmi.layers.deep.own_log_density`.  The value has no ``log M`` ceiling; its
+  bracket is a sandwich of importance-sampling and posterior-sample estimates plus a
+  variational upper end.
+* **Otherwise** (posterior samples from NUTS, generic Pyro models): the ``M`` draws are
+  the sources of a dataset MI, ``L[j, i] = log p(t_j | x, w_i)`` with ``t_j ~ p(t | x,
+  w_j)``,
+
+  .. math::
+
+      \\hat I(x) = \\frac1M \\sum_j \\Big(L_{jj} - \\log\\frac1M\\sum_i e^{L_{ji}}\\Big)
+      \\le I_{q}(T_l; W \\mid X = x) \\lesssim
+      \\frac1M \\sum_j \\Big(L_{jj} - \\log\\frac1{M-1}\\sum_{i\\ne j} e^{L_{ji}}\\Big),
+
+  at most ``log M`` (the ``method`` column says so and ``saturated`` flags values within
+  1 nat of it).  Deeper layers use the same sampler
+  (:func:`stochmi.layers.epistemic.dataset_deep_matrix`).
+
+Every layer row has ``converged`` and ``mc_bias`` (the full-minus-half-sample difference)
+as in :func:`stochmi.layer_mi`; ``dataset_mi`` is the estimate over the ``M`` draws as
+sources where it was computed (a diagnostic, capped at ``log M``).
+
 * **The prediction** (target ``"Y"``, a categorical label site in the data plate,
   observed or sampled): BALD, ``I(Y; W | X = x) = H[E_W p(y|x,W)] - E_W H[p(y|x,W)]``,
   exact over the ``M`` draws; ``p(y | x, w)`` averages ``n_noise`` draws of the layer
@@ -46,6 +52,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -295,21 +302,31 @@ def weight_mi(
         seed from the operating system); the seed used is ``attrs["seed"]``, and passing
         it back replays the run.  The global RNG is neither read nor changed.
     n_weight_draws : int, default 64
-        ``M``, posterior draws; the dataset MI over them is at most ``log M``.
+        ``M``, posterior draws.  They carry the standard error of the posterior estimate
+        (queries of one draw are dependent); over them as sources, the dataset MI is at
+        most ``log M``.
     n_is, n_fwd : int, default 16
-        Deeper layers: proposal draws per (query, source) and forward paths per source
-        (even).
+        Deeper layers: starting effort, proposal draws per query (times 4) and forward
+        paths per query (even).
     n_noise : int, default 16
         Layer-noise draws per weight draw averaged in ``p(y | x, w)`` (BALD).
-    inflate : float, default 1.2
-        Standard-deviation inflation of the Gaussian path proposal.
+    tolerance : float, default 0.02
+        Deeper layers (posterior estimate): converged when the full-minus-half-sample
+        difference is at most ``max(tolerance, 0.01 |value|)`` nats; the effort doubles
+        until then, up to ``max_effort`` times the start, and the row is flagged
+        (``converged = False``, RuntimeWarning) if it is still above.
+    max_effort : int, default 4
+    min_queries : int, default 256
+        Deeper layers (posterior estimate): fewest (input, weight draw) queries; each
+        input gets ``min(M, max(1, ceil(min_queries / N)))`` draws.  The first layer uses
+        all ``N M``.
     chain_rule : bool, default True
         Also compute ``I(X; T_l)`` with :func:`stochmi.layer_mi` (marginal weights)
         and report ``I(X, W; T_l)`` in ``attrs["chain_rule"]``.
     prediction : bool, default True
         Add the ``"Y"`` (BALD) row when the model has a label site.
     chunk_size : int, optional
-        Inputs per block of the deep-layer computation.
+        Queries per block of the deep-layer computation.
     progress : bool
         Progress bar over layers and blocks.
 
@@ -317,18 +334,18 @@ def weight_mi(
     -------
     pandas.DataFrame
         One row per target (layer sites, then ``"Y"``), columns ``target, value,
-        stderr, lower, upper`` (nats; ``value`` = dataset MI over the draws averaged
-        over inputs, ``stderr`` its Monte Carlo error, ``lower``/``upper`` the
-        population bracket) and ``n_inputs, n_weight_draws, saturated, method``.
+        stderr, lower, upper`` (nats; ``value`` the estimate of ``I_q(T_l; W | X)``
+        averaged over the inputs, ``stderr`` its Monte Carlo error, ``lower``/``upper``
+        the bracket, each bound in expectation) and ``n_inputs, n_weight_draws,
+        saturated, method, converged, mc_bias, dataset_mi, n_queries``.
         ``attrs``: ``per_input`` (DataFrame, one row per input, one column per
         target), ``decomposition`` (``{"per_input": DataFrame(total, aleatoric,
         epistemic), "mean": dict}``; None without a label site), ``chain_rule``
         (DataFrame; None with ``chain_rule=False``), ``convergence`` (per deeper layer:
-        ``value`` and ``upper`` with all draws, ``value_half`` and ``upper_half`` with
-        the first half, ``diag_ess_median``, ``n_is``, ``n_fwd``), ``closed_form``
-        (first layer, a :class:`~stochmi.layers.links.LocalReparamModel`: the exact
-        population value per input, not limited by ``log M``), ``label_site``,
-        ``layers``, ``n_weight_draws`` (``M``) and ``seed`` (the seed used).
+        ``value`` and ``value_half``, the bracket's parts, ``diag_ess_median``,
+        ``n_is``, ``n_fwd``), ``closed_form`` (first layer of a
+        :class:`~stochmi.layers.links.LocalReparamModel`: the exact value per input),
+        ``label_site``, ``layers``, ``n_weight_draws`` (``M``) and ``seed``.
 
     Raises
     ------
@@ -353,46 +370,17 @@ def weight_mi(
     # one forward trace per draw: layer-1 conditionals, queries for every layer, labels
     traces = [_trace(model, x, draw_seed(gen), w) for w in draws]
     label = _label_site(traces[0], n) if prediction else None
-    posterior = _has_weight_marginal(model, guide)
-    rows, per_input, conv, closed = [], {}, {}, {}
-    bar = tqdm(total=len(layers), desc="weight MI", disable=not progress, leave=False)
-    pos = {nm: k for k, nm in enumerate(sites.layers)}
     effort = {"n_is": n_is, "n_fwd": n_fwd, "chunk_size": chunk_size}
-    for name in layers:
-        fns = [_check_layer(tr.nodes[name]["fn"], name, n) for tr in traces]
-        l = pos[name]
-        layer_gen = torch.Generator().manual_seed(master[2] + l)
-        if l == 0:
-            queries = torch.stack([tr.nodes[name]["value"].reshape(n, -1) for tr in traces])
-            cf = _first_layer_closed_form(model, name, x, guide, fns)
-            if cf is not None:
-                closed[name] = cf
-            pi = _per_input(_first_layer_L(fns, queries))
-        else:
-            L, Lh, ess = None, None, None
-            if not posterior:
-                L, Lh, ess = dataset_deep_matrix(
-                    model, x, sites.layers, l, draws, traces, layer_gen, **effort
-                )
-            pi = None if L is None else _per_input(L)
-        if posterior:
-            est = posterior_layer(
-                model, guide, x, sites.layers, l, draws, traces, layer_gen,
-                tolerance=(tolerance, 0.01), max_effort=max_effort, min_queries=min_queries,
-                **effort,
-            )  # fmt: skip
-            row = _posterior_row(name, est, pi, n, m)
-            per_input[name] = est["per_input"]
-            if est["convergence"] is not None:
-                conv[name] = est["convergence"]
-        else:
-            row = _summary_row(name, pi, m, "exact" if l == 0 else "importance sampling")
-            row["method"] = f"dataset MI over {m} draws ({row['method']}; capped at log M)"
-            if l > 0:
-                conv[name] = _dataset_convergence(pi, _per_input(Lh), ess, effort)
-                row["converged"] = conv[name]["converged"]
-                row["mc_bias"] = abs(conv[name]["value"] - conv[name]["value_half"])
-            per_input[name] = pi["value"]
+    rules = {"tolerance": (tolerance, 0.01), "max_effort": max_effort, "min_queries": min_queries}
+    posterior = _has_weight_marginal(model, guide)
+    st = _Setting(model, guide, x, sites.layers, draws, traces, master[2], posterior, effort, rules)
+    rows, per_input, conv, closed = [], {}, {}, {}
+    for name in tqdm(layers, desc="weight MI", disable=not progress, leave=False):
+        row, per_input[name], c, cf = _layer_row(st, name)
+        if c is not None:
+            conv[name] = c
+        if cf is not None:
+            closed[name] = cf
         if not row["converged"]:
             warnings.warn(
                 f"weight_mi: layer '{name}': the importance-sampling estimate has not "
@@ -402,8 +390,6 @@ def weight_mi(
                 stacklevel=2,
             )
         rows.append(row)
-        bar.update(1)
-    bar.close()
     decomposition = None
     if label is not None:
         b = _bald(_label_probs(model, draws, x, label, sites.layers, n_noise, gen))
@@ -428,6 +414,54 @@ def weight_mi(
         }
     )
     return df
+
+
+@dataclass
+class _Setting:
+    """What every layer row of :func:`weight_mi` shares."""
+
+    model: Callable
+    guide: object
+    x: torch.Tensor
+    layers: list[str]  # all layer sites of the model
+    draws: list[dict]
+    traces: list
+    seed: int  # of the layers' generators (seed + layer index)
+    posterior: bool  # closed-form weight marginal: the posterior estimate
+    effort: dict
+    rules: dict  # tolerance, max_effort, min_queries of the posterior estimate
+
+
+def _layer_row(st: _Setting, name: str):
+    """One layer's row, per-input values, convergence record (deeper layers) and closed
+    form (first layer of a local-reparameterisation model) or None."""
+    n, m = st.x.shape[0], len(st.draws)
+    fns = [_check_layer(tr.nodes[name]["fn"], name, n) for tr in st.traces]
+    l = st.layers.index(name)
+    gen = torch.Generator().manual_seed(st.seed + l)
+    cf, conv, pi, L = None, None, None, None
+    if l == 0:
+        queries = torch.stack([tr.nodes[name]["value"].reshape(n, -1) for tr in st.traces])
+        cf = _first_layer_closed_form(st.model, name, st.x, st.guide, fns)
+        pi = _per_input(_first_layer_L(fns, queries))
+    elif not st.posterior:
+        L, Lh, ess = dataset_deep_matrix(
+            st.model, st.x, st.layers, l, st.draws, st.traces, gen, **st.effort
+        )
+        pi = _per_input(L)
+    if st.posterior:
+        est = posterior_layer(
+            st.model, st.guide, st.x, st.layers, l, st.draws, st.traces, gen,
+            **st.rules, **st.effort,
+        )  # fmt: skip
+        return _posterior_row(name, est, pi, n, m), est["per_input"], est["convergence"], cf
+    row = _summary_row(name, pi, m, "exact" if l == 0 else "importance sampling")
+    row["method"] = f"dataset MI over {m} draws ({row['method']}; capped at log M)"
+    if L is not None:
+        conv = _dataset_convergence(pi, _per_input(Lh), ess, st.effort)
+        row["converged"] = conv["converged"]
+        row["mc_bias"] = abs(conv["value"] - conv["value_half"])
+    return row, pi["value"], conv, cf
 
 
 def _has_weight_marginal(model, guide) -> bool:
