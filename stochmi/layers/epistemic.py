@@ -59,6 +59,7 @@ from stochmi.layers.links import model_links
 
 __all__ = ["posterior_layer", "dataset_deep_matrix", "draw_clustered_se"]
 
+
 def _gaussian(fn: td.Distribution, n: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         return normal_params(as_batch_n(fn, n, name))
