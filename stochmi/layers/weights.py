@@ -439,16 +439,13 @@ def _layer_row(st: _Setting, name: str):
     fns = [_check_layer(tr.nodes[name]["fn"], name, n) for tr in st.traces]
     l = st.layers.index(name)
     gen = torch.Generator().manual_seed(st.seed + l)
-    cf, conv, pi, L = None, None, None, None
+    cf, conv, pi = None, None, None
     if l == 0:
         queries = torch.stack([tr.nodes[name]["value"].reshape(n, -1) for tr in st.traces])
         cf = _first_layer_closed_form(st.model, name, st.x, st.guide, fns)
         pi = _per_input(_first_layer_L(fns, queries))
     elif not st.posterior:
-        L, Lh, ess = dataset_deep_matrix(
-            st.model, st.x, st.layers, l, st.draws, st.traces, gen, **st.effort
-        )
-        pi = _per_input(L)
+        pi, conv = _dataset_deep(st, l, gen)
     if st.posterior:
         est = posterior_layer(
             st.model, st.guide, st.x, st.layers, l, st.draws, st.traces, gen,
@@ -457,8 +454,7 @@ def _layer_row(st: _Setting, name: str):
         return _posterior_row(name, est, pi, n, m), est["per_input"], est["convergence"], cf
     row = _summary_row(name, pi, m, "exact" if l == 0 else "importance sampling")
     row["method"] = f"dataset MI over {m} draws ({row['method']}; capped at log M)"
-    if L is not None:
-        conv = _dataset_convergence(pi, _per_input(Lh), ess, st.effort)
+    if conv is not None:
         row["converged"] = conv["converged"]
         row["mc_bias"] = abs(conv["value"] - conv["value_half"])
     return row, pi["value"], conv, cf
@@ -493,22 +489,34 @@ def _posterior_row(name: str, est: dict, pi: dict | None, n: int, m: int) -> dic
     }
 
 
-def _dataset_convergence(pi: dict, half: dict, ess: float, effort: dict) -> dict:
-    """Convergence record of a deeper layer estimated over the draws as sources: the
-    value with all draws against the first half, within ``3 stderr + 2%``."""
-    n = len(pi["value"])
-    v_full, v_half = float(pi["value"].mean()), float(half["value"].mean())
-    se = math.sqrt(pi["var"].sum()) / n
-    return {
+def _dataset_deep(st: _Setting, l: int, gen: torch.Generator) -> tuple[dict, dict]:
+    """A deeper layer over the draws as sources: per-input values and the convergence
+    record.  The effort doubles until the value with all draws and with the first half
+    differ by at most ``max(tolerance, 0.01 |value|)``, up to ``max_effort`` times."""
+    tol, rel = st.rules["tolerance"]
+    effort = 1
+    while True:
+        kw = dict(st.effort, n_is=st.effort["n_is"] * effort, n_fwd=st.effort["n_fwd"] * effort)
+        L, Lh, ess = dataset_deep_matrix(
+            st.model, st.x, st.layers, l, st.draws, st.traces, gen, **kw
+        )
+        pi, half = _per_input(L), _per_input(Lh)
+        v_full, v_half = float(pi["value"].mean()), float(half["value"].mean())
+        ok = abs(v_full - v_half) <= max(tol, rel * abs(v_full))
+        if ok or effort * 2 > st.rules["max_effort"]:
+            break
+        effort *= 2
+    conv = {
         "value": v_full,
         "value_half": v_half,
         "upper": float(pi["upper"].mean()),
         "upper_half": float(half["upper"].mean()),
         "diag_ess_median": ess,
-        "n_is": effort["n_is"],
-        "n_fwd": effort["n_fwd"],
-        "converged": abs(v_full - v_half) <= 3 * se + 0.02 * abs(v_full),
+        "n_is": kw["n_is"],
+        "n_fwd": kw["n_fwd"],
+        "converged": ok,
     }
+    return pi, conv
 
 
 def _check_weight_mi_args(x, n_weight_draws, n_noise, n_is, n_fwd) -> None:
