@@ -77,10 +77,11 @@ def main(argv=None) -> None:
         for r in df.itertuples():
             c = float(cf[r.target].mean()) if r.target in cf else float("nan")
             z = (r.value - c) / r.stderr if r.target in cf else float("nan")
+            conv = getattr(r, "converged", "-")  # (a table without the column: "-")
             print(
                 f"| {n} | {wall:.1f} s | {floor * 1e3:.2f} ms | {wall / floor:.0f}x | {r.target} "
                 f"| {r.value:.4f} ± {r.stderr:.4f} | [{r.lower:.4f}, {r.upper:.4f}] "
-                f"| {bool(r.converged)} | {c:.4f} | {z:+.2f} | {os.getloadavg()[0]:.1f} |"
+                f"| {conv} | {c:.4f} | {z:+.2f} | {os.getloadavg()[0]:.1f} |"
             )
 
 
