@@ -1360,8 +1360,9 @@ def _own_block(pb: _Problem, rows, anchors, paths, md: int, n_fwd: int):
 
 
 def mean_path(first_loc: torch.Tensor, links: list[Link], dtype=torch.float32) -> list:
-    """The intermediate layers of each source's mean path, ``(Q, d_1) .. (Q, d_{L-1})``
-    float64: ``first_loc``, then each link's mean at the previous layer's value.
+    """The intermediate layers of each source's mean path (float64 tensors of shapes
+    ``(Q, d_1)`` to ``(Q, d_{L-1})``): ``first_loc``, then each link's mean at the
+    previous layer's value.
 
     A linearisation point for :func:`own_log_density` that depends on the source only.
     """
