@@ -2,8 +2,9 @@
 
 Runs on CUDA when it is present (``--device auto``, the default), else on the CPU, the
 same cases as ``bench_core.py``: a Gaussian channel ``p(t | s_i) = N(mu_i, sigma^2 I)``,
-``mu_i ~ N(0, I_d)``, ``sigma = sqrt(d) / 2`` (MI about 2 nats, not saturated).  For each
-``(N, d)``, in one process, interleaved and best of ``--repeats``:
+``mu_i ~ N(0, I_d)``, ``sigma = sqrt(d) / 2`` (MI about 2 nats, not saturated), or each of
+``--sigmas``.  For each ``(N, d, sigma)``, in one process, interleaved and best of
+``--repeats``:
 
 * ``f32`` / ``tf32`` / ``f64``: one ``(N x d) @ (d x N)`` matrix product in float32 (TF32
   off), TF32 (CUDA only) and float64: the floors;
@@ -14,7 +15,8 @@ same cases as ``bench_core.py``: a Gaussian channel ``p(t | s_i) = N(mu_i, sigma
 It prints one markdown table (times in seconds, ratios against the float32 floor -- best
 of the repeats and median --, which blocks ran in which precision and how many rows had
 their row shift redone, and the difference of the value and the upper bound from the
-float64 estimate) with the load average before and after each case.  ``--breakdown``
+float64 estimate; rows whose leading entries were redone in float64 are counted as
+"repaired") with the load average before and after each case.  ``--breakdown``
 adds, for the largest case, where the time of one estimate goes (``torch.profiler``, self
 time per op, against the float32 floor).
 
@@ -65,7 +67,7 @@ def _best(fn, sync, repeats: int) -> tuple[float, object]:
     return best, out
 
 
-def run_case(n: int, d: int, device, repeats: int) -> dict:
+def run_case(n: int, d: int, device, repeats: int, sigma: float | None = None) -> dict:
     import torch
     from torch import distributions as td
 
@@ -79,11 +81,11 @@ def run_case(n: int, d: int, device, repeats: int) -> dict:
 
     gen = torch.Generator().manual_seed(1234)
     loc = torch.randn(n, d, generator=gen, dtype=torch.float64).to(device)
-    sigma = torch.tensor(0.5 * math.sqrt(d), dtype=torch.float64, device=device)
-    cond = td.Independent(td.Normal(loc, sigma), 1)
+    sig = 0.5 * math.sqrt(d) if sigma is None else sigma
+    cond = td.Independent(td.Normal(loc, torch.tensor(sig, dtype=torch.float64, device=device)), 1)
     a32, b32 = loc.float(), loc.T.contiguous().float()
     bt = loc.T.contiguous()
-    res: dict = {"n": n, "d": d, "load_before": _load()}
+    res: dict = {"n": n, "d": d, "sigma": sig, "load_before": _load()}
     flags = torch.backends.cuda.matmul if cuda else None
     old = flags.allow_tf32 if cuda else None
 
@@ -123,6 +125,7 @@ def run_case(n: int, d: int, device, repeats: int) -> dict:
         auto=min(t_auto),
         ratio_med=_median(t_auto) / _median(t32),
         rescued=est.extra.get("rescued_rows", 0),
+        repaired=est.extra.get("repaired_rows", 0),
         est64=min(t64),
         blocks=est.extra["blocks"],
         bound=est.extra["precision_bound"],
@@ -143,18 +146,21 @@ def _median(xs: list[float]) -> float:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| N | d | f32 floor | tf32 floor | f64 floor | auto | f64 est | auto / f32 "
+        "| N | d | sigma | f32 floor | tf32 floor | f64 floor | auto | f64 est | auto / f32 "
         "| auto / f32 (median) | f64 est / f32 | blocks | bound | abs dvalue | abs dupper "
         "| value ± se | load before; after |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         tf = f"{r['tf32']:.3g}" if r["tf32"] is not None else "-"
         blocks = ", ".join(f"{k} {v}" for k, v in r["blocks"].items())
         if r["rescued"]:
             blocks += f" ({r['rescued']} rows reshifted)"
+        if r["repaired"]:
+            blocks += f" ({r['repaired']} rows repaired)"
         lines.append(
-            f"| {r['n']} | {r['d']} | {r['f32']:.3g} | {tf} | {r['f64']:.3g} | {r['auto']:.3g} "
+            f"| {r['n']} | {r['d']} | {r['sigma']:.3g} | {r['f32']:.3g} | {tf} "
+            f"| {r['f64']:.3g} | {r['auto']:.3g} "
             f"| {r['est64']:.3g} | {r['auto'] / r['f32']:.2f} | {r['ratio_med']:.2f} "
             f"| {r['est64'] / r['f32']:.2f} | {blocks} | {r['bound']:.1e} | {r['dvalue']:.1e} "
             f"| {r['dupper']:.1e} | {r['value']:.4f} ± {r['stderr']:.4f} "
@@ -293,6 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument(
+        "--sigmas",
+        type=float,
+        nargs="+",
+        default=None,
+        help="noise scales to run (default: sqrt(d) / 2 per d; at sigma = 1 and d = 1,024 the "
+        "value sits at log N)",
+    )
+    p.add_argument(
         "--breakdown", action="store_true", help="profile one estimate of the largest case"
     )
     p.add_argument(
@@ -329,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for d in args.dims:
             for n in args.sizes:
-                rows.append(run_case(n, d, dev, args.repeats))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
+                for sig in args.sigmas or [None]:
+                    rows.append(run_case(n, d, dev, args.repeats, sig))
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
         print()
         print(table(rows))
         if args.breakdown:

@@ -115,7 +115,7 @@ class _Pass:
         loo = torch.empty(total, dtype=torch.float64, device=dev)
         cls = torch.empty(total, dtype=torch.float64, device=dev) if labels is not None else None
         for sl, src, e, sh, lo in kernel.iter_exp_blocks(
-            self.t, self.diag, exact_shift=labels is not None
+            self.t, self.diag, exact_shift=labels is not None, repair=labels is None
         ):
             shift[sl], loo[sl] = sh, lo
             if cls is not None:
@@ -151,6 +151,7 @@ def _precision_extra(kernel: LogDensityKernel) -> dict:
         "blocks": {k: v for k, v in kernel.counts.items() if v},
         "precision_bound": kernel.mean_bound,
         "rescued_rows": kernel.rescued_rows,
+        "repaired_rows": kernel.repaired_rows,
     }
 
 

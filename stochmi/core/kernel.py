@@ -67,6 +67,20 @@ that fails the check is recomputed in float64.  ``"auto"`` only switches to floa
 the work is large enough for it to matter (``N * M * w >= AUTO_MIN_WORK`` multiply-adds
 per draw); small problems stay in float64.
 
+Repair (callers that use only the row sums, :meth:`LogDensityKernel.iter_exp_blocks` with
+``repair``).  Where the sources are far apart against the noise (a value at ``log N``)
+``|f_j| C`` is large and ``E_j`` exceeds the tolerance although each row's sum rests on a
+few entries.  A block is then still computed in float32, and in each row the entries
+within ``log(8 / tolerance) + 3 E_j + 2`` nats of its largest are recomputed exactly in
+float64; the rest, whose float32 sum is known, can move the row's log-sum by at most
+``r / (1 - r)`` with ``r`` their share times ``e^{E_j} - 1``
+(:meth:`LogDensityKernel._repair`).  A probe of the first block's first rows decides once
+whether this pays (at most 1/256 of the entries redone), and whether the diagonal shift
+would underflow every row (then the row maximum is used from the start).  Exponents are
+clamped at -87 before ``exp`` (float32's smallest normal within a factor 1.4): an
+underflowing ``exp`` takes a slow path on the CPU, and the clamped entries stay within the
+flushed-entry allowance ``(log2 M + 9) u`` of the bound.
+
 Memory is ``O(chunk * N)`` (``O(chunk * N * C)`` for ``C``-component mixtures);
 the full ``N x N`` matrix is never held, and never ``N x N x d``.
 """
@@ -110,6 +124,13 @@ _WINDOW_MARGIN = 20.0  # the error bound covers entries within log M + 20 of a r
 _LAMBDA = 5.0  # probabilistic rounding-error bound: lambda * sqrt(w) * u
 _U32 = 2.0**-24  # unit roundoff of float32
 _UTF32 = 2.0**-11  # unit roundoff of TF32 inputs (10-bit mantissa)
+# exponents are clamped here before exp: e^-87 is float32's smallest normal within a
+# factor 1.4, where an underflowing exp takes a slow path (12-15x slower on CPU); such
+# an entry then adds at most 1.4 * 2^-126 where it would have been flushed to 0, within
+# the flushed-entry allowance of the bound
+_EXP_FLOOR = -87.0
+_REPAIR_SHARE = 256  # a float32 block is repaired only if at most 1/256 of it is redone
+_PROBE_ROWS = 32  # rows of the first block counted before a repair is tried
 
 
 class DeterministicLayerError(ValueError):
@@ -427,6 +448,11 @@ class LogDensityKernel:
         self.rows_done = 0
         #: rows whose speculative shift (see :meth:`iter_exp_blocks`) had to be redone
         self.rescued_rows = 0
+        #: rows of float32 blocks whose entries near the row maximum were redone in
+        #: float64 (:meth:`_repair`)
+        self.repaired_rows = 0
+        self._try_repair = True
+        self._repair_probe: bool | None = None
         self.cond = cond
         self.n = int(cond.batch_shape[0])
         self._scratch_buf: torch.Tensor | None = None
@@ -948,7 +974,7 @@ class LogDensityKernel:
         return self.bound_sum / self.rows_done if self.rows_done else 0.0
 
     def iter_exp_blocks(
-        self, t: torch.Tensor, diag: torch.Tensor, exact_shift: bool = False
+        self, t: torch.Tensor, diag: torch.Tensor, exact_shift: bool = False, repair: bool = False
     ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield ``(row_slice, src, e, shift, loo)``: the exponentiated off-diagonal blocks.
 
@@ -966,6 +992,10 @@ class LogDensityKernel:
         row maximum as the shift; after many such rows the kernel stops speculating.
         Float64 blocks (and ``exact_shift``) shift by the off-diagonal row maximum.
         Rows are flattened draw-major (row ``r * N + j`` belongs to source ``j``).
+
+        With ``repair`` (callers that use only the row sums ``loo``, not the entries of
+        ``e`` one by one) a block whose float32 bound is too large may still be computed in
+        float32 when few entries matter: see :meth:`_repair`.
         """
         r = t.shape[0]
         flat = t.reshape(r * self.n, *t.shape[2:])
@@ -991,6 +1021,7 @@ class LogDensityKernel:
                     src,
                     exact_shift,
                     buf,
+                    flat[start:stop] if repair else None,
                 )
             if out is not None:
                 yield (slice(start, stop), src) + out
@@ -1013,10 +1044,13 @@ class LogDensityKernel:
         src: torch.Tensor,
         exact_shift: bool,
         buf: torch.Tensor | None = None,
+        t_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(e, shift, loo)`` of a float32 block from its row factors (:meth:`_aug_rows`),
         or ``None`` where its bound says float64 (checked before the product with
-        ``G = 0`` and after it with the row sums).  ``e`` may live in ``buf``."""
+        ``G = 0`` and after it with the row sums).  ``e`` may live in ``buf``.  With
+        ``t_rows`` (the block's samples) a block over the bound may be repaired instead
+        (:meth:`_repair`)."""
         b, c = a.shape[0], self.gauss.n_components
         spec = self._speculate and not exact_shift
         s_abs: torch.Tensor | float = 0.0
@@ -1028,14 +1062,20 @@ class LogDensityKernel:
         else:
             a[:, -1] = 0.0
         ok, tf32 = self._choose(fnorm, rho, s_abs)
-        if not ok:
+        repairable = t_rows is not None and self._try_repair and c == 1
+        if not ok and not (
+            repairable and self.precision == "auto" and self._few(a, src, fnorm, spec)
+        ):
             return None
+        if spec and not self._speculate:  # the probe found the diagonal far above the rest
+            spec, s_abs = False, 0.0
+            a[:, -1] = 0.0
         y = self._mm32(a, tf32, buf)  # (B, N * C): L - off - shift
         if not spec:
             e, shift, loo = _exp_max_shift(y, src, c)
             g_abs = shift.abs() + _log_abs_bound(loo)
         else:
-            y.exp_()
+            y.clamp_(min=_EXP_FLOOR).exp_()
             ar = torch.arange(b, device=y.device)
             y.view(b, self.n, c)[ar, src] = 0.0
             e = y.view(b, self.n, c).sum(-1) if c > 1 else y
@@ -1057,10 +1097,104 @@ class LogDensityKernel:
                 if nbad > b // 4:
                     self._speculate = False
         bound = self._bounds(fnorm, rho, s_abs, g_abs, tf32)
-        if self.precision != "float32" and float(bound.mean()) > self.tolerance:
+        if self.precision != "float32" and float(bound.mean()) > self.tolerance and repairable:
+            bound = self._repair(e, shift, off, loo, bound, t_rows, src)
+        if self.precision != "float32" and (bound is None or float(bound.mean()) > self.tolerance):
             return None
         self._account(b, "tf32" if tf32 else "float32", bound)
         return e, shift + off, loo
+
+    def _repair(self, e, shift, off, loo, bound, t_rows, src) -> torch.Tensor | None:
+        """Recompute in float64 the entries of a float32 block that carry its row sums.
+
+        In row ``j`` every float32 entry is within a factor ``e^{+-E_j}`` of the truth
+        (``E_j``, its bound).  The entries within ``W_j = log(8 / tolerance) + 3 E_j + 2``
+        nats of the row's largest (few where the rows are far apart, as when a value sits
+        at ``log N``) are replaced by ``exp`` of their exact float64 log density, and the
+        row sum is corrected by the difference.  The rest, whose float32 sum ``R_j`` is
+        known (the old row sum minus the old window entries, plus the float32 sum's own
+        error), can be off by at most ``R_j (e^{E_j} - 1)`` together, so the log of the
+        new row sum ``S_j`` is off by at most ``r / (1 - r)`` with
+        ``r = R_j (e^{E_j} - 1) / S_j``; a repaired row's bound is that plus the float32
+        ``exp`` and sum error.  In place on ``e`` and ``loo``; returns the new row bounds,
+        or ``None`` (and no more tries) where the window holds more than
+        ``1 / _REPAIR_SHARE`` of the block's entries: each redone entry costs a
+        ``d``-wide gather and difference, about a hundred times its share of the product.
+        """
+        need = bound > self.tolerance
+        whole = bool(need.all())
+        rows = torch.arange(len(bound), device=e.device) if whole else torch.nonzero(need)[:, 0]
+        er = e if whole else e[rows]  # (no copy of the block when every row is repaired)
+        eb = bound[rows]
+        top = er.amax(1)
+        thresh = top.to(torch.float64) * torch.exp(-(math.log(8.0 / self.tolerance) + 3 * eb + 2))
+        # (entries of a row whose sum vanished are not in the window: top = 0)
+        thresh = torch.where(top > 0, thresh, torch.full_like(thresh, math.inf))
+        r_idx, i_idx = torch.nonzero(er >= thresh.to(torch.float32)[:, None], as_tuple=True)
+        if len(r_idx) > er.numel() // _REPAIR_SHARE:
+            self._try_repair = False
+            return None
+        j = rows[r_idx]
+        exact = torch.exp(self._pair_log_density(t_rows[j], i_idx) - off[j] - shift[j])
+        old = e[j, i_idx].to(torch.float64)
+        rest = loo[rows].clone()
+        rest.index_add_(0, r_idx, -old)
+        rest = rest.clamp_min(0.0) + self._fixed_err * loo[rows]
+        # the row sums change by the difference at the redone entries (the own entry, 0,
+        # is never in the window)
+        loo.index_add_(0, j, exact - old)
+        e[j, i_idx] = exact.to(e.dtype)
+        self.repaired_rows += len(rows)
+        ratio = rest * torch.expm1(eb) / loo[rows]
+        new = bound.clone()
+        new[rows] = self._fixed_err + torch.where(
+            ratio < 1, ratio / (1 - ratio), torch.full_like(ratio, math.inf)
+        )
+        return new
+
+    def _few(self, a: torch.Tensor, src: torch.Tensor, fnorm: torch.Tensor, spec: bool) -> bool:
+        """Whether a repair (:meth:`_repair`) is likely to pay: decided once per kernel
+        from the first ``_PROBE_ROWS`` rows of the first block that needs it, by counting
+        their entries within the repair window of the row maximum (one small float32
+        product).  With a speculative shift (``spec``: the diagonal, in the last column of
+        ``a``) whose off-diagonal sums would underflow in most probe rows, speculation is
+        switched off (those rows would all be computed twice)."""
+        if self._repair_probe is None:
+            k = min(_PROBE_ROWS, a.shape[0])
+            y = self._mm32(a[:k], False)
+            y[torch.arange(k, device=y.device), src[:k]] = -math.inf
+            rho = 0.0 if self.gauss.structure != "iso" else (0.5 * self._prec_max) * fnorm[:k] ** 2
+            e = self._bounds(fnorm[:k], rho, 0.0, 0.0, False)
+            width = math.log(self.n) + math.log(8.0 / self.tolerance) + 3.0 * e
+            top = y.amax(1)
+            inside = (y >= (top - width.to(y.dtype))[:, None]).sum()
+            self._repair_probe = bool(inside * _REPAIR_SHARE <= y.numel())
+            self._try_repair = self._repair_probe
+            # with a speculative shift (the diagonal, in the last column of a): where the
+            # off-diagonal sums of most probe rows would underflow, the shift is dropped
+            # for this block and the next (their rows would all be computed twice)
+            floor = math.log(self._underflow_floor) + 1.0
+            if spec and float((top < floor).float().mean()) > 0.5:
+                self._speculate = False
+        return self._repair_probe
+
+    def _pair_log_density(self, t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """``log p(t_k | s_{src_k})`` in float64 from exact differences (one component),
+        for ``t`` (K, *event) and ``src`` (K,)."""
+        g = self.gauss
+        t = t.to(torch.float64).reshape(-1, g.dim)
+        if self._sigma is not None:  # one scale: exact distances in one fused pass
+            out = _row_dist(t, g.loc[src, 0]).div_(self._sigma)
+            out.mul_(out).mul_(-0.5).sub_(self._log_det[src, 0]).sub_(0.5 * g.dim * _LOG_2PI)
+            return out.add_(g.logw[src, 0])
+        z = t - g.loc[src, 0]
+        if g.structure == "shared":
+            z.div_(g.scale[0, 0])
+        else:
+            z.div_(torch.broadcast_to(g.scale, g.loc.shape)[src, 0])
+        out = torch.linalg.vector_norm(z, dim=1)
+        out.mul_(out).mul_(-0.5).sub_(self._log_det[src, 0]).sub_(0.5 * g.dim * _LOG_2PI)
+        return out.add_(g.logw[src, 0])
 
 
 def _log_abs_bound(x: torch.Tensor) -> torch.Tensor:
@@ -1098,6 +1232,11 @@ def _exp_max_shift(
     y.view(b, -1, c)[ar, src] = -math.inf
     m = y.amax(1)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    y.sub_(m[:, None]).exp_()
+    y.sub_(m[:, None])
+    if y.dtype == torch.float32:  # (see _EXP_FLOOR; the own entries back to 0 after)
+        y.clamp_(min=_EXP_FLOOR).exp_()
+        y.view(b, -1, c)[ar, src] = 0.0
+    else:
+        y.exp_()
     e = y.view(b, -1, c).sum(-1) if c > 1 else y
     return e, m.to(torch.float64), e.sum(1).to(torch.float64)

@@ -274,3 +274,33 @@ def test_block_failing_the_bound_after_the_product_is_redone_in_float64(monkeypa
     assert a.extra["blocks"] == {"float64": 3} and a.extra["precision_bound"] == 0.0
     for x, y in zip(_fields(a), _fields(f)):
         assert abs(x - y) <= 1e-12
+
+
+def test_saturated_rows_are_repaired_in_float32_and_match_float64():
+    # sources 11 sigma apart on average (d = 64, sigma 1/4): the value sits at log N and
+    # the a-priori float32 bound (5e-3 nats) is over the tolerance, but each row's sum
+    # rests on a few entries, which are redone in float64
+    loc = torch.randn(2000, 64, generator=_gen(5), dtype=F64)
+    cond = td.Independent(td.Normal(loc, 0.25), 1)
+    a = stochmi.mi_from_conditional(cond, seed=2)
+    f = stochmi.mi_from_conditional(cond, seed=2, precision="float64")
+    forced = stochmi.mi_from_conditional(cond, seed=2, precision="float32")
+    assert forced.extra["precision_bound"] > 1e-3  # unrepaired, the bound would refuse it
+    assert a.extra["blocks"] == {"float32": 1} and a.extra["repaired_rows"] == 2000
+    assert a.extra["rescued_rows"] == 0  # the probe turned the diagonal shift off first
+    assert 0 < a.extra["precision_bound"] <= 1e-3
+    assert a.value == pytest.approx(math.log(2000), abs=1e-9) and a.upper > 500
+    for x, y in zip(_fields(a), _fields(f)):
+        assert abs(x - y) <= a.extra["precision_bound"]
+
+
+def test_repair_declined_where_many_entries_carry_the_row_sums():
+    # d = 1,024, sigma 4: the float32 bound is over the tolerance and each row's sum is
+    # spread over many sources; the probe declines the repair and the block is float64
+    loc = torch.randn(2000, 1024, generator=_gen(5), dtype=F64)
+    cond = td.Independent(td.Normal(loc, 4.0), 1)
+    kernel = LogDensityKernel(cond)
+    t = kernel.sample(1, _gen(2))
+    list(kernel.iter_exp_blocks(t, kernel.diagonal(t), repair=True))
+    assert kernel.counts["float64"] > 0 and kernel.counts["float32"] == 0
+    assert kernel.repaired_rows == 0 and kernel._repair_probe is False
