@@ -298,7 +298,10 @@ class _Problem:
         return _link_params(self.links[k], parent.to(self.dtype))
 
     def randn(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gen, dtype=torch.float64, device=self.loc1.device)
+        """Standard normals in float64, drawn in float32 (4-6x faster on the CPU; each draw
+        is still evaluated exactly under its proposal, in float64)."""
+        z = torch.randn(shape, generator=self.gen, dtype=torch.float32, device=self.loc1.device)
+        return z.to(torch.float64)
 
     def layer1(self, t1: torch.Tensor) -> torch.Tensor:
         """``log p(t1_r | s_i)`` for all rows and sources: ``(R, N)``."""
