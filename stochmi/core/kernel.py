@@ -1099,6 +1099,8 @@ class LogDensityKernel:
         bound = self._bounds(fnorm, rho, s_abs, g_abs, tf32)
         if self.precision != "float32" and float(bound.mean()) > self.tolerance and repairable:
             bound = self._repair(e, shift, off, loo, bound, t_rows, src)
+            if bound is None or float(bound.mean()) > self.tolerance:
+                self._try_repair = False  # (a repair that does not pass is not tried again)
         if self.precision != "float32" and (bound is None or float(bound.mean()) > self.tolerance):
             return None
         self._account(b, "tf32" if tf32 else "float32", bound)
