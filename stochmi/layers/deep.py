@@ -1227,6 +1227,7 @@ def own_log_density(
     anchors: list[torch.Tensor],
     *,
     paths: list[torch.Tensor] | None = None,
+    groups: torch.Tensor | None = None,
     n_is: int = 32,
     n_fwd: int = 16,
     generator: torch.Generator,
@@ -1269,6 +1270,9 @@ def own_log_density(
         ``q_j``.
     paths : list of Tensor, shapes as ``anchors``, optional
         The path that produced each query, for ``upper`` (NaN without it).
+    groups : Tensor of int64, shape (Q,), optional
+        Queries with the same group have the same source (the same first layer) and, in
+        one block, share its forward paths (default: every query its own).
     n_is, n_fwd : int
         Even, >= 2.
     generator : torch.Generator
@@ -1293,7 +1297,7 @@ def own_log_density(
     out = {k: torch.empty(n, dtype=torch.float64, device=dev) for k in ("v", "h", "u", "e")}
     for start in range(0, n, chunk_size):
         rows = torch.arange(start, min(n, start + chunk_size), device=dev)
-        for key, val in zip("vhue", _own_block(pb, rows, anchors, paths, md, n_fwd)):
+        for key, val in zip("vhue", _own_block(pb, rows, anchors, paths, md, n_fwd, groups)):
             out[key][rows] = val
         if progress is not None:
             progress(len(rows))
@@ -1316,24 +1320,23 @@ def _path_terms(pb: _Problem, q: _Guided, rows, paths):
     return lp + lg, lp, lq
 
 
-def _own_block(pb: _Problem, rows, anchors, paths, md: int, n_fwd: int):
+def _own_block(pb: _Problem, rows, anchors, paths, md: int, n_fwd: int, groups=None):
     """Full, half and upper estimates and the ESS of :func:`own_log_density` for ``rows``."""
     b = len(rows)
     q = _Guided(pb, rows, anchors)
     logq_d, log_g_d, chain_d, layers_d, _ = _draws(pb, q, rows, md)
     lp_d = _row_gauss_logpdf(layers_d[0], pb.loc1[rows][:, None], pb.scale1[rows][:, None])
     lp_d = lp_d + chain_d
-    sp = pb.take(rows)
-    pool = _Pool(sp, n_fwd)  # path k of query c is row k * B + c
-    lay, pri = pool.at(torch.arange(pool.n_paths, device=rows.device))
-    by_q = [t.reshape(n_fwd, b, -1).transpose(0, 1) for t in lay]
-    q_f = q.log_q_at(by_q, [p.reshape(n_fwd, b, -1).transpose(0, 1) for p in pri])  # (B, K)
-    g_f = _row_gauss_logpdf(
-        pb.t[rows][:, None, :],
-        pool.fin_loc.reshape(n_fwd, b, -1).transpose(0, 1),
-        pool.fin_scale.reshape(n_fwd, b, -1).transpose(0, 1),
-    )
-    own = pool.own.T  # (B, K): log p_j(z) at the forward paths
+    # forward paths per source: one set for the queries of a block that share a group
+    grp = rows if groups is None else groups[rows]
+    uniq, inv = torch.unique(grp, return_inverse=True)
+    rep = torch.empty(len(uniq), dtype=torch.long, device=rows.device).scatter_(0, inv, rows)
+    pool = _Pool(pb.take(rep), n_fwd)  # path k of group u is row k * U + u
+    idx = torch.arange(n_fwd, device=rows.device)[None, :] * len(uniq) + inv[:, None]  # (B, K)
+    lay, pri = pool.at(idx)
+    q_f = q.log_q_at(lay, pri)  # (B, K)
+    g_f = _row_gauss_logpdf(pb.t[rows][:, None, :], pool.fin_loc[idx], pool.fin_scale[idx])
+    own = pool.own.T[inv]  # (B, K): log p_j(z) at the forward paths
     upper = torch.full((b,), math.nan, dtype=torch.float64, device=rows.device)
     if paths is not None:
         f_a, p_a, q_a = _path_terms(pb, q, rows, paths)

@@ -144,6 +144,7 @@ class _Posterior:
             return own_log_density(
                 loc, scale, links, self.t[rows], anchors, paths=paths, n_is=n_is,
                 n_fwd=n_fwd, generator=self.gen, dtype=self.dtype, chunk_size=self.chunk_size,
+                groups=self.q_n[rows],
             )  # fmt: skip
 
     def _conditional(self, n_is, n_fwd):
@@ -304,9 +305,14 @@ def dataset_deep_matrix(model, x, layers, l, draws, traces, gen, *, n_is, n_fwd,
     """``L[n, j, i] = log p(t_{n j} | x_n, w_i)`` and its half-sample version, ``(N, M, M)``
     each, for a deeper layer ``layers[l]``: the queries of all draws at the fixed-weight
     chain of each draw ``i`` (:func:`stochmi.layers.deep.own_log_density`, linearised at
-    draw ``i``'s mean path), and the median effective sample size."""
+    draw ``i``'s mean path, ``n_is`` proposal draws and ``n_fwd`` forward paths per
+    pair), and the median effective sample size."""
     n, m = x.shape[0], len(draws)
     dtype = x.dtype if x.is_floating_point() else torch.float32
+    # n_is proposal draws per (query, draw) pair, not own_log_density's 4 n_is: there are
+    # N M^2 pairs, and a model without a closed-form marginal has traced links, which
+    # run the whole network for every path
+    draws_is = max(2, 2 * (n_is // 8))
     name = layers[l]
     t = torch.stack([tr.nodes[name]["value"].reshape(n, -1) for tr in traces])  # (M, N, d)
     queries = t.transpose(0, 1).reshape(n * m, -1).to(torch.float64)  # row n * M + j
@@ -321,7 +327,8 @@ def dataset_deep_matrix(model, x, layers, l, draws, traces, gen, *, n_is, n_fwd,
         with rng_context(draw_seed(gen), cuda_devices(x)):
             res = own_log_density(
                 loc[inputs], scale[inputs], links, queries, anchors,
-                n_is=n_is, n_fwd=n_fwd, generator=gen, dtype=dtype, chunk_size=chunk_size,
+                n_is=draws_is, n_fwd=n_fwd, generator=gen, dtype=dtype, chunk_size=chunk_size,
+                groups=inputs,
             )  # fmt: skip
         L[:, :, i] = res.value.cpu().reshape(n, m)
         Lh[:, :, i] = res.half.cpu().reshape(n, m)
