@@ -71,13 +71,16 @@ def _pairs(n: int, m: int, l: int, min_queries: int, gen: torch.Generator):
     """Input and draw index of every query: all pairs for the first layer; for deeper
     ones ``r = min(m, max(1, ceil(min_queries / n)))`` draws per input, evenly spaced
     from a random offset."""
+    dev = gen.device
     if l == 0:
-        q_m, q_n = torch.meshgrid(torch.arange(m), torch.arange(n), indexing="ij")
+        q_m, q_n = torch.meshgrid(
+            torch.arange(m, device=dev), torch.arange(n, device=dev), indexing="ij"
+        )
         return q_n.reshape(-1), q_m.reshape(-1)
     r = min(m, max(1, -(-min_queries // n)))
-    off = torch.randint(0, m, (n,), generator=gen)
-    q_m = (off[:, None] + (torch.arange(r) * m) // r) % m  # (n, r)
-    return torch.arange(n).repeat_interleave(r), q_m.reshape(-1)
+    off = torch.randint(0, m, (n,), generator=gen, device=dev)
+    q_m = (off[:, None] + (torch.arange(r, device=dev) * m) // r) % m  # (n, r)
+    return torch.arange(n, device=dev).repeat_interleave(r), q_m.reshape(-1)
 
 
 def draw_clustered_se(terms: torch.Tensor, draw: torch.Tensor) -> float:
@@ -85,7 +88,8 @@ def draw_clustered_se(terms: torch.Tensor, draw: torch.Tensor) -> float:
     ``sqrt(G / (G - 1) sum_g (sum_{q in g} (d_q - mean))^2) / Q`` over the ``G`` draws."""
     t = terms.to(torch.float64)
     e = t - t.mean()
-    groups = torch.zeros(int(draw.max()) + 1, dtype=torch.float64).index_add_(0, draw, e)
+    groups = torch.zeros(int(draw.max()) + 1, dtype=torch.float64, device=t.device)
+    groups.index_add_(0, draw, e)
     g = int((torch.bincount(draw) > 0).sum())
     if g < 2:
         return math.nan
@@ -114,7 +118,7 @@ class _Posterior:
     def exact(self) -> dict:
         """First layer: both densities exact."""
         name, n = self.layers[0], self.x.shape[0]
-        cond = torch.empty(len(self.t), dtype=torch.float64)
+        cond = torch.empty(len(self.t), dtype=torch.float64, device=self.t.device)
         for mi, tr in enumerate(self.traces):
             sel = torch.nonzero(self.q_m == mi)[:, 0]
             loc, scale = _gaussian(tr.nodes[name]["fn"], n, name)
@@ -149,7 +153,8 @@ class _Posterior:
 
     def _conditional(self, n_is, n_fwd):
         n, name = self.x.shape[0], self.layers[0]
-        out = {k: torch.empty(len(self.t), dtype=torch.float64) for k in ("v", "h", "u", "e")}
+        dev = self.t.device
+        out = {k: torch.empty(len(self.t), dtype=torch.float64, device=dev) for k in "vhue"}
         for mi in torch.unique(self.q_m).tolist():
             rows = torch.nonzero(self.q_m == mi)[:, 0]
             loc, scale = _gaussian(self.traces[mi].nodes[name]["fn"], n, name)
@@ -159,14 +164,14 @@ class _Posterior:
             inputs = self.q_n[rows]
             res = self._own(loc[inputs], scale[inputs], links, rows, n_is, n_fwd)
             for k, v in zip("vhue", (res.value, res.half, res.upper, res.ess)):
-                out[k][rows] = v.cpu()
+                out[k][rows] = v
         return _Own(out["v"], out["h"], out["u"], out["e"])
 
     def _marginal(self, n_is, n_fwd):
         links = self._lr_links()
-        rows = torch.arange(len(self.t))
+        rows = torch.arange(len(self.t), device=self.t.device)
         res = self._own(self.lr_loc[self.q_n], self.lr_scale[self.q_n], links, rows, n_is, n_fwd)
-        return _Own(res.value.cpu(), res.half.cpu(), res.upper.cpu(), res.ess.cpu())
+        return _Own(res.value, res.half, res.upper, res.ess)
 
     def _lr_links(self):
         links = model_links(self.model, self.x, self.layers, "local_reparam", guide=self.guide)
@@ -176,7 +181,8 @@ class _Posterior:
         """``log r(t_q | x_n)`` with ``r`` the Gaussian fitted (mean, covariance plus a
         1e-6 ridge) to ``n_r`` fresh paths of the marginal chain from each input."""
         links = self._lr_links()
-        out = torch.empty(len(self.t), dtype=torch.float64)
+        dev = self.t.device
+        out = torch.empty(len(self.t), dtype=torch.float64, device=dev)
         inputs = torch.unique(self.q_n)
         d = self.t.shape[1]
         step = max(1, int(4e6 // (n_r * max(d, self.lr_loc.shape[1]))))
@@ -185,21 +191,21 @@ class _Posterior:
             b = len(ins)
             loc = self.lr_loc[ins].repeat_interleave(n_r, 0)
             t = loc + self.lr_scale[ins].repeat_interleave(n_r, 0) * torch.randn(
-                loc.shape, generator=self.gen, dtype=loc.dtype
+                loc.shape, generator=self.gen, dtype=loc.dtype, device=dev
             )
             for link in links:
                 with torch.no_grad():
                     mu, sd = normal_params(link(t.to(self.dtype)))
-                t = mu + sd * torch.randn(mu.shape, generator=self.gen, dtype=mu.dtype)
+                t = mu + sd * torch.randn(mu.shape, generator=self.gen, dtype=mu.dtype, device=dev)
             t = t.to(torch.float64).reshape(b, n_r, d)
             mean = t.mean(1)
             cen = t - mean[:, None]
             cov = cen.transpose(1, 2) @ cen / (n_r - 1)
             ridge = 1e-6 * torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-12)
-            cov = cov + ridge[:, None, None] * torch.eye(d, dtype=torch.float64)
+            cov = cov + ridge[:, None, None] * torch.eye(d, dtype=torch.float64, device=dev)
             chol = torch.linalg.cholesky(cov)
-            where = torch.full((self.x.shape[0],), -1, dtype=torch.long)
-            where[ins] = torch.arange(b)
+            where = torch.full((self.x.shape[0],), -1, dtype=torch.long, device=dev)
+            where[ins] = torch.arange(b, device=dev)
             sel = torch.nonzero(where[self.q_n] >= 0)[:, 0]
             k = where[self.q_n[sel]]
             out[sel] = td.MultivariateNormal(mean[k], scale_tril=chol[k]).log_prob(self.t[sel])
@@ -286,7 +292,8 @@ def posterior_layer(
             "n_fwd": n_fwd * effort,
         }
     n = x.shape[0]
-    per = torch.zeros(n, dtype=torch.float64).index_add_(0, post.q_n, r["value"])
+    per = torch.zeros(n, dtype=torch.float64, device=post.t.device)
+    per.index_add_(0, post.q_n, r["value"])
     per = per / torch.bincount(post.q_n, minlength=n).clamp_min(1)
     return {
         "value": float(r["value"].mean()),
@@ -295,7 +302,7 @@ def posterior_layer(
         "upper": min(float(r["upper_is"].mean()), float(r["upper_var"].mean())),
         "converged": ok,
         "mc_bias": bias,
-        "per_input": per.numpy(),
+        "per_input": per.cpu().numpy(),
         "convergence": conv,
         "n_queries": len(post.t),
     }
@@ -316,8 +323,8 @@ def dataset_deep_matrix(model, x, layers, l, draws, traces, gen, *, n_is, n_fwd,
     name = layers[l]
     t = torch.stack([tr.nodes[name]["value"].reshape(n, -1) for tr in traces])  # (M, N, d)
     queries = t.transpose(0, 1).reshape(n * m, -1).to(torch.float64)  # row n * M + j
-    inputs = torch.arange(n).repeat_interleave(m)
-    L = torch.empty(n, m, m, dtype=torch.float64)
+    inputs = torch.arange(n, device=x.device).repeat_interleave(m)
+    L = torch.empty(n, m, m, dtype=torch.float64, device=x.device)
     Lh = torch.empty_like(L)
     ess = []
     for i in range(m):
@@ -330,7 +337,7 @@ def dataset_deep_matrix(model, x, layers, l, draws, traces, gen, *, n_is, n_fwd,
                 n_is=draws_is, n_fwd=n_fwd, generator=gen, dtype=dtype, chunk_size=chunk_size,
                 groups=inputs,
             )  # fmt: skip
-        L[:, :, i] = res.value.cpu().reshape(n, m)
-        Lh[:, :, i] = res.half.cpu().reshape(n, m)
+        L[:, :, i] = res.value.reshape(n, m)
+        Lh[:, :, i] = res.half.reshape(n, m)
         ess.append(res.ess.cpu())
     return L, Lh, float(np.median(torch.cat(ess).numpy()))

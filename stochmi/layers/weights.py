@@ -199,9 +199,9 @@ def _check_layer(fn: td.Distribution, name: str, b: int) -> td.Distribution:
 def _first_layer_L(fns: list[td.Distribution], queries: torch.Tensor) -> torch.Tensor:
     """``L[n, j, i] = log p(t_{n j} | x_n, w_i)``; ``queries`` ``(M, N, d)``."""
     m, n = queries.shape[:2]
-    out = torch.empty(n, m, m, dtype=torch.float64)
+    out = torch.empty(n, m, m, dtype=torch.float64, device=queries.device)
     for i, fn in enumerate(fns):
-        out[:, :, i] = fn.log_prob(queries).to(torch.float64).T.cpu()
+        out[:, :, i] = fn.log_prob(queries).to(torch.float64).T
     return out
 
 
@@ -361,7 +361,7 @@ def weight_mi(
 
     used_seed = resolve_seed(seed)
     master = spawn_seeds(used_seed, 6)
-    gen = torch.Generator().manual_seed(master[0])
+    gen = torch.Generator(device=x.device).manual_seed(master[0])
     n = x.shape[0]
     sites = _weighted_sites(model, x, master[1])
     layers = resolve_layers(sites.layers, layers)
@@ -438,7 +438,7 @@ def _layer_row(st: _Setting, name: str):
     n, m = st.x.shape[0], len(st.draws)
     fns = [_check_layer(tr.nodes[name]["fn"], name, n) for tr in st.traces]
     l = st.layers.index(name)
-    gen = torch.Generator().manual_seed(st.seed + l)
+    gen = torch.Generator(device=st.x.device).manual_seed(st.seed + l)
     cf, conv, pi = None, None, None
     if l == 0:
         queries = torch.stack([tr.nodes[name]["value"].reshape(n, -1) for tr in st.traces])

@@ -1,4 +1,4 @@
-"""Every tensor and every ``torch.Generator`` that ``layer_mi`` makes is made on the input's device.
+"""Every tensor and ``torch.Generator`` that ``layer_mi``, ``weight_mi`` make is on the input device.
 
 On a CPU-only machine every device is ``"cpu"``, so a device mix-up (a tensor made on
 the default device and then filled with, or combined with, the input's tensors; a CPU
@@ -25,7 +25,8 @@ The runs cover every kind of pair on a Pyro noise-injected chain of three Gaussi
 layers: direct (``X -> h1``, adjacent layers), deep (``X -> h2``, ``X -> h3``), label
 (``h_l -> Y``) and non-adjacent (``h1 -> h3``) pairs; the deep estimator's bridged
 round and subsampled sources; models with global weight sites (mixture over prior
-draws, and the conditional mode with a guide); and a narrowed ``noisy_mlp``.  The
+draws, and the conditional mode with a guide); and a narrowed ``noisy_mlp``.  The same
+check covers ``weight_mi`` (the posterior estimate and the one over the draws as sources).  The
 normals that the kernel would draw on a helper thread are drawn on the calling thread
 here, where the mode is active.  Each test takes well under two seconds.
 """
@@ -393,4 +394,29 @@ def test_noisy_mlp_makes_everything_on_the_input_device(recorder):
     with recorder:
         df = stochmi.layer_mi(model, x, y, seed=0)
     assert len(df) == 8 and "stochmi/layers/deep.py" in recorder.files_seen()
+    _assert_no_offences(recorder)
+
+
+def test_weight_mi_makes_everything_on_the_input_device(recorder):
+    """weight_mi on a mean-field chain with a closed-form weight marginal (first layer
+    exact, the deeper one by own-source importance sampling, both chains, the moment
+    Gaussian) and on a generic Pyro model (the estimate over the draws as sources)."""
+    from stochmi.layers.weights import weight_mi
+    from tests.layers.meanfield import MeanFieldChain, make_guide
+
+    dims = [2, 3, 2]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 2, generator=g)
+    model, guide = MeanFieldChain(dims, [0.5, 0.3]), make_guide(dims, 1.0, 0.4, 1)
+
+    def generic(x):  # the same chain, without local_reparam_conditional
+        return model(x)
+
+    with recorder:
+        df = weight_mi(model, x, guide=guide, seed=0, n_weight_draws=4, chain_rule=False)
+        dg = weight_mi(generic, x[:6], guide=guide, seed=0, n_weight_draws=4, chain_rule=False)
+    assert df["method"].tolist() == ["exact densities", "importance sampling"]
+    assert dg["method"].str.contains("capped at log M").all()
+    seen = recorder.files_seen()
+    assert {"stochmi/layers/epistemic.py", "stochmi/layers/deep.py"} <= seen, seen
     _assert_no_offences(recorder)
