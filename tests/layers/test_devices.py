@@ -1,4 +1,4 @@
-"""Every tensor and ``torch.Generator`` that ``layer_mi``, ``weight_mi`` make is on the input device.
+"""Every tensor and generator that ``layer_mi`` and ``weight_mi`` make is on the input device.
 
 On a CPU-only machine every device is ``"cpu"``, so a device mix-up (a tensor made on
 the default device and then filled with, or combined with, the input's tensors; a CPU
