@@ -1147,7 +1147,8 @@ class LogDensityKernel:
         loo.index_add_(0, j, exact - old)
         e[j, i_idx] = exact.to(e.dtype)
         self.repaired_rows += len(rows)
-        ratio = rest * torch.expm1(eb) / loo[rows]
+        den = loo[rows]
+        ratio = torch.where(den > 0, rest * torch.expm1(eb) / den, torch.full_like(den, math.inf))
         new = bound.clone()
         new[rows] = self._fixed_err + torch.where(
             ratio < 1, ratio / (1 - ratio), torch.full_like(ratio, math.inf)
