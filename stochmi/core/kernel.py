@@ -451,8 +451,9 @@ class LogDensityKernel:
         #: rows of float32 blocks whose entries near the row maximum were redone in
         #: float64 (:meth:`_repair`)
         self.repaired_rows = 0
-        self._try_repair = True
-        self._repair_probe: bool | None = None
+        #: whether float32 blocks over the bound are repaired: None until the probe of
+        #: :meth:`_few` decides, False once a repair does not pay or does not pass
+        self._repair_ok: bool | None = None
         self.cond = cond
         self.n = int(cond.batch_shape[0])
         self._scratch_buf: torch.Tensor | None = None
@@ -1062,7 +1063,7 @@ class LogDensityKernel:
         else:
             a[:, -1] = 0.0
         ok, tf32 = self._choose(fnorm, rho, s_abs)
-        repairable = t_rows is not None and self._try_repair and c == 1
+        repairable = t_rows is not None and self._repair_ok is not False and c == 1
         if not ok and not (
             repairable and self.precision == "auto" and self._few(a, src, fnorm, spec)
         ):
@@ -1100,7 +1101,7 @@ class LogDensityKernel:
         if self.precision != "float32" and float(bound.mean()) > self.tolerance and repairable:
             bound = self._repair(e, shift, off, loo, bound, t_rows, src)
             if bound is None or float(bound.mean()) > self.tolerance:
-                self._try_repair = False  # (a repair that does not pass is not tried again)
+                self._repair_ok = False  # (a repair that does not pass is not tried again)
         if self.precision != "float32" and (bound is None or float(bound.mean()) > self.tolerance):
             return None
         self._account(b, "tf32" if tf32 else "float32", bound)
@@ -1134,7 +1135,7 @@ class LogDensityKernel:
         thresh = torch.where(top > 0, thresh, torch.full_like(thresh, math.inf))
         r_idx, i_idx = torch.nonzero(er >= thresh.to(torch.float32)[:, None], as_tuple=True)
         if len(r_idx) > er.numel() // _REPAIR_SHARE:
-            self._try_repair = False
+            self._repair_ok = False
             return None
         j = rows[r_idx]
         exact = torch.exp(self._pair_log_density(t_rows[j], i_idx) - off[j] - shift[j])
@@ -1158,11 +1159,12 @@ class LogDensityKernel:
     def _few(self, a: torch.Tensor, src: torch.Tensor, fnorm: torch.Tensor, spec: bool) -> bool:
         """Whether a repair (:meth:`_repair`) is likely to pay: decided once per kernel
         from the first ``_PROBE_ROWS`` rows of the first block that needs it, by counting
-        their entries within the repair window of the row maximum (one small float32
-        product).  With a speculative shift (``spec``: the diagonal, in the last column of
+        their entries within ``log N + log(8 / tolerance) + 3 E_j`` of the row maximum (the
+        window a repair would need if every entry below it counted fully; one small
+        float32 product).  With a speculative shift (``spec``: the diagonal, in the last column of
         ``a``) whose off-diagonal sums would underflow in most probe rows, speculation is
         switched off (those rows would all be computed twice)."""
-        if self._repair_probe is None:
+        if self._repair_ok is None:
             k = min(_PROBE_ROWS, a.shape[0])
             y = self._mm32(a[:k], False)
             y[torch.arange(k, device=y.device), src[:k]] = -math.inf
@@ -1171,15 +1173,14 @@ class LogDensityKernel:
             width = math.log(self.n) + math.log(8.0 / self.tolerance) + 3.0 * e
             top = y.amax(1)
             inside = (y >= (top - width.to(y.dtype))[:, None]).sum()
-            self._repair_probe = bool(inside * _REPAIR_SHARE <= y.numel())
-            self._try_repair = self._repair_probe
+            self._repair_ok = bool(inside * _REPAIR_SHARE <= y.numel())
             # with a speculative shift (the diagonal, in the last column of a): where the
             # off-diagonal sums of most probe rows would underflow, the shift is dropped
             # for this block and the next (their rows would all be computed twice)
             floor = math.log(self._underflow_floor) + 1.0
             if spec and float((top < floor).float().mean()) > 0.5:
                 self._speculate = False
-        return self._repair_probe
+        return self._repair_ok
 
     def _pair_log_density(self, t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         """``log p(t_k | s_{src_k})`` in float64 from exact differences (one component),

@@ -99,6 +99,7 @@ __all__ = [
     "memory_budget",
     "normal_params",
     "own_log_density",
+    "row_gauss_logpdf",
 ]
 
 _LOG2PI = math.log(2 * math.pi)
@@ -238,7 +239,8 @@ class _GaussCols:
         return -0.5 * quad.clamp_min(0) - self.norm[None, :]
 
 
-def _row_gauss_logpdf(t: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def row_gauss_logpdf(t: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``log N(t; loc, diag scale^2)`` over the last dimension (broadcasting the rest)."""
     z = (t - loc) / scale
     return -0.5 * (z * z).sum(-1) - torch.log(scale).sum(-1) - 0.5 * t.shape[-1] * _LOG2PI
 
@@ -412,12 +414,12 @@ class _Pool:
         loc, scale = pb.loc1[src], pb.scale1[src]
         t = loc + scale * pb.randn(loc.shape)
         self.layers, self.priors = [t], [loc]
-        self.first = _row_gauss_logpdf(t, loc, scale)
+        self.first = row_gauss_logpdf(t, loc, scale)
         self.chain = torch.zeros_like(self.first)
         for k in range(len(pb.links) - 1):
             loc, scale = pb.call(k, self.layers[-1])
             t = loc + scale * pb.randn(loc.shape)
-            self.chain = self.chain + _row_gauss_logpdf(t, loc, scale)
+            self.chain = self.chain + row_gauss_logpdf(t, loc, scale)
             self.layers.append(t)
             self.priors.append(loc)
         self.fin_loc, self.fin_scale = pb.call(len(pb.links) - 1, self.layers[-1])
@@ -625,7 +627,7 @@ class _Guided:
             mean = self.steps[k].mean(loc)
             t = mean + self.steps[k].noise((b, m))
             logq = logq + self.steps[k].logpdf(t, mean)
-            chain = chain + _row_gauss_logpdf(t, loc, scale)
+            chain = chain + row_gauss_logpdf(t, loc, scale)
             layers.append(t)
             priors.append(loc)
         return layers, logq, chain, priors
@@ -925,7 +927,7 @@ def _log_g(pb, rows, t_last: torch.Tensor) -> torch.Tensor:
     b, r = t_last.shape[0], t_last.shape[1]
     loc, scale = pb.call(len(pb.links) - 1, t_last.reshape(b * r, -1))
     shape = (b, r, -1)
-    return _row_gauss_logpdf(pb.t[rows][:, None, :], loc.reshape(shape), scale.reshape(shape))
+    return row_gauss_logpdf(pb.t[rows][:, None, :], loc.reshape(shape), scale.reshape(shape))
 
 
 def _draws(pb, q: _Guided, rows, m: int):
@@ -1108,17 +1110,17 @@ class _Bridge:
             prior = pb.loc1[cols][:, None, :]
             mean = self.q.steps[0].mean(prior, tq[None], cols)  # (S, B, d_1)
             t = draw(0, mean[:, :, None, :])
-            lp = _row_gauss_logpdf(t, prior, pb.scale1[cols][:, None, :])
+            lp = row_gauss_logpdf(t, prior, pb.scale1[cols][:, None, :])
             lq = q.steps[0].logpdf(by_query(t), q_mean0)  # (B, S*nb)
             for k in range(1, len(self.q.steps)):
                 loc, scale = (v.reshape(s, b * nb, -1) for v in pb.call(k - 1, t.flatten(0, 1)))
                 t = draw(k, self.q.steps[k].mean(loc, tq_r, cols).reshape(s, b, nb, -1))
-                lp = lp + _row_gauss_logpdf(t, loc, scale)
+                lp = lp + row_gauss_logpdf(t, loc, scale)
                 lq = lq + q.steps[k].logpdf(by_query(t), q.steps[k].mean(by_query(loc)))
             loc, scale = (
                 v.reshape(s, b * nb, -1) for v in pb.call(len(pb.links) - 1, t.flatten(0, 1))
             )
-            lg = _row_gauss_logpdf(tq_r, loc, scale)
+            lg = row_gauss_logpdf(tq_r, loc, scale)
             out[0][:, :, cols] = (lp + lg).reshape(s, b, nb).permute(1, 2, 0)
             out[1][:, :, cols] = lp.reshape(s, b, nb).permute(1, 2, 0)
             out[2][:, :, cols] = lq.reshape(b, s, nb).transpose(1, 2)
@@ -1138,7 +1140,7 @@ def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=N
     logq_d, log_g_d, chain_d, layers_d, priors_d = _draws(pb, q, rows, _DIAG_FACTOR * n_is)
     first_d = layers_d[0]
     loc_j, scale_j = pb.loc1[rows][:, None], pb.scale1[rows][:, None]
-    lp_d = _row_gauss_logpdf(first_d, loc_j, scale_j) + chain_d
+    lp_d = row_gauss_logpdf(first_d, loc_j, scale_j) + chain_d
     logq_pool, log_g_pool = _pool_logq(sp, q, pool, rows, pos, top_r, log_g, first)
     m = n_is if bridge is None else min(n_is, _BRIDGE_Q)
     k1 = sp.layer1(first_d[:, :m].reshape(b * m, -1)).reshape(b, m, n)
@@ -1207,8 +1209,8 @@ class OwnLogDensity:
     ess : Tensor, shape (Q,)
         Effective sample size of the proposal draws.
     n_is, n_fwd : int
-        Draws of ``q_j`` per query (``_DIAG_FACTOR * n_is``, as for the diagonal of
-        :func:`deep_log_density`) and forward paths per query.
+        The settings used: each query had ``4 n_is`` draws of ``q_j`` (as the diagonal of
+        :func:`deep_log_density`) and ``n_fwd`` forward paths of its source.
     """
 
     value: torch.Tensor
@@ -1308,14 +1310,14 @@ def _path_terms(pb: _Problem, q: _Guided, rows, paths):
     """At one given path per query: ``log p_j(z) + log p(t_j | z)``, ``log p_j(z)`` and
     ``log q_j(z)``, each ``(B,)``."""
     a = [t[rows].to(torch.float64) for t in paths]
-    lp = _row_gauss_logpdf(a[0], pb.loc1[rows], pb.scale1[rows])
+    lp = row_gauss_logpdf(a[0], pb.loc1[rows], pb.scale1[rows])
     priors = [None]
     for k in range(1, len(a)):
         loc, scale = pb.call(k - 1, a[k - 1])
-        lp = lp + _row_gauss_logpdf(a[k], loc, scale)
+        lp = lp + row_gauss_logpdf(a[k], loc, scale)
         priors.append(loc[:, None, :])
     loc, scale = pb.call(len(a) - 1, a[-1])
-    lg = _row_gauss_logpdf(pb.t[rows], loc, scale)
+    lg = row_gauss_logpdf(pb.t[rows], loc, scale)
     lq = q.log_q_at([t[:, None, :] for t in a], priors)[:, 0]
     return lp + lg, lp, lq
 
@@ -1325,7 +1327,7 @@ def _own_block(pb: _Problem, rows, anchors, paths, md: int, n_fwd: int, groups=N
     b = len(rows)
     q = _Guided(pb, rows, anchors)
     logq_d, log_g_d, chain_d, layers_d, _ = _draws(pb, q, rows, md)
-    lp_d = _row_gauss_logpdf(layers_d[0], pb.loc1[rows][:, None], pb.scale1[rows][:, None])
+    lp_d = row_gauss_logpdf(layers_d[0], pb.loc1[rows][:, None], pb.scale1[rows][:, None])
     lp_d = lp_d + chain_d
     # forward paths per source: one set for the queries of a block that share a group
     grp = rows if groups is None else groups[rows]
@@ -1335,7 +1337,7 @@ def _own_block(pb: _Problem, rows, anchors, paths, md: int, n_fwd: int, groups=N
     idx = torch.arange(n_fwd, device=rows.device)[None, :] * len(uniq) + inv[:, None]  # (B, K)
     lay, pri = pool.at(idx)
     q_f = q.log_q_at(lay, pri)  # (B, K)
-    g_f = _row_gauss_logpdf(pb.t[rows][:, None, :], pool.fin_loc[idx], pool.fin_scale[idx])
+    g_f = row_gauss_logpdf(pb.t[rows][:, None, :], pool.fin_loc[idx], pool.fin_scale[idx])
     own = pool.own.T[inv]  # (B, K): log p_j(z) at the forward paths
     upper = torch.full((b,), math.nan, dtype=torch.float64, device=rows.device)
     if paths is not None:

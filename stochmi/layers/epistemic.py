@@ -54,15 +54,23 @@ from torch import distributions as td
 
 from stochmi.core.rng import draw_seed, rng_context
 from stochmi.layers.chain import as_batch_n, cuda_devices
-from stochmi.layers.deep import mean_path, normal_params, own_log_density
+from stochmi.layers.deep import (
+    OwnLogDensity,
+    mean_path,
+    normal_params,
+    own_log_density,
+    row_gauss_logpdf,
+)
 from stochmi.layers.links import model_links
 
-__all__ = ["posterior_layer", "dataset_deep_matrix", "draw_clustered_se"]
+__all__ = ["posterior_layer", "dataset_deep_matrix", "draw_clustered_se", "raise_effort"]
 
 
 def _gaussian(fn: td.Distribution, n: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loc, scale)`` ``(N, d)`` float64 of a Gaussian layer site's distribution."""
     try:
-        return normal_params(as_batch_n(fn, n, name))
+        loc, scale = normal_params(as_batch_n(fn, n, name))
+        return loc.to(torch.float64), scale.to(torch.float64)
     except TypeError as err:
         raise TypeError(f"deeper layers need Gaussian layer sites; layer '{name}': {err}") from err
 
@@ -122,8 +130,8 @@ class _Posterior:
         for mi, tr in enumerate(self.traces):
             sel = torch.nonzero(self.q_m == mi)[:, 0]
             loc, scale = _gaussian(tr.nodes[name]["fn"], n, name)
-            cond[sel] = _logpdf(self.t[sel], loc[self.q_n[sel]], scale[self.q_n[sel]])
-        marg = _logpdf(self.t, self.lr_loc[self.q_n], self.lr_scale[self.q_n])
+            cond[sel] = row_gauss_logpdf(self.t[sel], loc[self.q_n[sel]], scale[self.q_n[sel]])
+        marg = row_gauss_logpdf(self.t, self.lr_loc[self.q_n], self.lr_scale[self.q_n])
         d = cond - marg
         return {"value": d, "half": d, "lower": d, "upper_is": d, "upper_var": d, "ess": None}
 
@@ -165,13 +173,12 @@ class _Posterior:
             res = self._own(loc[inputs], scale[inputs], links, rows, n_is, n_fwd)
             for k, v in zip("vhue", (res.value, res.half, res.upper, res.ess)):
                 out[k][rows] = v
-        return _Own(out["v"], out["h"], out["u"], out["e"])
+        return OwnLogDensity(out["v"], out["h"], out["u"], out["e"], n_is, n_fwd)
 
     def _marginal(self, n_is, n_fwd):
         links = self._lr_links()
         rows = torch.arange(len(self.t), device=self.t.device)
-        res = self._own(self.lr_loc[self.q_n], self.lr_scale[self.q_n], links, rows, n_is, n_fwd)
-        return _Own(res.value, res.half, res.upper, res.ess)
+        return self._own(self.lr_loc[self.q_n], self.lr_scale[self.q_n], links, rows, n_is, n_fwd)
 
     def _lr_links(self):
         links = model_links(self.model, self.x, self.layers, "local_reparam", guide=self.guide)
@@ -212,15 +219,21 @@ class _Posterior:
         return out
 
 
-class _Own:
-    def __init__(self, value, half, upper, ess):
-        self.value, self.half, self.upper, self.ess = value, half, upper, ess
+def raise_effort(once, tolerance: tuple[float, float], max_effort: int):
+    """Run ``once(effort)`` at effort 1, 2, 4, ... until its estimate with all draws and
+    with the first half differ by at most ``max(tolerance[0], tolerance[1] |value|)``, or
+    the next effort would pass ``max_effort``.
 
-
-def _logpdf(t, loc, scale) -> torch.Tensor:
-    z = (t - loc.to(torch.float64)) / scale.to(torch.float64)
-    norm = torch.log(scale.to(torch.float64)).sum(-1) + 0.5 * t.shape[-1] * math.log(2 * math.pi)
-    return -0.5 * (z * z).sum(-1) - norm
+    ``once(effort)`` returns ``(result, value, value_half)``.  Returns ``(result, effort,
+    converged, (value, value_half))`` of the last run.
+    """
+    effort = 1
+    while True:
+        res, value, half = once(effort)
+        ok = abs(value - half) <= max(tolerance[0], tolerance[1] * abs(value))
+        if ok or effort * 2 > max_effort:
+            return res, effort, ok, (value, half)
+        effort *= 2
 
 
 def posterior_layer(
@@ -271,16 +284,14 @@ def posterior_layer(
         r = post.exact()
         ok, bias = True, 0.0
     else:
-        effort = 1
         d = post.t.shape[1]
-        while True:
+
+        def once(effort):
             r = post.sampled(n_is * effort, n_fwd * effort, max(256, 4 * d))
-            value, half = float(r["value"].mean()), float(r["half"].mean())
-            bias = abs(value - half)
-            ok = bias <= max(tolerance[0], tolerance[1] * abs(value))
-            if ok or effort * 2 > max_effort:
-                break
-            effort *= 2
+            return r, float(r["value"].mean()), float(r["half"].mean())
+
+        r, effort, ok, (value, half) = raise_effort(once, tolerance, max_effort)
+        bias = abs(value - half)
         conv = {
             "value": value,
             "value_half": half,

@@ -401,8 +401,8 @@ def noisy(module: nn.Module, sigma, *, layers=None, kind: str = "additive") -> N
     ==========================================  =====  ======  ===========  ==========
     noise sites (widths ``d``)                  N      time    peak memory  load avg.
     ==========================================  =====  ======  ===========  ==========
-    pool2, relu3, relu4 (400, 120, 84)          500    6.3 s   1.4 GB       1.8
-    pool2, relu3, relu4 (400, 120, 84)          2,000  23.3 s  1.8 GB       1.9
+    pool2, relu3, relu4 (400, 120, 84)          500    4.7 s   1.5 GB       1.2
+    pool2, relu3, relu4 (400, 120, 84)          2,000  17.9 s  1.9 GB       1.4
     pool1, pool2, relu3, relu4 (1176, 400, ..)  100    716 s   3.8 GB       3-6
     ==========================================  =====  ======  ===========  ==========
 
@@ -416,10 +416,10 @@ def noisy(module: nn.Module, sigma, *, layers=None, kind: str = "additive") -> N
     training need, too large for memory (about ``48 N d_L sum_k d_k`` bytes); it is then
     skipped with a warning and the row is flagged.  The values at ``N = 500`` (nats,
     value +- stderr, [lower, upper]; every row converged): ``X->pool2`` 6.2146 +- 0.0000
-    [6.2146, 333.4], ``X->relu3`` 6.2106 +- 0.0034 [6.2093, 85.0], ``X->relu4`` 6.1904 +-
-    0.0125 [6.1865, 35.4], ``pool2->relu3`` 6.2146 +- 0.0000 [6.2146, 118.1],
+    [6.2146, 333.4], ``X->relu3`` 6.2139 +- 0.0006 [6.2135, 85.2], ``X->relu4`` 6.1869 +-
+    0.0123 [6.1802, 35.0], ``pool2->relu3`` 6.2146 +- 0.0000 [6.2146, 118.1],
     ``relu3->relu4`` 6.2146 +- 0.0000 [6.2146, 58.0], ``pool2->Y``, ``relu3->Y``,
-    ``relu4->Y`` 2.2979 +- 0.0043 [0.14 / 0.25 / 0.29, 2.30]: the trained network
+    ``relu4->Y`` 2.2979 +- 0.0043 [0.14 / 0.19 / 0.29, 2.30]: the trained network
     separates every input (``log 500 = 6.2146``, the ``saturated`` flag) and ``I(T;Y)`` is
     the entropy of the labels; at ``N = 2,000`` (MNIST test images) likewise,
     ``log 2000 = 7.6009``.

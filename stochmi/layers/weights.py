@@ -64,7 +64,7 @@ from stochmi.core.kernel import DETERMINISTIC_MESSAGE, is_delta
 from stochmi.core.rng import draw_seed, resolve_seed, rng_context, spawn_seeds
 from stochmi.layers.chain import as_batch_n, cuda_devices
 from stochmi.layers.deep import normal_params
-from stochmi.layers.epistemic import dataset_deep_matrix, posterior_layer
+from stochmi.layers.epistemic import dataset_deep_matrix, posterior_layer, raise_effort
 from stochmi.layers.links import LocalReparamModel
 from stochmi.layers.noisy import check_estimable
 from stochmi.layers.sites import find_layers, is_local, resolve_layers, sample_sites, trace_model
@@ -491,29 +491,27 @@ def _posterior_row(name: str, est: dict, pi: dict | None, n: int, m: int) -> dic
 
 def _dataset_deep(st: _Setting, l: int, gen: torch.Generator) -> tuple[dict, dict]:
     """A deeper layer over the draws as sources: per-input values and the convergence
-    record.  The effort doubles until the value with all draws and with the first half
-    differ by at most ``max(tolerance, 0.01 |value|)``, up to ``max_effort`` times."""
-    tol, rel = st.rules["tolerance"]
-    effort = 1
-    while True:
+    record, the effort raised as in :func:`stochmi.layers.epistemic.raise_effort`."""
+
+    def once(effort):
         kw = dict(st.effort, n_is=st.effort["n_is"] * effort, n_fwd=st.effort["n_fwd"] * effort)
         L, Lh, ess = dataset_deep_matrix(
             st.model, st.x, st.layers, l, st.draws, st.traces, gen, **kw
         )
         pi, half = _per_input(L), _per_input(Lh)
-        v_full, v_half = float(pi["value"].mean()), float(half["value"].mean())
-        ok = abs(v_full - v_half) <= max(tol, rel * abs(v_full))
-        if ok or effort * 2 > st.rules["max_effort"]:
-            break
-        effort *= 2
+        return (pi, half, ess), float(pi["value"].mean()), float(half["value"].mean())
+
+    (pi, half, ess), effort, ok, (v_full, v_half) = raise_effort(
+        once, st.rules["tolerance"], st.rules["max_effort"]
+    )
     conv = {
         "value": v_full,
         "value_half": v_half,
         "upper": float(pi["upper"].mean()),
         "upper_half": float(half["upper"].mean()),
         "diag_ess_median": ess,
-        "n_is": kw["n_is"],
-        "n_fwd": kw["n_fwd"],
+        "n_is": st.effort["n_is"] * effort,
+        "n_fwd": st.effort["n_fwd"] * effort,
         "converged": ok,
     }
     return pi, conv

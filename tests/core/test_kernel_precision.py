@@ -303,4 +303,4 @@ def test_repair_declined_where_many_entries_carry_the_row_sums():
     t = kernel.sample(1, _gen(2))
     list(kernel.iter_exp_blocks(t, kernel.diagonal(t), repair=True))
     assert kernel.counts["float64"] > 0 and kernel.counts["float32"] == 0
-    assert kernel.repaired_rows == 0 and kernel._repair_probe is False
+    assert kernel.repaired_rows == 0 and kernel._repair_ok is False

@@ -86,18 +86,14 @@ def test_epistemic_columns_in_results(sweep):
 def test_epistemic_bounds_and_bald(sweep):
     ds = sweep[2].dataset.sel(config=["bayes_noise.sigma=0.5", "bayes_noise.sigma=1.0"])
     v, lo, up, se = (ds[f"epistemic_{k}"] for k in ("value", "lower", "upper", "stderr"))
-    # the bracket holds the value (to Monte Carlo error); exact densities close it (h1, Y)
+    # the bracket holds the value (to Monte Carlo error)
     assert bool((lo <= v + 3 * se).all()) and bool((v <= up + 3 * se).all())
     h1 = ds.sel(epistemic_target="h1")
-    assert bool((h1.epistemic_lower == h1.epistemic_value).all())
-    assert bool((h1.epistemic_upper == h1.epistemic_value).all())
     # the exact population I(h1; W | X) of the mean-field posterior: the estimate is
-    # unbiased for it, with no log M ceiling
+    # unbiased for it, also where it is above log M (the sweep reaches there)
     exact, se1 = h1.epistemic_closed_form, h1.epistemic_stderr
     assert bool((abs(h1.epistemic_value - exact) <= 3 * se1).all())
-    # the layers' values have no log M ceiling, so only BALD is flagged near log M
-    layers = ds.epistemic_saturated.sel(epistemic_target=["h1", "h2"])
-    assert not bool(layers.any())
+    assert float(exact.max()) > math.log(M) and float(h1.epistemic_value.max()) > math.log(M)
     y = ds.sel(epistemic_target="Y")
     assert bool((y.epistemic_saturated == (y.epistemic_value > math.log(M) - 1.0)).all())
     bald = v.sel(epistemic_target="Y")

@@ -33,6 +33,16 @@ def _truth_mc(x, guide, per_input, log_cond, log_marg, seed):
     return float(v.mean()), float(v.std() / math.sqrt(len(v)))
 
 
+def _assert_matches(row, truth: float, se_truth: float) -> None:
+    """A converged importance-sampled row against a Monte Carlo truth: value within 3
+    combined standard errors (plus the row's own estimate of its remaining bias), and
+    the bracket around the truth to the same tolerance."""
+    tol = 3 * math.hypot(row["stderr"], se_truth)
+    assert abs(row["value"] - truth) < tol + row["mc_bias"], (row["value"], truth, tol)
+    assert row["lower"] - tol <= truth <= row["upper"] + tol
+    assert row["converged"]
+
+
 def test_wide_mean_field_linear_layer_closed_form_beyond_log_m():
     """40 outputs, posterior wide against the noise: 52 nats, where log M = 2.8."""
     dims, sig = [4, 40], 0.3
@@ -82,12 +92,7 @@ def test_two_layer_linear_chain_against_brute_force():
         lp = d.log_prob(t[:, None, :])  # (S, 10^5)
         return torch.logsumexp(lp, 1) - math.log(lp.shape[1])
 
-    truth, se_t = _truth_mc(x, guide, 120, log_cond, log_marg, seed=5)
-    print(df[["target", "value", "stderr", "lower", "upper", "mc_bias"]], truth, se_t)
-    tol = 3 * math.hypot(row["stderr"], se_t)
-    assert abs(row["value"] - truth) < tol + row["mc_bias"]
-    assert row["lower"] - tol <= truth <= row["upper"] + tol
-    assert row["converged"]
+    _assert_matches(row, *_truth_mc(x, guide, 120, log_cond, log_marg, seed=5))
 
 
 def _normal_logpdf(t, loc, var):
@@ -143,12 +148,7 @@ def test_tanh_chain_against_quadrature():
             lambda h: s2**2 * torch.tanh(h) ** 2 + sb2**2 + sig[1] ** 2,
         )  # fmt: skip
 
-    truth, se_t = _truth_mc(x, guide, 400, log_cond, log_marg, seed=8)
-    print(df[["target", "value", "stderr", "lower", "upper", "mc_bias"]], truth, se_t)
-    tol = 3 * math.hypot(row["stderr"], se_t)
-    assert abs(row["value"] - truth) < tol + row["mc_bias"]
-    assert row["lower"] - tol <= truth <= row["upper"] + tol
-    assert row["converged"]
+    _assert_matches(row, *_truth_mc(x, guide, 400, log_cond, log_marg, seed=8))
 
 
 def test_draw_clustered_se_matches_the_spread_of_repeated_estimates():
