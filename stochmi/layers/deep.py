@@ -99,6 +99,7 @@ __all__ = [
     "memory_budget",
     "normal_params",
     "own_log_density",
+    "pooled",
     "row_gauss_logpdf",
 ]
 
@@ -386,6 +387,10 @@ class DeepLogDensity:
         The queries that were estimated (``None``: all ``N``).  The other rows of ``L``
         and ``L_half`` are ``-inf`` and the other entries of ``diag_ess`` and
         ``marg_ess`` NaN.
+    log_sums : Tensor, shape (N, 4), optional
+        ``log sum w`` and ``log sum w^2`` of the importance weights behind the marginal
+        density and behind the diagonal (the two effective sample sizes), for
+        :func:`pooled`.
     """
 
     L: torch.Tensor
@@ -396,6 +401,35 @@ class DeepLogDensity:
     n_fwd: int
     n_sources: float
     rows: torch.Tensor | None = None
+    log_sums: torch.Tensor | None = None
+
+
+def pooled(first: DeepLogDensity, second: DeepLogDensity) -> DeepLogDensity:
+    """Two independent estimates of the same densities, at the same effort, as one at
+    twice the effort.
+
+    Each entry of ``L`` is an unbiased importance-sampling estimate of ``p(t_j | s_i)``,
+    so their mean ``(exp L_1 + exp L_2) / 2`` is one too, with the draws of both (each
+    weight halved).  ``L_half`` of the result is ``first.L``: an estimate from half of
+    the draws, as the convergence rule needs.  The effective sample sizes are those of
+    the union of both sets of weights.
+    """
+    if first.log_sums is None or second.log_sums is None:
+        raise ValueError("pooled needs estimates from deep_log_density (with log_sums)")
+    log2 = math.log(2.0)
+    sums = torch.logaddexp(first.log_sums, second.log_sums)
+    sums = sums - torch.tensor([log2, 2 * log2] * 2, dtype=sums.dtype, device=sums.device)
+    return DeepLogDensity(
+        torch.logaddexp(first.L, second.L) - log2,
+        first.L,
+        _ess(sums[:, 2:]),
+        _ess(sums[:, :2]),
+        first.n_is + second.n_is,
+        first.n_fwd + second.n_fwd,
+        (first.n_sources + second.n_sources) / 2,
+        first.rows,
+        sums,
+    )
 
 
 class _Pool:
@@ -551,11 +585,15 @@ class _Step:
         quad = (r * r / s2[:, None, :]).sum(-1) + _sq_norm_of_product(r, w)
         return -0.5 * quad - norm[:, None]
 
-    def take(self, idx: torch.Tensor) -> _Step:
-        """The step's rows ``idx`` (per-source factors of :class:`_Bridge`)."""
+    #: the factors :meth:`mean` needs, with the diagonal and normaliser
+    MEAN = ("s2", "y", "m", "gain_t", "norm")
+    ALL = ("s2", "y", "m", "chol_r", "w", "gain_t", "logdet_cov", "norm")
+
+    def take(self, idx: torch.Tensor, fields=ALL) -> _Step:
+        """The step's rows ``idx`` of ``fields`` (the other factors are left out)."""
         out = object.__new__(_Step)
-        out.__dict__.update(self.__dict__)
-        for name in ("s2", "y", "m", "chol_r", "w", "gain_t", "logdet_cov", "norm"):
+        out.pb, out.d = self.pb, self.d
+        for name in fields:
             setattr(out, name, getattr(self, name)[idx])
         return out
 
@@ -721,8 +759,8 @@ def deep_log_density(
         )
     out = torch.full((n, n), -math.inf, dtype=torch.float64, device=dev)
     half = torch.full((n, n), -math.inf, dtype=torch.float64, device=dev)
-    ess = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
-    marg = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
+    # log sum w and log sum w^2 of the marginal's terms and of the diagonal's draws
+    sums = torch.full((n, 4), math.nan, dtype=torch.float64, device=dev)
     n_cols = []
     # with subsampling, queries are ranked _RANK_STEP at a time (log p(t_j | z) at every
     # forward path, kept for the blocks of those queries), then estimated in blocks
@@ -759,7 +797,7 @@ def deep_log_density(
             else:
                 cols, logw, pos, log_g, first = None, None, rows, None, None
                 sp, pool_b, bridge_b = pb, pool, bridge
-            f, h, ess[rows], marg[rows] = _block(
+            f, h, sums[rows] = _block(
                 pb, sp, rows, pos, q, pool_b, n_is, n_fwd, top_r, bridge_b, logw, log_g, first
             )
             if cols is None:
@@ -770,8 +808,9 @@ def deep_log_density(
             n_cols.append(n if cols is None else len(cols))
             if progress is not None:
                 progress(len(rows))
+    n_sources = float(sum(n_cols) / len(n_cols))
     return DeepLogDensity(
-        out, half, ess, marg, n_is, n_fwd, float(sum(n_cols) / len(n_cols)), selected
+        out, half, _ess(sums[:, 2:]), _ess(sums[:, :2]), n_is, n_fwd, n_sources, selected, sums
     )
 
 
@@ -965,6 +1004,8 @@ class _Bridge:
         rows = torch.arange(pb.n, device=pb.loc1.device)
         self.q = _Guided(pb, rows, path, tq=torch.zeros_like(pb.t))
         self.n_br = n_br
+        # the first step's mean at t_j = 0, started from each source: (N, d_1)
+        self.a0 = self.q.steps[0].mean(pb.loc1[:, None, :])[:, 0]
         self.zeta = [st.noise((pb.n, n_br)) for st in self.q.steps]  # (N, n_br, d_k)
         self.log_r = sum(
             st.logpdf(z, torch.zeros_like(z)) for st, z in zip(self.q.steps, self.zeta)
@@ -978,8 +1019,8 @@ class _Bridge:
         ``-(u'Pu)/2 - norm + t_j'(G P u) - t_j'(G P G^T) t_j / 2``."""
         n = self.q.pb.n
         k_paths = pool.layers[0].shape[0] // n
-        self.pool_base, self.pool_v, self.pool_quad, self.gp = 0.0, 0.0, 0.0, []
-        self.gs, self.vq = [None], [None]
+        self.pool_base, self.pool_v, self.pool_quad = 0.0, 0.0, 0.0
+        gps, gss, self.vq = [], [None], [None]
         for k, st in enumerate(self.q.steps):
             t, prior = (
                 v.reshape(k_paths, n, -1).transpose(0, 1) for v in (pool.layers[k], pool.priors[k])
@@ -989,7 +1030,7 @@ class _Bridge:
             self.pool_base = self.pool_base + st.logpdf(t, mean0)
             gw = st.gain_t @ st.w.transpose(1, 2)  # (N, d_L, d_L)
             gp = st.gain_t / st.s2[:, None, :] + gw @ st.w  # G P, (N, d_L, d_k)
-            self.gp.append(gp)
+            gps.append(gp)
             self.pool_v = self.pool_v + u @ gp.transpose(1, 2)  # (N, K, d_L)
             gs = st.gain_t / st.s2[:, None, :]
             self.pool_quad = (
@@ -997,20 +1038,29 @@ class _Bridge:
             )
             if k > 0:  # for at_draws: the step's terms in v = prior M^T - y (d_L x d_L)
                 g_t = st.gain_t.transpose(1, 2)
-                self.gs.append(gs)
+                gss.append(gs)
                 self.vq.append((gs @ g_t, gw.transpose(1, 2), gp @ g_t))
+        # for at_draws: each step's factors that multiply the same vector, stacked (one
+        # product per chunk): w and G P in the first step, G S^-1, w and G P above it
+        d_l = self.q.pb.t.shape[1]
+        self.stack = []
+        for k, st in enumerate(self.q.steps):
+            parts = [st.w, gps[k]] if k == 0 else [gss[k], st.w, gps[k]]
+            self.stack.append(torch.cat(parts, 1))  # (N, 2 or 3 d_L, d_k)
+            st.w = self.stack[-1].split(d_l, 1)[-2]  # a view: one copy in memory
+        # the first step's stack times its mean at t_j = 0: (N, 2 d_L)
+        self.wgp0_a = (self.stack[0] @ self.a0[:, :, None])[:, :, 0]
 
     def take(self, cols: torch.Tensor) -> _Bridge:
-        """The per-source factors and draws of the sources ``cols`` only."""
+        """The per-source factors and draws of the sources ``cols`` only (those that
+        :meth:`draws`, :meth:`at_draws` and :meth:`at_pool` use)."""
         out = object.__new__(_Bridge)
         out.n_br = self.n_br
-        out.q = _StepList([st.take(cols) for st in self.q.steps])
-        out.zeta = [z[cols] for z in self.zeta]
-        out.log_r, out.pool_base = self.log_r[cols], self.pool_base[cols]
-        out.pool_v, out.pool_quad = self.pool_v[cols], self.pool_quad[cols]
-        out.gp = [g[cols] for g in self.gp]
-        out.gs = [None] + [g[cols] for g in self.gs[1:]]
+        out.q = _StepList([st.take(cols, _Step.MEAN) for st in self.q.steps])
+        out.zeta, out.stack = [z[cols] for z in self.zeta], [f[cols] for f in self.stack]
         out.vq = [None] + [tuple(f[cols] for f in fs) for fs in self.vq[1:]]
+        for name in ("a0", "wgp0_a", "log_r", "pool_base", "pool_v", "pool_quad"):
+            setattr(out, name, getattr(self, name)[cols])
         return out
 
     def at_pool(self, pb: _Problem, rows: torch.Tensor) -> torch.Tensor:
@@ -1053,24 +1103,23 @@ class _Bridge:
             val = 0.0
             for k, st in enumerate(self.q.steps):
                 inv = 1.0 / st.s2[cols]  # (S, d_k)
-                w, gp = st.w[cols], self.gp[k][cols]
                 if k == 0:
-                    a = st.mean(pb.loc1[cols][:, None, :], None, cols)[:, 0]  # (S, d_1)
+                    a = self.a0[cols]  # (S, d_1)
                     diag = (
                         inv @ (z[0] * z[0]).T
                         - 2.0 * (a * inv) @ z[0].T
                         + (a * a * inv).sum(1, keepdim=True)
                     )  # (S, B*m)
-                    wgp = torch.cat([w, gp], 1)  # (S, 2 d_L, d_1): one product for both
-                    both = _stacked_mm(wgp, z[0].T) - wgp @ a[:, :, None]
-                    wr, lin = both[:, : w.shape[1]], both[:, w.shape[1] :]  # (S, d_L, B*m)
+                    # w and G P in one product: (S, 2 d_L, B*m)
+                    both = _stacked_mm(self.stack[0][cols], z[0].T) - self.wgp0_a[cols][:, :, None]
+                    d_l = both.shape[1] // 2
+                    wr, lin = both[:, :d_l], both[:, d_l:]  # (S, d_L, B*m)
                 else:
                     qq, wg, gpg = self.vq[k]
                     prior = priors[k].reshape(bm, -1)
                     v = _stacked_mm(st.m[cols], prior.T) - st.y[cols][:, :, None]  # (S, d_L, B*m)
-                    uk = u[k].T  # (d_k, B*m)
-                    three = _stacked_mm(torch.cat([self.gs[k][cols], w, gp], 1), uk)
-                    gsu, wu, gpu = three.split(w.shape[1], 1)
+                    three = _stacked_mm(self.stack[k][cols], u[k].T)  # (S, 3 d_L, B*m)
+                    gsu, wu, gpu = three.split(tq.shape[1], 1)
                     diag = (
                         inv @ (u[k] * u[k]).T + 2.0 * (gsu * v).sum(1) + ((qq[cols] @ v) * v).sum(1)
                     )
@@ -1107,10 +1156,10 @@ class _Bridge:
             def by_query(v, s=s):  # (S, B*nb, d) -> (B, S*nb, d)
                 return v.reshape(s, b, nb, -1).transpose(0, 1).reshape(b, s * nb, -1)
 
-            prior = pb.loc1[cols][:, None, :]
-            mean = self.q.steps[0].mean(prior, tq[None], cols)  # (S, B, d_1)
+            # (S, B, d_1): the first step's mean, linear in the query
+            mean = self.a0[cols][:, None, :] + tq[None] @ self.q.steps[0].gain_t[cols]
             t = draw(0, mean[:, :, None, :])
-            lp = row_gauss_logpdf(t, prior, pb.scale1[cols][:, None, :])
+            lp = row_gauss_logpdf(t, pb.loc1[cols][:, None, :], pb.scale1[cols][:, None, :])
             lq = q.steps[0].logpdf(by_query(t), q_mean0)  # (B, S*nb)
             for k in range(1, len(self.q.steps)):
                 loc, scale = (v.reshape(s, b * nb, -1) for v in pb.call(k - 1, t.flatten(0, 1)))
@@ -1187,10 +1236,19 @@ def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=N
         out[ar, pos] = torch.logaddexp(torch.logsumexp(w_d, 1), fwd_d)
         res.append(out)
         if frac == 1:
-            ess = torch.exp(2 * torch.logsumexp(w_d, 1) - torch.logsumexp(2 * w_d, 1))
             terms = torch.cat([t.flatten(1) for t in off] + [w_d], 1)
-            marg = torch.exp(2 * torch.logsumexp(terms, 1) - torch.logsumexp(2 * terms, 1))
-    return res[0], res[1], ess, marg
+            sums = torch.stack([_log_sums(terms), _log_sums(w_d)], 1).flatten(1)
+    return res[0], res[1], sums
+
+
+def _log_sums(w: torch.Tensor) -> torch.Tensor:
+    """``log sum w`` and ``log sum w^2`` over each row of log weights ``w``: ``(B, 2)``."""
+    return torch.stack([torch.logsumexp(w, 1), torch.logsumexp(2 * w, 1)], 1)
+
+
+def _ess(log_sums: torch.Tensor) -> torch.Tensor:
+    """Effective sample size ``(sum w)^2 / sum w^2`` from :func:`_log_sums`."""
+    return torch.exp(2 * log_sums[..., 0] - log_sums[..., 1])
 
 
 @dataclass

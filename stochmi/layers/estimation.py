@@ -69,6 +69,7 @@ from stochmi.layers.deep import (
     deep_log_density,
     memory_budget,
     normal_params,
+    pooled,
 )
 from stochmi.layers.links import LocalReparamModel, model_links
 from stochmi.layers.noisy import check_estimable
@@ -219,18 +220,23 @@ class _Deep:
 
     def _run(self, a: int, b: int) -> dict:
         o = self.opts
-        effort, bridge, stopped = 1, False, None
+        effort, bridge, stopped, done = 1, False, None, None
         while True:
             # from the second round on, the off-diagonal densities come from bridged draws
             # (n_fwd / 8 per source at twice the effort) and the forward paths
             n_br = max(2, 2 * (o.n_fwd * effort // 16)) if bridge else 0
-            res = self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
+            if done is None:
+                res = self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
+            else:  # a bridged round again: fresh draws at the effort done, pooled with it
+                half = self._once(a, b, o.n_is * effort // 2, o.n_fwd * effort // 2, n_br // 2)
+                res = pooled(done, half)
             ok, stats = self._check(res)
             if ok or effort * 2 > o.max_effort:
                 break
             stopped = self._bridge_too_large(a, b)
             if stopped is not None:
                 break
+            done = res if bridge else None
             bridge = True
             effort *= 2
         return {
