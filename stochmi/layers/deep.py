@@ -52,8 +52,7 @@ proposals by the balance heuristic (Veach & Guibas 1995):
    ``(N, d_L, d_k)`` factors per intermediate layer.
 
 **Subsampled sources** (large ``N``; :func:`_rank_sources`, :func:`_select_sources`):
-a block of queries (grouped so that they share likely sources, :func:`_group_by_sources`)
-is evaluated at the union of every query's ``n_top`` most likely
+a block of queries is evaluated at the union of every query's ``n_top`` most likely
 sources (by two cheap proxies) and of a uniform random set of ``n_random`` sources that
 stands for all others with Horvitz-Thompson weight ``N / n_random``; every other entry
 of ``L`` is ``-inf``.  Each row's marginal ``sum_i p(t_j | s_i)`` stays unbiased, and
@@ -779,9 +778,6 @@ def deep_log_density(
         if subsample:
             g_all = pool.fin(pb.t[orows], low=True)  # (B_outer, K*N)
             top = _rank_sources(pb, pool, anchors, orows, g_all, n_top)
-            # blocks of queries that share likely sources (a smaller union per block)
-            order = _group_by_sources(top, orows, n, chunk_size)
-            orows, g_all, top = orows[order], g_all[order], top[order]
             first_all = None
             if pool.width > _FULL_Q_DIM:  # the ranking term of _pool_logq, for all paths
                 first_all = pool.first_at(pb.loc1[orows], pb.scale1[orows])
@@ -879,32 +875,6 @@ def _rank_sources(pb: _Problem, pool: _Pool, anchors, rows, log_g, n_top: int):
     score = torch.maximum(s1 - s1.max(1, keepdim=True).values, g - g.max(1, keepdim=True).values)
     score[torch.arange(b, device=dev), rows] = -math.inf
     return torch.topk(score, min(n_top, n - 1), dim=1).indices
-
-
-def _group_by_sources(top: torch.Tensor, rows: torch.Tensor, n: int, block: int) -> torch.Tensor:
-    """An order of the queries ``rows`` (each with its likely sources ``top``,
-    ``(B, n_top)``) in which consecutive ``block``-sized groups share many sources.
-
-    Greedy: the first query not yet placed starts a group and takes the ``block - 1``
-    unplaced queries with the most likely sources in common with it (one ``(B, N) @
-    (N, B)`` product of membership indicators).  Only the cost changes: a block is
-    evaluated at the union of its queries' sources, whichever queries it holds.
-    """
-    b, dev = len(rows), rows.device
-    member = torch.zeros(b, n, dtype=torch.float32, device=dev)
-    member.scatter_(1, top, 1.0)
-    member[torch.arange(b, device=dev), rows] = 1.0
-    shared = member @ member.T  # (B, B): sources in common
-    free = torch.ones(b, dtype=torch.bool, device=dev)
-    order = []
-    for _ in range(0, b, block):
-        seed = int(torch.nonzero(free)[0, 0])
-        score = torch.where(free, shared[seed], -1.0)
-        score[seed] = math.inf
-        pick = torch.topk(score, min(block, int(free.sum())), sorted=True).indices
-        free[pick] = False
-        order.append(pick)
-    return torch.cat(order)
 
 
 def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int):

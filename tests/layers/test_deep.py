@@ -17,13 +17,7 @@ import pytest
 import torch
 
 from stochmi.core.from_matrix import label_bounds_from_log_density, mi_terms_from_log_density
-from stochmi.layers.deep import (
-    _group_by_sources,
-    deep_log_density,
-    mean_path,
-    own_log_density,
-    pooled,
-)
+from stochmi.layers.deep import deep_log_density, mean_path, own_log_density, pooled
 from stochmi.layers.estimation import layer_mi
 from tests.helpers import gaussian_dataset_mi
 
@@ -611,35 +605,6 @@ def test_subsampled_sources_match_the_exact_marginal_density():
     f_ex, _ = mi_terms_from_log_density(exact)
     diff = f_est - f_ex
     assert abs(float(diff.mean())) < 3 * float(diff.std()) / math.sqrt(n) + 0.01
-
-
-def test_queries_are_grouped_by_their_likely_sources():
-    """Queries from 8 clusters (each cluster's likely sources drawn from its own 40),
-    shuffled: the grouped order is a permutation whose blocks of 16 hold far fewer
-    distinct sources than blocks in the shuffled order."""
-    g = torch.Generator().manual_seed(0)
-    n, b, block = 2000, 128, 16
-    cluster = torch.arange(b) % 8
-    pools = torch.randperm(n, generator=g)[: 8 * 40].reshape(8, 40)
-    top = torch.stack([pools[c][torch.randperm(40, generator=g)[:12]] for c in cluster.tolist()])
-    rows = torch.randperm(n, generator=g)[:b]
-    order = _group_by_sources(top, rows, n, block)
-    assert torch.equal(order.sort().values, torch.arange(b))
-
-    def mean_union(idx):
-        sizes = [
-            len(
-                torch.unique(
-                    torch.cat([top[idx[s : s + block]].flatten(), rows[idx[s : s + block]]])
-                )
-            )
-            for s in range(0, b, block)
-        ]
-        return sum(sizes) / len(sizes)
-
-    # shuffled: every block mixes all 8 clusters, about 2 queries of each (about 180
-    # sources); grouped: mostly one cluster per block (at most 40 + 16 sources)
-    assert mean_union(order) < 0.5 * mean_union(torch.arange(b))
 
 
 @pytest.mark.parametrize("kw", [{"n_top": 0}, {"n_random": 3}, {"n_random": 0}])
