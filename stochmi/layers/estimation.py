@@ -176,6 +176,9 @@ class _Deep:
         self.gen, self.dtype, self.progress = gen, dtype, progress
         self.rows = rows  # the queries estimated (None: all N)
         self.cache: dict[tuple[int, int], dict] = {}
+        # labels, and the layers whose I(T; Y) rows come from the densities of X -> T:
+        # their own remaining bias must meet the tolerance too (set by _estimate_pairs)
+        self.labels, self.label_layers = None, frozenset()
 
     def get(self, a: int, b: int) -> dict:
         if (a, b) not in self.cache:
@@ -229,7 +232,7 @@ class _Deep:
                 res = self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
             else:  # a bridged round again: fresh draws at the settings done, pooled with it
                 res = pooled(done[0], self._once(a, b, *done[1]))
-            ok, stats = self._check(res)
+            ok, stats = self._check(res, with_labels=a == -1 and b in self.label_layers)
             if ok or effort * 2 > o.max_effort:
                 break
             stopped = self._bridge_too_large(a, b)
@@ -272,10 +275,11 @@ class _Deep:
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return msg
 
-    def _check(self, res) -> tuple[bool, dict]:
+    def _check(self, res, with_labels: bool = False) -> tuple[bool, dict]:
         """Whether one estimate of the densities meets the convergence rule: remaining
         bias (full minus half-sample MI) within tolerance, enough effective terms
-        behind the marginal density, and no significantly negative MI."""
+        behind the marginal density, and no significantly negative MI; ``with_labels``:
+        the same bias rule for ``I(T; Y)`` from these densities (:func:`_label_bias`)."""
         o = self.opts
         full, loo = _estimated(res, *mi_terms_from_log_density(res.L))
         (half,) = _estimated(res, mi_terms_from_log_density(res.L_half)[0])
@@ -289,12 +293,25 @@ class _Deep:
             and marg_ess >= MIN_MARGINAL_ESS  # the marginal density rests on few draws
             and value >= -3 * se  # a dataset MI cannot be negative
         )
+        if ok and with_labels:
+            label_value, label_bias = _label_bias(res, self.labels)
+            ok = label_bias <= max(o.tolerance, o.rel_tolerance * abs(label_value))
         return ok, {"full": full, "loo": loo, "bias": bias, "marg_ess": marg_ess}
 
 
 def _estimated(res, *terms: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per-query terms of the queries that ``res`` (a :class:`DeepLogDensity`) estimated."""
     return tuple(t if res.rows is None else t[res.rows] for t in terms)
+
+
+def _label_bias(res, y: torch.Tensor) -> tuple[float, float]:
+    """``I(T; Y)`` from the densities ``res`` (all draws) and its remaining bias, the
+    difference to the same from the first half of the draws."""
+    terms = label_bounds_from_log_density(res.L, y)[0]
+    half = label_bounds_from_log_density(res.L_half, y)[0]
+    terms, half = _estimated(res, terms, half)
+    value = float(terms.mean())
+    return value, abs(float(half.mean()) - value)
 
 
 def _conv_entry(d: dict) -> dict:
@@ -349,9 +366,7 @@ def _deep_label_row(src, d: dict, y: torch.Tensor, n: int, opts: DeepOptions) ->
     share where sources are subsampled), so their logarithms are biased lower."""
     terms, ba, up, h_y = label_bounds_from_log_density(d["res"].L, y)
     terms, up = _estimated(d["res"], terms, up)
-    (half,) = _estimated(d["res"], label_bounds_from_log_density(d["res"].L_half, y)[0])
-    value = float(terms.mean())
-    own = abs(float(half.mean()) - value)
+    value, own = _label_bias(d["res"], y)
     bias = max(d["bias"], own)
     lower = math.nan
     if ba is not None:
@@ -382,6 +397,9 @@ def _estimate_pairs(
     rows, conv = [], {}
     direct = _Direct(chain, pos, y, n_draws, chunk_size, device)
     n = chain.n
+    if deep is not None and y is not None:
+        deep.labels = y
+        deep.label_layers = frozenset(pos[s] for s, t in pairs if t == "Y" and s != "X")
     it = tqdm(list(enumerate(pairs)), desc="layer MI", disable=not progress, leave=False)
     for pi, (src, tgt) in it:
         it.set_postfix_str(f"{src}->{tgt}")
