@@ -232,8 +232,9 @@ class _Deep:
                 res = self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
             else:  # a bridged round again: fresh draws at the settings done, pooled with it
                 res = pooled(done[0], self._once(a, b, *done[1]))
-            ok, stats = self._check(res, with_labels=a == -1 and b in self.label_layers)
-            if ok or effort * 2 > o.max_effort:
+            ok, stats = self._check(res)
+            labels_ok = not (a == -1 and b in self.label_layers) or self._labels_ok(res)
+            if (ok and labels_ok) or effort * 2 > o.max_effort:
                 break
             stopped = self._bridge_too_large(a, b)
             if stopped is not None:
@@ -275,11 +276,16 @@ class _Deep:
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return msg
 
-    def _check(self, res, with_labels: bool = False) -> tuple[bool, dict]:
+    def _labels_ok(self, res) -> bool:
+        """Whether ``I(T; Y)`` from these densities meets the bias rule of :meth:`_check`
+        (:func:`_label_bias`); its row reports that itself (:func:`_deep_label_row`)."""
+        value, bias = _label_bias(res, self.labels)
+        return bias <= max(self.opts.tolerance, self.opts.rel_tolerance * abs(value))
+
+    def _check(self, res) -> tuple[bool, dict]:
         """Whether one estimate of the densities meets the convergence rule: remaining
         bias (full minus half-sample MI) within tolerance, enough effective terms
-        behind the marginal density, and no significantly negative MI; ``with_labels``:
-        the same bias rule for ``I(T; Y)`` from these densities (:func:`_label_bias`)."""
+        behind the marginal density, and no significantly negative MI."""
         o = self.opts
         full, loo = _estimated(res, *mi_terms_from_log_density(res.L))
         (half,) = _estimated(res, mi_terms_from_log_density(res.L_half)[0])
@@ -293,9 +299,6 @@ class _Deep:
             and marg_ess >= MIN_MARGINAL_ESS  # the marginal density rests on few draws
             and value >= -3 * se  # a dataset MI cannot be negative
         )
-        if ok and with_labels:
-            label_value, label_bias = _label_bias(res, self.labels)
-            ok = label_bias <= max(o.tolerance, o.rel_tolerance * abs(label_value))
         return ok, {"full": full, "loo": loo, "bias": bias, "marg_ess": marg_ess}
 
 
