@@ -393,6 +393,8 @@ class DeepLogDensity:
         ``log sum w`` and ``log sum w^2`` of the importance weights behind the marginal
         density and behind the diagonal (the two effective sample sizes), for
         :func:`pooled`.
+    n_bridge : int
+        Bridged draws per source.
     """
 
     L: torch.Tensor
@@ -404,6 +406,7 @@ class DeepLogDensity:
     n_sources: float
     rows: torch.Tensor | None = None
     log_sums: torch.Tensor | None = None
+    n_bridge: int = 0
 
 
 def pooled(first: DeepLogDensity, second: DeepLogDensity) -> DeepLogDensity:
@@ -431,6 +434,7 @@ def pooled(first: DeepLogDensity, second: DeepLogDensity) -> DeepLogDensity:
         (first.n_sources + second.n_sources) / 2,
         first.rows,
         sums,
+        first.n_bridge + second.n_bridge,
     )
 
 
@@ -812,7 +816,16 @@ def deep_log_density(
                 progress(len(rows))
     n_sources = float(sum(n_cols) / len(n_cols))
     return DeepLogDensity(
-        out, half, _ess(sums[:, 2:]), _ess(sums[:, :2]), n_is, n_fwd, n_sources, selected, sums
+        out,
+        half,
+        _ess(sums[:, 2:]),
+        _ess(sums[:, :2]),
+        n_is,
+        n_fwd,
+        n_sources,
+        selected,
+        sums,
+        n_bridge,
     )
 
 

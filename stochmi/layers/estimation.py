@@ -166,6 +166,10 @@ class DeepOptions:
     rel_tolerance: float = 0.01
     max_effort: int = 4
 
+    def within(self, bias: float, value: float) -> bool:
+        """Whether a remaining bias is within ``max(tolerance, rel_tolerance * |value|)``."""
+        return bias <= max(self.tolerance, self.rel_tolerance * abs(value))
+
 
 class _Deep:
     """``L[j, i] = log p(t_b,j | s_i)`` for sources ``X`` (a = -1) or layer ``a`` and a
@@ -230,8 +234,8 @@ class _Deep:
             n_br = max(2, 2 * (o.n_fwd * effort // 16)) if bridge else 0
             if done is None:
                 res = self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
-            else:  # a bridged round again: fresh draws at the settings done, pooled with it
-                res = pooled(done[0], self._once(a, b, *done[1]))
+            else:  # a bridged round again: fresh draws at the effort done, pooled with it
+                res = pooled(done, self._once(a, b, done.n_is, done.n_fwd, done.n_bridge))
             ok, stats = self._check(res)
             labels_ok = not (a == -1 and b in self.label_layers) or self._labels_ok(res)
             if (ok and labels_ok) or effort * 2 > o.max_effort:
@@ -239,9 +243,7 @@ class _Deep:
             stopped = self._bridge_too_large(a, b)
             if stopped is not None:
                 break
-            if bridge:  # the next round pools fresh draws at this round's total effort
-                n_br_total = n_br if done is None else 2 * done[1][2]
-                done = (res, (res.n_is, res.n_fwd, n_br_total))
+            done = res if bridge else None  # what the next round pools with
             bridge = True
             effort *= 2
         return {
@@ -280,7 +282,7 @@ class _Deep:
         """Whether ``I(T; Y)`` from these densities meets the bias rule of :meth:`_check`
         (:func:`_label_bias`); its row reports that itself (:func:`_deep_label_row`)."""
         value, bias = _label_bias(res, self.labels)
-        return bias <= max(self.opts.tolerance, self.opts.rel_tolerance * abs(value))
+        return self.opts.within(bias, value)
 
     def _check(self, res) -> tuple[bool, dict]:
         """Whether one estimate of the densities meets the convergence rule: remaining
@@ -295,7 +297,7 @@ class _Deep:
         marg_ess = float(marg.median())
         se = float(full.std()) / math.sqrt(len(full))
         ok = (
-            bias <= max(o.tolerance, o.rel_tolerance * abs(value))
+            o.within(bias, value)
             and marg_ess >= MIN_MARGINAL_ESS  # the marginal density rests on few draws
             and value >= -3 * se  # a dataset MI cannot be negative
         )
@@ -307,12 +309,13 @@ def _estimated(res, *terms: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t if res.rows is None else t[res.rows] for t in terms)
 
 
-def _label_bias(res, y: torch.Tensor) -> tuple[float, float]:
+def _label_bias(res, y: torch.Tensor, terms: torch.Tensor | None = None) -> tuple[float, float]:
     """``I(T; Y)`` from the densities ``res`` (all draws) and its remaining bias, the
-    difference to the same from the first half of the draws."""
-    terms = label_bounds_from_log_density(res.L, y)[0]
-    half = label_bounds_from_log_density(res.L_half, y)[0]
-    terms, half = _estimated(res, terms, half)
+    difference to the same from the first half of the draws.  ``terms``: the per-query
+    terms of ``res.L`` where the caller has them already (:func:`_estimated`)."""
+    if terms is None:
+        (terms,) = _estimated(res, label_bounds_from_log_density(res.L, y)[0])
+    (half,) = _estimated(res, label_bounds_from_log_density(res.L_half, y)[0])
     value = float(terms.mean())
     return value, abs(float(half.mean()) - value)
 
@@ -369,7 +372,7 @@ def _deep_label_row(src, d: dict, y: torch.Tensor, n: int, opts: DeepOptions) ->
     share where sources are subsampled), so their logarithms are biased lower."""
     terms, ba, up, h_y = label_bounds_from_log_density(d["res"].L, y)
     terms, up = _estimated(d["res"], terms, up)
-    value, own = _label_bias(d["res"], y)
+    value, own = _label_bias(d["res"], y, terms)
     bias = max(d["bias"], own)
     lower = math.nan
     if ba is not None:
@@ -384,9 +387,7 @@ def _deep_label_row(src, d: dict, y: torch.Tensor, n: int, opts: DeepOptions) ->
     # more than its standard error and remaining bias allow means the class-conditional
     # densities are off
     row["converged"] = bool(
-        row["converged"]
-        and own <= max(opts.tolerance, opts.rel_tolerance * abs(value))
-        and value >= -3 * row["stderr"] - bias
+        row["converged"] and opts.within(own, value) and value >= -3 * row["stderr"] - bias
     )
     return row
 

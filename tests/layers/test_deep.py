@@ -322,7 +322,7 @@ def test_pooled_estimates_are_unbiased_with_half_their_variance():
     )
     both = pooled(first, second)
     assert torch.equal(both.L_half, first.L)
-    assert (both.n_is, both.n_fwd) == (32, 16)
+    assert (both.n_is, both.n_fwd, both.n_bridge) == (32, 16, 4)
     marg_exact = torch.logsumexp(exact, 1)
     row = torch.exp(torch.logsumexp(both.L, 1) - marg_exact)
     assert abs(float(row.mean()) - 1) < 3 * float(row.std()) / math.sqrt(n)
