@@ -57,7 +57,11 @@ sources (by two cheap proxies) and of a uniform random set of ``n_random`` sourc
 stands for all others with Horvitz-Thompson weight ``N / n_random``; every other entry
 of ``L`` is ``-inf``.  Each row's marginal ``sum_i p(t_j | s_i)`` stays unbiased, and
 the cost per query no longer grows with ``N`` except for the ranking, two matrix
-products against column features computed once.
+products against column features computed once.  With ``strata`` (class labels), blocks
+are taken stratum by stratum and ``U`` is stratified: ``n_random / 2`` sources of the
+block's own stratum and ``n_random`` of the others, each at its stratum's weight, so the
+class-conditional sums of ``I(T; Y)`` rest on far more random sources at the cost of
+``n_random / 2`` more per block.
 
 For source ``i`` and a draw ``z`` from any proposal of an entry, the weight is
 ``p_i(z) p(t_j | z) / (M q_j(z) + K p_i(z))`` (``+ n_bridge r_ji(z)`` off the diagonal
@@ -705,6 +709,7 @@ def deep_log_density(
     dtype: torch.dtype = torch.float32,
     progress=None,
     rows: torch.Tensor | None = None,
+    strata: torch.Tensor | None = None,
 ) -> DeepLogDensity:
     """Estimate ``L[j, i] = log p(t_j | s_i)`` through ``len(links)`` Gaussian links.
 
@@ -746,6 +751,11 @@ def deep_log_density(
     rows : Tensor of int64, shape (R,), optional
         Estimate only the rows ``L[rows, :]`` (queries ``rows``, at every source; the
         forward paths and bridged factors still cover all ``N`` sources).  Default: all.
+    strata : Tensor of int, shape (N,), optional
+        A stratum per source (class labels, for ``I(T; Y)``).  Where sources are
+        subsampled, queries are taken in blocks ordered by stratum and the random share
+        is stratified (:func:`_select_sources`), so a sum over the sources of a query's
+        own stratum rests on ``n_random / 2`` random sources, not ``n_random / C``.
 
     Returns
     -------
@@ -756,9 +766,15 @@ def deep_log_density(
     n, dev = pb.n, pb.loc1.device
     selected = _check_rows(rows, n, dev)  # the loop below reuses the name rows per block
     all_rows = torch.arange(n, device=dev) if selected is None else selected
+    if strata is not None:
+        strata = torch.as_tensor(strata, device=dev).long().reshape(-1)
+        if len(strata) != n:
+            raise ValueError(f"strata must hold one int per source ({n}), got {len(strata)}")
     pool = _Pool(pb, n_fwd)
     bridge = _Bridge(pb, n_bridge, pool) if n_bridge else None
     subsample = n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n
+    if subsample and strata is not None:  # blocks of one stratum share its random draw
+        all_rows = all_rows[torch.argsort(strata[all_rows], stable=True)]
     if chunk_size is None:
         chunk_size = _default_chunk(
             n, anchors, queries, n_is, n_fwd, n_bridge, top_r, n_top, n_random, subsample
@@ -795,7 +811,7 @@ def deep_log_density(
                 q_all = _Guided(pb, orows[start : start + q_group], anchors)
             q = q_all.take(slice(start - q_start, loc.stop - q_start))
             if subsample:
-                cols, logw, pos = _select_sources(pb, rows, top[loc], n_random)
+                cols, logw, pos = _select_sources(pb, rows, top[loc], n_random, strata)
                 sp, pool_b = pb.take(cols), pool.take(cols)
                 bridge_b = bridge.take(cols) if bridge is not None else None
                 log_g = g_all[loc][:, pool_b.idx].to(torch.float64)
@@ -890,17 +906,24 @@ def _rank_sources(pb: _Problem, pool: _Pool, anchors, rows, log_g, n_top: int):
     return torch.topk(score, min(n_top, n - 1), dim=1).indices
 
 
-def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int):
+def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int, strata=None):
     """The sources a block of queries is evaluated at, and their weights.
 
     The union ``D`` of every query's ``n_top`` best sources (``top``, from
     :func:`_rank_sources`) and of the queries' own sources is taken whole (weight 1).
-    A uniform random subset ``U`` of ``n_random`` of all ``N`` sources, drawn
-    independently of everything else, stands for the rest: a source of ``U`` not in
-    ``D`` gets weight ``N / n_random`` (Horvitz-Thompson), so that
-    ``sum_{i in D} p_ji + (N / n_random) sum_{i in U \\ D} p_ji`` is unbiased for
-    ``sum_i p_ji`` whatever ``D`` is.  The half-sample weights use the first
-    ``n_random / 2`` members of ``U`` at weight ``2 N / n_random``.
+    A random subset ``U``, drawn independently of everything else, stands for the rest.
+    Without ``strata``, ``U`` holds ``n_random`` of all ``N`` sources drawn uniformly
+    without replacement, and a source of ``U`` not in ``D`` gets weight ``N / n_random``
+    (Horvitz-Thompson), so that ``sum_{i in D} p_ji + (N / n_random) sum_{i in U \\ D}
+    p_ji`` is unbiased for ``sum_i p_ji`` whatever ``D`` is.  With ``strata`` (one int
+    per source), the draw is stratified: ``m = n_random / 2`` (rounded to even) sources
+    from each stratum ``s`` of the block's queries, at weight ``N_s / m``, and
+    ``n_random`` from all other sources together, at weight ``N_rest / n_random``; a
+    stratum of at most ``m`` sources is taken whole.  Every stratum's sum stays
+    unbiased, so the marginal's does too, and the sum over the queries' own stratum
+    (the class-conditional density of ``I(T; Y)``) rests on ``m`` random sources instead
+    of ``n_random N_s / N``.  The half-sample weights use the first half of each
+    stratum's draw at twice its weight.
 
     Returns
     -------
@@ -915,19 +938,34 @@ def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int):
     in_d = torch.zeros(n, dtype=torch.bool, device=dev)
     in_d[top.reshape(-1)] = True
     in_d[rows] = True
-    perm = torch.randperm(n, generator=pb.gen, device=dev)[:n_random]
-    first_half = torch.zeros(n, dtype=torch.bool, device=dev)
-    first_half[perm[: n_random // 2]] = True
-    rand = perm[~in_d[perm]]
+    if strata is None:
+        groups = [(None, n_random)]
+    else:
+        own = torch.unique(strata[rows])
+        m_own = 2 * max(1, n_random // 4)
+        groups = [((strata == s).nonzero()[:, 0], m_own) for s in own]
+        groups.append(((~torch.isin(strata, own)).nonzero()[:, 0], n_random))
+    rand, w_full, w_half = [], [], []
+    for members, m in groups:
+        n_s = n if members is None else len(members)
+        if n_s <= m:  # a small stratum is taken whole
+            in_d[members] = True
+            continue
+        pick = torch.randperm(n_s, generator=pb.gen, device=dev)[:m]
+        if members is not None:
+            pick = members[pick]
+        keep = ~in_d[pick]
+        first = torch.arange(m, device=dev) < m // 2
+        rand.append(pick[keep])
+        w_full.append(
+            torch.full((int(keep.sum()),), math.log(n_s / m), dtype=torch.float64, device=dev)
+        )
+        w_half.append(torch.where(first[keep], math.log(2 * n_s / m), -math.inf).to(torch.float64))
     det = torch.nonzero(in_d)[:, 0]
-    cols = torch.cat([det, rand])
-    w = torch.zeros(len(cols), dtype=torch.float64, device=dev)
-    w[len(det) :] = math.log(n / n_random)
-    w_half = torch.zeros_like(w)
-    w_half[len(det) :] = torch.where(first_half[rand], math.log(2 * n / n_random), -math.inf).to(
-        torch.float64
-    )
-    logw = torch.stack([w, w_half])[:, None, :].expand(2, b, len(cols))
+    cols = torch.cat([det, *rand])
+    w = torch.cat([torch.zeros(len(det), dtype=torch.float64, device=dev), *w_full])
+    w_h = torch.cat([torch.zeros(len(det), dtype=torch.float64, device=dev), *w_half])
+    logw = torch.stack([w, w_h])[:, None, :].expand(2, b, len(cols))
     where = torch.full((n,), -1, dtype=torch.long, device=dev)
     where[cols] = torch.arange(len(cols), device=dev)
     return cols, logw, where[rows]

@@ -223,6 +223,11 @@ class _Deep:
             dtype=self.dtype,
             progress=bar.update if bar is not None else None,
             rows=self.rows,
+            # the class sums of an I(T; Y) row rest on the random share in bridged rounds
+            # (broad mixtures): there it is stratified by class, blocks class by class;
+            # first rounds keep blocks of mixed classes, whose larger union of best
+            # sources serves the narrow mixtures of trained networks
+            strata=self.labels if n_br and a == -1 and b in self.label_layers else None,
         )
 
     def _run(self, a: int, b: int) -> dict:

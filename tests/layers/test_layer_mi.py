@@ -110,6 +110,25 @@ def test_linear_gaussian_chain_matches_closed_forms():
     assert df["dpi_ok"].all()
 
 
+def test_label_row_is_converged_only_when_its_own_bias_meets_the_tolerance():
+    """I(h2; Y) comes from the densities of X -> h2 but reports its own half-versus-full
+    difference, which is larger (each class sum rests on a tenth of the sources).  One
+    round (max_effort 1) with a tolerance between the two differences leaves X -> h2
+    converged and flags h2 -> Y, with the same values; a loose tolerance passes both."""
+    m = LinearChain(s=(0.3, 0.2))
+    x = _x(300, 3)
+    edges = torch.quantile(x[:, 0], torch.linspace(0, 1, 11, dtype=torch.float64)[1:-1])
+    y = torch.bucketize(x[:, 0].contiguous(), edges)
+    kw = dict(seed=0, pairs=[("X", "h2"), ("h2", "Y")], max_effort=1)
+    loose = layer_mi(m, x, y, tolerance=10.0, **kw)
+    assert loose["converged"].all()
+    b_x, b_y = loose["mc_bias"]
+    assert b_y > 2 * b_x  # the row's own difference, not the one of X -> h2
+    tight = layer_mi(m, x, y, tolerance=(b_x + b_y) / 2, **kw)
+    assert list(tight["value"]) == list(loose["value"])
+    assert list(tight["converged"]) == [True, False]
+
+
 @pytest.mark.slow
 def test_very_noisy_first_layer_then_a_precise_one():
     """A very noisy first layer followed by a precise one, where nested Monte Carlo over
