@@ -766,10 +766,7 @@ def deep_log_density(
     n, dev = pb.n, pb.loc1.device
     selected = _check_rows(rows, n, dev)  # the loop below reuses the name rows per block
     all_rows = torch.arange(n, device=dev) if selected is None else selected
-    if strata is not None:
-        strata = torch.as_tensor(strata, device=dev).long().reshape(-1)
-        if len(strata) != n:
-            raise ValueError(f"strata must hold one int per source ({n}), got {len(strata)}")
+    strata = _check_strata(strata, n, dev)
     pool = _Pool(pb, n_fwd)
     bridge = _Bridge(pb, n_bridge, pool) if n_bridge else None
     subsample = n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n
@@ -868,6 +865,16 @@ def _check_rows(rows, n: int, dev) -> torch.Tensor | None:
     if len(rows) < 1 or bool(((rows < 0) | (rows >= n)).any()) or len(rows.unique()) < len(rows):
         raise ValueError(f"rows must be distinct query indices in [0, {n})")
     return rows
+
+
+def _check_strata(strata, n: int, dev) -> torch.Tensor | None:
+    """``strata`` as an int64 tensor of ``n`` entries on ``dev`` (None stays)."""
+    if strata is None:
+        return None
+    strata = torch.as_tensor(strata, device=dev).long().reshape(-1)
+    if len(strata) != n:
+        raise ValueError(f"strata must hold one int per source ({n}), got {len(strata)}")
+    return strata
 
 
 def _default_chunk(n, anchors, queries, n_is, n_fwd, n_bridge, top_r, n_top, n_random, subsample):
