@@ -234,22 +234,28 @@ class _Deep:
         o = self.opts
         effort, bridge, stopped, done = 1, False, None, None
         while True:
-            # from the second round on, the off-diagonal densities come from bridged draws
-            # (n_fwd / 8 per source at twice the effort) and the forward paths
+            # after a first round whose densities missed, the off-diagonal densities come
+            # from bridged draws (n_fwd / 8 per source at twice the effort) and the
+            # forward paths
             n_br = max(2, 2 * (o.n_fwd * effort // 16)) if bridge else 0
             if done is None:
                 res = self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
-            else:  # a bridged round again: fresh draws at the effort done, pooled with it
+            else:  # a round again: fresh draws at the effort done, pooled with it
                 res = pooled(done, self._once(a, b, done.n_is, done.n_fwd, done.n_bridge))
             ok, stats = self._check(res)
             labels_ok = not (a == -1 and b in self.label_layers) or self._labels_ok(res)
             if (ok and labels_ok) or effort * 2 > o.max_effort:
                 break
-            stopped = self._bridge_too_large(a, b)
-            if stopped is not None:
-                break
-            done = res if bridge else None  # what the next round pools with
-            bridge = True
+            if ok and not bridge:
+                # only the I(T; Y) row missed: its class sums need more of the same draws,
+                # so a fresh unbridged estimate at this effort is pooled with this one
+                done = res
+            else:
+                stopped = self._bridge_too_large(a, b)
+                if stopped is not None:
+                    break
+                done = res if bridge else None  # what the next round pools with
+                bridge = True
             effort *= 2
         return {
             "stopped": stopped,
@@ -337,6 +343,7 @@ def _conv_entry(d: dict) -> dict:
         "converged": d["converged"],
         "diag_ess_median": float(diag_ess.median()),
         "marginal_ess_median": d["marg_ess"],
+        "n_bridge": d["res"].n_bridge,
         **({"stopped": d["stopped"]} if d.get("stopped") else {}),
     }
 
@@ -640,8 +647,9 @@ def layer_mi(
         ``tolerance``) and ``"path_convergence"``: for every importance-sampled row
         and every nested Monte Carlo ``X -> T_l`` row, ``"source->target"`` -> the
         dataset MI ``value`` with ``k`` paths and ``value_half`` with ``k_half``, and
-        for importance-sampled rows also ``n_is``, ``converged``, ``diag_ess_median``
-        and ``marginal_ess_median``, and ``stopped`` (why the effort was not raised:
+        for importance-sampled rows also ``n_is``, ``n_bridge`` (bridged draws per
+        source, 0 where no bridged round ran), ``converged``, ``diag_ess_median`` and
+        ``marginal_ess_median``, and ``stopped`` (why the effort was not raised:
         the bridged round would take more than 3/4 of the device's memory; also
         a ``RuntimeWarning``) where that happened (a ``T_l -> Y`` entry describes the matrix
         ``log p(t_l | x_i)`` it shares with ``X -> T_l``; empty in conditional mode).

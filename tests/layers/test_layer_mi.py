@@ -127,6 +127,11 @@ def test_label_row_is_converged_only_when_its_own_bias_meets_the_tolerance():
     tight = layer_mi(m, x, y, tolerance=(b_x + b_y) / 2, **kw)
     assert list(tight["value"]) == list(loose["value"])
     assert list(tight["converged"]) == [True, False]
+    # with a second round allowed, the densities behind the missing label row get a
+    # fresh unbridged estimate, pooled with the first (the X row had converged)
+    more = layer_mi(m, x, y, tolerance=(b_x + b_y) / 2, **{**kw, "max_effort": 2})
+    conv = more.attrs["path_convergence"]["X->h2"]
+    assert (conv["n_is"], conv["n_bridge"]) == (64, 0)
 
 
 @pytest.mark.slow
