@@ -608,8 +608,9 @@ def test_subsampled_sources_match_the_exact_marginal_density():
 
 
 def test_random_share_stratified_by_class_keeps_the_class_sums_unbiased_and_tighter():
-    """With ``strata`` (8 classes by a layer-1 coordinate), the random share draws from
-    each block's own class separately: the class-conditional sums
+    """With ``strata`` (9 classes by a layer-1 coordinate, one of them smaller than the
+    per-class share and so taken whole), the random share draws from each block's own
+    class separately: the class-conditional sums
     ``sum_{i: y_i = y_j} p(t_j | x_i)`` and the marginal ones stay unbiased against the
     exact Gaussian values, and the error of the log class sums has under half the
     variance of the uniform share's, drawn from the same chain."""
@@ -617,6 +618,7 @@ def test_random_share_stratified_by_class_keeps_the_class_sums_unbiased_and_tigh
     g, mu1, t1, t2, exact, link = _two_layer_linear(n, 0.4, 0.3, seed=3)
     edges = torch.quantile(mu1[:, 0], torch.linspace(0, 1, 9, dtype=torch.float64)[1:-1])
     y = torch.bucketize(mu1[:, 0].contiguous(), edges)
+    y[torch.nonzero(y == 7)[:20, 0]] = 8  # a class of 20, under m = 32: taken whole
     same = y[:, None] == y[None, :]
 
     def class_sums(L):
