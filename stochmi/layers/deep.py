@@ -962,12 +962,10 @@ def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int, strata
         if members is not None:
             pick = members[pick]
         keep = ~in_d[pick]
-        first = torch.arange(m, device=dev) < m // 2
+        first = (torch.arange(m, device=dev) < m // 2)[keep]
         rand.append(pick[keep])
-        w_full.append(
-            torch.full((int(keep.sum()),), math.log(n_s / m), dtype=torch.float64, device=dev)
-        )
-        w_half.append(torch.where(first[keep], math.log(2 * n_s / m), -math.inf).to(torch.float64))
+        w_full.append(torch.full(first.shape, math.log(n_s / m), dtype=torch.float64, device=dev))
+        w_half.append(torch.where(first, math.log(2 * n_s / m), -math.inf).to(torch.float64))
     det = torch.nonzero(in_d)[:, 0]
     cols = torch.cat([det, *rand])
     w = torch.cat([torch.zeros(len(det), dtype=torch.float64, device=dev), *w_full])

@@ -243,7 +243,8 @@ class _Deep:
             else:  # a round again: fresh draws at the effort done, pooled with it
                 res = pooled(done, self._once(a, b, done.n_is, done.n_fwd, done.n_bridge))
             ok, stats = self._check(res)
-            labels_ok = not (a == -1 and b in self.label_layers) or self._labels_ok(res)
+            label = _label_terms(res, self.labels) if a == -1 and b in self.label_layers else None
+            labels_ok = label is None or o.within(label["own"], label["value"])
             if (ok and labels_ok) or effort * 2 > o.max_effort:
                 break
             if ok and not bridge:
@@ -267,6 +268,7 @@ class _Deep:
             "n_is": res.n_is,
             "n_fwd": res.n_fwd,
             "marg_ess": stats["marg_ess"],
+            "label": label,
         }
 
     def _bridge_too_large(self, a: int, b: int) -> str | None:
@@ -288,12 +290,6 @@ class _Deep:
         )
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return msg
-
-    def _labels_ok(self, res) -> bool:
-        """Whether ``I(T; Y)`` from these densities meets the bias rule of :meth:`_check`
-        (:func:`_label_bias`); its row reports that itself (:func:`_deep_label_row`)."""
-        value, bias = _label_bias(res, self.labels)
-        return self.opts.within(bias, value)
 
     def _check(self, res) -> tuple[bool, dict]:
         """Whether one estimate of the densities meets the convergence rule: remaining
@@ -320,15 +316,19 @@ def _estimated(res, *terms: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t if res.rows is None else t[res.rows] for t in terms)
 
 
-def _label_bias(res, y: torch.Tensor, terms: torch.Tensor | None = None) -> tuple[float, float]:
-    """``I(T; Y)`` from the densities ``res`` (all draws) and its remaining bias, the
-    difference to the same from the first half of the draws.  ``terms``: the per-query
-    terms of ``res.L`` where the caller has them already (:func:`_estimated`)."""
-    if terms is None:
-        (terms,) = _estimated(res, label_bounds_from_log_density(res.L, y)[0])
+def _label_terms(res, y: torch.Tensor) -> dict:
+    """``I(T; Y)`` from the densities ``res``: the per-query terms, Barber-Agakov and
+    upper-bound terms and label entropy of :func:`label_bounds_from_log_density` (all
+    draws), their mean ``value``, and ``own``, its remaining bias: the difference to the
+    same from the first half of the draws."""
+    terms, ba, up, h_y = label_bounds_from_log_density(res.L, y)
+    terms, up = _estimated(res, terms, up)
+    if ba is not None:
+        (ba,) = _estimated(res, ba)
     (half,) = _estimated(res, label_bounds_from_log_density(res.L_half, y)[0])
     value = float(terms.mean())
-    return value, abs(float(half.mean()) - value)
+    own = abs(float(half.mean()) - value)
+    return {"terms": terms, "ba": ba, "up": up, "h_y": h_y, "value": value, "own": own}
 
 
 def _conv_entry(d: dict) -> dict:
@@ -377,18 +377,17 @@ def _deep_xy_row(src, tgt, d: dict, n: int) -> dict:
     return _deep_row(src, tgt, d, d["full"], lower, upper, n)
 
 
-def _deep_label_row(src, d: dict, y: torch.Tensor, n: int, opts: DeepOptions) -> dict:
-    """``I(T_l; Y)`` from the densities of ``X -> T_l``.  Its remaining bias is the larger
-    of that row's and its own half-versus-full difference: the class-conditional sums
-    rest on fewer terms than the marginal one (a tenth of the sources, and of the random
-    share where sources are subsampled), so their logarithms are biased lower."""
-    terms, ba, up, h_y = label_bounds_from_log_density(d["res"].L, y)
-    terms, up = _estimated(d["res"], terms, up)
-    value, own = _label_bias(d["res"], y, terms)
+def _deep_label_row(src, d: dict, n: int, opts: DeepOptions) -> dict:
+    """``I(T_l; Y)`` from the densities of ``X -> T_l`` (their label terms, ``d["label"]``,
+    :func:`_label_terms`).  Its remaining bias is the larger of that row's and its own
+    half-versus-full difference: the class-conditional sums rest on fewer terms than the
+    marginal one (a tenth of the sources, and of the random share where sources are
+    subsampled), so their logarithms are biased lower."""
+    lab = d["label"]
+    terms, ba, up, h_y, value, own = (lab[k] for k in ("terms", "ba", "up", "h_y", "value", "own"))
     bias = max(d["bias"], own)
     lower = math.nan
     if ba is not None:
-        (ba,) = _estimated(d["res"], ba)
         lower = max(0.0, h_y + float(ba.mean()) - bias)
     upper = min(h_y, float(up.mean()) + bias)
     row = _deep_row(src, "Y", d, terms, lower, upper, n)
@@ -423,7 +422,7 @@ def _estimate_pairs(
         b = None if tgt == "Y" else pos[tgt]
         if deep is not None and tgt == "Y" and a > 0:
             d = deep.get(-1, a)
-            rows.append(_deep_label_row(src, d, y, n, deep.opts))
+            rows.append(_deep_label_row(src, d, n, deep.opts))
             conv[f"{src}->Y"] = _conv_entry(d)
         elif deep is not None and tgt != "Y" and b > a + 1:
             d = deep.get(a, b)
