@@ -118,20 +118,93 @@ _BRIDGE_Q = 4  # with bridging, draws of q_j per query that also serve the other
 _BLOCK = 16  # queries per block when the sources are subsampled (they share U)
 _RANK_STEP = 256  # queries ranked together when the sources are subsampled
 _SUBSAMPLE_FRACTION = 0.5  # subsample only when a block's sources are under this share of N
+_BRIDGE_CHUNK = 2e7  # elements of one (sources, d_L, sum d_k) factor built at a time
 
 
-def bridge_bytes(n: int, widths: list[int], d_last: int) -> int:
-    """Memory the bridged proposal holds (:class:`_Bridge`, ``n_bridge > 0``): about six
-    float64 ``(N, d_L, d_k)`` factors per intermediate layer of width ``d_k`` (the
-    steps' maps, gains and whitened maps, their products, and the link Jacobians while
-    they are built), for ``N`` sources and a query layer of width ``d_L``."""
-    return 6 * 8 * n * d_last * sum(widths)
+def bridge_bytes(
+    n: int,
+    widths: list[int],
+    d_last: int,
+    *,
+    n_bridge: int = 8,
+    n_fwd: int = 64,
+    n_top: int | None = 48,
+    n_random: int = 128,
+) -> int:
+    """Peak memory in bytes of a bridged call of :func:`deep_log_density` beyond what
+    its caller holds, for ``N`` sources, intermediate widths ``d_k`` (``D = sum d_k``)
+    and a query layer of width ``d_L``; all float64:
+
+    - the bridged factors (:class:`_Bridge`), per source: each step's map ``M`` and
+      gain ``G`` and the stacked products of :meth:`_Bridge.at_draws` (``2 d_L d_k``
+      and ``d_L d_k`` more in every step above the first), three ``d_L x d_L``
+      products per step above the first and one summed over the steps, the draws'
+      noise (``n_bridge D``) and the terms of ``log r`` at the ``K = n_fwd`` forward
+      paths (``K d_L``);
+    - the larger of their build, about eight ``(S, d_L, D)`` temporaries for a chunk
+      of ``S`` sources (:func:`_bridge_chunk`) and the standard normals of the draws,
+      and of a block's copy of the factors of its subsampled sources (``16 (n_top +
+      1) + 3 n_random / 2`` of them) with its temporaries (``6e7`` elements, measured);
+    - the forward paths, ``K`` per source (each layer and its parent's mean, the
+      query layer's mean, scale and two column features, float32 features of the
+      first and the query layer) and, when sources are subsampled, two ranking scores
+      of ``_RANK_STEP`` queries at every path;
+    - the ``N x N`` estimate and its half-sample twin.
+
+    Measured peaks of ``noisy_mlp`` and ``noisy_cnn`` layers (N = 250 to 4,000) lie
+    between 0.9 and 1.0 times this figure (``benchmarks/bench_bridge_memory.py``).
+    """
+    d, big, steps = d_last, sum(widths), len(widths)
+    held = _bridge_held_bytes(n, widths, d_last, n_bridge, n_fwd)
+    chunk = min(n, _bridge_chunk(d, widths))
+    build = 8 * (8 * chunk * d * big + n * n_bridge * (big + steps * d))
+    block = 0
+    if n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n:
+        block = held * (_BLOCK * (n_top + 1) + 3 * n_random // 2) // n + 8 * 6 * 10**7
+    paths = n * n_fwd * (8 * (2 * big + 4 * d) + 4 * 2 * (widths[0] + d))
+    if block:  # the ranking scores of _RANK_STEP queries at every forward path
+        paths += 2 * 8 * _RANK_STEP * n_fwd * n
+    return int(held + max(build, block) + paths + 16 * n * n)
+
+
+def _bridge_held_bytes(n: int, widths: list[int], d_last: int, n_bridge: int, n_fwd: int) -> int:
+    """Bytes of the tensors a :class:`_Bridge` keeps (see :func:`bridge_bytes`)."""
+    d, big, steps = d_last, sum(widths), len(widths)
+    per_source = (
+        d * (4 * big + big - widths[0])  # M, G and the stacks
+        + d * d * (3 * (steps - 1) + 1)  # vq above the first step, pool_quad
+        + (n_bridge + 1) * big  # zeta, s2
+        + widths[0]  # a0
+        + 3 * d  # y of the first step, wgp0_a
+        + d * (steps - 1)  # y above the first step
+        + 1 * steps  # norm
+        + n_bridge  # log_r
+        + n_fwd * (d + 1)  # pool_v, pool_base
+    )
+    return 8 * n * per_source
+
+
+def _bridge_chunk(d_last: int, widths: list[int]) -> int:
+    """Sources whose bridged factors are built together: about ``_BRIDGE_CHUNK``
+    elements in each of their ``(S, d_L, sum d_k)`` temporaries."""
+    return max(1, int(_BRIDGE_CHUNK // (d_last * sum(widths))))
 
 
 def memory_budget(device: torch.device) -> int:
-    """Three quarters of the device's memory in bytes (physical memory on the CPU)."""
+    """Nine tenths of the memory available now on ``device``, in bytes: on a GPU the
+    free memory plus what torch's allocator holds unused; on the CPU ``MemAvailable``
+    of ``/proc/meminfo`` (Linux), elsewhere three quarters of the physical memory."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory * 3 // 4
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return (free + cached) * 9 // 10
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 * 9 // 10
+    except OSError:
+        pass
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4
     except (ValueError, OSError, AttributeError):  # not available: no limit
@@ -607,11 +680,14 @@ class _Step:
             setattr(out, name, getattr(self, name)[idx])
         return out
 
-    def noise(self, shape) -> torch.Tensor:
-        """``zeta ~ N(0, Cov)``, ``(B, R, d)`` (Matheron's rule)."""
-        b, r = shape[0], shape[1]
-        t = self.s2.sqrt()[:, None, :] * self.pb.randn((b, r, self.d))
-        e = self.pb.randn((b, r, self.y.shape[1])) @ self.chol_r.transpose(1, 2)
+    def noise(self, shape, normals=None) -> torch.Tensor:
+        """``zeta ~ N(0, Cov)``, ``(B, R, d)`` (Matheron's rule), from standard normals
+        ``(B, R, d)`` and ``(B, R, d_L)`` drawn here or given as ``normals``."""
+        if normals is None:
+            b, r = shape[0], shape[1]
+            normals = (self.pb.randn((b, r, self.d)), self.pb.randn((b, r, self.y.shape[1])))
+        t = self.s2.sqrt()[:, None, :] * normals[0]
+        e = normals[1] @ self.chol_r.transpose(1, 2)
         return t - (t @ self.m.transpose(1, 2) + e) @ self.gain_t
 
 
@@ -1052,62 +1128,96 @@ class _Bridge:
     ``t_j``.  Memory: three ``(N, d_L, d_k)`` tensors per intermediate layer.
     """
 
-    def __init__(self, pb: _Problem, n_br: int, pool: _Pool):
+    def __init__(self, pb: _Problem, n_br: int, pool: _Pool, chunk: int | None = None):
         # linearisation points: one fresh forward path per source (not one of the pool's,
         # at which r_ji is evaluated, so that r_ji stays independent of those draws)
         path = [pb.loc1 + pb.scale1 * pb.randn(pb.loc1.shape)]
         for k in range(len(pb.links) - 1):
             loc, scale = pb.call(k, path[-1])
             path.append(loc + scale * pb.randn(loc.shape))
-        rows = torch.arange(pb.n, device=pb.loc1.device)
-        self.q = _Guided(pb, rows, path, tq=torch.zeros_like(pb.t))
+        n, d_l, dev = pb.n, pb.t.shape[1], pb.loc1.device
+        widths = [t.shape[1] for t in path]
         self.n_br = n_br
-        # the first step's mean at t_j = 0, started from each source: (N, d_1)
-        self.a0 = self.q.steps[0].mean(pb.loc1[:, None, :])[:, 0]
-        self.zeta = [st.noise((pb.n, n_br)) for st in self.q.steps]  # (N, n_br, d_k)
-        self.log_r = sum(
-            st.logpdf(z, torch.zeros_like(z)) for st, z in zip(self.q.steps, self.zeta)
-        )  # (N, n_br)
-        self._at_pool(pool)
-
-    def _at_pool(self, pool: _Pool) -> None:
-        """Precompute ``log r_ji`` at source ``i``'s forward paths as a quadratic in
-        ``t_j``: with ``u`` the path minus the step mean at ``t_j = 0``, ``P`` the step
-        precision and ``G`` its gain, ``t - mean = u - G^T t_j``, so each step adds
-        ``-(u'Pu)/2 - norm + t_j'(G P u) - t_j'(G P G^T) t_j / 2``."""
-        n = self.q.pb.n
+        # the standard normals of every step's draws, in the order of one pass over all
+        # sources (the factors below are built chunk by chunk of sources)
+        normals = [(pb.randn((n, n_br, d)), pb.randn((n, n_br, d_l))) for d in widths]
         k_paths = pool.layers[0].shape[0] // n
-        self.pool_base, self.pool_v, self.pool_quad = 0.0, 0.0, 0.0
-        gps, gss, self.vq = [], [None], [None]
-        for k, st in enumerate(self.q.steps):
-            t, prior = (
-                v.reshape(k_paths, n, -1).transpose(0, 1) for v in (pool.layers[k], pool.priors[k])
+        pool_t = [v.reshape(k_paths, n, -1) for v in pool.layers]
+        pool_p = [v.reshape(k_paths, n, -1) for v in pool.priors]
+        step = chunk or _bridge_chunk(d_l, widths)
+        parts: dict = {}
+        for c in range(0, n, step):
+            cols = slice(c, min(n, c + step))
+            got = self._build(
+                pb,
+                path,
+                torch.arange(cols.start, cols.stop, device=dev),
+                [(a[cols], b[cols]) for a, b in normals],
+                [v[:, cols].transpose(0, 1) for v in pool_t],
+                [v[:, cols].transpose(0, 1) for v in pool_p],
             )
-            mean0 = st.mean(prior)
-            u = t - mean0  # (N, K, d_k)
-            self.pool_base = self.pool_base + st.logpdf(t, mean0)
-            gw = st.gain_t @ st.w.transpose(1, 2)  # (N, d_L, d_L)
-            gp = st.gain_t / st.s2[:, None, :] + gw @ st.w  # G P, (N, d_L, d_k)
-            gps.append(gp)
-            self.pool_v = self.pool_v + u @ gp.transpose(1, 2)  # (N, K, d_L)
+            for name, v in got.items():  # one preallocated tensor per factor, filled in
+                if name not in parts:
+                    parts[name] = torch.empty((n, *v.shape[1:]), dtype=v.dtype, device=dev)
+                parts[name][cols] = v
+        steps = []
+        for k, d in enumerate(widths):
+            st = object.__new__(_Step)
+            st.pb, st.d = pb, d
+            for name in _Step.MEAN:
+                setattr(st, name, parts[(name, k)])
+            st.w = parts[("stack", k)].split(d_l, 1)[-2]  # a view: w is part of the stack
+            steps.append(st)
+        self.q = _StepList(steps)
+        self.zeta = [parts[("zeta", k)] for k in range(len(widths))]  # (N, n_br, d_k)
+        self.stack = [parts[("stack", k)] for k in range(len(widths))]
+        self.vq = [None] + [tuple(parts[(f, k)] for f in "qwg") for k in range(1, len(widths))]
+        for name in ("a0", "wgp0_a", "log_r", "pool_base", "pool_v", "pool_quad"):
+            setattr(self, name, parts[name])
+
+    @staticmethod
+    def _build(pb: _Problem, path, rows, normals, pool_t, pool_p) -> dict:
+        """The factors of the sources ``rows`` (``normals``: their steps' standard normals,
+        ``pool_t`` / ``pool_p``: their forward paths' layers and parents' means,
+        ``(S, K, d_k)`` each), by name (a step's by ``(name, k)``).
+
+        ``log r_ji`` at source ``i``'s forward paths is a quadratic in ``t_j``: with ``u``
+        the path minus the step mean at ``t_j = 0``, ``P`` the step precision and ``G``
+        its gain, ``t - mean = u - G^T t_j``, so each step adds ``-(u'Pu)/2 - norm +
+        t_j'(G P u) - t_j'(G P G^T) t_j / 2`` (``pool_base``, ``pool_v``, ``pool_quad``).
+        For :meth:`at_draws`, each step's factors that multiply the same vector are
+        stacked (one product per chunk): ``w`` and ``G P`` in the first step, ``G S^-1``,
+        ``w`` and ``G P`` above it, with the ``d_L x d_L`` terms of
+        ``v = prior M^T - y`` in ``q``, ``w``, ``g``."""
+        q = _Guided(pb, rows, path, tq=torch.zeros_like(pb.t[rows]))
+        out: dict = {}
+        zeta = [st.noise(None, normals=e) for st, e in zip(q.steps, normals)]
+        out["log_r"] = sum(st.logpdf(z, torch.zeros_like(z)) for st, z in zip(q.steps, zeta))
+        # the first step's mean at t_j = 0, started from each source: (S, d_1)
+        out["a0"] = q.steps[0].mean(pb.loc1[rows][:, None, :])[:, 0]
+        base, pool_v, quad = 0.0, 0.0, 0.0
+        for k, st in enumerate(q.steps):
+            for name in _Step.MEAN:
+                out[(name, k)] = getattr(st, name)
+            out[("zeta", k)] = zeta[k]
+            mean0 = st.mean(pool_p[k])
+            u = pool_t[k] - mean0  # (S, K, d_k)
+            base = base + st.logpdf(pool_t[k], mean0)
+            gw = st.gain_t @ st.w.transpose(1, 2)  # (S, d_L, d_L)
+            gp = st.gain_t / st.s2[:, None, :] + gw @ st.w  # G P, (S, d_L, d_k)
+            pool_v = pool_v + u @ gp.transpose(1, 2)  # (S, K, d_L)
             gs = st.gain_t / st.s2[:, None, :]
-            self.pool_quad = (
-                self.pool_quad + gs @ st.gain_t.transpose(1, 2) + gw @ gw.transpose(1, 2)
-            )
-            if k > 0:  # for at_draws: the step's terms in v = prior M^T - y (d_L x d_L)
+            quad = quad + gs @ st.gain_t.transpose(1, 2) + gw @ gw.transpose(1, 2)
+            if k == 0:
+                out[("stack", k)] = torch.cat([st.w, gp], 1)  # (S, 2 d_L, d_k)
+            else:
                 g_t = st.gain_t.transpose(1, 2)
-                gss.append(gs)
-                self.vq.append((gs @ g_t, gw.transpose(1, 2), gp @ g_t))
-        # for at_draws: each step's factors that multiply the same vector, stacked (one
-        # product per chunk): w and G P in the first step, G S^-1, w and G P above it
-        d_l = self.q.pb.t.shape[1]
-        self.stack = []
-        for k, st in enumerate(self.q.steps):
-            parts = [st.w, gps[k]] if k == 0 else [gss[k], st.w, gps[k]]
-            self.stack.append(torch.cat(parts, 1))  # (N, 2 or 3 d_L, d_k)
-            st.w = self.stack[-1].split(d_l, 1)[-2]  # a view: one copy in memory
-        # the first step's stack times its mean at t_j = 0: (N, 2 d_L)
-        self.wgp0_a = (self.stack[0] @ self.a0[:, :, None])[:, :, 0]
+                out[("stack", k)] = torch.cat([gs, st.w, gp], 1)  # (S, 3 d_L, d_k)
+                out[("q", k)], out[("w", k)], out[("g", k)] = gs @ g_t, gw.transpose(1, 2), gp @ g_t
+        out["pool_base"], out["pool_v"], out["pool_quad"] = base, pool_v, quad
+        # the first step's stack times its mean at t_j = 0: (S, 2 d_L)
+        out["wgp0_a"] = (out[("stack", 0)] @ out["a0"][:, :, None])[:, :, 0]
+        return out
 
     def take(self, cols: torch.Tensor) -> _Bridge:
         """The per-source factors and draws of the sources ``cols`` only (those that

@@ -252,7 +252,11 @@ class _Deep:
                 # so a fresh unbridged estimate at this effort is pooled with this one
                 done = res
             else:
-                stopped = self._bridge_too_large(a, b)
+                if bridge:  # the next round repeats this one's effort
+                    n_fwd, n_br = res.n_fwd, res.n_bridge
+                else:
+                    n_fwd, n_br = o.n_fwd * effort * 2, max(2, 2 * (o.n_fwd * effort * 2 // 16))
+                stopped = self._bridge_too_large(a, b, n_fwd, n_br)
                 if stopped is not None:
                     break
                 done = res if bridge else None  # what the next round pools with
@@ -271,21 +275,22 @@ class _Deep:
             "label": label,
         }
 
-    def _bridge_too_large(self, a: int, b: int) -> str | None:
-        """Why the bridged round is not run (its factors would take more than
-        :func:`memory_budget`, 3/4 of the device's memory), or None."""
+    def _bridge_too_large(self, a: int, b: int, n_fwd: int, n_br: int) -> str | None:
+        """Why the bridged round (``n_fwd`` forward paths and ``n_br`` bridged draws per
+        source) is not run: it would need more than :func:`memory_budget`, nine tenths
+        of the memory available now.  None: it fits."""
         ch = self.chain
         widths = [int(ch.values[m].reshape(ch.n, -1).shape[1]) for m in range(a + 1, b)]
         d_last = int(ch.values[b].reshape(ch.n, -1).shape[1])
-        need = bridge_bytes(ch.n, widths, d_last)
+        need = bridge_bytes(ch.n, widths, d_last, n_bridge=n_br, n_fwd=n_fwd)
         budget = memory_budget(ch.values[b].device)
         if need <= budget:
             return None
         msg = (
-            f"the bridged round of this row would hold about {need / 2**30:.1f} GiB "
+            f"the bridged round of this row would need about {need / 2**30:.1f} GiB "
             f"(N = {ch.n} sources, query width {d_last}, intermediate widths {widths}), "
-            f"more than the {budget / 2**30:.1f} GiB allowed (3/4 of the device's memory): "
-            "the row stops at the first round and is flagged if it did not converge "
+            f"more than the {budget / 2**30:.1f} GiB allowed (9/10 of the memory available "
+            "now): the row keeps the rounds it ran and is flagged if they did not converge "
             "(use fewer inputs, narrower noisy layers, or more noise)"
         )
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -649,7 +654,7 @@ def layer_mi(
         for importance-sampled rows also ``n_is``, ``n_bridge`` (bridged draws per
         source, 0 where no bridged round ran), ``converged``, ``diag_ess_median`` and
         ``marginal_ess_median``, and ``stopped`` (why the effort was not raised:
-        the bridged round would take more than 3/4 of the device's memory; also
+        the bridged round would need more than 9/10 of the memory available; also
         a ``RuntimeWarning``) where that happened (a ``T_l -> Y`` entry describes the matrix
         ``log p(t_l | x_i)`` it shares with ``X -> T_l``; empty in conditional mode).
         In conditional mode also ``"per_draw"`` (DataFrame, one row per draw and pair,

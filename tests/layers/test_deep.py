@@ -674,9 +674,51 @@ def test_link_jacobian_falls_back_to_one_backward_pass_per_row(monkeypatch):
     assert torch.allclose(batched, expected) and torch.allclose(per_row, expected)
 
 
+def _storages(obj, seen):
+    """Distinct tensor storages reachable from ``obj`` (lists, tuples, attributes;
+    the shared problem ``pb`` left out): ``{data_ptr: nbytes}``."""
+    if torch.is_tensor(obj):
+        seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            _storages(v, seen)
+    elif hasattr(obj, "__dict__"):
+        for k, v in vars(obj).items():
+            if k != "pb":
+                _storages(v, seen)
+    return seen
+
+
+@pytest.mark.parametrize("widths, chunk", [([5, 6, 4, 3], None), ([5, 6, 4, 3], 7), ([5, 9, 2], 4)])
+def test_bridge_memory_model_counts_every_tensor_the_bridge_keeps(widths, chunk):
+    """The held part of ``bridge_bytes`` is the exact size of the bridged factors, built
+    in one piece or chunk by chunk of sources; the chunks give the same factors."""
+    from stochmi.layers import deep
+
+    g = torch.Generator().manual_seed(0)
+    n, k, n_br = 23, 4, 6
+    links = _tanh_links(widths, [1.5] * (len(widths) - 1), [0.7] * (len(widths) - 1), 1)
+    loc1 = torch.randn(n, widths[0], generator=g, dtype=torch.float64)
+    tq = torch.randn(n, widths[-1], generator=g, dtype=torch.float64)
+    scale = torch.full((n, widths[0]), 0.8, dtype=torch.float64)
+
+    def build(c):
+        pb = deep._Problem(loc1, scale, links, tq, torch.Generator().manual_seed(1), torch.float64)
+        return deep._Bridge(pb, n_br, deep._Pool(pb, k), chunk=c)
+
+    bridge = build(chunk)
+    held = sum(_storages(bridge, {}).values())
+    assert held == deep._bridge_held_bytes(n, widths[:-1], widths[-1], n_br, k)
+    whole = build(None)
+    for name in ("zeta", "stack", "log_r", "pool_v", "pool_quad", "wgp0_a"):
+        a, b = getattr(bridge, name), getattr(whole, name)
+        for u, v in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            assert torch.allclose(u, v, rtol=1e-12, atol=1e-12), name
+
+
 def test_bridged_round_that_would_not_fit_in_memory_is_skipped_and_the_row_flagged(monkeypatch):
     """A row whose first round misses the tolerance goes on to the bridged round, unless
-    that round's factors would take more than 3/4 of the device's memory: then the row
+    that round would need more than 9/10 of the memory available: then the row
     keeps its first round, is flagged, and says why (a warning and
     ``path_convergence[...]["stopped"]``)."""
     from stochmi.layers import deep, estimation
@@ -685,7 +727,7 @@ def test_bridged_round_that_would_not_fit_in_memory_is_skipped_and_the_row_flagg
     m.A = [a * 0.6 for a in m.A]
     x = _x(150, 20, 13)
     kw = dict(seed=1, pairs=[("X", "h2")], max_effort=2)
-    need = deep.bridge_bytes(150, [96], 64)
+    need = deep.bridge_bytes(150, [96], 64, n_bridge=4, n_fwd=32)  # effort 2 of 16 paths
     monkeypatch.setattr(estimation, "memory_budget", lambda device: need - 1)
     with pytest.warns(RuntimeWarning, match="bridged round"):
         df = layer_mi(m, x, **kw)
