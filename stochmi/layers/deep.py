@@ -557,25 +557,29 @@ class _Pool:
         """Layers and parents' means of the paths ``idx`` (any shape)."""
         return [t[idx] for t in self.layers], [p[idx] for p in self.priors]
 
-    def first_at(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``log N(t_1 of path r; loc_b, diag scale_b^2)``, ``(B, K*N)``, in float32 from
-        features of the paths computed once (a ranking score, not part of an estimate)."""
+    def first_at(self, loc: torch.Tensor, scale: torch.Tensor, idx=None) -> torch.Tensor:
+        """``log N(t_1 of path r; loc_b, diag scale_b^2)``, ``(B, K*N)`` (with ``idx``
+        only at the paths ``idx``: ``(B, len(idx))``), in float32 from features of the
+        paths computed once (a ranking score, not part of an estimate)."""
         if self._z1 is None:
             z = self.layers[0]
             self._c1 = z.mean(0, keepdim=True)
             zc = z - self._c1
             self._z1 = (zc.to(torch.float32), (zc * zc).to(torch.float32))
         zc32, zsq32 = self._z1
+        if idx is not None:
+            zc32 = zc32.index_select(0, idx)
         loc = loc.to(torch.float64) - self._c1
         prec = torch.broadcast_to(scale.to(torch.float64), loc.shape).pow(-2)
         quad = -2.0 * (loc * prec).to(torch.float32) @ zc32.T
         if bool((prec == prec[:1]).all()):  # one scale for every source: a row sum
             cached = self._zsq_p
             if cached is None or not torch.equal(cached[0], prec[0]):
-                self._zsq_p = cached = (prec[0], (zsq32.double() @ prec[0]).float()[None, :])
-            quad += cached[1]
+                rs = (self._z1[1].double() @ prec[0]).float()[None, :]  # every path's
+                self._zsq_p = cached = (prec[0], rs)
+            quad += cached[1] if idx is None else cached[1][:, idx]
         else:
-            quad += prec.to(torch.float32) @ zsq32.T
+            quad += prec.to(torch.float32) @ (zsq32 if idx is None else zsq32[idx]).T
         quad += (loc * loc * prec).sum(1).to(torch.float32)[:, None]
         norm = -0.5 * torch.log(prec).sum(1) + 0.5 * loc.shape[1] * _LOG2PI
         return quad.clamp_(min=0).mul_(-0.5).sub_(norm.to(torch.float32)[:, None])
@@ -613,7 +617,7 @@ class _PoolView:
         return self.base.at(self.idx[idx])
 
     def first_at(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return self.base.first_at(loc, scale)[:, self.idx]
+        return self.base.first_at(loc, scale, self.idx)
 
 
 class _Step:
@@ -871,9 +875,6 @@ def deep_log_density(
         if subsample:
             g_all = pool.fin(pb.t[orows], low=True)  # (B_outer, K*N)
             top = _rank_sources(pb, pool, anchors, orows, g_all, n_top)
-            first_all = None
-            if pool.width > _FULL_Q_DIM:  # the ranking term of _pool_logq, for all paths
-                first_all = pool.first_at(pb.loc1[orows], pb.scale1[orows])
         for start in range(0, len(orows), chunk_size):
             loc = slice(start, min(len(orows), start + chunk_size))
             rows = orows[loc]
@@ -888,12 +889,11 @@ def deep_log_density(
                 sp, pool_b = pb.take(cols), pool.take(cols)
                 bridge_b = bridge.take(cols) if bridge is not None else None
                 log_g = g_all[loc][:, pool_b.idx].to(torch.float64)
-                first = None if first_all is None else first_all[loc][:, pool_b.idx].double()
             else:
-                cols, logw, pos, log_g, first = None, None, rows, None, None
+                cols, logw, pos, log_g = None, None, rows, None
                 sp, pool_b, bridge_b = pb, pool, bridge
             f, h, sums[rows] = _block(
-                pb, sp, rows, pos, q, pool_b, n_is, n_fwd, top_r, bridge_b, logw, log_g, first
+                pb, sp, rows, pos, q, pool_b, n_is, n_fwd, top_r, bridge_b, logw, log_g
             )
             if cols is None:
                 out[rows], half[rows] = f, h
@@ -1052,22 +1052,20 @@ def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int, strata
     return cols, logw, where[rows]
 
 
-def _pool_logq(sp, q: _Guided, pool, rows, pos, top_r, log_g=None, first_j=None):
+def _pool_logq(sp, q: _Guided, pool, rows, pos, top_r, log_g=None):
     """``log q_j`` at forward paths ``(B, K*S)``: at every path when the paths are short
     (intermediate widths summing to at most ``_FULL_Q_DIM``), else at the query's own
     source's paths and the ``top_r`` paths where source ``j``'s unnormalised posterior
     is largest, ``-inf`` elsewhere; also ``log p(t_j | z)`` at every forward path
-    (``log_g``, and the ranking term ``first_j``, when the caller has them).  ``sp``
-    and ``pool`` hold the block's ``S`` sources, ``pos`` the queries' own sources
-    among them."""
+    (``log_g``, when the caller has it).  ``sp`` and ``pool`` hold the block's ``S``
+    sources, ``pos`` the queries' own sources among them."""
     b = len(rows)
     if log_g is None:
         log_g = pool.fin(sp.t[rows])  # (B, K*S)
     n_paths = pool.n_paths
     if pool.width <= _FULL_Q_DIM:
         return _q_at_pool(q, pool, b, n_paths), log_g
-    if first_j is None:
-        first_j = pool.first_at(q.pb.loc1[rows], q.pb.scale1[rows])
+    first_j = pool.first_at(q.pb.loc1[rows], q.pb.scale1[rows])
     score = log_g + pool.chain[None, :] + first_j
     idx = torch.topk(score, min(top_r, n_paths), dim=1).indices
     # and always at the query's own source's paths (the diagonal's forward draws)
@@ -1344,7 +1342,7 @@ class _Bridge:
         return out[0], out[1], out[2]
 
 
-def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=None, first=None):
+def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=None):
     """``(B, S)`` log densities of the block's queries ``rows`` at its ``S`` sources
     (``sp``, ``pool`` and ``bridge`` restricted to them; ``pos``: each query's own
     source among them), with all draws and with the first half, each off-diagonal
@@ -1358,7 +1356,7 @@ def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=N
     first_d = layers_d[0]
     loc_j, scale_j = pb.loc1[rows][:, None], pb.scale1[rows][:, None]
     lp_d = row_gauss_logpdf(first_d, loc_j, scale_j) + chain_d
-    logq_pool, log_g_pool = _pool_logq(sp, q, pool, rows, pos, top_r, log_g, first)
+    logq_pool, log_g_pool = _pool_logq(sp, q, pool, rows, pos, top_r, log_g)
     m = n_is if bridge is None else min(n_is, _BRIDGE_Q)
     k1 = sp.layer1(first_d[:, :m].reshape(b * m, -1)).reshape(b, m, n)
     lp = k1 + chain_d[:, :m, None]  # log p_i(z) at the q_j draws
