@@ -38,6 +38,37 @@ def _check(L: torch.Tensor) -> torch.Tensor:
     return L.to(torch.float64)
 
 
+def _row_blocks(n: int):
+    """Slices of rows with about ``2^22`` entries of an ``(n, n)`` matrix each: the
+    reductions below work a block at a time (memory O(block * n), not a copy of ``L``)."""
+    step = max(1, 2**22 // n)
+    return [slice(r, min(n, r + step)) for r in range(0, n, step)]
+
+
+def _diag_index(rows: slice, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the diagonal entries inside the block ``L[rows]``."""
+    ar = torch.arange(rows.stop - rows.start, device=device)
+    return ar, ar + rows.start
+
+
+def _class_sums(L: torch.Tensor, onehot: torch.Tensor, off_diagonal: bool):
+    """``m_j = max_i L[j, i]`` and ``sum_{i: y_i = c} exp(L[j, i] - m_j)`` ``(N, C)``
+    (over ``i != j`` with ``off_diagonal``), block by block of rows."""
+    n = L.shape[0]
+    m = torch.empty(n, 1, dtype=L.dtype, device=L.device)
+    per_class = torch.empty(n, onehot.shape[1], dtype=L.dtype, device=L.device)
+    for rows in _row_blocks(n):
+        blk = L[rows]
+        if off_diagonal:
+            blk = blk.clone()
+            blk[_diag_index(rows, L.device)] = -math.inf
+        mb = blk.max(1, keepdim=True).values
+        mb = torch.where(torch.isfinite(mb), mb, torch.zeros_like(mb))
+        m[rows] = mb
+        per_class[rows] = torch.exp(blk - mb) @ onehot
+    return m, per_class
+
+
 def mi_terms_from_log_density(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-query terms of the dataset MI and of its leave-one-out upper bound.
 
@@ -55,12 +86,16 @@ def mi_terms_from_log_density(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """
     L = _check(L)
     n = L.shape[0]
-    idx = torch.arange(n, device=L.device)
-    diag = L[idx, idx]
-    full = diag - (torch.logsumexp(L, 1) - math.log(n))
-    off = L.clone()
-    off[idx, idx] = -math.inf
-    loo = diag - (torch.logsumexp(off, 1) - math.log(n - 1))
+    full = torch.empty(n, dtype=L.dtype, device=L.device)
+    loo = torch.empty_like(full)
+    for rows in _row_blocks(n):
+        blk = L[rows]
+        at = _diag_index(rows, L.device)
+        diag = blk[at]
+        full[rows] = diag - (torch.logsumexp(blk, 1) - math.log(n))
+        off = blk.clone()
+        off[at] = -math.inf
+        loo[rows] = diag - (torch.logsumexp(off, 1) - math.log(n - 1))
     return full, loo
 
 
@@ -84,12 +119,9 @@ def label_terms_from_log_density(L: torch.Tensor, y: torch.Tensor) -> torch.Tens
     if y.shape[0] != n:
         raise ValueError(f"y has {y.shape[0]} labels for {n} sources")
     classes, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
-    m = L.max(1, keepdim=True).values
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(L - m)  # (N, N)
     onehot = torch.zeros(n, len(classes), dtype=L.dtype, device=L.device)
     onehot[torch.arange(n, device=L.device), inv] = 1.0
-    per_class = e @ onehot  # (N, C)
+    m, per_class = _class_sums(L, onehot, off_diagonal=False)  # (N, 1), (N, C)
     own = per_class[torch.arange(n, device=L.device), inv]
     log_cond = torch.log(own) + m[:, 0] - torch.log(counts[inv].to(L.dtype))
     log_marg = torch.log(per_class.sum(1)) + m[:, 0] - math.log(n)
@@ -119,24 +151,26 @@ def label_bounds_from_log_density(
     h_y : float
         Plug-in entropy of the labels (nats).
     """
-    terms = label_terms_from_log_density(L, y)
     L = _check(L)
     n = L.shape[0]
     y = y.to(L.device).long().reshape(-1)
+    if y.shape[0] != n:
+        raise ValueError(f"y has {y.shape[0]} labels for {n} sources")
     classes, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
     freq = counts.to(torch.float64) / n
     h_y = float(-(freq * torch.log(freq)).sum())
-    off = L.clone()
     idx = torch.arange(n, device=L.device)
-    off[idx, idx] = -math.inf
-    m = off.max(1, keepdim=True).values
-    e = torch.exp(off - m)
     onehot = torch.zeros(n, len(classes), dtype=L.dtype, device=L.device)
     onehot[idx, inv] = 1.0
-    per_class = e @ onehot
-    log_loo = torch.log(per_class.sum(1)) + m[:, 0] - math.log(n - 1)
-    log_cls = torch.logaddexp(torch.log(per_class[idx, inv]) + m[:, 0], L[idx, idx])
+    # one pass over the off-diagonal entries; the diagonal is added back where a sum
+    # includes it (a sum of positive terms, no cancellation)
+    m, per_class = _class_sums(L, onehot, off_diagonal=True)
+    diag = L[idx, idx]
+    log_off = torch.log(per_class.sum(1)) + m[:, 0]
+    log_loo = log_off - math.log(n - 1)
+    log_cls = torch.logaddexp(torch.log(per_class[idx, inv]) + m[:, 0], diag)
     log_cls = log_cls - torch.log(counts[inv].to(L.dtype))
+    terms = log_cls - (torch.logaddexp(log_off, diag) - math.log(n))
     upper_terms = log_cls - log_loo
     if bool((counts < 2).any()):
         return terms, None, upper_terms, h_y

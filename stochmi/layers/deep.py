@@ -309,14 +309,15 @@ class _GaussCols:
             quad = (-2.0 * t.to(torch.float32) @ lp32.T).double()
         else:
             quad = -2.0 * t @ self.lp.T
+        # in place: (R, C) passes over one buffer
         if self.shared:
-            quad = quad + (t2 @ self.prec[0])[:, None]
+            quad += (t2 @ self.prec[0])[:, None]
         elif use32:
-            quad = quad + (t2.to(torch.float32) @ p32.T).double()
+            quad += (t2.to(torch.float32) @ p32.T).double()
         else:
-            quad = quad + t2 @ self.prec.T
-        quad = quad + self.quad_c[None, :]
-        return -0.5 * quad.clamp_min(0) - self.norm[None, :]
+            quad += t2 @ self.prec.T
+        quad += self.quad_c[None, :]
+        return quad.clamp_min_(0).mul_(-0.5).sub_(self.norm[None, :])
 
 
 def row_gauss_logpdf(t: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
