@@ -48,8 +48,9 @@ proposals by the balance heuristic (Veach & Guibas 1995):
    the off-diagonal entries balance ``r_ji``, the forward paths and the first
    ``_BRIDGE_Q`` (4) draws of ``q_j``, which cover sources whose posterior is pinned
    near the query's path (trained networks with precise layers, where ``r_ji`` alone
-   is heavy-tailed).  It costs ``O(n_bridge N^2)`` link evaluations and three
-   ``(N, d_L, d_k)`` factors per intermediate layer.
+   is heavy-tailed).  It costs ``O(n_bridge N^2)`` link evaluations and four or five
+   ``(N, d_L, d_k)`` factors per intermediate layer, built a chunk of sources at a
+   time (:func:`bridge_bytes` estimates the whole call's memory).
 
 **Subsampled sources** (large ``N``; :func:`_rank_sources`, :func:`_select_sources`):
 a block of queries is evaluated at the union of every query's ``n_top`` most likely
@@ -152,7 +153,7 @@ def bridge_bytes(
     - the ``N x N`` estimate and its half-sample twin.
 
     Measured peaks of ``noisy_mlp`` and ``noisy_cnn`` layers (N = 250 to 4,000) lie
-    between 0.9 and 1.0 times this figure (``benchmarks/bench_bridge_memory.py``).
+    between 0.91 and 1.00 times this figure (``benchmarks/bench_bridge_memory.py``).
     """
     d, big, steps = d_last, sum(widths), len(widths)
     held = _bridge_held_bytes(n, widths, d_last, n_bridge, n_fwd)
@@ -1124,7 +1125,9 @@ class _Bridge:
     all queries, and draw ``k`` of source ``i`` uses the same noise ``zeta_ik`` for every
     query (common random numbers), at which ``log r_ji`` is the same for every ``j``.
     For a linear chain ``r_ji`` is the exact posterior of source ``i``'s path given
-    ``t_j``.  Memory: three ``(N, d_L, d_k)`` tensors per intermediate layer.
+    ``t_j``.  Memory: the map and gain of every step and the stacked products of
+    :meth:`at_draws`, four ``(N, d_L, d_k)`` tensors in the first step and five above
+    it, filled a chunk of sources at a time (:func:`_bridge_held_bytes`).
     """
 
     def __init__(self, pb: _Problem, n_br: int, pool: _Pool, chunk: int | None = None):

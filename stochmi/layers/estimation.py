@@ -171,6 +171,11 @@ class DeepOptions:
         return bias <= max(self.tolerance, self.rel_tolerance * abs(value))
 
 
+def _bridge_draws(n_fwd: int) -> int:
+    """Bridged draws per source in a round with ``n_fwd`` forward paths: ``n_fwd / 8``."""
+    return max(2, 2 * (n_fwd // 16))
+
+
 class _Deep:
     """``L[j, i] = log p(t_b,j | s_i)`` for sources ``X`` (a = -1) or layer ``a`` and a
     later layer ``b``, estimated to tolerance; cached per pair of layer indices."""
@@ -237,7 +242,7 @@ class _Deep:
             # after a first round whose densities missed, the off-diagonal densities come
             # from bridged draws (n_fwd / 8 per source at twice the effort) and the
             # forward paths
-            n_br = max(2, 2 * (o.n_fwd * effort // 16)) if bridge else 0
+            n_br = _bridge_draws(o.n_fwd * effort) if bridge else 0
             if done is None:
                 res = self._once(a, b, o.n_is * effort, o.n_fwd * effort, n_br)
             else:  # a round again: fresh draws at the effort done, pooled with it
@@ -255,7 +260,8 @@ class _Deep:
                 if bridge:  # the next round repeats this one's effort
                     n_fwd, n_br = res.n_fwd, res.n_bridge
                 else:
-                    n_fwd, n_br = o.n_fwd * effort * 2, max(2, 2 * (o.n_fwd * effort * 2 // 16))
+                    n_fwd = o.n_fwd * effort * 2
+                    n_br = _bridge_draws(n_fwd)
                 stopped = self._bridge_too_large(a, b, n_fwd, n_br)
                 if stopped is not None:
                     break
