@@ -1226,7 +1226,12 @@ class _Bridge:
         :meth:`draws`, :meth:`at_draws` and :meth:`at_pool` use)."""
         out = object.__new__(_Bridge)
         out.n_br = self.n_br
-        out.q = _StepList([st.take(cols, _Step.MEAN) for st in self.q.steps])
+        # the first step's map is not read once the factors are built (its mean comes
+        # from a0 and the gain, its residuals from the stack)
+        first = tuple(f for f in _Step.MEAN if f != "m")
+        out.q = _StepList(
+            [st.take(cols, _Step.MEAN if k else first) for k, st in enumerate(self.q.steps)]
+        )
         out.zeta, out.stack = [z[cols] for z in self.zeta], [f[cols] for f in self.stack]
         out.vq = [None] + [tuple(f[cols] for f in fs) for fs in self.vq[1:]]
         for name in ("a0", "wgp0_a", "log_r", "pool_base", "pool_v", "pool_quad"):
