@@ -120,6 +120,10 @@ _BLOCK = 16  # queries per block when the sources are subsampled (they share U)
 _RANK_STEP = 256  # queries ranked together when the sources are subsampled
 _SUBSAMPLE_FRACTION = 0.5  # subsample only when a block's sources are under this share of N
 _BRIDGE_CHUNK = 2e7  # elements of one (sources, d_L, sum d_k) factor built at a time
+# measured (benchmarks/bench_bridge_memory.py): (S, d_L, sum d_k) temporaries of a build
+# chunk, and float64 elements of a subsampled block's bridged temporaries
+_BRIDGE_BUILD_TEMPS = 8
+_BRIDGE_BLOCK_ELEMS = 6 * 10**7
 
 
 def bridge_bytes(
@@ -145,7 +149,7 @@ def bridge_bytes(
     - the larger of their build, about eight ``(S, d_L, D)`` temporaries for a chunk
       of ``S`` sources (:func:`_bridge_chunk`) and the standard normals of the draws,
       and of a block's copy of the factors of its subsampled sources (``16 (n_top +
-      1) + 3 n_random / 2`` of them) with its temporaries (``6e7`` elements, measured);
+      1) + 3 n_random / 2`` of them) with its temporaries (``_BRIDGE_BLOCK_ELEMS``);
     - the forward paths, ``K`` per source (each layer and its parent's mean, the
       query layer's mean, scale and two column features, float32 features of the
       first and the query layer) and, when sources are subsampled, two ranking scores
@@ -158,10 +162,10 @@ def bridge_bytes(
     d, big, steps = d_last, sum(widths), len(widths)
     held = _bridge_held_bytes(n, widths, d_last, n_bridge, n_fwd)
     chunk = min(n, _bridge_chunk(d, widths))
-    build = 8 * (8 * chunk * d * big + n * n_bridge * (big + steps * d))
+    build = 8 * (_BRIDGE_BUILD_TEMPS * chunk * d * big + n * n_bridge * (big + steps * d))
     block = 0
     if n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n:
-        block = held * (_BLOCK * (n_top + 1) + 3 * n_random // 2) // n + 8 * 6 * 10**7
+        block = held * (_BLOCK * (n_top + 1) + 3 * n_random // 2) // n + 8 * _BRIDGE_BLOCK_ELEMS
     paths = n * n_fwd * (8 * (2 * big + 4 * d) + 4 * 2 * (widths[0] + d))
     if block:  # the ranking scores of _RANK_STEP queries at every forward path
         paths += 2 * 8 * _RANK_STEP * n_fwd * n
