@@ -94,7 +94,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "activation": _Key("str", "tanh", ACTIVATIONS),
         "input_dim": _Key("int", 784, minimum=1, help="flattened input size"),
         "n_classes": _Key("int", 10, minimum=2),
-        "conv_channels": _Key("int_list", [16, 32], minimum=1, kinds=("noisy_cnn",)),
+        "conv_channels": _Key("int_list", [8, 4], minimum=1, kinds=("noisy_cnn",)),
         "kernel_size": _Key("int", 5, minimum=1, kinds=("noisy_cnn",)),
         "pool": _Key("int", 2, minimum=1, kinds=("noisy_cnn",)),
         "image_size": _Key("int", 28, minimum=1, kinds=("noisy_cnn",)),
@@ -149,11 +149,13 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
         "training.optimizer": "adam",
     },
     "noisy_cnn": {
-        "model.hidden": [128],
-        "model.activation": "relu",
-        "noise.sigma": 0.1,
+        "model.hidden": [64],
+        "model.activation": "tanh",
+        "noise.sigma": [0.25, 1.25, 1.25],
         "noise.where": "post-activation",
         "training.optimizer": "adam",
+        "training.epochs": 30,
+        "training.lr": 3e-3,
     },
     "bayes_mlp": {
         "model.hidden": [128, 64],
@@ -454,10 +456,14 @@ def _check_layers(v: Validator, data: dict, kind: str) -> None:
     if n_layers == 0:
         raise v.fail("the network has no stochastic layer ([model].hidden is empty)")
     sigma = data.get("noise", {}).get("sigma")
+    given = sigma is not None
+    if not given:
+        sigma = _KIND_DEFAULTS[kind]["noise.sigma"]
     if isinstance(sigma, list) and len(sigma) != n_layers:
+        where = "" if given else f" (the {kind} default, one per layer of the shipped network)"
         raise v.fail(
-            f"[noise].sigma has {len(sigma)} entries but the network has {n_layers} "
-            "stochastic layers"
+            f"[noise].sigma has {len(sigma)} entries{where} but the network has {n_layers} "
+            "stochastic layers; set [noise].sigma to one number or one per layer"
         )
 
 
@@ -465,7 +471,7 @@ def _check_cnn_geometry(v: Validator, model: dict) -> None:
     """The convolutions and pools leave at least one pixel; input_dim = image_size^2."""
     size = model.get("image_size", 28)
     ksz, pool = model.get("kernel_size", 5), model.get("pool", 2)
-    for _ in model.get("conv_channels", [16, 32]):
+    for _ in model.get("conv_channels", SCHEMA["model"]["conv_channels"].default):
         size = (size - ksz + 1) // pool
         if size < 1:
             raise v.fail("[model] conv_channels/kernel_size/pool shrink the image below 1 pixel")

@@ -14,7 +14,7 @@ from stochmi.models.spec import load_spec
 
 EXPECTED_DIMS = {
     "noisy_mlp": {"h1": 256, "h2": 128, "h3": 64},
-    "noisy_cnn": {"h1": 16 * 12 * 12, "h2": 32 * 4 * 4, "h3": 128},
+    "noisy_cnn": {"h1": 8 * 12 * 12, "h2": 4 * 4 * 4, "h3": 64},
     "bayes_mlp": {"h1": 128, "h2": 64},
     "bayes_small": {"h1": 5},
 }

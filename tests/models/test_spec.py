@@ -149,6 +149,27 @@ def test_defaults_and_get():
     assert n.get("noise.sigma") == 0.1 and n.get("training.optimizer") == "adam"
 
 
+def test_a_bare_cnn_spec_is_the_shipped_network_and_its_sigma_list_must_fit():
+    bare = spec_from_toml('[model]\nkind = "noisy_cnn"\n', "bare")
+    shipped = load_spec("noisy_cnn")
+    for key in [
+        "model.conv_channels",
+        "model.hidden",
+        "model.activation",
+        "noise.sigma",
+        "training.epochs",
+        "training.lr",
+    ]:
+        assert bare.get(key) == shipped.get(key), key
+    assert len(bare.sigmas(3)) == 3
+    with pytest.raises(SpecError, match=r"3 entries \(the noisy_cnn default.*has 4 stochastic"):
+        spec_from_toml('[model]\nkind = "noisy_cnn"\nhidden = [64, 32]\n', "deeper")
+    deeper = spec_from_toml(
+        '[model]\nkind = "noisy_cnn"\nhidden = [64, 32]\n[noise]\nsigma = 1.0\n', "ok"
+    )
+    assert deeper.sigmas(4) == [1.0] * 4
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="available: .*noisy_mlp"):
         load_spec("no_such_model")

@@ -152,13 +152,12 @@ def test_accuracy_and_predictive_are_seeded(noisy_run, test1000):
 
 
 def test_noisy_cnn_trains(train500):
-    data = train500.subset(200, seed=2)
     model = build_model(
         "noisy_cnn", overrides=["training.batch_size=50", "training.eval_samples=1"]
     )
-    res = train(model, data, epochs=2, seed=0, progress=False)
+    res = train(model, train500, epochs=4, seed=0, progress=False)
     assert all(math.isfinite(r["loss"]) for r in res.history[1:])
-    assert res.history[-1]["loss"] < res.history[1]["loss"] + 0.5
+    assert res.history[-1]["loss"] < res.history[1]["loss"]
     assert res.history[-1]["train_acc"] > 0.15
 
 
