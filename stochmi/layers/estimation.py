@@ -263,10 +263,15 @@ class _Deep:
                     n_fwd = o.n_fwd * effort * 2
                     n_br = _bridge_draws(n_fwd)
                 stopped = self._bridge_too_large(a, b, n_fwd, n_br)
-                if stopped is not None:
+                if stopped is not None and bridge:
                     break
-                done = res if bridge else None  # what the next round pools with
-                bridge = True
+                if stopped is not None:
+                    # no memory for the bridge: more forward paths instead, a fresh
+                    # unbridged estimate at this effort pooled with this one
+                    done = res
+                else:
+                    done = res if bridge else None  # what the next round pools with
+                    bridge = True
             effort *= 2
         return {
             "stopped": stopped,
@@ -296,8 +301,9 @@ class _Deep:
             f"the bridged round of this row would need about {need / 2**30:.1f} GiB "
             f"(N = {ch.n} sources, query width {d_last}, intermediate widths {widths}), "
             f"more than the {budget / 2**30:.1f} GiB allowed (9/10 of the memory available "
-            "now): the row keeps the rounds it ran and is flagged if they did not converge "
-            "(use fewer inputs, narrower noisy layers, or more noise)"
+            "now): the row goes on with unbridged rounds (fresh forward paths pooled with "
+            "the rounds it ran) and is flagged if they do not converge (use fewer inputs, "
+            "narrower noisy layers, or more noise)"
         )
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return msg

@@ -151,7 +151,7 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "noisy_cnn": {
         "model.hidden": [64],
         "model.activation": "tanh",
-        "noise.sigma": [0.25, 1.25, 1.25],
+        "noise.sigma": [0.25, 1.0, 1.0],
         "noise.where": "post-activation",
         "training.optimizer": "adam",
         "training.epochs": 30,

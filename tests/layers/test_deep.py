@@ -716,11 +716,12 @@ def test_bridge_memory_model_counts_every_tensor_the_bridge_keeps(widths, chunk)
             assert torch.allclose(u, v, rtol=1e-12, atol=1e-12), name
 
 
-def test_bridged_round_that_would_not_fit_in_memory_is_skipped_and_the_row_flagged(monkeypatch):
+def test_bridged_round_that_would_not_fit_in_memory_is_replaced_by_unbridged_rounds(monkeypatch):
     """A row whose first round misses the tolerance goes on to the bridged round, unless
-    that round would need more than 9/10 of the memory available: then the row
-    keeps its first round, is flagged, and says why (a warning and
-    ``path_convergence[...]["stopped"]``)."""
+    that round would need more than 9/10 of the memory available: then the row goes on
+    with fresh unbridged forward paths pooled with its first round, says why (a warning
+    and ``path_convergence[...]["stopped"]``) and is flagged where that does not
+    converge (here the sources are apart at layer 1, which only the bridge reaches)."""
     from stochmi.layers import deep, estimation
 
     m = LinearChain([20, 96, 64], [1.0, 1.0], 3)  # sources apart at layer 1 (see above)
@@ -732,7 +733,8 @@ def test_bridged_round_that_would_not_fit_in_memory_is_skipped_and_the_row_flagg
     with pytest.warns(RuntimeWarning, match="bridged round"):
         df = layer_mi(m, x, **kw)
     r, conv = df.iloc[0], df.attrs["path_convergence"]["X->h2"]
-    assert not r.converged and r.k_paths == 16 and "GiB" in conv["stopped"]
+    assert not r.converged and r.k_paths == 32 and "GiB" in conv["stopped"]
+    assert conv["n_bridge"] == 0
     monkeypatch.setattr(estimation, "memory_budget", lambda device: need)
     df = layer_mi(m, x, **kw)  # fits: the bridged rounds run up to max_effort
     assert df.iloc[0].k_paths == 32 and "stopped" not in df.attrs["path_convergence"]["X->h2"]
