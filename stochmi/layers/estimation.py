@@ -665,10 +665,11 @@ def layer_mi(
         dataset MI ``value`` with ``k`` paths and ``value_half`` with ``k_half``, and
         for importance-sampled rows also ``n_is``, ``n_bridge`` (bridged draws per
         source, 0 where no bridged round ran), ``converged``, ``diag_ess_median`` and
-        ``marginal_ess_median``, and ``stopped`` (why the effort was not raised:
-        the bridged round would need more than 9/10 of the memory available; also
-        a ``RuntimeWarning``) where that happened (a ``T_l -> Y`` entry describes the matrix
-        ``log p(t_l | x_i)`` it shares with ``X -> T_l``; empty in conditional mode).
+        ``marginal_ess_median``, and ``stopped`` (why no bridged round ran: it
+        would need more than 9/10 of the memory available, so the effort went on in
+        unbridged rounds; also a ``RuntimeWarning``) where that happened (a
+        ``T_l -> Y`` entry describes the matrix ``log p(t_l | x_i)`` it shares with
+        ``X -> T_l``; empty in conditional mode).
         In conditional mode also ``"per_draw"`` (DataFrame, one row per draw and pair,
         column ``draw``), ``"inference_data"`` (ArviZ, one variable per pair),
         ``"summary"`` (ArviZ summary; None for one draw) and ``"weight_draws"`` (the

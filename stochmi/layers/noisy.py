@@ -414,7 +414,8 @@ def noisy(module: nn.Module, sigma, *, layers=None, kind: str = "additive") -> N
     half the time (profile of the untrained network at ``N = 50``: 152 of the 293 s of
     ``I(X; T_pool2)``).  Wider maps make the bridged round, which networks early in
     training need, too large for memory (about ``48 N d_L sum_k d_k`` bytes); it is then
-    skipped with a warning and the row is flagged.  The values at ``N = 500`` (nats,
+    skipped with a warning, replaced by unbridged rounds, and the row is flagged where
+    those do not converge.  The values at ``N = 500`` (nats,
     value +- stderr, [lower, upper]; every row converged): ``X->pool2`` 6.2146 +- 0.0000
     [6.2146, 333.4], ``X->relu3`` 6.2139 +- 0.0006 [6.2135, 85.2], ``X->relu4`` 6.1869 +-
     0.0123 [6.1802, 35.0], ``pool2->relu3`` 6.2146 +- 0.0000 [6.2146, 118.1],
