@@ -252,26 +252,22 @@ class _Deep:
             labels_ok = label is None or o.within(label["own"], label["value"])
             if (ok and labels_ok) or effort * 2 > o.max_effort:
                 break
-            if ok and not bridge:
-                # only the I(T; Y) row missed: its class sums need more of the same draws,
-                # so a fresh unbridged estimate at this effort is pooled with this one
+            if bridge:  # a bridged round again at this effort, pooled with this one
+                stopped = self._bridge_too_large(a, b, res.n_fwd, res.n_bridge)
+                if stopped is not None:
+                    break
                 done = res
             else:
-                if bridge:  # the next round repeats this one's effort
-                    n_fwd, n_br = res.n_fwd, res.n_bridge
-                else:
+                if not ok:  # the densities missed: a bridged round at twice the effort
                     n_fwd = o.n_fwd * effort * 2
-                    n_br = _bridge_draws(n_fwd)
-                stopped = self._bridge_too_large(a, b, n_fwd, n_br)
-                if stopped is not None and bridge:
-                    break
-                if stopped is not None:
-                    # no memory for the bridge: more forward paths instead, a fresh
+                    stopped = self._bridge_too_large(a, b, n_fwd, _bridge_draws(n_fwd))
+                if ok or stopped is not None:
+                    # only the I(T; Y) row missed (its class sums need more of the same
+                    # draws), or the bridged round does not fit in memory: a fresh
                     # unbridged estimate at this effort pooled with this one
                     done = res
                 else:
-                    done = res if bridge else None  # what the next round pools with
-                    bridge = True
+                    done, bridge = None, True
             effort *= 2
         return {
             "stopped": stopped,
