@@ -469,14 +469,17 @@ def _check_layers(v: Validator, data: dict, kind: str) -> None:
 
 def _check_cnn_geometry(v: Validator, model: dict) -> None:
     """The convolutions and pools leave at least one pixel; input_dim = image_size^2."""
-    size = model.get("image_size", 28)
-    ksz, pool = model.get("kernel_size", 5), model.get("pool", 2)
-    for _ in model.get("conv_channels", SCHEMA["model"]["conv_channels"].default):
+
+    def get(key):
+        return model.get(key, SCHEMA["model"][key].default)
+
+    size = img = get("image_size")
+    ksz, pool = get("kernel_size"), get("pool")
+    for _ in get("conv_channels"):
         size = (size - ksz + 1) // pool
         if size < 1:
             raise v.fail("[model] conv_channels/kernel_size/pool shrink the image below 1 pixel")
-    in_dim = model.get("input_dim", 784)
-    img = model.get("image_size", 28)
+    in_dim = get("input_dim")
     if in_dim != img * img:
         raise v.fail(f"[model].input_dim = {in_dim} must equal image_size^2 = {img * img}")
 

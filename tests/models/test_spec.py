@@ -242,3 +242,18 @@ def test_spec_and_experiment_share_one_validation_mechanism():
     for schema in (spec.SCHEMA, config.SCHEMA):
         assert all(isinstance(k, Key) for keys in schema.values() for k in keys.values())
     assert "_Validator" not in vars(config) and "_check_scalar" not in vars(spec)
+
+
+def test_cnn_geometry_is_checked_against_the_defaults_it_leaves_out():
+    # 28 -> 12 -> 4 -> 0 pixels with the default kernel 5 and pool 2
+    with pytest.raises(SpecError, match="below 1 pixel"):
+        spec_from_toml(
+            '[model]\nkind = "noisy_cnn"\nconv_channels = [8, 4, 2]\n[noise]\nsigma = 1.0\n', "deep"
+        )
+    with pytest.raises(SpecError, match=r"input_dim = 100 must equal image_size\^2 = 784"):
+        spec_from_toml('[model]\nkind = "noisy_cnn"\ninput_dim = 100\n', "dim")
+    spec_from_toml(
+        '[model]\nkind = "noisy_cnn"\nimage_size = 10\ninput_dim = 100\n'
+        "kernel_size = 3\nconv_channels = [4]\nhidden = [8]\n[noise]\nsigma = 1.0\n",
+        "small",
+    )
