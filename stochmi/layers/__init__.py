@@ -9,6 +9,8 @@
   for parents the model never produced;
 - :mod:`~stochmi.layers.deep`: densities across several Gaussian layers by importance
   sampling over paths;
+- :mod:`~stochmi.layers.audit`: a check of those densities against bridged draws on a
+  few queries;
 - :mod:`~stochmi.layers.estimation`: :func:`layer_mi`, the MI table over layer pairs;
 - :mod:`~stochmi.layers.weights`: :func:`stochmi.weight_mi`, the epistemic information
   ``I(T_l; W | X)`` and BALD.

@@ -20,8 +20,10 @@ sites, and estimates each pair from ``L[j, i] = log p(t_j | s_i)`` as
   ``L[j, i]`` is estimated by importance sampling over paths
   (:mod:`stochmi.layers.deep`, :ref:`deep-layers`).  The effort doubles until the
   difference between the estimate from all draws and from half of them, the estimated
-  remaining bias (``mc_bias``), is within ``tolerance``, up to ``max_effort`` times.
-  A row has ``converged`` False when it misses that, when the median effective number
+  remaining bias (``mc_bias``), is within ``tolerance``, up to ``max_effort`` times;
+  an unbridged round that meets it is audited against bridged draws on a few queries
+  (:mod:`stochmi.layers.audit`), which catches mass that neither of its proposals
+  reaches.  A row has ``converged`` False when it misses that, when the median effective number
   of terms behind the marginal ``sum_i p(t_j | s_i)`` is below
   :data:`MIN_MARGINAL_ESS`, or when its value is below ``-3`` standard errors.  The
   bracket of every row estimated this way is widened by ``mc_bias``.
@@ -62,6 +64,7 @@ from stochmi.core.estimator import mi_from_conditional, mi_with_labels
 from stochmi.core.from_matrix import label_bounds_from_log_density, mi_terms_from_log_density
 from stochmi.core.kernel import as_gaussian_mixture
 from stochmi.core.rng import draw_seed, resolve_seed, rng_context, spawn_seeds
+from stochmi.layers.audit import Audit, audit_densities
 from stochmi.layers.chain import Chain, cuda_devices
 from stochmi.layers.deep import (
     NotGaussianLink,
@@ -166,9 +169,13 @@ class DeepOptions:
     rel_tolerance: float = 0.01
     max_effort: int = 4
 
+    def tolerance_at(self, value: float) -> float:
+        """The tolerance of a row of this value: ``max(tolerance, rel_tolerance * |value|)``."""
+        return max(self.tolerance, self.rel_tolerance * abs(value))
+
     def within(self, bias: float, value: float) -> bool:
-        """Whether a remaining bias is within ``max(tolerance, rel_tolerance * |value|)``."""
-        return bias <= max(self.tolerance, self.rel_tolerance * abs(value))
+        """Whether a remaining bias is within :meth:`tolerance_at` ``value``."""
+        return bias <= self.tolerance_at(value)
 
 
 def _bridge_draws(n_fwd: int) -> int:
@@ -204,23 +211,24 @@ class _Deep:
         from tqdm.auto import tqdm
 
         ch = self.chain
-        loc, scale = normal_params(ch.conds[a + 1])
         bar = None
         if self.progress:
             desc = f"deep densities ({n_is}/{n_fwd}/{n_br} draws)"
             total = ch.n if self.rows is None else len(self.rows)
             bar = tqdm(total=total, desc=desc, leave=False)
         with bar if bar is not None else contextlib.nullcontext():
-            return self._densities(a, b, n_is, n_fwd, n_br, loc, scale, bar)
+            return self._densities(a, b, n_is, n_fwd, n_br, bar)
 
-    def _densities(self, a, b, n_is, n_fwd, n_br, loc, scale, bar):
+    def _problem(self, a, b) -> tuple:
+        """First-layer conditional, links, queries and anchors of the pair ``(a, b)``."""
         ch = self.chain
+        loc, scale = normal_params(ch.conds[a + 1])
+        links = [self.links[m] for m in range(a + 2, b + 1)]
+        return loc, scale, links, ch.values[b], [ch.values[m] for m in range(a + 1, b)]
+
+    def _densities(self, a, b, n_is, n_fwd, n_br, bar):
         return deep_log_density(
-            loc,
-            scale,
-            [self.links[m] for m in range(a + 2, b + 1)],
-            ch.values[b],
-            [ch.values[m] for m in range(a + 1, b)],
+            *self._problem(a, b),
             n_is=n_is,
             n_fwd=n_fwd,
             n_bridge=n_br,
@@ -235,9 +243,23 @@ class _Deep:
             strata=self.labels if n_br and a == -1 and b in self.label_layers else None,
         )
 
+    def _audit(self, a: int, b: int, res) -> Audit:
+        """The bridged audit of the unbridged densities ``res`` (:mod:`.audit`)."""
+        with rng_context(draw_seed(self.gen), cuda_devices(self.chain.values[b])):
+            return audit_densities(
+                *self._problem(a, b),
+                res.L,
+                n_is=res.n_is,
+                n_fwd=res.n_fwd,
+                n_bridge=_bridge_draws(2 * res.n_fwd),
+                generator=self.gen,
+                dtype=self.dtype,
+                rows=self.rows,
+            )
+
     def _run(self, a: int, b: int) -> dict:
         o = self.opts
-        effort, bridge, stopped, done = 1, False, None, None
+        effort, bridge, stopped, done, audit = 1, False, None, None, None
         while True:
             # after a first round whose densities missed, the off-diagonal densities come
             # from bridged draws (n_fwd / 8 per source at twice the effort) and the
@@ -248,6 +270,12 @@ class _Deep:
             else:  # a round again: fresh draws at the effort done, pooled with it
                 res = pooled(done, self._once(a, b, done.n_is, done.n_fwd, done.n_bridge))
             ok, stats = self._check(res)
+            if ok and not res.n_bridge:
+                # unbridged densities that pass their own rule: bridged draws on a few
+                # queries check that the paths reach the other sources (once per row)
+                if audit is None:
+                    audit = self._audit(a, b, res)
+                ok = not audit.missed(o.tolerance_at(stats["value"]))
             label = _label_terms(res, self.labels) if a == -1 and b in self.label_layers else None
             labels_ok = label is None or o.within(label["own"], label["value"])
             if (ok and labels_ok) or effort * 2 > o.max_effort:
@@ -280,6 +308,7 @@ class _Deep:
             "n_fwd": res.n_fwd,
             "marg_ess": stats["marg_ess"],
             "label": label,
+            "audit": audit,
         }
 
     def _bridge_too_large(self, a: int, b: int, n_fwd: int, n_br: int) -> str | None:
@@ -317,11 +346,11 @@ class _Deep:
         marg_ess = float(marg.median())
         se = float(full.std()) / math.sqrt(len(full))
         ok = (
-            o.within(bias, value)
+            bias <= o.tolerance_at(value)
             and marg_ess >= MIN_MARGINAL_ESS  # the marginal density rests on few draws
             and value >= -3 * se  # a dataset MI cannot be negative
         )
-        return ok, {"full": full, "loo": loo, "bias": bias, "marg_ess": marg_ess}
+        return ok, {"full": full, "loo": loo, "bias": bias, "marg_ess": marg_ess, "value": value}
 
 
 def _estimated(res, *terms: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -357,6 +386,7 @@ def _conv_entry(d: dict) -> dict:
         "diag_ess_median": float(diag_ess.median()),
         "marginal_ess_median": d["marg_ess"],
         "n_bridge": d["res"].n_bridge,
+        **({"audit": d["audit"].as_dict()} if d.get("audit") is not None else {}),
         **({"stopped": d["stopped"]} if d.get("stopped") else {}),
     }
 
@@ -661,7 +691,9 @@ def layer_mi(
         dataset MI ``value`` with ``k`` paths and ``value_half`` with ``k_half``, and
         for importance-sampled rows also ``n_is``, ``n_bridge`` (bridged draws per
         source, 0 where no bridged round ran), ``converged``, ``diag_ess_median`` and
-        ``marginal_ess_median``, and ``stopped`` (why no bridged round ran: it
+        ``marginal_ess_median``, ``audit`` (``queries``, ``sources``, ``difference``,
+        ``stderr`` of :class:`stochmi.layers.audit.Audit`) where an unbridged round
+        was audited, and ``stopped`` (why no bridged round ran: it
         would need more than 9/10 of the memory available, so the effort went on in
         unbridged rounds; also a ``RuntimeWarning``) where that happened (a
         ``T_l -> Y`` entry describes the matrix ``log p(t_l | x_i)`` it shares with
