@@ -275,7 +275,7 @@ class _Deep:
                 # queries check that the paths reach the other sources (once per row)
                 if audit is None:
                     audit = self._audit(a, b, res)
-                ok = not audit.missed(o.tolerance_at(stats["value"]))
+                ok = not audit.missed(o.tolerance_at(stats["value"]), stats["value"])
             label = _label_terms(res, self.labels) if a == -1 and b in self.label_layers else None
             labels_ok = label is None or o.within(label["own"], label["value"])
             if (ok and labels_ok) or effort * 2 > o.max_effort:

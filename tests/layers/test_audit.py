@@ -60,7 +60,7 @@ def test_audit_finds_the_mass_the_unbridged_proposals_miss():
     )
     assert audit.queries == 32 and audit.sources < 400
     assert audit.difference > 0  # the unbridged estimate is too high
-    assert audit.missed(0.054)
+    assert audit.missed(0.054, 5.39)
 
 
 def test_audit_passes_densities_both_proposals_reach():
@@ -75,7 +75,7 @@ def test_audit_passes_densities_both_proposals_reach():
         *prob, plain.L, n_is=32, n_fwd=16, n_bridge=4, generator=gen, dtype=torch.float64
     )
     assert abs(audit.difference) <= 3 * audit.stderr
-    assert not audit.missed(0.02)
+    assert not audit.missed(0.02, 0.5)
 
 
 def test_layer_mi_bridges_a_first_round_that_the_audit_finds_off():
