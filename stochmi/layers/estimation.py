@@ -155,7 +155,9 @@ class DeepOptions:
         Forward paths per source (``n_paths``).
     tolerance : float
         A row is converged when its estimated remaining bias (full minus half-sample
-        estimate) is at most ``max(tolerance, rel_tolerance * value)`` nats.
+        estimate) is at most ``max(tolerance, rel_tolerance * value)`` nats, and, for a
+        round without bridged draws, when its audit (:mod:`stochmi.layers.audit`) does
+        not find it off by more than that or 5% of the value, beyond 3 standard errors.
     rel_tolerance : float
         Relative part of that bound (a share of ``|value|``).
     max_effort : int
