@@ -78,14 +78,6 @@ class Audit:
         than 3 standard errors (``value``: the MI of the estimate under audit)."""
         return abs(self.difference) - 3 * self.stderr > max(tolerance, AUDIT_REL * abs(value))
 
-    def as_dict(self) -> dict:
-        return {
-            "queries": self.queries,
-            "sources": self.sources,
-            "difference": self.difference,
-            "stderr": self.stderr,
-        }
-
 
 def audit_densities(
     first_loc: torch.Tensor,

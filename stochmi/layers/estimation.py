@@ -49,6 +49,7 @@ summarised over draws (mean, sd, HDI, ESS by ArviZ).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -388,7 +389,7 @@ def _conv_entry(d: dict) -> dict:
         "diag_ess_median": float(diag_ess.median()),
         "marginal_ess_median": d["marg_ess"],
         "n_bridge": d["res"].n_bridge,
-        **({"audit": d["audit"].as_dict()} if d.get("audit") is not None else {}),
+        **({"audit": dataclasses.asdict(d["audit"])} if d.get("audit") is not None else {}),
         **({"stopped": d["stopped"]} if d.get("stopped") else {}),
     }
 

@@ -50,16 +50,20 @@ def test_audit_weights_stand_in_for_every_source():
     assert torch.equal(every, torch.zeros(2, len(cols), dtype=torch.float64))
 
 
-def test_audit_finds_the_mass_the_unbridged_proposals_miss():
-    m = _separated_chain()
-    x = _x(400, 20, 13)
+def _audited_first_round(m: LinearChain, x: torch.Tensor):
+    """An unbridged first round at the defaults of ``layer_mi`` and its audit; also the
+    round's MI value."""
     prob = _problem(m, x, 5)
     gen = torch.Generator().manual_seed(0)
     plain = deep_log_density(*prob, n_is=32, n_fwd=16, generator=gen, dtype=torch.float64)
     audit = audit_densities(
         *prob, plain.L, n_is=32, n_fwd=16, n_bridge=4, generator=gen, dtype=torch.float64
     )
-    value = float(mi_terms_from_log_density(plain.L)[0].mean())
+    return audit, float(mi_terms_from_log_density(plain.L)[0].mean())
+
+
+def test_audit_finds_the_mass_the_unbridged_proposals_miss():
+    audit, value = _audited_first_round(_separated_chain(), _x(400, 20, 13))
     assert audit.queries == 32 and audit.sources < 400
     assert audit.difference > 0  # the unbridged estimate is too high
     assert audit.missed(0.01 * value, value)
@@ -68,15 +72,7 @@ def test_audit_finds_the_mass_the_unbridged_proposals_miss():
 def test_audit_passes_densities_both_proposals_reach():
     """4-6-5, noise 2 then 0.25: the first round is right; the audit finds no difference
     beyond its standard error."""
-    m = LinearChain([4, 6, 5], [2.0, 0.25], 1)
-    x = _x(600, 4, 13)
-    prob = _problem(m, x, 5)
-    gen = torch.Generator().manual_seed(0)
-    plain = deep_log_density(*prob, n_is=32, n_fwd=16, generator=gen, dtype=torch.float64)
-    audit = audit_densities(
-        *prob, plain.L, n_is=32, n_fwd=16, n_bridge=4, generator=gen, dtype=torch.float64
-    )
-    value = float(mi_terms_from_log_density(plain.L)[0].mean())
+    audit, value = _audited_first_round(LinearChain([4, 6, 5], [2.0, 0.25], 1), _x(600, 4, 13))
     assert abs(audit.difference) <= 3 * audit.stderr
     assert not audit.missed(0.02, value)
 
