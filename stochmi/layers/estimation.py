@@ -181,6 +181,19 @@ class DeepOptions:
         return bias <= self.tolerance_at(value)
 
 
+#: ``(n_top, n_random)`` of :func:`stochmi.layers.deep.deep_log_density` in a round
+#: without and with bridged draws: best sources taken whole per query, and random
+#: sources per block of 16 queries that stand for all others (where ``N`` is large
+#: enough that sources are subsampled).  A random source serves the block's 16 queries,
+#: so it costs a sixteenth of one of a query's best sources.  A bridged round runs where
+#: the first missed, where each query's density is spread over many sources far apart
+#: at layer 1: the best sources hold less of the mass and the noise of the
+#: Horvitz-Thompson sums (the class sums of an ``I(T; Y)`` row above all) is most of
+#: the remaining bias, so bridged rounds trade best sources for random ones at about
+#: the same sources per block (:ref:`deep-layers`).
+SUBSAMPLE = {False: (48, 128), True: (16, 384)}
+
+
 def _bridge_draws(n_fwd: int) -> int:
     """Bridged draws per source in a round with ``n_fwd`` forward paths: ``n_fwd / 8``."""
     return max(2, 2 * (n_fwd // 16))
@@ -239,6 +252,8 @@ class _Deep:
             dtype=self.dtype,
             progress=bar.update if bar is not None else None,
             rows=self.rows,
+            n_top=SUBSAMPLE[bool(n_br)][0],
+            n_random=SUBSAMPLE[bool(n_br)][1],
             # the class sums of an I(T; Y) row rest on the random share in bridged rounds
             # (broad mixtures): there it is stratified by class, blocks class by class;
             # first rounds keep blocks of mixed classes, whose larger union of best
@@ -321,7 +336,10 @@ class _Deep:
         ch = self.chain
         widths = [int(ch.values[m].reshape(ch.n, -1).shape[1]) for m in range(a + 1, b)]
         d_last = int(ch.values[b].reshape(ch.n, -1).shape[1])
-        need = bridge_bytes(ch.n, widths, d_last, n_bridge=n_br, n_fwd=n_fwd)
+        n_top, n_random = SUBSAMPLE[True]
+        need = bridge_bytes(
+            ch.n, widths, d_last, n_bridge=n_br, n_fwd=n_fwd, n_top=n_top, n_random=n_random
+        )
         budget = memory_budget(ch.values[b].device)
         if need <= budget:
             return None

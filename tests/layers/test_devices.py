@@ -33,7 +33,6 @@ here, where the mode is active.  Each test takes well under two seconds.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import os
@@ -301,12 +300,12 @@ def test_bridged_draws_and_subsampled_sources_make_everything_on_the_input_devic
     recorder, monkeypatch
 ):
     """The deep estimator's other branches: a tolerance no first round meets sends every
-    deep row to a second, bridged round, and a small ``n_top`` / ``n_random`` (at large
-    ``N`` the defaults do the same) makes the sources subsampled per block of queries."""
+    deep row to a second, bridged round, and a small ``n_top`` / ``n_random`` in both
+    rounds (at large ``N`` the defaults do the same) makes the sources subsampled per
+    block of queries."""
     from stochmi.layers import deep, estimation
 
-    small = functools.partial(deep.deep_log_density, n_top=2, n_random=8)
-    monkeypatch.setattr(estimation, "deep_log_density", small)
+    monkeypatch.setattr(estimation, "SUBSAMPLE", {False: (2, 8), True: (2, 8)})
     x, y = _data(n=150)
     with recorder:
         df = stochmi.layer_mi(
