@@ -124,6 +124,7 @@ _BRIDGE_CHUNK = 2e7  # elements of one (sources, d_L, sum d_k) factor built at a
 # chunk, and float64 elements of a subsampled block's bridged temporaries
 _BRIDGE_BUILD_TEMPS = 8
 _BRIDGE_BLOCK_ELEMS = 6 * 10**7
+_GATHER_ELEMS = 4e6  # elements of per-source bridged factors gathered at a time
 
 
 def bridge_bytes(
@@ -148,8 +149,10 @@ def bridge_bytes(
       paths (``K d_L``);
     - the larger of their build, about eight ``(S, d_L, D)`` temporaries for a chunk
       of ``S`` sources (:func:`_bridge_chunk`) and the standard normals of the draws,
-      and of a block's copy of the factors of its subsampled sources (``16 (n_top +
-      1) + 3 n_random / 2`` of them) with its temporaries (``_BRIDGE_BLOCK_ELEMS``);
+      and of a block's share of the factors of its subsampled sources (``16 (n_top +
+      1) + 3 n_random / 2`` of them), counted as a whole copy although the per-step
+      factors are gathered a few sources at a time (:class:`_BridgeCols`), with its
+      temporaries (``_BRIDGE_BLOCK_ELEMS``);
     - the forward paths, ``K`` per source (each layer and its parent's mean, the
       query layer's mean, scale and two column features, float32 features of the
       first and the query layer) and, when sources are subsampled, two ranking scores
@@ -157,7 +160,9 @@ def bridge_bytes(
     - the ``N x N`` estimate and its half-sample twin.
 
     Measured peaks of ``noisy_mlp`` and ``noisy_cnn`` layers (N = 250 to 4,000) lie
-    between 0.91 and 1.00 times this figure (``benchmarks/bench_bridge_memory.py``).
+    between 0.91 and 1.00 times this figure (``benchmarks/bench_bridge_memory.py``)
+    with whole copies of a block's factors; with the chunked gathers the peaks of
+    subsampled calls lie lower, so the figure is an upper bound there.
     """
     d, big, steps = d_last, sum(widths), len(widths)
     held = _bridge_held_bytes(n, widths, d_last, n_bridge, n_fwd)
@@ -1131,7 +1136,9 @@ class _Bridge:
     For a linear chain ``r_ji`` is the exact posterior of source ``i``'s path given
     ``t_j``.  Memory: the map and gain of every step and the stacked products of
     :meth:`at_draws`, four ``(N, d_L, d_k)`` tensors in the first step and five above
-    it, filled a chunk of sources at a time (:func:`_bridge_held_bytes`).
+    it, filled a chunk of sources at a time (:func:`_bridge_held_bytes`).  A block
+    of queries with subsampled sources reads them through :meth:`take`, which gathers
+    a few sources' factors at a time where they are used (:class:`_BridgeCols`).
     """
 
     def __init__(self, pb: _Problem, n_br: int, pool: _Pool, chunk: int | None = None):
@@ -1225,22 +1232,18 @@ class _Bridge:
         out["wgp0_a"] = (out[("stack", 0)] @ out["a0"][:, :, None])[:, :, 0]
         return out
 
-    def take(self, cols: torch.Tensor) -> _Bridge:
-        """The per-source factors and draws of the sources ``cols`` only (those that
-        :meth:`draws`, :meth:`at_draws` and :meth:`at_pool` use)."""
-        out = object.__new__(_Bridge)
-        out.n_br = self.n_br
-        # the first step's map is not read once the factors are built (its mean comes
-        # from a0 and the gain, its residuals from the stack)
-        first = tuple(f for f in _Step.MEAN if f != "m")
-        out.q = _StepList(
-            [st.take(cols, _Step.MEAN if k else first) for k, st in enumerate(self.q.steps)]
-        )
-        out.zeta, out.stack = [z[cols] for z in self.zeta], [f[cols] for f in self.stack]
-        out.vq = [None] + [tuple(f[cols] for f in fs) for fs in self.vq[1:]]
-        for name in ("a0", "wgp0_a", "log_r", "pool_base", "pool_v", "pool_quad"):
-            setattr(out, name, getattr(self, name)[cols])
-        return out
+    def take(self, cols: torch.Tensor) -> _BridgeCols:
+        """The sources ``cols`` only: the small per-source terms copied, the per-step
+        factors gathered a chunk of sources at a time where they are used."""
+        return _BridgeCols(self, cols)
+
+    def chunk(self, start: int, stop: int) -> _BridgeChunk:
+        """The per-step factors and draws of sources ``start .. stop - 1`` (views)."""
+        return _BridgeChunk(self, slice(start, stop))
+
+    def step(self, step: int) -> int:
+        """Sources per chunk: ``step`` (the factors are views, nothing is copied)."""
+        return step
 
     def at_pool(self, pb: _Problem, rows: torch.Tensor) -> torch.Tensor:
         """``log r_ji`` at source ``i``'s forward paths for queries ``rows``: ``(B, K, N)``."""
@@ -1277,40 +1280,40 @@ class _Bridge:
         u = [None] + [z[k] - priors[k].reshape(bm, -1) for k in range(1, len(z))]
         width = max(tq.shape[1], *(st.d for st in self.q.steps))
         step = max(1, int(1.6e7 // max(1, bm * width)))
+        step = self.step(step)
         for c in range(0, pb.n, step):
-            cols = slice(c, min(pb.n, c + step))  # a view of the per-source factors
+            cols = slice(c, min(pb.n, c + step))
+            part = self.chunk(cols.start, cols.stop)  # the factors of these sources
             val = 0.0
-            for k, st in enumerate(self.q.steps):
-                inv = 1.0 / st.s2[cols]  # (S, d_k)
+            for k, st in enumerate(part.q.steps):
+                inv = 1.0 / st.s2  # (S, d_k)
                 if k == 0:
-                    a = self.a0[cols]  # (S, d_1)
+                    a = part.a0  # (S, d_1)
                     diag = (
                         inv @ (z[0] * z[0]).T
                         - 2.0 * (a * inv) @ z[0].T
                         + (a * a * inv).sum(1, keepdim=True)
                     )  # (S, B*m)
                     # w and G P in one product: (S, 2 d_L, B*m)
-                    both = _stacked_mm(self.stack[0][cols], z[0].T) - self.wgp0_a[cols][:, :, None]
+                    both = _stacked_mm(part.stack[0], z[0].T) - part.wgp0_a[:, :, None]
                     d_l = both.shape[1] // 2
                     wr, lin = both[:, :d_l], both[:, d_l:]  # (S, d_L, B*m)
                 else:
-                    qq, wg, gpg = self.vq[k]
+                    qq, wg, gpg = part.vq[k]
                     prior = priors[k].reshape(bm, -1)
-                    v = _stacked_mm(st.m[cols], prior.T) - st.y[cols][:, :, None]  # (S, d_L, B*m)
-                    three = _stacked_mm(self.stack[k][cols], u[k].T)  # (S, 3 d_L, B*m)
+                    v = _stacked_mm(st.m, prior.T) - st.y[:, :, None]  # (S, d_L, B*m)
+                    three = _stacked_mm(part.stack[k], u[k].T)  # (S, 3 d_L, B*m)
                     gsu, wu, gpu = three.split(tq.shape[1], 1)
-                    diag = (
-                        inv @ (u[k] * u[k]).T + 2.0 * (gsu * v).sum(1) + ((qq[cols] @ v) * v).sum(1)
-                    )
-                    wr = wu + wg[cols] @ v
-                    lin = gpu + gpg[cols] @ v
+                    diag = inv @ (u[k] * u[k]).T + 2.0 * (gsu * v).sum(1) + ((qq @ v) * v).sum(1)
+                    wr = wu + wg @ v
+                    lin = gpu + gpg @ v
                 val = (
                     val
                     - 0.5 * (diag + (wr * wr).sum(1))
-                    - st.norm[cols][:, None]
+                    - st.norm[:, None]
                     + (lin * tq_r[None]).sum(1)
                 )
-            quad = ((tq[None] @ self.pool_quad[cols]) * tq[None]).sum(-1)  # (S, B)
+            quad = ((tq[None] @ part.pool_quad) * tq[None]).sum(-1)  # (S, B)
             val = val - 0.5 * quad.repeat_interleave(m, 1)  # (S, B*m)
             out[:, :, cols] = val.T.reshape(b, m, -1)
         return out
@@ -1325,24 +1328,26 @@ class _Bridge:
         q_mean0 = q.steps[0].mean(q.pb.loc1[q.rows][:, None, :])  # (B, 1, d_1)
         width = max(tq.shape[1], *(st.d for st in self.q.steps))
         step = max(1, int(4e6 // max(1, b * nb * width)))
+        step = self.step(step)
         for c in range(0, n, step):
-            cols = slice(c, min(n, c + step))  # a view of the per-source factors
+            cols = slice(c, min(n, c + step))
+            part = self.chunk(cols.start, cols.stop)  # the factors of these sources
             s = cols.stop - cols.start
 
-            def draw(k, mean, cols=cols, s=s):  # mean (S, B, 1 or nb, d)
-                return (mean + self.zeta[k][cols][:, None]).reshape(s, b * nb, -1)
+            def draw(k, mean, part=part, s=s):  # mean (S, B, 1 or nb, d)
+                return (mean + part.zeta[k][:, None]).reshape(s, b * nb, -1)
 
             def by_query(v, s=s):  # (S, B*nb, d) -> (B, S*nb, d)
                 return v.reshape(s, b, nb, -1).transpose(0, 1).reshape(b, s * nb, -1)
 
             # (S, B, d_1): the first step's mean, linear in the query
-            mean = self.a0[cols][:, None, :] + tq[None] @ self.q.steps[0].gain_t[cols]
+            mean = part.a0[:, None, :] + tq[None] @ part.q.steps[0].gain_t
             t = draw(0, mean[:, :, None, :])
             lp = row_gauss_logpdf(t, pb.loc1[cols][:, None, :], pb.scale1[cols][:, None, :])
             lq = q.steps[0].logpdf(by_query(t), q_mean0)  # (B, S*nb)
-            for k in range(1, len(self.q.steps)):
+            for k in range(1, len(part.q.steps)):
                 loc, scale = (v.reshape(s, b * nb, -1) for v in pb.call(k - 1, t.flatten(0, 1)))
-                t = draw(k, self.q.steps[k].mean(loc, tq_r, cols).reshape(s, b, nb, -1))
+                t = draw(k, part.q.steps[k].mean(loc, tq_r).reshape(s, b, nb, -1))
                 lp = lp + row_gauss_logpdf(t, loc, scale)
                 lq = lq + q.steps[k].logpdf(by_query(t), q.steps[k].mean(by_query(loc)))
             loc, scale = (
@@ -1353,6 +1358,56 @@ class _Bridge:
             out[1][:, :, cols] = lp.reshape(s, b, nb).permute(1, 2, 0)
             out[2][:, :, cols] = lq.reshape(b, s, nb).transpose(1, 2)
         return out[0], out[1], out[2]
+
+
+class _BridgeChunk:
+    """The per-step factors and draws of :class:`_Bridge` for the sources ``idx`` (a
+    slice: views; an index tensor: copies), as :meth:`_Bridge.at_draws` and
+    :meth:`_Bridge.draws` read them for one chunk of sources."""
+
+    def __init__(self, bridge: _Bridge, idx):
+        # the first step's map is not read once the factors are built (its mean comes
+        # from a0 and the gain, its residuals from the stack)
+        first = tuple(f for f in _Step.MEAN if f != "m")
+        self.q = _StepList(
+            [st.take(idx, _Step.MEAN if k else first) for k, st in enumerate(bridge.q.steps)]
+        )
+        self.zeta, self.stack = [z[idx] for z in bridge.zeta], [f[idx] for f in bridge.stack]
+        self.vq = [None] + [tuple(f[idx] for f in fs) for fs in bridge.vq[1:]]
+        self.a0, self.wgp0_a, self.pool_quad = (
+            bridge.a0[idx],
+            bridge.wgp0_a[idx],
+            bridge.pool_quad[idx],
+        )
+
+
+class _BridgeCols(_Bridge):
+    """:class:`_Bridge` restricted to the sources ``cols`` of a block, without a copy
+    of the per-step factors: :meth:`chunk` gathers them a few sources at a time
+    (about ``_GATHER_ELEMS`` elements), which the products then read from the cache,
+    instead of one copy of every source's factors per block.  The terms of ``log r``
+    at the forward paths and at the bridged draws are copied whole (``K d_L`` and
+    ``n_br`` per source)."""
+
+    def __init__(self, base: _Bridge, cols: torch.Tensor):
+        self.base, self.cols = base, cols
+        self.n_br, self.q = base.n_br, base.q  # q: the steps' widths
+        for name in ("log_r", "pool_base", "pool_v", "pool_quad"):
+            setattr(self, name, getattr(base, name)[cols])
+        per_source = sum(
+            t[0].numel()
+            for t in [*base.zeta, *base.stack, *(f for fs in base.vq[1:] for f in fs)]
+            + [getattr(st, f) for st in base.q.steps for f in ("m", "gain_t")]
+        )
+        self._most = max(1, int(_GATHER_ELEMS // per_source))
+
+    def chunk(self, start: int, stop: int) -> _BridgeChunk:
+        return _BridgeChunk(self.base, self.cols[start:stop])
+
+    def step(self, step: int) -> int:
+        """Sources per chunk: at most ``step``, and about ``_GATHER_ELEMS`` elements of
+        gathered factors."""
+        return min(step, self._most)
 
 
 def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=None):
