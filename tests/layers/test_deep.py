@@ -607,6 +607,34 @@ def test_subsampled_sources_match_the_exact_marginal_density():
     assert abs(float(diff.mean())) < 3 * float(diff.std()) / math.sqrt(n) + 0.01
 
 
+def test_bridged_factors_gathered_one_source_at_a_time_give_the_same_densities(monkeypatch):
+    """With subsampled sources a block reads its sources' bridged factors a chunk at a
+    time (``_GATHER_ELEMS``): chunks of one source give the densities of chunks of all
+    of them, with and without strata, up to rounding: products of other shapes sum in
+    another order, so the entries may differ within the rounding error the estimator
+    accepts for its kernel rows (``_F32_TOL``); a source read in the wrong place moves
+    them by far more."""
+    from stochmi.layers import deep
+
+    n = 300
+    y = torch.arange(n) % 3
+    for strata in (None, y):
+        out = []
+        for elems in (deep._GATHER_ELEMS, 1):
+            monkeypatch.setattr(deep, "_GATHER_ELEMS", elems)
+            g, mu1, t1, t2, _, link = _two_layer_linear(n, 0.4, 0.3, seed=5)
+            kw = dict(n_is=8, n_fwd=8, n_bridge=2, generator=g, dtype=torch.float64)
+            sd = torch.tensor(0.4)
+            kw["strata"] = strata
+            out.append(deep_log_density(mu1, sd, link, t2, [t1], n_top=2, n_random=8, **kw))
+        full, one = out
+        assert full.n_sources < 0.5 * n  # subsampled
+        for a, b in ((full.L, one.L), (full.L_half, one.L_half)):
+            assert torch.equal(torch.isinf(a), torch.isinf(b))
+            fin = torch.isfinite(a)
+            assert float((a[fin] - b[fin]).abs().max()) < deep._F32_TOL
+
+
 def test_random_share_stratified_by_class_keeps_the_class_sums_unbiased_and_tighter():
     """With ``strata`` (9 classes by a layer-1 coordinate, one of them smaller than the
     per-class share and so taken whole), the random share draws from each block's own
