@@ -4,7 +4,8 @@
 Each case runs in its own process: an untrained reference network (noise sigma 1),
 ``N`` shared MNIST test images, one draw of every layer, then ``deep_log_density`` for
 ``X -> target`` with the settings of the first bridged round of ``layer_mi``'s defaults
-(32 forward paths and 4 bridged draws per source; ``n_paths = 4`` gives 8 and 2), for
+(32 forward paths and 4 bridged draws per source, the bridged round's subsample sizes;
+``n_paths = 4`` gives 8 and 2), for
 32 queries at every source.  The resident set size is sampled every 10 ms.  Prints a
 markdown table.
 
@@ -33,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import stochmi  # noqa: E402
 from stochmi.layers.chain import Chain  # noqa: E402
 from stochmi.layers.deep import bridge_bytes, deep_log_density, normal_params  # noqa: E402
+from stochmi.layers.estimation import SUBSAMPLE  # noqa: E402
 
 GIB = 2**30
 # the CNN case measures wide conv maps (2,304 and 512 units), where the memory matters
@@ -87,13 +89,18 @@ def run_case(name: str, n: int, target: str, n_fwd: int, n_br: int) -> dict:
         n_is=64,
         n_fwd=n_fwd,
         n_bridge=n_br,
+        n_top=SUBSAMPLE[True][0],
+        n_random=SUBSAMPLE[True][1],
         generator=torch.Generator().manual_seed(2),
         rows=torch.arange(32),
     )
     secs = time.perf_counter() - t0
     stop[0] = True
     th.join()
-    est = bridge_bytes(n, widths, d_last, n_bridge=n_br, n_fwd=n_fwd)
+    n_top, n_random = SUBSAMPLE[True]
+    est = bridge_bytes(
+        n, widths, d_last, n_bridge=n_br, n_fwd=n_fwd, n_top=n_top, n_random=n_random
+    )
     return dict(
         model=name,
         pair=f"X->{target}",

@@ -160,9 +160,8 @@ def bridge_bytes(
     - the ``N x N`` estimate and its half-sample twin.
 
     Measured peaks of ``noisy_mlp`` and ``noisy_cnn`` layers (N = 250 to 4,000) lie
-    between 0.91 and 1.00 times this figure (``benchmarks/bench_bridge_memory.py``)
-    with whole copies of a block's factors; with the chunked gathers the peaks of
-    subsampled calls lie lower, so the figure is an upper bound there.
+    between 0.86 and 0.99 times this figure (``benchmarks/bench_bridge_memory.py``);
+    the lowest are subsampled calls, whose block copy the figure still counts.
     """
     d, big, steps = d_last, sum(widths), len(widths)
     held = _bridge_held_bytes(n, widths, d_last, n_bridge, n_fwd)

@@ -243,6 +243,7 @@ class _Deep:
         return loc, scale, links, ch.values[b], [ch.values[m] for m in range(a + 1, b)]
 
     def _densities(self, a, b, n_is, n_fwd, n_br, bar):
+        n_top, n_random = SUBSAMPLE[bool(n_br)]
         return deep_log_density(
             *self._problem(a, b),
             n_is=n_is,
@@ -252,8 +253,8 @@ class _Deep:
             dtype=self.dtype,
             progress=bar.update if bar is not None else None,
             rows=self.rows,
-            n_top=SUBSAMPLE[bool(n_br)][0],
-            n_random=SUBSAMPLE[bool(n_br)][1],
+            n_top=n_top,
+            n_random=n_random,
             # the class sums of an I(T; Y) row rest on the random share in bridged rounds
             # (broad mixtures): there it is stratified by class, blocks class by class;
             # first rounds keep blocks of mixed classes, whose larger union of best
