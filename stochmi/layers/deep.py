@@ -48,7 +48,7 @@ proposals by the balance heuristic (Veach & Guibas 1995):
    the off-diagonal entries balance ``r_ji``, the forward paths and the first
    ``_BRIDGE_Q`` (4) draws of ``q_j``, which cover sources whose posterior is pinned
    near the query's path (trained networks with precise layers, where ``r_ji`` alone
-   is heavy-tailed).  It costs ``O(n_bridge N^2)`` link evaluations and four or five
+   is heavy-tailed).  It costs ``O(n_bridge N^2)`` link evaluations and three or five
    ``(N, d_L, d_k)`` factors per intermediate layer, built a chunk of sources at a
    time (:func:`bridge_bytes` estimates the whole call's memory).
 
@@ -141,18 +141,19 @@ def bridge_bytes(
     its caller holds, for ``N`` sources, intermediate widths ``d_k`` (``D = sum d_k``)
     and a query layer of width ``d_L``; all float64:
 
-    - the bridged factors (:class:`_Bridge`), per source: each step's map ``M`` and
-      gain ``G`` and the stacked products of :meth:`_Bridge.at_draws` (``2 d_L d_k``
-      and ``d_L d_k`` more in every step above the first), three ``d_L x d_L``
-      products per step above the first and one summed over the steps, the draws'
-      noise (``n_bridge D``) and the terms of ``log r`` at the ``K = n_fwd`` forward
-      paths (``K d_L``);
+    - the bridged factors (:class:`_Bridge`), per source: each step's gain ``G``, the
+      map ``M`` of every step above the first and the stacked products of
+      :meth:`_Bridge.at_draws` (``2 d_L d_k`` and ``d_L d_k`` more in every step above
+      the first), three ``d_L x d_L`` products per step above the first and one
+      summed over the steps, the draws' noise (``n_bridge D``) and the terms of
+      ``log r`` at the ``K = n_fwd`` forward paths (``K d_L``);
     - the larger of their build, about eight ``(S, d_L, D)`` temporaries for a chunk
       of ``S`` sources (:func:`_bridge_chunk`) and the standard normals of the draws,
-      and of a block's share of the factors of its subsampled sources (``16 (n_top +
-      1) + 3 n_random / 2`` of them), counted as a whole copy although the per-step
-      factors are gathered a few sources at a time (:class:`_BridgeCols`), with its
-      temporaries (``_BRIDGE_BLOCK_ELEMS``);
+      and of what a block with subsampled sources (``16 (n_top + 1) + 3 n_random / 2``
+      of them) holds: their terms of ``log r`` and small per-source terms
+      (:class:`_BridgeCols`, ``(K + d_L + 1) d_L + d_1 + 2 d_L + n_bridge`` each), one
+      chunk of gathered factors (``_GATHER_ELEMS``) and the block's temporaries
+      (``_BRIDGE_BLOCK_ELEMS``);
     - the forward paths, ``K`` per source (each layer and its parent's mean, the
       query layer's mean, scale and two column features, float32 features of the
       first and the query layer) and, when sources are subsampled, two ranking scores
@@ -169,7 +170,9 @@ def bridge_bytes(
     build = 8 * (_BRIDGE_BUILD_TEMPS * chunk * d * big + n * n_bridge * (big + steps * d))
     block = 0
     if n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n:
-        block = held * (_BLOCK * (n_top + 1) + 3 * n_random // 2) // n + 8 * _BRIDGE_BLOCK_ELEMS
+        per_source = (n_fwd + d + 1) * d + widths[0] + 2 * d + n_bridge
+        n_block = _BLOCK * (n_top + 1) + 3 * n_random // 2
+        block = 8 * (n_block * per_source + int(_GATHER_ELEMS) + _BRIDGE_BLOCK_ELEMS)
     paths = n * n_fwd * (8 * (2 * big + 4 * d) + 4 * 2 * (widths[0] + d))
     if block:  # the ranking scores of _RANK_STEP queries at every forward path
         paths += 2 * 8 * _RANK_STEP * n_fwd * n
@@ -180,7 +183,7 @@ def _bridge_held_bytes(n: int, widths: list[int], d_last: int, n_bridge: int, n_
     """Bytes of the tensors a :class:`_Bridge` keeps (see :func:`bridge_bytes`)."""
     d, big, steps = d_last, sum(widths), len(widths)
     per_source = (
-        d * (4 * big + big - widths[0])  # M, G and the stacks
+        d * (5 * big - 2 * widths[0])  # M above the first step, G and the stacks
         + d * d * (3 * (steps - 1) + 1)  # vq above the first step, pool_quad
         + (n_bridge + 1) * big  # zeta, s2
         + widths[0]  # a0
@@ -1133,11 +1136,12 @@ class _Bridge:
     all queries, and draw ``k`` of source ``i`` uses the same noise ``zeta_ik`` for every
     query (common random numbers), at which ``log r_ji`` is the same for every ``j``.
     For a linear chain ``r_ji`` is the exact posterior of source ``i``'s path given
-    ``t_j``.  Memory: the map and gain of every step and the stacked products of
-    :meth:`at_draws`, four ``(N, d_L, d_k)`` tensors in the first step and five above
-    it, filled a chunk of sources at a time (:func:`_bridge_held_bytes`).  A block
-    of queries with subsampled sources reads them through :meth:`take`, which gathers
-    a few sources' factors at a time where they are used (:class:`_BridgeCols`).
+    ``t_j``.  Memory: the gain of every step, the map of every step above the first
+    and the stacked products of :meth:`at_draws`, three ``(N, d_L, d_k)`` tensors in
+    the first step and five above it, filled a chunk of sources at a time
+    (:func:`_bridge_held_bytes`).  A block of queries with subsampled sources reads
+    them through :meth:`take`, which gathers a few sources' factors at a time where
+    they are used, only those the product reads (:class:`_BridgeCols`).
     """
 
     def __init__(self, pb: _Problem, n_br: int, pool: _Pool, chunk: int | None = None):
@@ -1176,7 +1180,7 @@ class _Bridge:
         for k, d in enumerate(widths):
             st = object.__new__(_Step)
             st.pb, st.d = pb, d
-            for name in _Step.MEAN:
+            for name in _Bridge.kept(k):
                 setattr(st, name, parts[(name, k)])
             st.w = parts[("stack", k)].split(d_l, 1)[-2]  # a view: w is part of the stack
             steps.append(st)
@@ -1186,6 +1190,13 @@ class _Bridge:
         self.vq = [None] + [tuple(parts[(f, k)] for f in "qwg") for k in range(1, len(widths))]
         for name in ("a0", "wgp0_a", "log_r", "pool_base", "pool_v", "pool_quad"):
             setattr(self, name, parts[name])
+
+    @staticmethod
+    def kept(k: int) -> tuple:
+        """The fields of step ``k`` a bridge keeps: those :meth:`_Step.mean` needs, but
+        the first step's map (its mean comes from ``a0`` and the gain, its residuals
+        from the stack, once the factors are built)."""
+        return tuple(f for f in _Step.MEAN if k or f != "m")
 
     @staticmethod
     def _build(pb: _Problem, path, rows, normals, pool_t, pool_p) -> dict:
@@ -1209,7 +1220,7 @@ class _Bridge:
         out["a0"] = q.steps[0].mean(pb.loc1[rows][:, None, :])[:, 0]
         base, pool_v, quad = 0.0, 0.0, 0.0
         for k, st in enumerate(q.steps):
-            for name in _Step.MEAN:
+            for name in _Bridge.kept(k):
                 out[(name, k)] = getattr(st, name)
             out[("zeta", k)] = zeta[k]
             mean0 = st.mean(pool_p[k])
@@ -1236,11 +1247,12 @@ class _Bridge:
         factors gathered a chunk of sources at a time where they are used."""
         return _BridgeCols(self, cols)
 
-    def chunk(self, start: int, stop: int) -> _BridgeChunk:
-        """The per-step factors and draws of sources ``start .. stop - 1`` (views)."""
-        return _BridgeChunk(self, slice(start, stop))
+    def chunk(self, start: int, stop: int, use: str) -> _BridgeChunk:
+        """The factors that ``use`` (``"draws"`` or ``"at_draws"``) reads, of sources
+        ``start .. stop - 1`` (views)."""
+        return _BridgeChunk(self, slice(start, stop), use)
 
-    def step(self, step: int) -> int:
+    def step(self, step: int, use: str) -> int:
         """Sources per chunk: ``step`` (the factors are views, nothing is copied)."""
         return step
 
@@ -1279,10 +1291,10 @@ class _Bridge:
         u = [None] + [z[k] - priors[k].reshape(bm, -1) for k in range(1, len(z))]
         width = max(tq.shape[1], *(st.d for st in self.q.steps))
         step = max(1, int(1.6e7 // max(1, bm * width)))
-        step = self.step(step)
+        step = self.step(step, "at_draws")
         for c in range(0, pb.n, step):
             cols = slice(c, min(pb.n, c + step))
-            part = self.chunk(cols.start, cols.stop)  # the factors of these sources
+            part = self.chunk(cols.start, cols.stop, "at_draws")  # these sources' factors
             val = 0.0
             for k, st in enumerate(part.q.steps):
                 inv = 1.0 / st.s2  # (S, d_k)
@@ -1327,10 +1339,10 @@ class _Bridge:
         q_mean0 = q.steps[0].mean(q.pb.loc1[q.rows][:, None, :])  # (B, 1, d_1)
         width = max(tq.shape[1], *(st.d for st in self.q.steps))
         step = max(1, int(4e6 // max(1, b * nb * width)))
-        step = self.step(step)
+        step = self.step(step, "draws")
         for c in range(0, n, step):
             cols = slice(c, min(n, c + step))
-            part = self.chunk(cols.start, cols.stop)  # the factors of these sources
+            part = self.chunk(cols.start, cols.stop, "draws")  # these sources' factors
             s = cols.stop - cols.start
 
             def draw(k, mean, part=part, s=s):  # mean (S, B, 1 or nb, d)
@@ -1359,54 +1371,70 @@ class _Bridge:
         return out[0], out[1], out[2]
 
 
-class _BridgeChunk:
-    """The per-step factors and draws of :class:`_Bridge` for the sources ``idx`` (a
-    slice: views; an index tensor: copies), as :meth:`_Bridge.at_draws` and
-    :meth:`_Bridge.draws` read them for one chunk of sources."""
+#: the per-step factors and per-source terms each product of :class:`_Bridge` reads:
+#: ``(fields of the first step, fields of the steps above it, other factors)``
+_CHUNK_FIELDS = {
+    "draws": (("gain_t",), ("y", "m", "gain_t"), ("zeta",)),
+    "at_draws": (("s2", "norm"), ("s2", "y", "m", "norm"), ("stack", "vq")),
+}
+_SMALL = ("a0", "wgp0_a", "pool_quad")  # per-source terms of a chunk: at most d_L^2 each
 
-    def __init__(self, bridge: _Bridge, idx):
-        # the first step's map is not read once the factors are built (its mean comes
-        # from a0 and the gain, its residuals from the stack)
-        first = tuple(f for f in _Step.MEAN if f != "m")
+
+class _BridgeChunk:
+    """The factors of :class:`_Bridge` that :meth:`_Bridge.draws` or
+    :meth:`_Bridge.at_draws` (``use``) reads, for the sources ``idx`` of ``big`` (a
+    slice: views; an index tensor: copies), and the small per-source terms ``_SMALL``
+    at ``small_idx`` of ``small`` (default: ``big`` at ``idx``)."""
+
+    def __init__(self, big: _Bridge, idx, use: str, small=None, small_idx=None):
+        first, above, other = _CHUNK_FIELDS[use]
         self.q = _StepList(
-            [st.take(idx, _Step.MEAN if k else first) for k, st in enumerate(bridge.q.steps)]
+            [st.take(idx, above if k else first) for k, st in enumerate(big.q.steps)]
         )
-        self.zeta, self.stack = [z[idx] for z in bridge.zeta], [f[idx] for f in bridge.stack]
-        self.vq = [None] + [tuple(f[idx] for f in fs) for fs in bridge.vq[1:]]
-        self.a0, self.wgp0_a, self.pool_quad = (
-            bridge.a0[idx],
-            bridge.wgp0_a[idx],
-            bridge.pool_quad[idx],
-        )
+        if "zeta" in other:
+            self.zeta = [z[idx] for z in big.zeta]
+        if "stack" in other:
+            self.stack = [f[idx] for f in big.stack]
+            self.vq = [None] + [tuple(f[idx] for f in fs) for fs in big.vq[1:]]
+        small, small_idx = (big, idx) if small is None else (small, small_idx)
+        for name in _SMALL:
+            setattr(self, name, getattr(small, name)[small_idx])
 
 
 class _BridgeCols(_Bridge):
     """:class:`_Bridge` restricted to the sources ``cols`` of a block, without a copy
-    of the per-step factors: :meth:`chunk` gathers them a few sources at a time
-    (about ``_GATHER_ELEMS`` elements), which the products then read from the cache,
-    instead of one copy of every source's factors per block.  The terms of ``log r``
-    at the forward paths and at the bridged draws are copied whole (``K d_L`` and
-    ``n_br`` per source)."""
+    of the per-step factors: :meth:`chunk` gathers the ones its product reads a few
+    sources at a time (about ``_GATHER_ELEMS`` elements), which the products then read
+    from the cache, instead of one copy of every source's factors per block.  The terms
+    of ``log r`` at the forward paths and at the bridged draws and the small
+    per-source terms (``_SMALL``) are copied whole."""
 
     def __init__(self, base: _Bridge, cols: torch.Tensor):
         self.base, self.cols = base, cols
         self.n_br, self.q = base.n_br, base.q  # q: the steps' widths
-        for name in ("log_r", "pool_base", "pool_v", "pool_quad"):
+        for name in ("log_r", "pool_base", "pool_v", *_SMALL):
             setattr(self, name, getattr(base, name)[cols])
-        per_source = sum(
-            t[0].numel()
-            for t in [*base.zeta, *base.stack, *(f for fs in base.vq[1:] for f in fs)]
-            + [getattr(st, f) for st in base.q.steps for f in ("m", "gain_t")]
-        )
-        self._most = max(1, int(_GATHER_ELEMS // per_source))
+        self._most = {}
+        for use, (first, above, other) in _CHUNK_FIELDS.items():
+            per_source = sum(
+                getattr(st, f)[0].numel()
+                for k, st in enumerate(base.q.steps)
+                for f in (above if k else first)
+            )
+            if "zeta" in other:
+                per_source += sum(z[0].numel() for z in base.zeta)
+            if "stack" in other:
+                per_source += sum(f[0].numel() for f in base.stack)
+                per_source += sum(f[0].numel() for fs in base.vq[1:] for f in fs)
+            self._most[use] = max(1, int(_GATHER_ELEMS // per_source))
 
-    def chunk(self, start: int, stop: int) -> _BridgeChunk:
-        return _BridgeChunk(self.base, self.cols[start:stop])
+    def chunk(self, start: int, stop: int, use: str) -> _BridgeChunk:
+        return _BridgeChunk(self.base, self.cols[start:stop], use, self, slice(start, stop))
 
-    def step(self, step: int) -> int:
+    def step(self, step: int, use: str) -> int:
         """Sources per chunk: at most ``step``, and about ``_GATHER_ELEMS`` elements of
-        gathered factors."""
-        return min(step, self._most)
+        the factors ``use`` reads."""
+        return min(step, self._most[use])
 
 
 def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=None):

@@ -391,12 +391,16 @@ def test_bridged_density_at_forward_paths_matches_direct_evaluation():
     bridge = _Bridge(pb, 2, pool)
     fast = bridge.at_pool(pb, torch.arange(n))  # (B, K, N)
     tol = len(bridge.q.steps) * _F32_TOL
+
+    def first_mean(i, j):  # the first step's mean, linear in the query: a0 + t_j G
+        return (bridge.a0[i] + tq[j] @ bridge.q.steps[0].gain_t[i])[None, None]
+
     for j in range(n):
         for i in range(n):
             direct = 0.0
-            for step, t, prior in zip(bridge.q.steps, pool.layers, pool.priors):
+            for m, (step, t, prior) in enumerate(zip(bridge.q.steps, pool.layers, pool.priors)):
                 t_i, prior_i = (v.reshape(k, n, -1)[:, i][None] for v in (t, prior))
-                mean = step.mean(prior_i, tq[j][None, None], torch.tensor([i]))
+                mean = first_mean(i, j) if m == 0 else step.mean(prior_i, tq[j][None, None], [i])
                 r = t_i - mean
                 wr = r @ step.w[i].T
                 quad = (r * r / step.s2[i]).sum(-1) + (wr * wr).sum(-1)
@@ -413,8 +417,11 @@ def test_bridged_density_at_forward_paths_matches_direct_evaluation():
         for i in range(n):
             direct = 0.0
             for k, step in enumerate(bridge.q.steps):
-                prior = loc1[i][None, None] if k == 0 else priors[k][j][None]
-                mean = step.mean(prior, tq[j][None, None], torch.tensor([i]))
+                mean = (
+                    first_mean(i, j)
+                    if k == 0
+                    else step.mean(priors[k][j][None], tq[j][None, None], [i])
+                )
                 direct = direct + step.logpdf(layers[k][j][None], mean, torch.tensor([i]))
             assert torch.allclose(fast[j, :, i], direct[0], atol=tol, rtol=0)
 
