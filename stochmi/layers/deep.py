@@ -161,8 +161,7 @@ def bridge_bytes(
     - the ``N x N`` estimate and its half-sample twin.
 
     Measured peaks of ``noisy_mlp`` and ``noisy_cnn`` layers (N = 250 to 4,000) lie
-    between 0.86 and 0.99 times this figure (``benchmarks/bench_bridge_memory.py``);
-    the lowest are subsampled calls, whose block copy the figure still counts.
+    between 0.83 and 0.99 times this figure (``benchmarks/bench_bridge_memory.py``).
     """
     d, big, steps = d_last, sum(widths), len(widths)
     held = _bridge_held_bytes(n, widths, d_last, n_bridge, n_fwd)
