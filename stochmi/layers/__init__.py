@@ -11,6 +11,8 @@
   sampling over paths;
 - :mod:`~stochmi.layers.audit`: a check of those densities against bridged draws on a
   few queries;
+- :mod:`~stochmi.layers.heap`: the heap settings (glibc) under which those densities'
+  temporaries are reused instead of faulted in afresh;
 - :mod:`~stochmi.layers.estimation`: :func:`layer_mi`, the MI table over layer pairs;
 - :mod:`~stochmi.layers.weights`: :func:`stochmi.weight_mi`, the epistemic information
   ``I(T_l; W | X)`` and BALD.

@@ -95,6 +95,7 @@ import torch
 from torch import distributions as td
 
 from stochmi.core.kernel import as_gaussian_mixture
+from stochmi.layers.heap import heap_for_temporaries
 
 __all__ = [
     "DeepLogDensity",
@@ -125,12 +126,6 @@ _BRIDGE_CHUNK = 2e7  # elements of one (sources, d_L, sum d_k) factor built at a
 _BRIDGE_BUILD_TEMPS = 8
 _BRIDGE_BLOCK_ELEMS = 6 * 10**7
 _GATHER_ELEMS = 4e6  # elements of per-source bridged factors gathered at a time
-# elements per (sources, paths, width) tensor of one chunk of sources in _Bridge.at_draws
-# and _Bridge.draws: their elementwise passes run faster on chunks that stay in the
-# cache (measured: draws 1.5-2x faster at 1e6 than at 4e6, at_draws 1.4x at 4e6 than
-# at 1.6e7, benchmarks/README.md)
-_AT_ELEMS = 4e6
-_DRAW_ELEMS = 1e6
 
 
 def bridge_bytes(
@@ -789,6 +784,7 @@ class _Guided:
         return out.reshape(b, -1)
 
 
+@heap_for_temporaries()
 def deep_log_density(
     first_loc: torch.Tensor,
     first_scale: torch.Tensor,
@@ -1295,7 +1291,7 @@ class _Bridge:
         z = [t.reshape(bm, -1) for t in layers]
         u = [None] + [z[k] - priors[k].reshape(bm, -1) for k in range(1, len(z))]
         width = max(tq.shape[1], *(st.d for st in self.q.steps))
-        step = max(1, int(_AT_ELEMS // max(1, bm * width)))
+        step = max(1, int(1.6e7 // max(1, bm * width)))
         step = self.step(step, "at_draws")
         for c in range(0, pb.n, step):
             cols = slice(c, min(pb.n, c + step))
@@ -1343,7 +1339,7 @@ class _Bridge:
         out = [torch.empty(b, nb, n, dtype=torch.float64, device=pb.loc1.device) for _ in "pgq"]
         q_mean0 = q.steps[0].mean(q.pb.loc1[q.rows][:, None, :])  # (B, 1, d_1)
         width = max(tq.shape[1], *(st.d for st in self.q.steps))
-        step = max(1, int(_DRAW_ELEMS // max(1, b * nb * width)))
+        step = max(1, int(4e6 // max(1, b * nb * width)))
         step = self.step(step, "draws")
         for c in range(0, n, step):
             cols = slice(c, min(n, c + step))
