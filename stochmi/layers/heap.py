@@ -5,16 +5,19 @@ A round of :func:`stochmi.layers.deep.deep_log_density` allocates and frees
 glibc serves an allocation above its mmap threshold (dynamic, at most 32 MiB) with a
 fresh ``mmap``, and gives free memory above its trim threshold at the top of the heap
 back to the system; either way the next temporary faults its pages in again, which
-costs about as much as the arithmetic on them (a bridged round of the untrained
-``noisy_cnn``: 56.5 s against 34.1 s with the thresholds raised,
-``benchmarks/README.md``).
+can cost as much as the arithmetic on them (416 queries of a bridged round of the
+untrained ``noisy_cnn``, X -> h3 at N = 1,000: 56.5 s, against 37.1 s under
+:func:`heap_for_temporaries`; ``benchmarks/README.md``).  Which allocations are
+mmapped depends on the largest block the process freed before (glibc raises the
+threshold to it), so without fixed thresholds the same call can take very different
+times in different processes.
 
 :func:`heap_for_temporaries` raises both thresholds for the duration of a round, so
-those temporaries are reused from the heap, and on leaving sets them to the values a
-warmed-up glibc process reaches on its own (mmap threshold 32 MiB, trim threshold 64
-MiB) and returns the free heap to the system (``malloc_trim``), so that the memory
-available is measured right before the next round.  Elsewhere (another C library, another
-system) it does nothing.
+those temporaries are reused from the heap.  On leaving it sets them to the largest
+values glibc's own dynamic thresholds reach (mmap 32 MiB, trim 64 MiB) and returns the
+free heap to the system (``malloc_trim``), so that the memory available, which
+:func:`stochmi.layer_mi` reads before a bridged round, counts it.  Elsewhere (another C
+library, another system) it does nothing.
 """
 
 from __future__ import annotations
