@@ -152,7 +152,7 @@ def bridge_bytes(
       of ``S`` sources (:func:`_bridge_chunk`) and the standard normals of the draws,
       and of what a block with subsampled sources (``16 (n_top + 1) + 3 n_random / 2``
       of them) holds: their terms of ``log r`` and small per-source terms
-      (:class:`_BridgeCols`, ``(K + d_L + 1) d_L + d_1 + 2 d_L + n_bridge`` each), one
+      (:class:`_BridgeCols`, ``(K + d_L) d_L + K + d_1 + 2 d_L + n_bridge`` each), one
       chunk of gathered factors (``_GATHER_ELEMS``) and the block's temporaries
       (``_BRIDGE_BLOCK_ELEMS``);
     - the forward paths, ``K`` per source (each layer and its parent's mean, the
@@ -170,7 +170,7 @@ def bridge_bytes(
     build = 8 * (_BRIDGE_BUILD_TEMPS * chunk * d * big + n * n_bridge * (big + steps * d))
     block = 0
     if n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n:
-        per_source = (n_fwd + d + 1) * d + widths[0] + 2 * d + n_bridge
+        per_source = (n_fwd + d) * d + n_fwd + widths[0] + 2 * d + n_bridge
         n_block = _BLOCK * (n_top + 1) + 3 * n_random // 2
         block = 8 * (n_block * per_source + int(_GATHER_ELEMS) + _BRIDGE_BLOCK_ELEMS)
     paths = n * n_fwd * (8 * (2 * big + 4 * d) + 4 * 2 * (widths[0] + d))
