@@ -16,8 +16,9 @@ times in different processes.
 those temporaries are reused from the heap.  On leaving it sets them to the largest
 values glibc's own dynamic thresholds reach (mmap 32 MiB, trim 64 MiB) and returns the
 free heap to the system (``malloc_trim``), so that the memory available, which
-:func:`stochmi.layer_mi` reads before a bridged round, counts it.  Elsewhere (another C
-library, another system) it does nothing.
+:func:`stochmi.layer_mi` reads before a bridged round, counts it.  glibc cannot report
+the thresholds a process had before, so a caller that had set its own gets these back.
+Elsewhere (another C library, another system) it does nothing.
 """
 
 from __future__ import annotations
