@@ -29,7 +29,7 @@ import ctypes.util
 import functools
 import platform
 
-__all__ = ["heap_for_temporaries", "release_free_heap"]
+__all__ = ["heap_for_temporaries"]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters of glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
@@ -57,13 +57,6 @@ def _set(libc, thresholds: tuple[int, int]) -> None:
     mmap, trim = thresholds
     libc.mallopt(_M_MMAP_THRESHOLD, mmap)
     libc.mallopt(_M_TRIM_THRESHOLD, trim)
-
-
-def release_free_heap() -> None:
-    """Give the heap's free memory back to the system (``malloc_trim(0)``; glibc only)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 @contextlib.contextmanager

@@ -631,9 +631,8 @@ def test_bridged_factors_gathered_one_source_at_a_time_give_the_same_densities(m
             monkeypatch.setattr(deep, "_GATHER_ELEMS", elems)
             g, mu1, t1, t2, _, link = _two_layer_linear(n, 0.4, 0.3, seed=5)
             kw = dict(n_is=8, n_fwd=8, n_bridge=2, generator=g, dtype=torch.float64)
-            sd = torch.tensor(0.4)
-            kw["strata"] = strata
-            out.append(deep_log_density(mu1, sd, link, t2, [t1], n_top=2, n_random=8, **kw))
+            kw.update(n_top=2, n_random=8, strata=strata)
+            out.append(deep_log_density(mu1, torch.tensor(0.4), link, t2, [t1], **kw))
         full, one = out
         assert full.n_sources < 0.5 * n  # subsampled
         for a, b in ((full.L, one.L), (full.L_half, one.L_half)):

@@ -40,6 +40,28 @@ def test_thresholds_raised_inside_and_settled_after_even_on_error(monkeypatch):
     assert heap.DURING[0] > heap.AFTER[0] and heap.DURING[1] > heap.AFTER[1]
 
 
+def _tanh_problem(n: int, d: int, seed: int):
+    """A two-layer tanh chain: layer-1 means, scale, links, queries and anchors."""
+    g = torch.Generator().manual_seed(seed)
+    loc = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(d - 1, d, generator=g, dtype=torch.float64)
+
+    def link(p):
+        return dist.Normal(torch.tanh(p @ w.T), 0.5).to_event(1)
+
+    t1 = loc + torch.randn(n, d, generator=g, dtype=torch.float64)
+    return loc, torch.ones(n, d), [link], link(t1).sample(), [t1]
+
+
+def _densities(problem, **kw):
+    from stochmi.layers import deep
+
+    gen = torch.Generator().manual_seed(5)
+    return deep.deep_log_density(
+        *problem, n_is=4, n_fwd=4, generator=gen, dtype=torch.float64, **kw
+    )
+
+
 def test_deep_log_density_runs_inside_the_heap_settings(monkeypatch):
     from stochmi.layers import deep
 
@@ -53,60 +75,22 @@ def test_deep_log_density_runs_inside_the_heap_settings(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(deep, "_Pool", pool)
-    g = torch.Generator().manual_seed(0)
-    n = 12
-    loc = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    w = torch.randn(2, 3, generator=g, dtype=torch.float64)
-
-    def link(p):
-        return dist.Normal(torch.tanh(p @ w.T), 0.5).to_event(1)
-
-    t1 = loc + torch.randn(n, 3, generator=g, dtype=torch.float64)
-    t2 = link(t1).sample()
-    deep.deep_log_density(
-        loc, torch.ones(n, 3), [link], t2, [t1], n_is=4, n_fwd=4, generator=g, dtype=torch.float64
-    )
+    _densities(_tanh_problem(12, 3, seed=0))
     assert seen == [_expected(heap.DURING)]
     assert libc.calls[-1] == ("malloc_trim", 0)
 
 
-def test_without_glibc_nothing_is_called(monkeypatch):
+def test_without_glibc_the_body_runs_alone(monkeypatch):
     monkeypatch.setattr(heap, "_glibc", lambda: None)
+    ran = []
     with heap.heap_for_temporaries():
-        pass
-    heap.release_free_heap()
+        ran.append(True)
+    assert ran == [True]
 
 
 def test_same_numbers_with_and_without_the_heap_settings(monkeypatch):
     """Where memory comes from does not change any number (glibc here, or a no-op)."""
-    from stochmi.layers import deep
-
-    g = torch.Generator().manual_seed(1)
-    n = 20
-    loc = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    w = torch.randn(3, 4, generator=g, dtype=torch.float64)
-
-    def link(p):
-        return dist.Normal(torch.tanh(p @ w.T), 0.4).to_event(1)
-
-    t1 = loc + torch.randn(n, 4, generator=g, dtype=torch.float64)
-    t2 = link(t1).sample()
-
-    def run():
-        gen = torch.Generator().manual_seed(5)
-        return deep.deep_log_density(
-            loc,
-            torch.ones(n, 4),
-            [link],
-            t2,
-            [t1],
-            n_is=4,
-            n_fwd=4,
-            n_bridge=2,
-            generator=gen,
-            dtype=torch.float64,
-        ).L
-
-    with_settings = run()
+    problem = _tanh_problem(20, 4, seed=1)
+    with_settings = _densities(problem, n_bridge=2).L
     monkeypatch.setattr(heap, "_glibc", lambda: None)
-    assert torch.equal(run(), with_settings)
+    assert torch.equal(_densities(problem, n_bridge=2).L, with_settings)
