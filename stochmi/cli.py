@@ -193,6 +193,14 @@ def _add_estimate(sub, common: argparse.ArgumentParser) -> None:
     _valued(p, "--n-inputs", int, 500, "inputs X")
     _valued(p, "--n-paths", int, 16, "forward paths per input (even)")
     _valued(p, "--n-weight-draws", int, 16, "weight draws, Bayesian nets")
+    _valued(
+        p,
+        "--n-queries",
+        int,
+        2048,
+        "queries behind the rows across several layers, a random subset where --n-inputs "
+        "is larger; 0: every input",
+    )
     p.add_argument(
         "--weights",
         choices=("marginal", "conditional"),
@@ -475,6 +483,8 @@ def _cmd_estimate(args) -> int:
     if args.n_paths % 2:
         raise ValueError(f"--n-paths must be even, got {args.n_paths}")
     _at_least(args.n_weight_draws, "--n-weight-draws", 1)
+    if args.n_queries != 0:
+        _at_least(args.n_queries, "--n-queries", 2, " (or 0 for every input)")
     if args.csv:
         _check_out_file(Path(args.csv), "--csv")
     model, guide, spec = load_checkpoint(path)
@@ -495,6 +505,7 @@ def _cmd_estimate(args) -> int:
         seed=seed,
         n_paths=args.n_paths,
         n_weight_draws=args.n_weight_draws,
+        n_queries=args.n_queries or None,
         device=_opt(args, "device"),
         progress=not _opt(args, "quiet"),
     )

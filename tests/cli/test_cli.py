@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,11 @@ def test_train_then_estimate(tmp_path, capsys):
     # same seed, same numbers
     assert main([*argv, "--csv", str(tmp_path / "t2.csv"), "-q"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "t2.csv"), table)
+    # fewer queries than inputs: the deep row X -> h2 averages over 20 of the 40, the
+    # direct row X -> h1 is unchanged
+    assert main([*argv, "--n-queries", "20", "--csv", str(tmp_path / "t3.csv"), "-q"]) == 0
+    sub = pd.read_csv(tmp_path / "t3.csv")
+    assert sub.value[0] == table.value[0] and sub.value[1] != table.value[1]
     # errors: unknown spec, bad override, missing checkpoint
     capsys.readouterr()
     assert main(["train", "no_such_spec", "-q"]) == 2
@@ -195,7 +201,17 @@ def test_estimate_bad_input_exit_2(tmp_path, capsys):
         _exit2(capsys, ["estimate", str(junk), "--n-inputs", n], f"--n-inputs {n}", "at least 2")
     _exit2(capsys, ["estimate", str(junk), "--n-paths", "0"], "--n-paths 0")
     _exit2(capsys, ["estimate", str(junk), "--n-weight-draws", "0"], "--n-weight-draws 0")
+    _exit2(capsys, ["estimate", str(junk), "--n-queries", "1"], "--n-queries 1")
     _exit2(capsys, ["estimate", str(junk), "--csv", str(tmp_path)], "is a folder")
+
+
+def test_estimate_default_queries_are_layer_mis():
+    from stochmi.cli import build_parser
+    from stochmi.layers.estimation import DEEP_QUERIES, layer_mi
+
+    args = build_parser().parse_args(["estimate", "ck.pt"])
+    assert args.n_queries == DEEP_QUERIES
+    assert inspect.signature(layer_mi).parameters["n_queries"].default == DEEP_QUERIES
 
 
 def test_train_out_existing_folder_refused_before_training(tmp_path, capsys, monkeypatch):

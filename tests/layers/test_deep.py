@@ -11,6 +11,7 @@ targets the population MI: the closed-form or grid truth must lie inside it, wid
 import dataclasses
 import math
 
+import pandas as pd
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -560,6 +561,66 @@ def test_conditional_mode_splits_the_queries_between_weight_draws():
         tol = 3 * math.hypot(r.stderr, ref_se) + r.mc_bias
         assert abs(r.value - ref_value) <= tol, (di, r.value, ref_value, tol)
         assert r.converged
+
+
+def test_deep_rows_on_a_random_subset_of_queries_stay_unbiased():
+    """``n_queries`` below N: the deep row averages its per-query terms over that many
+    random queries (each marginal still over all N sources).  It agrees with the exact
+    dataset MI within 3 combined standard errors plus its mc_bias, its stderr counts the
+    queries used (about twice the all-query stderr at a quarter of them), and the
+    first-layer row, a direct density, is the same as with every query."""
+    m = LinearChain([3, 4, 3], [0.5, 0.8], 2)
+    x = _x(800, 3, 12)
+    pairs = [("X", "h1"), ("X", "h2")]
+    sub = layer_mi(m, x, seed=4, pairs=pairs, n_queries=200)
+    full = layer_mi(m, x, seed=4, pairs=pairs, n_queries=None)
+    assert sub.attrs["path_convergence"]["X->h2"]["queries"] == 200
+    assert full.attrs["path_convergence"]["X->h2"]["queries"] == 800
+    r = sub.iloc[1]
+    _check_row(r, *m.reference(r, x, 102))
+    # sqrt(800 / 200) = 2, up to the sampling error of the two standard deviations
+    assert 1.5 < r.stderr / full.iloc[1].stderr < 2.7
+    assert sub.iloc[0].value == full.iloc[0].value
+
+
+def test_queries_subset_only_where_n_exceeds_it():
+    """At N <= n_queries every input is a query and no draw is taken for the subset, so
+    the numbers are those of ``n_queries=None``; the subset is sorted, without repeats,
+    and the same for the same generator state."""
+    from stochmi.layers.estimation import _deep_queries
+
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    assert _deep_queries(100, 100, g) is None and _deep_queries(100, None, g) is None
+    assert torch.equal(g.get_state(), state)
+    rows = _deep_queries(1000, 300, g)
+    assert len(rows) == 300 and len(rows.unique()) == 300
+    assert torch.equal(rows, rows.sort().values)
+    assert torch.equal(rows, _deep_queries(1000, 300, torch.Generator().manual_seed(5)))
+
+    m = LinearChain([3, 4, 3], [0.5, 0.8], 2)
+    x = _x(150, 3, 14)
+    a = layer_mi(m, x, seed=6, pairs=[("X", "h2")], n_queries=150)
+    b = layer_mi(m, x, seed=6, pairs=[("X", "h2")], n_queries=None)
+    pd.testing.assert_frame_equal(a, b)
+    with pytest.raises(ValueError, match="n_queries"):
+        layer_mi(m, x, pairs=[("X", "h2")], n_queries=1)
+
+
+def test_conditional_mode_shares_out_a_capped_set_of_queries():
+    """With ``n_queries < N`` the weight draws' shares are cut from that many inputs."""
+    from stochmi.layers.estimation import _query_sets
+
+    sets = _query_sets(1000, 8, torch.Generator().manual_seed(0), 400)
+    assert [len(q) for q in sets] == [64] * 8  # ceil(400 / 8) = 50, at least 64
+    assert len(torch.cat(sets).unique()) == 400
+    sets = _query_sets(5000, 4, torch.Generator().manual_seed(0), 2048)
+    assert [len(q) for q in sets] == [512] * 4 and len(torch.cat(sets).unique()) == 2048
+    same = _query_sets(1000, 8, torch.Generator().manual_seed(0))
+    assert all(
+        torch.equal(p, q)
+        for p, q in zip(same, _query_sets(1000, 8, torch.Generator().manual_seed(0), 1000))
+    )
 
 
 def test_bayesian_chain_marginal_mode_deep_rows_converge_and_respect_dpi():
