@@ -813,8 +813,8 @@ def layer_mi(
     deep = None
     if links is not None:
         dtype = x.dtype if x.is_floating_point() else None
-        rows = _deep_queries(chain.n, n_queries, gen)
-        deep = _Deep(chain, links, opts, gen, dtype, progress, rows=rows)
+        queries = _deep_queries(chain.n, n_queries, gen)
+        deep = _Deep(chain, links, opts, gen, dtype, progress, rows=queries)
     rows, conv = _run_pairs(
         chain, layers, pairs, y, pair_seeds, n_draws, chunk_size, device, progress, deep
     )
@@ -845,6 +845,7 @@ def _check_options(weights, n_paths, n_is, tolerance, max_effort, n_weight_draws
 
 
 def _check_queries(n_queries) -> None:
+    """Refuse an ``n_queries`` that is neither None nor an int of at least 2."""
     if n_queries is None:
         return
     if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 2:
