@@ -759,8 +759,9 @@ def layer_mi(
         Non-tensor inputs, float labels, or a generic marginal over weight draws
         (no ``local_reparam_conditional``) of layers that are not Normal.
     """
-    opts = _check_options(weights, n_paths, n_is, tolerance, max_effort, n_weight_draws, n_draws)
-    _check_queries(n_queries)
+    opts = _check_options(
+        weights, n_paths, n_is, tolerance, max_effort, n_weight_draws, n_draws, n_queries
+    )
     y = _check_inputs(x, y)
     check_estimable(model)  # binary dropout, batch statistics
     if device is not None:
@@ -823,7 +824,9 @@ def layer_mi(
     return df
 
 
-def _check_options(weights, n_paths, n_is, tolerance, max_effort, n_weight_draws, n_draws):
+def _check_options(
+    weights, n_paths, n_is, tolerance, max_effort, n_weight_draws, n_draws, n_queries
+):
     """Validate :func:`layer_mi`'s settings; the deep-layer ones as :class:`DeepOptions`."""
     if weights not in ("marginal", "conditional"):
         raise ValueError(f"weights must be 'marginal' or 'conditional', got {weights!r}")
@@ -841,15 +844,11 @@ def _check_options(weights, n_paths, n_is, tolerance, max_effort, n_weight_draws
             raise ValueError(f"{nm} must be an even int >= 2, got {v!r}")
     if not isinstance(tolerance, int | float) or not tolerance > 0:
         raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
-    return DeepOptions(n_is=n_is, n_fwd=n_paths, tolerance=float(tolerance), max_effort=max_effort)
-
-
-def _check_queries(n_queries) -> None:
-    """Refuse an ``n_queries`` that is neither None nor an int of at least 2."""
-    if n_queries is None:
-        return
-    if isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 2:
+    if n_queries is not None and (
+        isinstance(n_queries, bool) or not isinstance(n_queries, int) or n_queries < 2
+    ):
         raise ValueError(f"n_queries must be None or an int >= 2, got {n_queries!r}")
+    return DeepOptions(n_is=n_is, n_fwd=n_paths, tolerance=float(tolerance), max_effort=max_effort)
 
 
 def _deep_queries(n: int, n_queries: int | None, gen: torch.Generator) -> torch.Tensor | None:
@@ -858,8 +857,7 @@ def _deep_queries(n: int, n_queries: int | None, gen: torch.Generator) -> torch.
     taken from ``gen`` in the first case, so those runs do not depend on ``n_queries``."""
     if n_queries is None or n <= n_queries:
         return None
-    perm = torch.randperm(n, generator=gen, device=gen.device)
-    return perm[:n_queries].sort().values
+    return _query_sets(n, 1, gen, n_queries)[0]
 
 
 def _resolve_pairs(pairs, layers: list[str], y) -> list[tuple[str, str]]:
