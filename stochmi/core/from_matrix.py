@@ -28,78 +28,109 @@ __all__ = [
 ]
 
 
-def _check(L: torch.Tensor) -> torch.Tensor:
+def _check(L: torch.Tensor, rows=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``L`` in float64 and ``rows`` as distinct int64 row indices (None: every row)."""
     if not isinstance(L, torch.Tensor) or L.dim() != 2 or L.shape[0] != L.shape[1]:
         raise ValueError("L must be a square (N, N) tensor of log densities")
-    if L.shape[0] < 2:
+    n = L.shape[0]
+    if n < 2:
         raise ValueError("need at least two sources (N >= 2)")
-    if bool(torch.isnan(L).any()):
-        raise ValueError("L holds NaN entries")
-    return L.to(torch.float64)
+    if rows is not None:
+        rows = torch.as_tensor(rows, dtype=torch.long, device=L.device).reshape(-1)
+        if len(rows) < 1 or bool(((rows < 0) | (rows >= n)).any()):
+            raise ValueError(f"rows must be row indices in [0, {n})")
+    for sel, _ in _row_blocks(n, rows):
+        if bool(torch.isnan(L[sel]).any()):
+            raise ValueError("L holds NaN entries")
+    return L.to(torch.float64), rows
 
 
-def _row_blocks(n: int):
-    """Slices of rows with about ``2^22`` entries of an ``(n, n)`` matrix each: the
+def _row_blocks(n: int, rows: torch.Tensor | None = None) -> list[tuple]:
+    """Blocks of rows with about ``2^22`` entries of an ``(n, n)`` matrix each, as
+    ``(rows of L, entries of the output)``: slices, or with ``rows`` an index tensor of
+    those rows in order and the slice of the output (one entry per row taken).  The
     reductions below work a block at a time (memory O(block * n), not a copy of ``L``)."""
     step = max(1, 2**22 // n)
-    return [slice(r, min(n, r + step)) for r in range(0, n, step)]
+    if rows is None:
+        return [(slice(r, min(n, r + step)),) * 2 for r in range(0, n, step)]
+    return [(rows[r : r + step], slice(r, r + step)) for r in range(0, len(rows), step)]
 
 
-def _diag_index(rows: slice, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column indices of the diagonal entries inside the block ``L[rows]``."""
-    ar = torch.arange(rows.stop - rows.start, device=device)
-    return ar, ar + rows.start
+def _diag_index(rows, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the diagonal entries inside the block ``L[rows]``
+    (``rows`` a slice or an index tensor)."""
+    if isinstance(rows, slice):
+        ar = torch.arange(rows.stop - rows.start, device=device)
+        return ar, ar + rows.start
+    return torch.arange(len(rows), device=device), rows
 
 
-def _class_sums(L: torch.Tensor, onehot: torch.Tensor, off_diagonal: bool):
-    """``m_j = max_i L[j, i]`` and ``sum_{i: y_i = c} exp(L[j, i] - m_j)`` ``(N, C)``
-    (over ``i != j`` with ``off_diagonal``), block by block of rows."""
-    n = L.shape[0]
-    m = torch.empty(n, 1, dtype=L.dtype, device=L.device)
-    per_class = torch.empty(n, onehot.shape[1], dtype=L.dtype, device=L.device)
-    for rows in _row_blocks(n):
-        blk = L[rows]
+def _class_sums(L: torch.Tensor, onehot: torch.Tensor, off_diagonal: bool, rows=None):
+    """``m_j = max_i L[j, i]`` and ``sum_{i: y_i = c} exp(L[j, i] - m_j)`` ``(R, C)``
+    for the rows ``rows`` (default all, ``R = N``; over ``i != j`` with
+    ``off_diagonal``), block by block of rows."""
+    r = L.shape[0] if rows is None else len(rows)
+    m = torch.empty(r, 1, dtype=L.dtype, device=L.device)
+    per_class = torch.empty(r, onehot.shape[1], dtype=L.dtype, device=L.device)
+    for sel, out in _row_blocks(L.shape[0], rows):
+        blk = L[sel]
         if off_diagonal:
             blk = blk.clone()
-            blk[_diag_index(rows, L.device)] = -math.inf
+            blk[_diag_index(sel, L.device)] = -math.inf
         mb = blk.max(1, keepdim=True).values
         mb = torch.where(torch.isfinite(mb), mb, torch.zeros_like(mb))
-        m[rows] = mb
-        per_class[rows] = torch.exp(blk - mb) @ onehot
+        m[out] = mb
+        per_class[out] = torch.exp(blk - mb) @ onehot
     return m, per_class
 
 
-def mi_terms_from_log_density(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mi_terms_from_log_density(L: torch.Tensor, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-query terms of the dataset MI and of its leave-one-out upper bound.
 
     Parameters
     ----------
     L : Tensor, shape (N, N)
         ``L[j, i] = log p(t_j | s_i)``, the query ``t_j`` drawn from source ``j``.
+    rows : Tensor of int64, shape (R,), optional
+        The queries whose terms are wanted, in this order (default: all ``N``); the
+        other rows of ``L`` are not read.
 
     Returns
     -------
-    full, loo : Tensor, shape (N,)
+    full, loo : Tensor, shape (N,) or (R,)
         ``L[j,j] - logmeanexp_i L[j,i]`` and ``L[j,j] - logmeanexp_{i != j} L[j,i]``;
         their means are the dataset MI (= InfoNCE lower bound on the population MI)
         and the leave-one-out upper bound.
     """
-    L = _check(L)
+    L, rows = _check(L, rows)
     n = L.shape[0]
-    full = torch.empty(n, dtype=L.dtype, device=L.device)
+    full = torch.empty(n if rows is None else len(rows), dtype=L.dtype, device=L.device)
     loo = torch.empty_like(full)
-    for rows in _row_blocks(n):
-        blk = L[rows]
-        at = _diag_index(rows, L.device)
+    for sel, out in _row_blocks(n, rows):
+        blk = L[sel]
+        at = _diag_index(sel, L.device)
         diag = blk[at]
-        full[rows] = diag - (torch.logsumexp(blk, 1) - math.log(n))
+        full[out] = diag - (torch.logsumexp(blk, 1) - math.log(n))
         off = blk.clone()
         off[at] = -math.inf
-        loo[rows] = diag - (torch.logsumexp(off, 1) - math.log(n - 1))
+        loo[out] = diag - (torch.logsumexp(off, 1) - math.log(n - 1))
     return full, loo
 
 
-def label_terms_from_log_density(L: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _labels(L: torch.Tensor, y: torch.Tensor):
+    """Labels as int64 ``(N,)`` on ``L``'s device, with their classes' one-hot matrix
+    ``(N, C)``, class index per source and class sizes."""
+    n = L.shape[0]
+    y = y.to(L.device).long().reshape(-1)
+    if y.shape[0] != n:
+        raise ValueError(f"y has {y.shape[0]} labels for {n} sources")
+    classes, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    onehot = torch.zeros(n, len(classes), dtype=L.dtype, device=L.device)
+    onehot[torch.arange(n, device=L.device), inv] = 1.0
+    return onehot, inv, counts
+
+
+def label_terms_from_log_density(L: torch.Tensor, y: torch.Tensor, rows=None) -> torch.Tensor:
     """Per-query terms of ``I(T; Y)``: ``log p(t_j | y_j) - log p(t_j)``.
 
     Parameters
@@ -108,28 +139,26 @@ def label_terms_from_log_density(L: torch.Tensor, y: torch.Tensor) -> torch.Tens
         ``L[j, i] = log p(t_j | s_i)``.
     y : Tensor, shape (N,)
         Integer labels of the sources.
+    rows : Tensor of int64, shape (R,), optional
+        The queries whose terms are wanted (default: all).
 
     Returns
     -------
-    Tensor, shape (N,)
+    Tensor, shape (N,) or (R,)
     """
-    L = _check(L)
+    L, rows = _check(L, rows)
     n = L.shape[0]
-    y = y.to(L.device).long().reshape(-1)
-    if y.shape[0] != n:
-        raise ValueError(f"y has {y.shape[0]} labels for {n} sources")
-    classes, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
-    onehot = torch.zeros(n, len(classes), dtype=L.dtype, device=L.device)
-    onehot[torch.arange(n, device=L.device), inv] = 1.0
-    m, per_class = _class_sums(L, onehot, off_diagonal=False)  # (N, 1), (N, C)
-    own = per_class[torch.arange(n, device=L.device), inv]
-    log_cond = torch.log(own) + m[:, 0] - torch.log(counts[inv].to(L.dtype))
+    onehot, inv, counts = _labels(L, y)
+    m, per_class = _class_sums(L, onehot, off_diagonal=False, rows=rows)  # (R, 1), (R, C)
+    inv_q = inv if rows is None else inv[rows]
+    own = per_class[torch.arange(len(inv_q), device=L.device), inv_q]
+    log_cond = torch.log(own) + m[:, 0] - torch.log(counts[inv_q].to(L.dtype))
     log_marg = torch.log(per_class.sum(1)) + m[:, 0] - math.log(n)
     return log_cond - log_marg
 
 
 def label_bounds_from_log_density(
-    L: torch.Tensor, y: torch.Tensor, eps: float = 1e-6
+    L: torch.Tensor, y: torch.Tensor, eps: float = 1e-6, rows=None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
     """``I(T; Y)`` terms, Barber-Agakov lower-bound terms, upper-bound terms and the
     label entropy.
@@ -141,7 +170,8 @@ def label_bounds_from_log_density(
     leave-one-out upper bound on ``I(S;T)`` and the InfoNCE lower bound on each class's
     ``I(S;T | Y=y)``; the ``L[j, j]`` cancel, leaving
     ``mean_j (logmeanexp_{i: y_i = y_j} L[j,i] - logmeanexp_{i != j} L[j,i])``.
-    As in :func:`stochmi.mi_with_labels`.
+    As in :func:`stochmi.mi_with_labels`.  With ``rows`` (int64 ``(R,)``) only those
+    queries' terms are computed, in that order (``R`` entries instead of ``N``).
 
     Returns
     -------
@@ -149,32 +179,29 @@ def label_bounds_from_log_density(
     ba_terms : Tensor, shape (N,), or None when a class has fewer than two members
     upper_terms : Tensor, shape (N,)
     h_y : float
-        Plug-in entropy of the labels (nats).
+        Plug-in entropy of the labels (nats), over all ``N`` sources.
     """
-    L = _check(L)
+    L, rows = _check(L, rows)
     n = L.shape[0]
-    y = y.to(L.device).long().reshape(-1)
-    if y.shape[0] != n:
-        raise ValueError(f"y has {y.shape[0]} labels for {n} sources")
-    classes, inv, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    onehot, inv, counts = _labels(L, y)
     freq = counts.to(torch.float64) / n
     h_y = float(-(freq * torch.log(freq)).sum())
-    idx = torch.arange(n, device=L.device)
-    onehot = torch.zeros(n, len(classes), dtype=L.dtype, device=L.device)
-    onehot[idx, inv] = 1.0
+    idx = torch.arange(n, device=L.device) if rows is None else rows
+    inv_q = inv[idx]
+    at = torch.arange(len(idx), device=L.device)
     # one pass over the off-diagonal entries; the diagonal is added back where a sum
     # includes it (a sum of positive terms, no cancellation)
-    m, per_class = _class_sums(L, onehot, off_diagonal=True)
+    m, per_class = _class_sums(L, onehot, off_diagonal=True, rows=rows)
     diag = L[idx, idx]
     log_off = torch.log(per_class.sum(1)) + m[:, 0]
     log_loo = log_off - math.log(n - 1)
-    log_cls = torch.logaddexp(torch.log(per_class[idx, inv]) + m[:, 0], diag)
-    log_cls = log_cls - torch.log(counts[inv].to(L.dtype))
+    log_cls = torch.logaddexp(torch.log(per_class[at, inv_q]) + m[:, 0], diag)
+    log_cls = log_cls - torch.log(counts[inv_q].to(L.dtype))
     terms = log_cls - (torch.logaddexp(log_off, diag) - math.log(n))
     upper_terms = log_cls - log_loo
     if bool((counts < 2).any()):
         return terms, None, upper_terms, h_y
-    log_q = torch.log(per_class[idx, inv]) - torch.log(per_class.sum(1))
-    k = len(classes)
+    log_q = torch.log(per_class[at, inv_q]) - torch.log(per_class.sum(1))
+    k = counts.numel()
     log_q = torch.logaddexp(log_q + math.log1p(-eps), torch.full_like(log_q, math.log(eps / k)))
     return terms, log_q, upper_terms, h_y

@@ -388,9 +388,25 @@ class _Problem:
         self.dtype = dtype  # the model's dtype, for calling links
         self.n = self.loc1.shape[0]
         self.cols1 = _GaussCols(self.loc1, self.scale1)
+        self._checked: set[int] = set()  # links whose output normal_params has checked
 
     def call(self, k: int, parent: torch.Tensor):
-        return _link_params(self.links[k], parent.to(self.dtype))
+        """``(loc, scale)`` in float64 of link ``k`` at ``parent``: the link's first call
+        in this problem goes through the checks of :func:`normal_params` (finite values,
+        positive scales), later calls read the Normal's parameters directly."""
+        parent = parent.to(self.dtype)
+        if k not in self._checked:
+            out = _link_params(self.links[k], parent)
+            self._checked.add(k)
+            return out
+        with torch.no_grad():
+            dist = self.links[k](parent)
+        if isinstance(dist, td.Independent) and dist.reinterpreted_batch_ndims == 1:
+            base = dist.base_dist
+            if isinstance(base, td.Normal) and base.loc.dim() == 2:
+                loc = base.loc.to(torch.float64)
+                return loc, torch.broadcast_to(base.scale.to(torch.float64), loc.shape)
+        return normal_params(dist)
 
     def randn(self, shape) -> torch.Tensor:
         """Standard normals in float64, drawn in float32 (4-6x faster on the CPU; each draw
@@ -647,9 +663,15 @@ class _Step:
     def __init__(self, pb: _Problem, s2, m, r, y):
         self.pb, self.s2, self.y = pb, s2, y
         self.m = m
-        chol_r = torch.linalg.cholesky(r)
+        if r.dim() == 2:  # a diagonal R, (B, d_L): the query's own link, the top step
+            sd = r.sqrt()
+            chol_r = torch.diag_embed(sd)
+            self.w = m / sd[:, :, None]  # (B, d_L, d)
+            r = torch.diag_embed(r)
+        else:
+            chol_r = torch.linalg.cholesky(r)
+            self.w = torch.linalg.solve_triangular(chol_r, m, upper=False)  # (B, d_L, d)
         self.chol_r = chol_r
-        self.w = torch.linalg.solve_triangular(chol_r, m, upper=False)  # (B, d_L, d)
         ms = m * s2[:, None, :]
         c = r + ms @ m.transpose(1, 2)
         chol_c = _cholesky32(c).to(torch.float64)
@@ -729,7 +751,7 @@ class _Guided:
         a = [anchors[k][rows].to(torch.float64) for k in range(n_int)]
         f, sig, jac = _link_jacobian(pb.links[-1], anchors[-1][rows].to(pb.dtype))
         m = jac
-        r = torch.diag_embed(sig.pow(2))
+        r = sig.pow(2)  # the diagonal of R_{L-1} (_Step takes it as a vector)
         tq = pb.t[rows] if tq is None else tq
         y = tq - f + (jac @ a[-1][:, :, None])[:, :, 0]
         steps = [None] * n_int
@@ -742,7 +764,7 @@ class _Guided:
             steps[k] = _Step(pb, s_k.pow(2), m, r, y)
             y = y - (m @ f_k[:, :, None])[:, :, 0] + (mj @ a[k - 1][:, :, None])[:, :, 0]
             ms = m * s_k.pow(2)[:, None, :]
-            r = r + ms @ m.transpose(1, 2)
+            r = (torch.diag_embed(r) if r.dim() == 2 else r) + ms @ m.transpose(1, 2)
             m = mj
         self.steps = steps
 

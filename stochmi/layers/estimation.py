@@ -368,8 +368,8 @@ class _Deep:
         bias (full minus half-sample MI) within tolerance, enough effective terms
         behind the marginal density, and no significantly negative MI."""
         o = self.opts
-        full, loo = _estimated(res, *mi_terms_from_log_density(res.L))
-        (half,) = _estimated(res, mi_terms_from_log_density(res.L_half)[0])
+        full, loo = mi_terms_from_log_density(res.L, rows=res.rows)
+        half, _ = mi_terms_from_log_density(res.L_half, rows=res.rows)
         value = float(full.mean())
         bias = abs(float(half.mean()) - value)
         (marg,) = _estimated(res, res.marg_ess)
@@ -393,18 +393,15 @@ def _label_terms(res, y: torch.Tensor) -> dict:
     upper-bound terms and label entropy of :func:`label_bounds_from_log_density` (all
     draws), their mean ``value``, and ``own``, its remaining bias: the difference to the
     same from the first half of the draws."""
-    terms, ba, up, h_y = label_bounds_from_log_density(res.L, y)
-    terms, up = _estimated(res, terms, up)
-    if ba is not None:
-        (ba,) = _estimated(res, ba)
-    (half,) = _estimated(res, label_bounds_from_log_density(res.L_half, y)[0])
+    terms, ba, up, h_y = label_bounds_from_log_density(res.L, y, rows=res.rows)
+    half = label_bounds_from_log_density(res.L_half, y, rows=res.rows)[0]
     value = float(terms.mean())
     own = abs(float(half.mean()) - value)
     return {"terms": terms, "ba": ba, "up": up, "h_y": h_y, "value": value, "own": own}
 
 
 def _conv_entry(d: dict) -> dict:
-    (half,) = _estimated(d["res"], mi_terms_from_log_density(d["res"].L_half)[0])
+    half, _ = mi_terms_from_log_density(d["res"].L_half, rows=d["res"].rows)
     (diag_ess,) = _estimated(d["res"], d["res"].diag_ess)
     return {
         "k": d["n_fwd"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pyro.distributions as dist
+import pytest
 import torch
 
 from stochmi import layer_mi
@@ -77,6 +78,7 @@ def test_audit_passes_densities_both_proposals_reach():
     assert not audit.missed(0.02, value)
 
 
+@pytest.mark.slow
 def test_layer_mi_bridges_a_first_round_that_the_audit_finds_off():
     """The first round of I(X; h2) passes the half-versus-full rule at 5.39 nats, where
     the data set's MI is 4.24: the audit sends the row to the bridged round."""

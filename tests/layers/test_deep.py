@@ -675,6 +675,7 @@ def test_subsampled_sources_match_the_exact_marginal_density():
     assert abs(float(diff.mean())) < 3 * float(diff.std()) / math.sqrt(n) + 0.01
 
 
+@pytest.mark.slow
 def test_bridged_factors_gathered_one_source_at_a_time_give_the_same_densities(monkeypatch):
     """With subsampled sources a block reads its sources' bridged factors a chunk at a
     time (``_GATHER_ELEMS``): chunks of one source give the densities of chunks of all

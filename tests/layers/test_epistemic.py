@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from stochmi.layers.epistemic import draw_clustered_se
@@ -68,6 +69,7 @@ def _linear_chain(xn, w, sig):
     return torch.distributions.MultivariateNormal(mean, cov)
 
 
+@pytest.mark.slow
 def test_two_layer_linear_chain_against_brute_force():
     """Bayesian 2-3-2 linear chain: p(t_2 | x) by averaging 10^5 weight draws."""
     dims, sig = [2, 3, 2], [0.5, 0.3]

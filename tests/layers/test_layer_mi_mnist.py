@@ -49,7 +49,7 @@ def _check_table(df, n_layers, first_layer):
     "name, overrides",
     [
         ("noisy_mlp", {"noise.sigma": 1.0, "model.hidden": [64, 32, 16]}),
-        ("noisy_cnn", {}),
+        pytest.param("noisy_cnn", {}, marks=pytest.mark.slow),
     ],
 )
 def test_noisy_reference_nets_give_finite_mi_respecting_dpi(mnist, name, overrides):
