@@ -665,21 +665,22 @@ class _Step:
     def __init__(self, pb: _Problem, s2, m, r, y):
         self.pb, self.s2, self.y = pb, s2, y
         self.m = m
+        ms = m * s2[:, None, :]
+        c = ms @ m.transpose(1, 2)
         if r.dim() == 2:  # a diagonal R, (B, d_L): the query's own link, the top step
-            sd = r.sqrt()
-            chol_r = torch.diag_embed(sd)
-            self.w = m / sd[:, :, None]  # (B, d_L, d)
-            r = torch.diag_embed(r)
+            chol_r = r.sqrt()  # kept as its diagonal
+            self.w = m / chol_r[:, :, None]  # (B, d_L, d)
+            c.diagonal(dim1=1, dim2=2).add_(r)
+            logdet_r = 2 * torch.log(chol_r).sum(1)
         else:
             chol_r = torch.linalg.cholesky(r)
             self.w = torch.linalg.solve_triangular(chol_r, m, upper=False)  # (B, d_L, d)
-        self.chol_r = chol_r
-        ms = m * s2[:, None, :]
-        c = r + ms @ m.transpose(1, 2)
+            c += r
+            logdet_r = 2 * torch.log(torch.diagonal(chol_r, dim1=1, dim2=2)).sum(1)
+        self.chol_r = chol_r  # (B, d_L, d_L), or (B, d_L) for a diagonal R
         chol_c = _cholesky32(c).to(torch.float64)
         self.gain_t = torch.cholesky_solve(ms, chol_c)  # (B, d_L, d)
         logdet_c = 2 * torch.log(torch.diagonal(chol_c, dim1=1, dim2=2)).sum(1)
-        logdet_r = 2 * torch.log(torch.diagonal(chol_r, dim1=1, dim2=2)).sum(1)
         self.logdet_cov = torch.log(s2).sum(1) + logdet_r - logdet_c
         self.d = s2.shape[1]
         self.norm = 0.5 * self.logdet_cov + 0.5 * self.d * _LOG2PI  # (B,)
@@ -728,7 +729,10 @@ class _Step:
             b, r = shape[0], shape[1]
             normals = (self.pb.randn((b, r, self.d)), self.pb.randn((b, r, self.y.shape[1])))
         t = self.s2.sqrt()[:, None, :] * normals[0]
-        e = normals[1] @ self.chol_r.transpose(1, 2)
+        if self.chol_r.dim() == 2:  # a diagonal R
+            e = normals[1] * self.chol_r[:, None, :]
+        else:
+            e = normals[1] @ self.chol_r.transpose(1, 2)
         return t - (t @ self.m.transpose(1, 2) + e) @ self.gain_t
 
 
@@ -1251,17 +1255,18 @@ class _Bridge:
             mean0 = st.mean(pool_p[k])
             u = pool_t[k] - mean0  # (S, K, d_k)
             base = base + st.logpdf(pool_t[k], mean0)
+            g_t = st.gain_t.transpose(1, 2)
             gw = st.gain_t @ st.w.transpose(1, 2)  # (S, d_L, d_L)
-            gp = st.gain_t / st.s2[:, None, :] + gw @ st.w  # G P, (S, d_L, d_k)
-            pool_v = pool_v + u @ gp.transpose(1, 2)  # (S, K, d_L)
             gs = st.gain_t / st.s2[:, None, :]
-            quad = quad + gs @ st.gain_t.transpose(1, 2) + gw @ gw.transpose(1, 2)
+            gp = gs + gw @ st.w  # G P, (S, d_L, d_k)
+            gpg = gp @ g_t  # G P G^T, (S, d_L, d_L)
+            pool_v = pool_v + u @ gp.transpose(1, 2)  # (S, K, d_L)
+            quad = quad + gpg
             if k == 0:
                 out[("stack", k)] = torch.cat([st.w, gp], 1)  # (S, 2 d_L, d_k)
             else:
-                g_t = st.gain_t.transpose(1, 2)
                 out[("stack", k)] = torch.cat([gs, st.w, gp], 1)  # (S, 3 d_L, d_k)
-                out[("q", k)], out[("w", k)], out[("g", k)] = gs @ g_t, gw.transpose(1, 2), gp @ g_t
+                out[("q", k)], out[("w", k)], out[("g", k)] = gs @ g_t, gw.transpose(1, 2), gpg
         out["pool_base"], out["pool_v"], out["pool_quad"] = base, pool_v, quad
         # the first step's stack times its mean at t_j = 0: (S, 2 d_L)
         out["wgp0_a"] = (out[("stack", 0)] @ out["a0"][:, :, None])[:, :, 0]
