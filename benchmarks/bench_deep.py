@@ -87,10 +87,20 @@ def truths_table(n: int) -> None:
     print(row(name, "I(h2;Y)", truth_y, float("nan"), df.iloc[1], secs), flush=True)
 
 
+def _draw(cond, g: torch.Generator) -> torch.Tensor:
+    """One float64 draw of a Gaussian layer conditional from the generator ``g``."""
+    from stochmi.layers.deep import normal_params
+
+    loc, scale = normal_params(cond)
+    noise = torch.randn(loc.shape, generator=g, dtype=torch.float32).double()
+    return loc + scale * noise
+
+
 def brute_force(model, x, n_paths, seed):
     """log p(t_l | x_i) by nested Monte Carlo with ``n_paths`` fresh paths per source
-    (excluding the query's own path), for h2 and h3 of a NoisyMLP; the queries are the
-    chain's own draws.  Returns {layer: (MI excluding own path, MI including it)}."""
+    (excluding the query's own path), for h2 and h3 of a NoisyMLP, every path drawn from
+    the generator seeded with ``seed``; the queries are the chain's own draws.
+    Returns {layer: (MI excluding own path, MI including it)}."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         chain = Chain(model, x, model.layer_sites, [], [], 1, "single", None, g)
@@ -102,9 +112,9 @@ def brute_force(model, x, n_paths, seed):
             acc = torch.full((n, n), -math.inf, dtype=torch.float64)
             for c in range(0, n_paths, 32):
                 kk = min(32, n_paths - c)
-                p = model.conditional("h1", x.repeat(kk, 1)).sample().double()
+                p = _draw(model.conditional("h1", x.repeat(kk, 1)), g)
                 for k in range(1, l):
-                    p = model.conditional(model.layer_sites[k], p.float()).sample().double()
+                    p = _draw(model.conditional(model.layer_sites[k], p.float()), g)
                 m = model.conditional(model.layer_sites[l], p.float()).mean.double()
                 s = model.sigmas[l]
                 sq = (tq * tq).sum(1)[:, None] + (m * m).sum(1)[None] - 2 * tq @ m.T
