@@ -654,7 +654,9 @@ class _PoolView:
 class _Step:
     """Proposal for one intermediate layer ``t_k`` given its parent's conditional mean
     ``m``: ``N(m, S) x N(y; M t, R)`` normalised, where ``N(y; M t, R)`` is the
-    linearised likelihood of the query given ``t_k`` (``S`` diagonal, ``R`` full).
+    linearised likelihood of the query given ``t_k`` (``S`` diagonal; ``R`` full,
+    ``(B, d_L, d_L)``, or for the step next to the query, whose ``R`` is the query
+    link's diagonal noise, that diagonal ``(B, d_L)``, kept so in ``chol_r``).
 
     Kalman form (a ``d_L x d_L`` factor per query): ``C = R + M S M^T``, gain
     ``K^T = C^{-1} M S``, mean ``m + (y - M m) K^T``; the covariance does not depend on
