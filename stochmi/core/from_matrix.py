@@ -29,7 +29,9 @@ __all__ = [
 
 
 def _check(L: torch.Tensor, rows=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``L`` in float64 and ``rows`` as distinct int64 row indices (None: every row)."""
+    """``L`` in float64 and ``rows`` as int64 row indices in ``[0, N)`` (None: every
+    row).  NaN entries are looked for in the rows read, block by block
+    (:func:`_row_blocks`)."""
     if not isinstance(L, torch.Tensor) or L.dim() != 2 or L.shape[0] != L.shape[1]:
         raise ValueError("L must be a square (N, N) tensor of log densities")
     n = L.shape[0]
@@ -39,21 +41,26 @@ def _check(L: torch.Tensor, rows=None) -> tuple[torch.Tensor, torch.Tensor | Non
         rows = torch.as_tensor(rows, dtype=torch.long, device=L.device).reshape(-1)
         if len(rows) < 1 or bool(((rows < 0) | (rows >= n)).any()):
             raise ValueError(f"rows must be row indices in [0, {n})")
-    for sel, _ in _row_blocks(n, rows):
-        if bool(torch.isnan(L[sel]).any()):
-            raise ValueError("L holds NaN entries")
     return L.to(torch.float64), rows
 
 
-def _row_blocks(n: int, rows: torch.Tensor | None = None) -> list[tuple]:
-    """Blocks of rows with about ``2^22`` entries of an ``(n, n)`` matrix each, as
-    ``(rows of L, entries of the output)``: slices, or with ``rows`` an index tensor of
-    those rows in order and the slice of the output (one entry per row taken).  The
-    reductions below work a block at a time (memory O(block * n), not a copy of ``L``)."""
+def _row_blocks(L: torch.Tensor, rows: torch.Tensor | None = None):
+    """Blocks of rows of ``L`` with about ``2^22`` entries each, as ``(block, rows of
+    L, entries of the output)``: slices, or with ``rows`` an index tensor of those rows
+    in order and the slice of the output (one entry per row taken).  The reductions
+    below work a block at a time (memory O(block * n), not a copy of ``L``); a block
+    holding a NaN raises ``ValueError``."""
+    n = L.shape[0]
     step = max(1, 2**22 // n)
     if rows is None:
-        return [(slice(r, min(n, r + step)),) * 2 for r in range(0, n, step)]
-    return [(rows[r : r + step], slice(r, r + step)) for r in range(0, len(rows), step)]
+        blocks = [(slice(r, min(n, r + step)),) * 2 for r in range(0, n, step)]
+    else:
+        blocks = [(rows[r : r + step], slice(r, r + step)) for r in range(0, len(rows), step)]
+    for sel, out in blocks:
+        blk = L[sel]
+        if bool(torch.isnan(blk).any()):
+            raise ValueError("L holds NaN entries")
+        yield blk, sel, out
 
 
 def _diag_index(rows, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +79,7 @@ def _class_sums(L: torch.Tensor, onehot: torch.Tensor, off_diagonal: bool, rows=
     r = L.shape[0] if rows is None else len(rows)
     m = torch.empty(r, 1, dtype=L.dtype, device=L.device)
     per_class = torch.empty(r, onehot.shape[1], dtype=L.dtype, device=L.device)
-    for sel, out in _row_blocks(L.shape[0], rows):
-        blk = L[sel]
+    for blk, sel, out in _row_blocks(L, rows):
         if off_diagonal:
             blk = blk.clone()
             blk[_diag_index(sel, L.device)] = -math.inf
@@ -106,8 +112,7 @@ def mi_terms_from_log_density(L: torch.Tensor, rows=None) -> tuple[torch.Tensor,
     n = L.shape[0]
     full = torch.empty(n if rows is None else len(rows), dtype=L.dtype, device=L.device)
     loo = torch.empty_like(full)
-    for sel, out in _row_blocks(n, rows):
-        blk = L[sel]
+    for blk, sel, out in _row_blocks(L, rows):
         at = _diag_index(sel, L.device)
         diag = blk[at]
         full[out] = diag - (torch.logsumexp(blk, 1) - math.log(n))
@@ -118,8 +123,8 @@ def mi_terms_from_log_density(L: torch.Tensor, rows=None) -> tuple[torch.Tensor,
 
 
 def _labels(L: torch.Tensor, y: torch.Tensor):
-    """Labels as int64 ``(N,)`` on ``L``'s device, with their classes' one-hot matrix
-    ``(N, C)``, class index per source and class sizes."""
+    """The labels' one-hot matrix ``(N, C)`` on ``L``'s device, each source's class
+    index ``(N,)`` and the class sizes ``(C,)``."""
     n = L.shape[0]
     y = y.to(L.device).long().reshape(-1)
     if y.shape[0] != n:
@@ -175,9 +180,9 @@ def label_bounds_from_log_density(
 
     Returns
     -------
-    terms : Tensor, shape (N,)
-    ba_terms : Tensor, shape (N,), or None when a class has fewer than two members
-    upper_terms : Tensor, shape (N,)
+    terms : Tensor, shape (N,) or (R,)
+    ba_terms : Tensor, shape (N,) or (R,), or None when a class has fewer than two members
+    upper_terms : Tensor, shape (N,) or (R,)
     h_y : float
         Plug-in entropy of the labels (nats), over all ``N`` sources.
     """

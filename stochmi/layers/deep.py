@@ -400,13 +400,8 @@ class _Problem:
             self._checked.add(k)
             return out
         with torch.no_grad():
-            dist = self.links[k](parent)
-        if isinstance(dist, td.Independent) and dist.reinterpreted_batch_ndims == 1:
-            base = dist.base_dist
-            if isinstance(base, td.Normal) and base.loc.dim() == 2:
-                loc = base.loc.to(torch.float64)
-                return loc, torch.broadcast_to(base.scale.to(torch.float64), loc.shape)
-        return normal_params(dist)
+            loc, scale = _normal_params_grad(self.links[k](parent))
+        return loc.to(torch.float64), scale.to(torch.float64)
 
     def randn(self, shape) -> torch.Tensor:
         """Standard normals in float64, drawn in float32 (4-6x faster on the CPU; each draw
