@@ -144,10 +144,11 @@ def bridge_bytes(
 
     - the bridged factors (:class:`_Bridge`), per source: each step's gain ``G``, the
       map ``M`` of every step above the first and the stacked products of
-      :meth:`_Bridge.at_draws` (``2 d_L d_k`` and ``d_L d_k`` more in every step above
-      the first), three ``d_L x d_L`` products per step above the first and one
-      summed over the steps, the draws' noise (``n_bridge D``) and the terms of
-      ``log r`` at the ``K = n_fwd`` forward paths (``K d_L``);
+      :meth:`_Bridge.at_draws` (``2 d_L d_k`` per step, ``d_L d_k`` more in every
+      step above the first and ``d_L d_k`` less in the step next to the query), three
+      ``d_L x d_L`` products per step above the first (two in the step next to the
+      query) and one summed over the steps, the draws' noise (``n_bridge D``) and the
+      terms of ``log r`` at the ``K = n_fwd`` forward paths (``K d_L``);
     - the larger of their build, about eight ``(S, d_L, D)`` temporaries for a chunk
       of ``S`` sources (:func:`_bridge_chunk`) and the standard normals of the draws,
       and of what a block with subsampled sources (``16 (n_top + 1) + 3 n_random / 2``
@@ -182,12 +183,13 @@ def bridge_bytes(
 def _bridge_held_bytes(n: int, widths: list[int], d_last: int, n_bridge: int, n_fwd: int) -> int:
     """Bytes of the tensors a :class:`_Bridge` keeps (see :func:`bridge_bytes`)."""
     d, big, steps = d_last, sum(widths), len(widths)
+    below = int(steps > 1)  # whether there are steps below the top one
     per_source = (
-        d * (5 * big - 2 * widths[0])  # M above the first step, G and the stacks
-        + d * d * (3 * (steps - 1) + 1)  # vq above the first step, pool_quad
+        d * (5 * big - 2 * widths[0] - widths[-1])  # M above the first step, G, the stacks
+        + d * d * (3 * (steps - 1) - below + 1)  # vq above the first step, pool_quad
         + (n_bridge + 1) * big  # zeta, s2
         + widths[0]  # a0
-        + 3 * d  # y of the first step, wgp0_a
+        + (3 + below) * d  # y of the first step, wgp0_a, rinv
         + d * (steps - 1)  # y above the first step
         + 1 * steps  # norm
         + n_bridge  # log_r
@@ -656,10 +658,14 @@ class _Step:
     Kalman form (a ``d_L x d_L`` factor per query): ``C = R + M S M^T``, gain
     ``K^T = C^{-1} M S``, mean ``m + (y - M m) K^T``; the covariance does not depend on
     ``m``.  ``w = chol(R)^{-1} M`` whitens the likelihood term of the precision
-    ``S^{-1} + M^T R^{-1} M``.
+    ``S^{-1} + M^T R^{-1} M``.  ``C`` is factored in float32 unless ``exact``: the
+    covariance that Matheron's rule (:meth:`noise`) then samples differs from the
+    precision's inverse only at second order in the gain's rounding error.  With
+    ``exact`` the factor is float64, and the gain satisfies ``G P = R^{-1} M`` (``G =
+    K^T``, ``P`` the precision) to float64 rounding, which :class:`_Bridge` uses.
     """
 
-    def __init__(self, pb: _Problem, s2, m, r, y):
+    def __init__(self, pb: _Problem, s2, m, r, y, exact: bool = False):
         self.pb, self.s2, self.y = pb, s2, y
         self.m = m
         ms = m * s2[:, None, :]
@@ -675,7 +681,9 @@ class _Step:
             c += r
             logdet_r = 2 * torch.log(torch.diagonal(chol_r, dim1=1, dim2=2)).sum(1)
         self.chol_r = chol_r  # (B, d_L, d_L), or (B, d_L) for a diagonal R
-        chol_c = _cholesky32(c).to(torch.float64)
+        # exact: a float64 factor, so that the gain is C^-1 M S to float64 rounding and
+        # G P = R^-1 M holds (used by _Bridge); else a float32 one
+        chol_c = torch.linalg.cholesky(c) if exact else _cholesky32(c).to(torch.float64)
         self.gain_t = torch.cholesky_solve(ms, chol_c)  # (B, d_L, d)
         logdet_c = 2 * torch.log(torch.diagonal(chol_c, dim1=1, dim2=2)).sum(1)
         self.logdet_cov = torch.log(s2).sum(1) + logdet_r - logdet_c
@@ -745,10 +753,13 @@ class _Guided:
     combined with that likelihood (:class:`_Step`).  For a linear-Gaussian chain this is
     the exact posterior of the path given ``t_j`` and ``s_j``.  With ``tq`` (the
     queries' part of the observation, default ``t_j``) set to zero and source mean
-    paths as anchors, the same recursion gives the steps of :class:`_Bridge`.
+    paths as anchors, the same recursion gives the steps of :class:`_Bridge` (with
+    ``exact``: float64 gains, see :class:`_Step`).
     """
 
-    def __init__(self, pb: _Problem, rows: torch.Tensor, anchors: list[torch.Tensor], tq=None):
+    def __init__(
+        self, pb: _Problem, rows: torch.Tensor, anchors: list[torch.Tensor], tq=None, exact=False
+    ):
         self.pb, self.rows = pb, rows
         n_int = len(anchors)  # intermediate layers t_1 .. t_{L-1}
         a = [anchors[k][rows].to(torch.float64) for k in range(n_int)]
@@ -760,11 +771,11 @@ class _Guided:
         steps = [None] * n_int
         for k in range(n_int - 1, -1, -1):
             if k == 0:
-                steps[k] = _Step(pb, pb.scale1[rows].pow(2), m, r, y)
+                steps[k] = _Step(pb, pb.scale1[rows].pow(2), m, r, y, exact)
                 break
             # link into t_k at the anchor's parent; only M J is needed (d_L pullbacks)
             f_k, s_k, mj = _link_jacobian(pb.links[k - 1], anchors[k - 1][rows].to(pb.dtype), m)
-            steps[k] = _Step(pb, s_k.pow(2), m, r, y)
+            steps[k] = _Step(pb, s_k.pow(2), m, r, y, exact)
             y = y - (m @ f_k[:, :, None])[:, :, 0] + (mj @ a[k - 1][:, :, None])[:, :, 0]
             ms = m * s_k.pow(2)[:, None, :]
             r = (torch.diag_embed(r) if r.dim() == 2 else r) + ms @ m.transpose(1, 2)
@@ -1164,7 +1175,8 @@ class _Bridge:
     For a linear chain ``r_ji`` is the exact posterior of source ``i``'s path given
     ``t_j``.  Memory: the gain of every step, the map of every step above the first
     and the stacked products of :meth:`at_draws`, three ``(N, d_L, d_k)`` tensors in
-    the first step and five above it, filled a chunk of sources at a time
+    the first step and five above it, one fewer in the step next to the query (see
+    :meth:`_build`), filled a chunk of sources at a time
     (:func:`_bridge_held_bytes`).  A block of queries with subsampled sources reads
     them through :meth:`take`, which gathers a few sources' factors at a time where
     they are used, only those the product reads (:class:`_BridgeCols`).
@@ -1208,13 +1220,16 @@ class _Bridge:
             st.pb, st.d = pb, d
             for name in _Bridge.kept(k):
                 setattr(st, name, parts[(name, k)])
-            st.w = parts[("stack", k)].split(d_l, 1)[-2]  # a view: w is part of the stack
+            st.w = parts[("stack", k)].split(d_l, 1)[1 if k else 0]  # a view into the stack
             steps.append(st)
         self.q = _StepList(steps)
         self.zeta = [parts[("zeta", k)] for k in range(len(widths))]  # (N, n_br, d_k)
         self.stack = [parts[("stack", k)] for k in range(len(widths))]
-        self.vq = [None] + [tuple(parts[(f, k)] for f in "qwg") for k in range(1, len(widths))]
-        for name in ("a0", "wgp0_a", "log_r", "pool_base", "pool_v", "pool_quad"):
+        top = len(widths) - 1
+        self.vq = [None] + [
+            tuple(parts[(f, k)] for f in ("qw" if k == top else "qwg")) for k in range(1, top + 1)
+        ]
+        for name in ("a0", "wgp0_a", "rinv", "log_r", "pool_base", "pool_v", "pool_quad"):
             setattr(self, name, parts[name])
 
     @staticmethod
@@ -1237,13 +1252,17 @@ class _Bridge:
         For :meth:`at_draws`, each step's factors that multiply the same vector are
         stacked (one product per chunk): ``w`` and ``G P`` in the first step, ``G S^-1``,
         ``w`` and ``G P`` above it, with the ``d_L x d_L`` terms of
-        ``v = prior M^T - y`` in ``q``, ``w``, ``g``."""
-        q = _Guided(pb, rows, path, tq=torch.zeros_like(pb.t[rows]))
+        ``v = prior M^T - y`` in ``q``, ``w``, ``g``.  In the step next to the query
+        ``R`` is diagonal and the gain is exact to float64 rounding (:class:`_Step`), so
+        ``G P = R^-1 M = chol(R)^-1 w``: that step stacks no ``G P`` and keeps no
+        ``g``, and its ``G P`` products are ``w``'s scaled by ``rinv = chol(R)^-1``."""
+        q = _Guided(pb, rows, path, tq=torch.zeros_like(pb.t[rows]), exact=True)
         out: dict = {}
         zeta = [st.noise(None, normals=e) for st, e in zip(q.steps, normals)]
         out["log_r"] = sum(st.logpdf(z, torch.zeros_like(z)) for st, z in zip(q.steps, zeta))
         # the first step's mean at t_j = 0, started from each source: (S, d_1)
         out["a0"] = q.steps[0].mean(pb.loc1[rows][:, None, :])[:, 0]
+        top = len(q.steps) - 1  # the step next to the query, whose R is diagonal
         base, pool_v, quad = 0.0, 0.0, 0.0
         for k, st in enumerate(q.steps):
             for name in _Bridge.kept(k):
@@ -1253,19 +1272,27 @@ class _Bridge:
             u = pool_t[k] - mean0  # (S, K, d_k)
             base = base + st.logpdf(pool_t[k], mean0)
             g_t = st.gain_t.transpose(1, 2)
-            gw = st.gain_t @ st.w.transpose(1, 2)  # (S, d_L, d_L)
             gs = st.gain_t / st.s2[:, None, :]
-            gp = gs + gw @ st.w  # G P, (S, d_L, d_k)
+            if k or k != top:  # G w^T, (S, d_L, d_L): for G P below the top, and vq
+                gw = st.gain_t @ st.w.transpose(1, 2)
+            if k == top:  # G P = R^-1 M = chol(R)^-1 w (float64 gain, see _Step)
+                gp = st.w / st.chol_r[:, :, None]
+            else:
+                gp = gs + gw @ st.w  # G P, (S, d_L, d_k)
             gpg = gp @ g_t  # G P G^T, (S, d_L, d_L)
             pool_v = pool_v + u @ gp.transpose(1, 2)  # (S, K, d_L)
             quad = quad + gpg
-            if k == 0:
-                out[("stack", k)] = torch.cat([st.w, gp], 1)  # (S, 2 d_L, d_k)
-            else:
-                out[("stack", k)] = torch.cat([gs, st.w, gp], 1)  # (S, 3 d_L, d_k)
-                out[("q", k)], out[("w", k)], out[("g", k)] = gs @ g_t, gw.transpose(1, 2), gpg
+            # the factors that multiply the same vector in at_draws, stacked: G S^-1 above
+            # the first step, w, and G P below the top step (the top's is w scaled)
+            stack = ([gs] if k else []) + [st.w] + ([gp] if k != top else [])
+            out[("stack", k)] = torch.cat(stack, 1) if len(stack) > 1 else st.w
+            if k:
+                out[("q", k)], out[("w", k)] = gs @ g_t, gw.transpose(1, 2)
+                if k != top:
+                    out[("g", k)] = gpg
         out["pool_base"], out["pool_v"], out["pool_quad"] = base, pool_v, quad
-        # the first step's stack times its mean at t_j = 0: (S, 2 d_L)
+        out["rinv"] = 1.0 / q.steps[top].chol_r  # chol(R)^-1 of the top step, (S, d_L)
+        # the first step's stack times its mean at t_j = 0: (S, d_L or 2 d_L)
         out["wgp0_a"] = (out[("stack", 0)] @ out["a0"][:, :, None])[:, :, 0]
         return out
 
@@ -1319,6 +1346,7 @@ class _Bridge:
         width = max(tq.shape[1], *(st.d for st in self.q.steps))
         step = max(1, int(1.6e7 // max(1, bm * width)))
         step = self.step(step, "at_draws")
+        d_l, top = tq.shape[1], len(self.q.steps) - 1
         for c in range(0, pb.n, step):
             cols = slice(c, min(pb.n, c + step))
             part = self.chunk(cols.start, cols.stop, "at_draws")  # these sources' factors
@@ -1332,19 +1360,20 @@ class _Bridge:
                         - 2.0 * (a * inv) @ z[0].T
                         + (a * a * inv).sum(1, keepdim=True)
                     )  # (S, B*m)
-                    # w and G P in one product: (S, 2 d_L, B*m)
+                    # w (and G P below the top step) in one product: (S, 1 or 2 d_L, B*m)
                     both = _stacked_mm(part.stack[0], z[0].T) - part.wgp0_a[:, :, None]
-                    d_l = both.shape[1] // 2
-                    wr, lin = both[:, :d_l], both[:, d_l:]  # (S, d_L, B*m)
+                    wr, *gpr = both.split(d_l, 1)  # (S, d_L, B*m) each
                 else:
-                    qq, wg, gpg = part.vq[k]
+                    qq, wg, *gpg = part.vq[k]
                     prior = priors[k].reshape(bm, -1)
                     v = _stacked_mm(st.m, prior.T) - st.y[:, :, None]  # (S, d_L, B*m)
-                    three = _stacked_mm(part.stack[k], u[k].T)  # (S, 3 d_L, B*m)
-                    gsu, wu, gpu = three.split(tq.shape[1], 1)
+                    # G S^-1, w (and G P below the top step): (S, 2 or 3 d_L, B*m)
+                    gsu, wu, *gpr = _stacked_mm(part.stack[k], u[k].T).split(d_l, 1)
                     diag = inv @ (u[k] * u[k]).T + 2.0 * (gsu * v).sum(1) + ((qq @ v) * v).sum(1)
                     wr = wu + wg @ v
-                    lin = gpu + gpg @ v
+                    gpr = [gpr[0] + gpg[0] @ v] if k != top else gpr
+                # lin = G P r; at the top step R^-1 M r = chol(R)^-1 (w r), R diagonal
+                lin = wr * part.rinv[:, :, None] if k == top else gpr[0]
                 val = (
                     val
                     - 0.5 * (diag + (wr * wr).sum(1))
@@ -1404,7 +1433,7 @@ _CHUNK_FIELDS = {
     "draws": (("gain_t",), ("y", "m", "gain_t"), ("zeta",)),
     "at_draws": (("s2", "norm"), ("s2", "y", "m", "norm"), ("stack", "vq")),
 }
-_SMALL = ("a0", "wgp0_a", "pool_quad")  # per-source terms of a chunk: at most d_L^2 each
+_SMALL = ("a0", "wgp0_a", "rinv", "pool_quad")  # per-source terms of a chunk: at most d_L^2 each
 
 
 class _BridgeChunk:
