@@ -1533,8 +1533,7 @@ def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=N
             lb, lr = math.log(nb), bridge.log_r.T[None, :nb]
 
             def den3(lq, lr_, lp_, lm=lm, lb=lb, lk=lk):
-                parts = torch.broadcast_tensors(lm + lq, lb + lr_, lk + lp_)
-                return torch.logsumexp(torch.stack(parts), 0)
+                return torch.logaddexp(torch.logaddexp(lm + lq, lb + lr_), lk + lp_)
 
             off = [
                 num - den3(logq_d[:, :mu, None], r_at_q[:, :mu], lp[:, :mu]),
@@ -1543,7 +1542,7 @@ def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=N
             ]
         if logw is not None:  # sources standing for a random share of the others
             off = [t + logw[frac - 1][:, None, :] for t in off]
-        out = torch.logsumexp(torch.cat(off, 1), 1)  # (B, S)
+        out = _logsumexp_parts([torch.logsumexp(t, 1) for t in off])  # (B, S)
         # the diagonal with all of its draws
         w_d = lp_d[:, :md] + log_g_d[:, :md]
         w_d = w_d - torch.logaddexp(math.log(md) + logq_d[:, :md], lk + lp_d[:, :md])
@@ -1553,14 +1552,30 @@ def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=N
         out[ar, pos] = torch.logaddexp(torch.logsumexp(w_d, 1), fwd_d)
         res.append(out)
         if frac == 1:
-            terms = torch.cat([t.flatten(1) for t in off] + [w_d], 1)
-            sums = torch.stack([_log_sums(terms), _log_sums(w_d)], 1).flatten(1)
+            sums = torch.stack([_log_sums(*off, w_d), _log_sums(w_d)], 1).flatten(1)
     return res[0], res[1], sums
 
 
-def _log_sums(w: torch.Tensor) -> torch.Tensor:
-    """``log sum w`` and ``log sum w^2`` over each row of log weights ``w``: ``(B, 2)``."""
-    return torch.stack([torch.logsumexp(w, 1), torch.logsumexp(2 * w, 1)], 1)
+def _logsumexp_parts(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``log sum exp`` across tensors of one shape, elementwise (pairwise, no stack)."""
+    out = parts[0]
+    for p in parts[1:]:
+        out = torch.logaddexp(out, p)
+    return out
+
+
+def _log_sums(*ws: torch.Tensor) -> torch.Tensor:
+    """``log sum w`` and ``log sum w^2`` over each row of the log weights ``ws`` taken
+    together (``(B, ...)`` each, the dimensions after the first flattened): ``(B, 2)``,
+    without concatenating them."""
+    ws = [w.flatten(1) for w in ws]
+    return torch.stack(
+        [
+            _logsumexp_parts([torch.logsumexp(w, 1) for w in ws]),
+            _logsumexp_parts([torch.logsumexp(2 * w, 1) for w in ws]),
+        ],
+        1,
+    )
 
 
 def _ess(log_sums: torch.Tensor) -> torch.Tensor:
