@@ -337,7 +337,27 @@ class _GaussCols:
 def row_gauss_logpdf(t: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``log N(t; loc, diag scale^2)`` over the last dimension (broadcasting the rest)."""
     z = (t - loc) / scale
-    return -0.5 * (z * z).sum(-1) - torch.log(scale).sum(-1) - 0.5 * t.shape[-1] * _LOG2PI
+    return -0.5 * (z * z).sum(-1) - _log_sum(scale) - 0.5 * t.shape[-1] * _LOG2PI
+
+
+def _unexpanded(x: torch.Tensor, last: bool = True) -> torch.Tensor:
+    """``x`` with its broadcast dimensions (stride 0) cut to size 1, so that ``x`` is
+    the result expanded to ``x.shape`` (``last=False``: the last dimension kept whole)."""
+    dims = x.stride() if last else x.stride()[:-1]
+    if 0 not in dims:
+        return x
+    return x[tuple(slice(0, 1) if st == 0 else slice(None) for st in dims)]
+
+
+def _log_sum(scale: torch.Tensor) -> torch.Tensor:
+    """``log(scale).sum(-1)``, with the logarithms taken once per distinct row where
+    ``scale`` is broadcast (a fixed noise scale expanded to every row)."""
+    return torch.log(_unexpanded(scale, last=False)).sum(-1).expand(scale.shape[:-1])
+
+
+def _to64(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float64, its broadcast dimensions left unmaterialised."""
+    return _unexpanded(x).to(torch.float64).expand(x.shape)
 
 
 Link = Callable[[torch.Tensor], td.Distribution]
@@ -403,7 +423,7 @@ class _Problem:
             return out
         with torch.no_grad():
             loc, scale = _normal_params_grad(self.links[k](parent))
-        return loc.to(torch.float64), scale.to(torch.float64)
+        return loc.to(torch.float64), _to64(scale)
 
     def randn(self, shape) -> torch.Tensor:
         """Standard normals in float64, drawn in float32 (4-6x faster on the CPU; each draw
