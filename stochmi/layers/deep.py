@@ -163,7 +163,7 @@ def bridge_bytes(
     - the ``N x N`` estimate and its half-sample twin.
 
     Measured peaks of ``noisy_mlp`` and ``noisy_cnn`` layers (N = 250 to 4,000) lie
-    between 0.83 and 0.99 times this figure (``benchmarks/bench_bridge_memory.py``).
+    between 0.81 and 0.95 times this figure (``benchmarks/bench_bridge_memory.py``).
     """
     d, big, steps = d_last, sum(widths), len(widths)
     held = _bridge_held_bytes(n, widths, d_last, n_bridge, n_fwd)
