@@ -480,14 +480,19 @@ def _stacked_mm(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (x.T @ f.reshape(s * e, d).T).T.reshape(s, e, -1)
 
 
-def _cholesky32(h: torch.Tensor) -> torch.Tensor:
-    """Batched float32 Cholesky factor, with diagonal jitter where a factor fails."""
-    h32 = h.to(torch.float32)
-    chol, info = torch.linalg.cholesky_ex(h32)
+#: diagonal jitter of a Cholesky factor that fails, relative to the mean diagonal
+_JITTER = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _cholesky(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Batched Cholesky factor in ``dtype`` (float32 or float64), with diagonal jitter
+    (``_JITTER``) where a factor fails."""
+    h = h.to(dtype)
+    chol, info = torch.linalg.cholesky_ex(h)
     if bool((info != 0).any()):
-        eye = torch.eye(h32.shape[1], dtype=h32.dtype, device=h32.device)
-        jitter = 1e-5 * torch.diagonal(h32, dim1=1, dim2=2).mean(1)
-        chol = torch.linalg.cholesky(h32 + jitter[:, None, None] * eye)
+        eye = torch.eye(h.shape[1], dtype=h.dtype, device=h.device)
+        jitter = _JITTER[dtype] * torch.diagonal(h, dim1=1, dim2=2).mean(1)
+        chol = torch.linalg.cholesky(h + jitter[:, None, None] * eye)
     return chol
 
 
@@ -703,7 +708,7 @@ class _Step:
         self.chol_r = chol_r  # (B, d_L, d_L), or (B, d_L) for a diagonal R
         # exact: a float64 factor, so that the gain is C^-1 M S to float64 rounding and
         # G P = R^-1 M holds (used by _Bridge); else a float32 one
-        chol_c = torch.linalg.cholesky(c) if exact else _cholesky32(c).to(torch.float64)
+        chol_c = _cholesky(c, torch.float64 if exact else torch.float32).to(torch.float64)
         self.gain_t = torch.cholesky_solve(ms, chol_c)  # (B, d_L, d)
         logdet_c = 2 * torch.log(torch.diagonal(chol_c, dim1=1, dim2=2)).sum(1)
         self.logdet_cov = torch.log(s2).sum(1) + logdet_r - logdet_c
@@ -1293,7 +1298,7 @@ class _Bridge:
             base = base + st.logpdf(pool_t[k], mean0)
             g_t = st.gain_t.transpose(1, 2)
             gs = st.gain_t / st.s2[:, None, :]
-            if k or k != top:  # G w^T, (S, d_L, d_L): for G P below the top, and vq
+            if k > 0 or k < top:  # G w^T, (S, d_L, d_L): for vq, and G P below the top
                 gw = st.gain_t @ st.w.transpose(1, 2)
             if k == top:  # G P = R^-1 M = chol(R)^-1 w (float64 gain, see _Step)
                 gp = st.w / st.chol_r[:, :, None]

@@ -375,18 +375,21 @@ def _tanh_links(widths, gains, sigmas, seed):
     ]
 
 
-def test_bridged_density_at_forward_paths_matches_direct_evaluation():
+@pytest.mark.parametrize("widths", [[5, 4, 2], [5, 2]])
+def test_bridged_density_at_forward_paths_matches_direct_evaluation(widths):
     """``log r_ji`` at source i's forward paths, evaluated as a quadratic in t_j, equals
-    the density of the proposal's steps evaluated directly (a 3-layer tanh chain), up to
-    the float32 rounding bound of the steps' quadratic forms (``_F32_TOL / 2`` nats per
+    the density of the proposal's steps evaluated directly (tanh chains with two steps
+    and with one, where the step next to the query is also the first), up to the
+    float32 rounding bound of the steps' quadratic forms (``_F32_TOL / 2`` nats per
     step and evaluation)."""
     from stochmi.layers.deep import _F32_TOL, _Bridge, _Pool, _Problem
 
     g = torch.Generator().manual_seed(0)
     n, k = 6, 4
-    links = _tanh_links([5, 4, 2], [1.5, 1.5], [0.7, 0.5], 1)
+    steps = len(widths) - 1
+    links = _tanh_links(widths, [1.5] * steps, [0.7, 0.5][:steps], 1)
     loc1 = torch.randn(n, 5, generator=g, dtype=torch.float64)
-    tq = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    tq = torch.randn(n, widths[-1], generator=g, dtype=torch.float64)
     pb = _Problem(loc1, torch.full((n, 5), 0.8, dtype=torch.float64), links, tq, g, torch.float64)
     pool = _Pool(pb, k)
     bridge = _Bridge(pb, 2, pool)
@@ -425,6 +428,49 @@ def test_bridged_density_at_forward_paths_matches_direct_evaluation():
                 )
                 direct = direct + step.logpdf(layers[k][j][None], mean, torch.tensor([i]))
             assert torch.allclose(fast[j, :, i], direct[0], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cholesky_factor_with_jitter_only_where_a_factor_fails(dtype):
+    """A positive definite matrix gets its exact factor; a singular one in the same
+    batch gets the factor of itself plus ``_JITTER`` times its mean diagonal."""
+    from stochmi.layers.deep import _JITTER, _cholesky
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    h = torch.stack([a @ a.T + torch.eye(4, dtype=torch.float64), a @ a.T])
+    h[1, 3, :] = h[1, :, 3] = 0.0  # singular: a zero pivot
+    chol = _cholesky(h, dtype)
+    assert chol.dtype == dtype and bool(torch.isfinite(chol).all())
+    back = (chol @ chol.transpose(1, 2)).to(torch.float64)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    scale = float(h.abs().max())
+    assert torch.allclose(back[0], h[0], atol=tol * scale, rtol=0)
+    jitter = _JITTER[dtype] * torch.diagonal(h[1]).mean()
+    assert torch.allclose(back[1], h[1] + jitter * torch.eye(4, dtype=h.dtype), atol=tol * scale)
+    assert not torch.allclose(back[1], h[1], atol=0.1 * float(jitter), rtol=0)
+
+
+def test_broadcast_scales_give_the_same_densities_bit_for_bit():
+    """A noise scale broadcast to every row (a fixed sigma, one per unit, one per row)
+    stays unmaterialised in float64 and gives the same ``row_gauss_logpdf``, to the
+    bit, as the materialised float64 scale."""
+    from stochmi.layers.deep import _to64, row_gauss_logpdf
+
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    loc = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    scales = [
+        torch.tensor(0.7).expand(5, 4),
+        (torch.rand(4, generator=g) + 0.5).expand(5, 4),
+        (torch.rand(5, 1, generator=g) + 0.5).expand(5, 4),
+        torch.rand(5, 4, generator=g) + 0.5,
+    ]
+    for s in scales:
+        s64 = _to64(s)
+        assert s64.dtype == torch.float64 and s64.stride() == s.stride()
+        dense = s.to(torch.float64).contiguous()
+        assert torch.equal(row_gauss_logpdf(t, loc, s64), row_gauss_logpdf(t, loc, dense))
 
 
 def test_squared_norm_of_product_within_its_rounding_bound():
