@@ -930,7 +930,7 @@ def _own_chain(nonlinear: bool, q: int, seed: int):
     return loc1, [link2, link3], t3, [t1, t2], torch.stack(truth)
 
 
-@pytest.mark.parametrize("nonlinear", [False, True])
+@pytest.mark.parametrize("nonlinear", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_own_log_density_brackets_the_density(nonlinear):
     """value is unbiased for the density (E log <= log p) and upper, with the query's own
     path among the draws, is above log p in expectation; for a linear chain the proposal
