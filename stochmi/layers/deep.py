@@ -1371,7 +1371,7 @@ class _Bridge:
         width = max(tq.shape[1], *(st.d for st in self.q.steps))
         step = max(1, int(1.6e7 // max(1, bm * width)))
         step = self.step(step, "at_draws")
-        d_l, top = tq.shape[1], len(self.q.steps) - 1
+        d_l = tq.shape[1]
         for c in range(0, pb.n, step):
             cols = slice(c, min(pb.n, c + step))
             part = self.chunk(cols.start, cols.stop, "at_draws")  # these sources' factors
@@ -1396,9 +1396,10 @@ class _Bridge:
                     gsu, wu, *gpr = _stacked_mm(part.stack[k], u[k].T).split(d_l, 1)
                     diag = inv @ (u[k] * u[k]).T + 2.0 * (gsu * v).sum(1) + ((qq @ v) * v).sum(1)
                     wr = wu + wg @ v
-                    gpr = [gpr[0] + gpg[0] @ v] if k != top else gpr
-                # lin = G P r; at the top step R^-1 M r = chol(R)^-1 (w r), R diagonal
-                lin = wr * part.rinv[:, :, None] if k == top else gpr[0]
+                    if gpr:  # below the top step: G P r = G P u + (G P G^T) v
+                        gpr[0] = gpr[0] + gpg[0] @ v
+                # lin = G P r; at the top step (no G P stacked) R^-1 M r = chol(R)^-1 (w r)
+                lin = gpr[0] if gpr else wr * part.rinv[:, :, None]
                 val = (
                     val
                     - 0.5 * (diag + (wr * wr).sum(1))
@@ -1558,7 +1559,7 @@ def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=N
             lb, lr = math.log(nb), bridge.log_r.T[None, :nb]
 
             def den3(lq, lr_, lp_, lm=lm, lb=lb, lk=lk):
-                return torch.logaddexp(torch.logaddexp(lm + lq, lb + lr_), lk + lp_)
+                return _logsumexp_parts([lm + lq, lb + lr_, lk + lp_])
 
             off = [
                 num - den3(logq_d[:, :mu, None], r_at_q[:, :mu], lp[:, :mu]),
