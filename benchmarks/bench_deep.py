@@ -195,12 +195,15 @@ def mlp_tables(n_ref: int, n_time: int, k_ref: int) -> None:
     )
     print(
         "| pair | brute force excl. own | brute force incl. own | new (default effort) "
-        "| new (4x effort) | time default (s) |"
+        "| new (4x effort) | bridged (2x effort) | bridged (4x effort) | time default (s) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
+    # (effort, bridged draws per input): the first round, unbridged at 4x, and the
+    # settings of a bridged round of layer_mi at efforts 2 and 4
+    settings = ((1, 0), (4, 0), (2, 4), (4, 8))
     for l, name in ((1, "h2"), (2, "h3")):
         vals = []
-        for eff in (1, 4):
+        for eff, n_bridge in settings:
             g = torch.Generator().manual_seed(1)
             t0 = time.perf_counter()
             r = deep_log_density(
@@ -211,14 +214,12 @@ def mlp_tables(n_ref: int, n_time: int, k_ref: int) -> None:
                 chain.values[:l],
                 n_is=32 * eff,
                 n_fwd=16 * eff,
+                n_bridge=n_bridge,
                 generator=g,
             )
             vals.append((float(mi_terms_from_log_density(r.L)[0].mean()), time.perf_counter() - t0))
-        print(
-            f"| I(X;{name}) | {ref[name][0]:.3f} | {ref[name][1]:.3f} | {vals[0][0]:.3f} "
-            f"| {vals[1][0]:.3f} | {vals[0][1]:.1f} |",
-            flush=True,
-        )
+        cells = " | ".join(f"{v:.3f}" for v in (*ref[name], *(v for v, _ in vals)))
+        print(f"| I(X;{name}) | {cells} | {vals[0][1]:.1f} |", flush=True)
     xt, yt = test.x[:n_time], test.y[:n_time]
     t0 = time.perf_counter()
     df = stochmi.layer_mi(model, xt, yt, seed=0)
