@@ -1,8 +1,10 @@
 """Deep layers: accuracy and time of ``layer_mi`` against truths, with nested Monte Carlo beside it.
 
 Cases with exact truths (population MI from closed forms or a fine grid), then the
-trained ``noisy_mlp`` (sigma = 1) against a brute-force nested Monte Carlo reference and
-timed on 2,000 shared test images.  Prints markdown tables.
+trained ``noisy_mlp`` (sigma = 1) against a brute-force nested Monte Carlo reference
+(``deep_log_density`` unbridged at efforts 1 and 4, and bridged at the settings of
+``layer_mi``'s bridged rounds at efforts 2 and 4) and timed on 2,000 shared test
+images.  Prints markdown tables.
 
     python benchmarks/bench_deep.py            # everything (~7 min on 2 cores; truths at N = 3,000)
     python benchmarks/bench_deep.py --quick    # truths only, smaller N
