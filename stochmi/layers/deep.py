@@ -51,25 +51,41 @@ proposals by the balance heuristic (Veach & Guibas 1995):
    is heavy-tailed).  It costs ``O(n_bridge N^2)`` link evaluations and three or five
    ``(N, d_L, d_k)`` factors per intermediate layer, built a chunk of sources at a
    time (:func:`bridge_bytes` estimates the whole call's memory).
+4. **Shifted proposal** ``s_ji`` (``_PAIR_DRAWS`` (8) draws per pair, in rounds without
+   bridged draws, for each query's ``_PAIR_SOURCES`` (16) *pair sources*: those of
+   largest linearised evidence ``N(t_j; M mu_i + c, C)`` under ``q_j``'s linearisation,
+   a score of the data alone, not of any draw, and ``log p(t_j | s_i)`` itself for a
+   linear chain): ``q_j`` with its first step started from source
+   ``i``'s mean instead of the query's own.  ``q_j``'s first step is a Kalman update of
+   the source's mean; its later steps depend on the drawn parent only, so ``s_ji`` and
+   ``q_j`` differ in the first step's mean alone and each is evaluated at the other's
+   draws for the price of that step.  For a linear-Gaussian chain whose first layers
+   share one scale ``s_ji`` is the exact posterior of source ``i``'s path given
+   ``t_j``.  The pairs' entries balance ``q_j``, source ``i``'s forward paths and
+   ``s_ji``.  On trained networks they hold most of the off-diagonal mass that
+   ``q_j`` and the forward paths miss (sources close to the query whose posterior
+   still lies off ``q_j``'s), so rounds without bridged draws reach it at about 1.5
+   times their cost without pairs.
 
-**Subsampled sources** (large ``N``; :func:`_rank_sources`, :func:`_select_sources`):
-a block of queries is evaluated at the union of every query's ``n_top`` most likely
-sources (by two cheap proxies) and of a uniform random set of ``n_random`` sources that
-stands for all others with Horvitz-Thompson weight ``N / n_random``; every other entry
-of ``L`` is ``-inf``.  Each row's marginal ``sum_i p(t_j | s_i)`` stays unbiased, and
-the cost per query no longer grows with ``N`` except for the ranking, two matrix
-products against column features computed once.  With ``strata`` (class labels), blocks
-are taken stratum by stratum and ``U`` is stratified: ``n_random / 2`` sources of the
-block's own stratum and ``n_random`` of the others, each at its stratum's weight, so the
-class-conditional sums of ``I(T; Y)`` rest on far more random sources at the cost of
-``n_random / 2`` more per block.
+**Subsampled sources** (large ``N``; :func:`_rank_sources`, :func:`_select_sources`): a
+block of queries is evaluated at the union of every query's ``n_top`` most likely
+sources (by two cheap proxies), its pair sources and a uniform random set of
+``n_random`` sources that stands for all others with Horvitz-Thompson weight ``N /
+n_random``; every other entry of ``L`` is ``-inf``. Each row's marginal ``sum_i p(t_j |
+s_i)`` stays unbiased, and the cost per query no longer grows with ``N`` except for the
+ranking, two matrix products against column features computed once. With ``strata``
+(class labels), blocks are taken stratum by stratum and ``U`` is stratified: ``n_random
+/ 2`` sources of the block's own stratum and ``n_random`` of the others, each at its
+stratum's weight, so the class-conditional sums of ``I(T; Y)`` rest on far more random
+sources at the cost of ``n_random / 2`` more per block.
 
-For source ``i`` and a draw ``z`` from any proposal of an entry, the weight is
-``p_i(z) p(t_j | z) / (M q_j(z) + K p_i(z))`` (``+ n_bridge r_ji(z)`` off the diagonal
-with bridging, ``M = 4`` there) with ``p_i(z) = p(t_1 | s_i) prod_k p(t_k | t_{k-1})``:
-every entry is an unbiased estimate of ``p(t_j | s_i)``.  Where the network is strongly
-nonlinear over the posterior's spread, the linearisations are poor, the estimate does
-not settle and the caller flags the row.
+For source ``i`` and a draw ``z`` from any proposal of an entry, the weight is ``p_i(z)
+p(t_j | z) / (M q_j(z) + K p_i(z))`` (``+ n_bridge r_ji(z)`` off the diagonal with
+bridging, ``M = 4`` there; ``+ _PAIR_DRAWS s_ji(z)`` at a pair source without it) with
+``p_i(z) = p(t_1 | s_i) prod_k p(t_k | t_{k-1})``: every entry is an unbiased estimate
+of ``p(t_j | s_i)``. Where the network is strongly nonlinear over the posterior's
+spread, the linearisations are poor, the estimate does not settle and the caller flags
+the row.
 
 Bias direction: each density is unbiased, so ``log`` of it is biased low by about
 ``Var / (2 mean^2)``; the MI estimate ``mean_j (L[j,j] - logmeanexp_i L[j,i])`` takes
@@ -117,6 +133,8 @@ _F32_TOL = 1e-3  # nats: largest rounding-error bound of a float32 kernel row
 _DIAG_FACTOR = 4  # draws for the query's own source, as a multiple of n_is
 _FULL_Q_DIM = 64  # total path width up to which q_j is evaluated at every forward path
 _BRIDGE_Q = 4  # with bridging, draws of q_j per query that also serve the other sources
+_PAIR_SOURCES = 16  # without bridging, sources per query given shifted draws (s_ji)
+_PAIR_DRAWS = 8  # shifted draws per such (query, source) pair
 _BLOCK = 16  # queries per block when the sources are subsampled (they share U)
 _RANK_STEP = 256  # queries ranked together when the sources are subsampled
 _SUBSAMPLE_FRACTION = 0.5  # subsample only when a block's sources are under this share of N
@@ -814,12 +832,19 @@ class _Guided:
         out.steps = [st.take(idx) for st in self.steps]
         return out
 
-    def sample(self, m: int):
+    def sample(self, m: int, starts: torch.Tensor | None = None):
         """``m`` paths per query from ``q_j``: the layers (each ``(B, m, d_k)``), ``log q``
         and the link log densities inside the path (``(B, m)`` each), and each layer's
-        conditional mean given its drawn parent (``None`` for the first layer)."""
+        conditional mean given its drawn parent (``None`` for the first layer).
+
+        With ``starts`` (``(B, m, d_1)``), path ``r`` starts from the first-layer mean
+        ``starts[:, r]`` instead of the query's own source's: the shifted proposal
+        ``s_ji`` of :func:`_shifted_pairs` (``log q`` is then ``log s_ji``)."""
         pb, b = self.pb, len(self.rows)
-        mean = self.steps[0].mean(pb.loc1[self.rows][:, None, :]).expand(b, m, -1)
+        if starts is None:
+            mean = self.steps[0].mean(pb.loc1[self.rows][:, None, :]).expand(b, m, -1)
+        else:
+            mean = self.steps[0].mean(starts)
         t = mean + self.steps[0].noise((b, m))
         layers, priors = [t], [None]
         logq = self.steps[0].logpdf(t, mean)
@@ -840,9 +865,15 @@ class _Guided:
         b = len(self.rows)
         start = self.pb.loc1[self.rows][:, None, :]
         out = self.steps[0].logpdf(layers[0], self.steps[0].mean(start))
+        return (out + self.log_q_above(layers, priors)).reshape(b, -1)
+
+    def log_q_above(self, layers: list[torch.Tensor], priors: list[torch.Tensor]):
+        """The steps after the first of :meth:`log_q_at` (0 for a one-step chain): the
+        part of ``log q_j`` that does not depend on the source the path starts from."""
+        out = 0.0
         for k in range(1, len(self.steps)):
             out = out + self.steps[k].logpdf(layers[k], self.steps[k].mean(priors[k]))
-        return out.reshape(b, -1)
+        return out
 
 
 @heap_for_temporaries()
@@ -924,6 +955,8 @@ def deep_log_density(
     strata = _check_strata(strata, n, dev)
     pool = _Pool(pb, n_fwd)
     bridge = _Bridge(pb, n_bridge, pool) if n_bridge else None
+    # without bridging, each query's best sources by its first layer get shifted draws
+    n_pair = 0 if n_bridge or not _PAIR_SOURCES else min(_PAIR_SOURCES, n - 1)
     subsample = n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n
     if subsample and strata is not None:  # blocks of one stratum share its random draw
         all_rows = all_rows[torch.argsort(strata[all_rows], stable=True)]
@@ -959,16 +992,23 @@ def deep_log_density(
                 q_start = start
                 q_all = _Guided(pb, orows[start : start + q_group], anchors)
             q = q_all.take(slice(start - q_start, loc.stop - q_start))
+            best = _pair_sources(pb, q, rows, n_pair) if n_pair else None
+            pairs = best
             if subsample:
-                cols, logw, pos = _select_sources(pb, rows, top[loc], n_random, strata)
+                whole = top[loc] if best is None else torch.cat([top[loc], best], 1)
+                cols, logw, pos = _select_sources(pb, rows, whole, n_random, strata)
                 sp, pool_b = pb.take(cols), pool.take(cols)
                 bridge_b = bridge.take(cols) if bridge is not None else None
                 log_g = g_all[loc][:, pool_b.idx].to(torch.float64)
+                if best is not None:  # their positions among the block's sources
+                    where = torch.full((n,), -1, dtype=torch.long, device=dev)
+                    where[cols] = torch.arange(len(cols), device=dev)
+                    pairs = where[best]
             else:
                 cols, logw, pos, log_g = None, None, rows, None
                 sp, pool_b, bridge_b = pb, pool, bridge
             f, h, sums[rows] = _block(
-                pb, sp, rows, pos, q, pool_b, n_is, n_fwd, top_r, bridge_b, logw, log_g
+                pb, sp, rows, pos, q, pool_b, n_is, n_fwd, top_r, bridge_b, logw, log_g, pairs
             )
             if cols is None:
                 out[rows], half[rows] = f, h
@@ -1039,6 +1079,8 @@ def _default_chunk(n, anchors, queries, n_is, n_fwd, n_bridge, top_r, n_top, n_r
         _DIAG_FACTOR * n_is * widest,  # the draws themselves
         top_r * anchors[-1].shape[1],
         (n_is + n_bridge) * n_src,  # bridged weights
+        # the shifted draws' pairs: the first layer of every draw, for each pair source
+        (0 if n_bridge else min(_PAIR_SOURCES, n - 1)) * (n_is + n_fwd + _PAIR_DRAWS) * widest,
     )
     chunk_size = max(1, min(n, int(2e7 // per_row)))
     if subsample:
@@ -1174,6 +1216,108 @@ def _log_g(pb, rows, t_last: torch.Tensor) -> torch.Tensor:
     loc, scale = pb.call(len(pb.links) - 1, t_last.reshape(b * r, -1))
     shape = (b, r, -1)
     return row_gauss_logpdf(pb.t[rows][:, None, :], loc.reshape(shape), scale.reshape(shape))
+
+
+def _pair_sources(pb: _Problem, q: _Guided, rows, k: int) -> torch.Tensor:
+    """Each query's ``k`` sources (not its own) of largest linearised evidence: ``(B, k)``
+    indices.
+
+    ``q_j``'s first step linearises the chain at the query's path: ``t_j`` given layer 1
+    is ``N(y; M t_1, R)``, so given source ``i`` it is ``N(y; M mu_i, C)`` with ``C = R +
+    M S M^T``.  With ``w = chol(R)^-1 M`` and ``G = I + w S w^T = chol(R)^-1 C
+    chol(R)^-T``, ``-2 log N = |chol(G)^-1 (chol(R)^-1 y - w mu_i)|^2 + const``: one
+    float32 product against every source's mean.  For a linear-Gaussian chain this is
+    ``log p(t_j | s_i)`` itself.  The score depends on the data and the linearisation
+    only, not on any draw of the estimate."""
+    st = q.steps[0]
+    if st.chol_r.dim() == 2:  # a diagonal R
+        y = st.y / st.chol_r
+    else:
+        y = torch.linalg.solve_triangular(st.chol_r, st.y[:, :, None], upper=False)[:, :, 0]
+    ws = st.w * st.s2[:, None, :]
+    g = ws @ st.w.transpose(1, 2)
+    g.diagonal(dim1=1, dim2=2).add_(1.0)
+    lg = _cholesky(g, torch.float64)
+    w = torch.linalg.solve_triangular(lg, st.w, upper=False)  # chol(G)^-1 w, (B, d_L, d_1)
+    y = torch.linalg.solve_triangular(lg, y[:, :, None], upper=False)  # (B, d_L, 1)
+    u = y.to(torch.float32) - w.to(torch.float32) @ pb.loc1.T.to(torch.float32)  # (B, d_L, N)
+    score = -(u * u).sum(1)
+    score[torch.arange(len(rows), device=rows.device), rows] = -math.inf
+    return torch.topk(score, k, dim=1).indices
+
+
+def _shifted_pairs(pb, sp, q: _Guided, rows, pairs, pool, log_g_pool, draws, n_s: int):
+    """Terms of the entries ``(j, i)`` of each query's pair sources under the shifted
+    proposal ``s_ji``: ``q_j`` with its first step started from source ``i``'s mean
+    instead of the query's own.
+
+    ``q_j``'s first step is the Kalman update of a prior mean ``mu`` (the source's) by
+    the linearised likelihood of ``t_j``; its later steps depend on the drawn parent
+    only.  So ``s_ji`` and ``q_j`` differ in the first step's mean alone, and ``log
+    s_ji(z) = log q_j(z) - log N_1(z_1; m_j) + log N_1(z_1; m_ji)`` at any path, with
+    ``N_1`` the first step's Gaussian and ``m_ji`` its mean from ``mu_i``.  For a
+    linear-Gaussian chain whose first layers share one scale, ``s_ji`` is the exact
+    posterior of source ``i``'s path given ``t_j``.
+
+    ``pairs`` (``(B, k)``) are positions among the block's sources ``sp``; ``draws`` are
+    ``q_j``'s draws that serve every source: their first layer ``(B, m, d_1)``, ``log
+    q_j`` and ``log p(t_j | z)`` (``(B, m)``) and ``log p_i(z)`` (``(B, m, S)``).
+    Returns, for the ``m`` draws of ``q_j``, the ``K`` forward paths of source ``i`` and
+    ``n_s`` draws of ``s_ji`` (in that order), ``(log p_i(z) + log p(t_j | z), log
+    q_j(z), log p_i(z), log s_ji(z))``, each ``(B, k, m or K or n_s)``.
+    """
+    z1_q, logq_q, lg_q, lp_q = draws
+    b, k = pairs.shape
+    m = z1_q.shape[1]
+    st0 = q.steps[0]
+    w_t = st0.w.transpose(1, 2)  # (B, d_1, d_L)
+    inv = 1.0 / st0.s2[:, None, None, :]  # (B, 1, 1, d_1)
+    mean_j = st0.mean(pb.loc1[rows][:, None, :])  # (B, 1, d_1)
+    mu, sc = sp.loc1[pairs], sp.scale1[pairs]  # (B, k, d_1)
+    mean_s = st0.mean(mu)  # (B, k, d_1)
+    means = torch.cat([mean_j, mean_s], 1)  # (B, 1 + k, d_1)
+    w_means = (means @ w_t)[:, :, None, :]  # (B, 1 + k, 1, d_L)
+    means = means[:, :, None, :]
+
+    def first(z):
+        """``log N_1(z; m_j)`` and ``log N_1(z; m_ji)`` for points ``z`` (``(B, k or 1,
+        r, d_1)``: pair ``c``'s points in row ``c``, or the same points for every pair):
+        ``(B, 1 or k, r)`` and ``(B, k, r)``.  One product per point (``w z``); each mean
+        then costs an elementwise pass."""
+        wz = (z.reshape(b, -1, z.shape[-1]) @ w_t).reshape(*z.shape[:3], -1)  # (B, ., r, d_L)
+        out = []
+        for sl in (slice(0, 1), slice(1, None)):
+            r, wr = z - means[:, sl], wz - w_means[:, sl]
+            out.append(-0.5 * ((r * r * inv).sum(-1) + (wr * wr).sum(-1)) - st0.norm[:, None, None])
+        return out
+
+    # q_j's draws
+    l0_j, l0_s = first(z1_q[:, None])
+    lp_i = lp_q.gather(2, pairs[:, None, :].expand(b, m, k)).transpose(1, 2)  # (B, k, m)
+    lq_j = logq_q[:, None, :].expand(b, k, m)
+    at_q = (lp_i + lg_q[:, None, :], lq_j, lp_i, lq_j - l0_j + l0_s)
+    # the forward paths of each pair's source (path c * S + i of the block's pool)
+    k_paths = pool.n_paths // sp.n
+    ks = torch.arange(k_paths, device=rows.device)
+    idx = (ks[None, None, :] * sp.n + pairs[:, :, None]).reshape(b, k * k_paths)
+    lay, pri = pool.at(idx)
+    above = q.log_q_above(lay, pri)
+    l0_j, l0_s = first(lay[0].reshape(b, k, k_paths, -1))
+    if torch.is_tensor(above):
+        above = above.reshape(b, k, k_paths)
+    own = pool.own[:, pairs].permute(1, 2, 0)  # (B, k, K)
+    lg = log_g_pool.gather(1, idx).reshape(b, k, k_paths)
+    at_fwd = (own + lg, l0_j + above, own, l0_s + above)
+    # draws of s_ji
+    starts = mu[:, :, None].expand(b, k, n_s, -1).reshape(b, k * n_s, -1)
+    lay, lq_s, chain, _ = q.sample(k * n_s, starts)
+    lg = _log_g(pb, rows, lay[-1])
+    l0_j, l0_s = first(lay[0].reshape(b, k, n_s, -1))
+    lq_s = lq_s.reshape(b, k, n_s)
+    lp_s = row_gauss_logpdf(lay[0], starts, sc.repeat_interleave(n_s, 1)) + chain
+    lp_s = lp_s.reshape(b, k, n_s)
+    at_s = (lp_s + lg.reshape(b, k, n_s), lq_s - l0_s + l0_j, lp_s, lq_s)
+    return at_q, at_fwd, at_s
 
 
 def _draws(pb, q: _Guided, rows, m: int):
@@ -1519,11 +1663,13 @@ class _BridgeCols(_Bridge):
         return min(step, self._most[use])
 
 
-def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=None):
+def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=None, pairs=None):
     """``(B, S)`` log densities of the block's queries ``rows`` at its ``S`` sources
     (``sp``, ``pool`` and ``bridge`` restricted to them; ``pos``: each query's own
     source among them), with all draws and with the first half, each off-diagonal
-    entry plus its source weight ``logw[0]`` / ``logw[1]`` ``(B, S)``."""
+    entry plus its source weight ``logw[0]`` / ``logw[1]`` ``(B, S)``.  Without
+    bridging, the entries at ``pairs`` (``(B, k)`` positions) also balance the shifted
+    draws of :func:`_shifted_pairs`."""
     n, b = sp.n, len(rows)
     ar = torch.arange(b, device=rows.device)
     # the query's own source gets DIAG_FACTOR * n_is draws of q_j; the first m of them
@@ -1537,6 +1683,10 @@ def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=N
     m = n_is if bridge is None else min(n_is, _BRIDGE_Q)
     k1 = sp.layer1(first_d[:, :m].reshape(b * m, -1)).reshape(b, m, n)
     lp = k1 + chain_d[:, :m, None]  # log p_i(z) at the q_j draws
+    pair_sets = None
+    if pairs is not None and bridge is None:
+        draws = (first_d[:, :m], logq_d[:, :m], log_g_d[:, :m], lp)
+        pair_sets = _shifted_pairs(pb, sp, q, rows, pairs, pool, log_g_pool, draws, _PAIR_DRAWS)
     if bridge is not None:
         r_at_q = bridge.at_draws(
             sp, rows, [t[:, :m] for t in layers_d], [p if p is None else p[:, :m] for p in priors_d]
@@ -1568,7 +1718,23 @@ def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=N
             ]
         if logw is not None:  # sources standing for a random share of the others
             off = [t + logw[frac - 1][:, None, :] for t in off]
+        pair_terms = []
+        if pair_sets is not None:  # the pairs balance q_j, the forward paths and s_ji
+            counts = (mu, k_used, _PAIR_DRAWS // frac)
+            lc = [math.log(c) for c in counts]
+            for (f, lq_j, lp_i, lq_s), use in zip(pair_sets, counts):
+                f, lq_j, lp_i, lq_s = (v[..., :use] for v in (f, lq_j, lp_i, lq_s))
+                den = _logsumexp_parts([lc[0] + lq_j, lc[1] + lp_i, lc[2] + lq_s])
+                pair_terms.append(f - den)
+            if logw is not None:
+                w_p = logw[frac - 1].gather(1, pairs)[:, :, None]
+                pair_terms = [t + w_p for t in pair_terms]
+            is_pair = torch.zeros(b, n, dtype=torch.bool, device=rows.device)
+            is_pair[ar[:, None], pairs] = True
+            off = [t.masked_fill(is_pair[:, None, :], -math.inf) for t in off]
         out = _logsumexp_parts([torch.logsumexp(t, 1) for t in off])  # (B, S)
+        if pair_terms:
+            out[ar[:, None], pairs] = _logsumexp_parts([torch.logsumexp(t, 2) for t in pair_terms])
         # the diagonal with all of its draws
         w_d = lp_d[:, :md] + log_g_d[:, :md]
         w_d = w_d - torch.logaddexp(math.log(md) + logq_d[:, :md], lk + lp_d[:, :md])
@@ -1578,7 +1744,8 @@ def _block(pb, sp, rows, pos, q, pool, n_is, n_fwd, top_r, bridge, logw, log_g=N
         out[ar, pos] = torch.logaddexp(torch.logsumexp(w_d, 1), fwd_d)
         res.append(out)
         if frac == 1:
-            sums = torch.stack([_log_sums(*off, w_d), _log_sums(w_d)], 1).flatten(1)
+            sums = torch.stack([_log_sums(*off, *pair_terms, w_d), _log_sums(w_d)], 1)
+            sums = sums.flatten(1)
     return res[0], res[1], sums
 
 

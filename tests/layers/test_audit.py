@@ -4,37 +4,15 @@ from __future__ import annotations
 
 import math
 
-import pyro.distributions as dist
 import pytest
 import torch
 
 from stochmi import layer_mi
 from stochmi.core.from_matrix import mi_terms_from_log_density
+from stochmi.layers import deep
 from stochmi.layers.audit import _weights, audit_densities
 from stochmi.layers.deep import deep_log_density
-from tests.layers.test_deep import LinearChain, _x
-
-
-def _separated_chain() -> LinearChain:
-    """20-96-64, noise 1 then 0.4, gains x0.6: the sources lie apart at layer 1 and
-    layer 2 is precise about it; I(X; h2) = 4.78 nats in the population."""
-    m = LinearChain([20, 96, 64], [1.0, 0.4], 3)
-    m.A = [a * 0.6 for a in m.A]
-    return m
-
-
-def _problem(m: LinearChain, x: torch.Tensor, seed: int):
-    """First-layer conditional, the link and a query with its anchor, drawn from ``m``."""
-    gen = torch.Generator().manual_seed(seed)
-    loc1 = x @ m.A[0].T
-    t1 = loc1 + m.s[0] * torch.randn(loc1.shape, generator=gen, dtype=loc1.dtype)
-    loc2 = t1 @ m.A[1].T
-    t2 = loc2 + m.s[1] * torch.randn(loc2.shape, generator=gen, dtype=loc2.dtype)
-
-    def link(parent):
-        return dist.Normal(parent @ m.A[1].T, m.s[1]).to_event(1)
-
-    return loc1, torch.full_like(loc1, m.s[0]), [link], t2, [t1]
+from tests.layers.test_deep import LinearChain, _problem, _separated_chain, _x
 
 
 def test_audit_weights_stand_in_for_every_source():
@@ -63,7 +41,10 @@ def _audited_first_round(m: LinearChain, x: torch.Tensor):
     return audit, float(mi_terms_from_log_density(plain.L)[0].mean())
 
 
-def test_audit_finds_the_mass_the_unbridged_proposals_miss():
+def test_audit_finds_the_mass_the_unbridged_proposals_miss(monkeypatch):
+    """Without pair sources (shifted draws), ``q_j`` and the forward paths miss most of
+    the other sources' mass on the separated chain: the audit finds it."""
+    monkeypatch.setattr(deep, "_PAIR_SOURCES", 0)
     audit, value = _audited_first_round(_separated_chain(), _x(400, 20, 13))
     assert audit.queries == 32 and audit.sources < 400
     assert audit.difference > 0  # the unbridged estimate is too high
@@ -79,9 +60,11 @@ def test_audit_passes_densities_both_proposals_reach():
 
 
 @pytest.mark.slow
-def test_layer_mi_bridges_a_first_round_that_the_audit_finds_off():
-    """The first round of I(X; h2) passes the half-versus-full rule at 5.39 nats, where
-    the data set's MI is 4.24: the audit sends the row to the bridged round."""
+def test_layer_mi_bridges_a_first_round_that_the_audit_finds_off(monkeypatch):
+    """Without pair sources, the first round of I(X; h2) passes the half-versus-full rule
+    at 5.39 nats, where the data set's MI is 4.24: the audit sends the row to the
+    bridged round."""
+    monkeypatch.setattr(deep, "_PAIR_SOURCES", 0)
     m = _separated_chain()
     x = _x(400, 20, 13)
     df = layer_mi(m, x, seed=1, pairs=[("X", "h2")])
