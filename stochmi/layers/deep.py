@@ -52,20 +52,21 @@ proposals by the balance heuristic (Veach & Guibas 1995):
    ``(N, d_L, d_k)`` factors per intermediate layer, built a chunk of sources at a
    time (:func:`bridge_bytes` estimates the whole call's memory).
 4. **Shifted proposal** ``s_ji`` (``_PAIR_DRAWS`` (8) draws per pair, in rounds without
-   bridged draws, for each query's ``_PAIR_SOURCES`` (16) *pair sources*: those of
-   largest linearised evidence ``N(t_j; M mu_i + c, C)`` under ``q_j``'s linearisation,
-   a score of the data alone, not of any draw, and ``log p(t_j | s_i)`` itself for a
-   linear chain): ``q_j`` with its first step started from source
-   ``i``'s mean instead of the query's own.  ``q_j``'s first step is a Kalman update of
-   the source's mean; its later steps depend on the drawn parent only, so ``s_ji`` and
-   ``q_j`` differ in the first step's mean alone and each is evaluated at the other's
-   draws for the price of that step.  For a linear-Gaussian chain whose first layers
-   share one scale ``s_ji`` is the exact posterior of source ``i``'s path given
-   ``t_j``.  The pairs' entries balance ``q_j``, source ``i``'s forward paths and
-   ``s_ji``.  On trained networks they hold most of the off-diagonal mass that
-   ``q_j`` and the forward paths miss (sources close to the query whose posterior
-   still lies off ``q_j``'s), so rounds without bridged draws reach it at about 1.5
-   times their cost without pairs.
+   bridged draws, for each query's ``_PAIR_SOURCES`` (8) *pair sources*: those of
+   largest linearised evidence ``N(t_j; M mu_i + c, C)`` under ``q_j``'s linearisation
+   among the ``_PAIR_CANDIDATES`` (128) sources under which the query's own first layer
+   is most likely; scores of the data alone, not of any draw, and for a linear chain the
+   evidence is ``log p(t_j | s_i)`` itself): ``q_j`` with its first step started from
+   source ``i``'s mean instead of the query's own.  ``q_j``'s first step is a Kalman
+   update of the source's mean; its later steps depend on the drawn parent only, so
+   ``s_ji`` and ``q_j`` differ in the first step's mean alone and each is evaluated at
+   the other's draws for the price of that step.  For a linear-Gaussian chain whose
+   first layers share one scale ``s_ji`` is the exact posterior of source ``i``'s path
+   given ``t_j``.  The pairs' entries balance ``q_j``, source ``i``'s forward paths and
+   ``s_ji``.  On trained networks they hold most of the off-diagonal mass that ``q_j``
+   and the forward paths miss (sources close to the query whose posterior still lies
+   off ``q_j``'s), so rounds without bridged draws reach it, at about 1.5 times their
+   cost without pairs.
 
 **Subsampled sources** (large ``N``; :func:`_rank_sources`, :func:`_select_sources`): a
 block of queries is evaluated at the union of every query's ``n_top`` most likely
@@ -133,8 +134,9 @@ _F32_TOL = 1e-3  # nats: largest rounding-error bound of a float32 kernel row
 _DIAG_FACTOR = 4  # draws for the query's own source, as a multiple of n_is
 _FULL_Q_DIM = 64  # total path width up to which q_j is evaluated at every forward path
 _BRIDGE_Q = 4  # with bridging, draws of q_j per query that also serve the other sources
-_PAIR_SOURCES = 16  # without bridging, sources per query given shifted draws (s_ji)
+_PAIR_SOURCES = 8  # without bridging, sources per query given shifted draws (s_ji)
 _PAIR_DRAWS = 8  # shifted draws per such (query, source) pair
+_PAIR_CANDIDATES = 128  # sources per query whose linearised evidence ranks the pair sources
 _BLOCK = 16  # queries per block when the sources are subsampled (they share U)
 _RANK_STEP = 256  # queries ranked together when the sources are subsampled
 _SUBSAMPLE_FRACTION = 0.5  # subsample only when a block's sources are under this share of N
@@ -992,7 +994,7 @@ def deep_log_density(
                 q_start = start
                 q_all = _Guided(pb, orows[start : start + q_group], anchors)
             q = q_all.take(slice(start - q_start, loc.stop - q_start))
-            best = _pair_sources(pb, q, rows, n_pair) if n_pair else None
+            best = _pair_sources(pb, q, rows, anchors, n_pair) if n_pair else None
             pairs = best
             if subsample:
                 whole = top[loc] if best is None else torch.cat([top[loc], best], 1)
@@ -1218,32 +1220,39 @@ def _log_g(pb, rows, t_last: torch.Tensor) -> torch.Tensor:
     return row_gauss_logpdf(pb.t[rows][:, None, :], loc.reshape(shape), scale.reshape(shape))
 
 
-def _pair_sources(pb: _Problem, q: _Guided, rows, k: int) -> torch.Tensor:
-    """Each query's ``k`` sources (not its own) of largest linearised evidence: ``(B, k)``
-    indices.
+def _pair_sources(pb: _Problem, q: _Guided, rows, anchors, k: int) -> torch.Tensor:
+    """Each query's ``k`` sources (not its own) of largest linearised evidence among its
+    ``_PAIR_CANDIDATES`` sources under which its own path's first layer is most likely:
+    ``(B, k)`` indices.
 
     ``q_j``'s first step linearises the chain at the query's path: ``t_j`` given layer 1
     is ``N(y; M t_1, R)``, so given source ``i`` it is ``N(y; M mu_i, C)`` with ``C = R +
     M S M^T``.  With ``w = chol(R)^-1 M`` and ``G = I + w S w^T = chol(R)^-1 C
-    chol(R)^-T``, ``-2 log N = |chol(G)^-1 (chol(R)^-1 y - w mu_i)|^2 + const``: one
-    float32 product against every source's mean.  For a linear-Gaussian chain this is
-    ``log p(t_j | s_i)`` itself.  The score depends on the data and the linearisation
-    only, not on any draw of the estimate."""
+    chol(R)^-T``, ``-2 log N = |chol(G)^-1 (chol(R)^-1 y - w mu_i)|^2 + const``.  For a
+    linear-Gaussian chain this is ``log p(t_j | s_i)`` itself.  Its candidates come from
+    one layer-1 kernel row at the query's path, ``log N(a_j; mu_i, diag s_i^2)``, which
+    costs ``d_1`` per source against the evidence's ``d_1 d_L``.  Both scores depend on
+    the data and the linearisation only, not on any draw of the estimate."""
+    b, dev = len(rows), rows.device
+    ar = torch.arange(b, device=dev)
+    s1 = pb.layer1(anchors[0][rows])  # (B, N)
+    s1[ar, rows] = -math.inf
+    cand = torch.topk(s1, min(_PAIR_CANDIDATES, pb.n - 1), dim=1).indices  # (B, C)
     st = q.steps[0]
     if st.chol_r.dim() == 2:  # a diagonal R
         y = st.y / st.chol_r
     else:
         y = torch.linalg.solve_triangular(st.chol_r, st.y[:, :, None], upper=False)[:, :, 0]
-    ws = st.w * st.s2[:, None, :]
-    g = ws @ st.w.transpose(1, 2)
+    # a ranking, not part of an estimate: float32
+    w32 = st.w.to(torch.float32)
+    g = (w32 * st.s2[:, None, :].to(torch.float32)) @ w32.transpose(1, 2)
     g.diagonal(dim1=1, dim2=2).add_(1.0)
-    lg = _cholesky(g, torch.float64)
-    w = torch.linalg.solve_triangular(lg, st.w, upper=False)  # chol(G)^-1 w, (B, d_L, d_1)
-    y = torch.linalg.solve_triangular(lg, y[:, :, None], upper=False)  # (B, d_L, 1)
-    u = y.to(torch.float32) - w.to(torch.float32) @ pb.loc1.T.to(torch.float32)  # (B, d_L, N)
-    score = -(u * u).sum(1)
-    score[torch.arange(len(rows), device=rows.device), rows] = -math.inf
-    return torch.topk(score, k, dim=1).indices
+    lg = _cholesky(g, torch.float32)
+    w32 = torch.linalg.solve_triangular(lg, w32, upper=False)  # chol(G)^-1 w, (B, d_L, d_1)
+    y = torch.linalg.solve_triangular(lg, y[:, :, None].to(torch.float32), upper=False)
+    u = y - w32 @ pb.loc1[cand].transpose(1, 2).to(torch.float32)  # (B, d_L, C)
+    best = torch.topk(-(u * u).sum(1), k, dim=1).indices
+    return cand.gather(1, best)
 
 
 def _shifted_pairs(pb, sp, q: _Guided, rows, pairs, pool, log_g_pool, draws, n_s: int):

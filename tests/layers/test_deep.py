@@ -303,21 +303,25 @@ def _exact_h2(m: LinearChain, loc1: torch.Tensor, t2: torch.Tensor) -> torch.Ten
 
 
 def test_pair_entries_are_unbiased_where_the_query_proposal_misses(monkeypatch):
-    """Separated chain: each query's 16 pair sources (largest linearised evidence, for a
-    linear chain its largest exact densities) carry about 90% of its off-diagonal mass.
-    With their shifted draws (here the exact posterior of the source's path), those
-    entries average the exact density (ratio 1 within 3 standard errors); without them,
-    the same entries fall short by more than 3 standard errors."""
+    """Separated chain: each query's pair sources (largest linearised evidence, for a
+    linear chain its largest exact densities, among the candidates of its first layer)
+    carry most of its off-diagonal mass.  With their shifted draws (here the exact
+    posterior of the source's path), those entries average the exact density (ratio 1
+    within 3 standard errors); without them, the same entries fall short by more than 3
+    standard errors."""
     m, x = _separated_chain(), _x(400, 20, 13)
     prob = _problem(m, x, 5)
     exact = _exact_h2(m, prob[0], prob[3])
     off = exact.clone()
     off.fill_diagonal_(-math.inf)
-    pairs = off.topk(16, dim=1).indices
+    pb = deep._Problem(*prob[:4], torch.Generator().manual_seed(0), torch.float64)
+    rows = torch.arange(len(x))
+    k_pairs = deep._PAIR_SOURCES
+    pairs = deep._pair_sources(pb, deep._Guided(pb, rows, prob[4]), rows, prob[4], k_pairs)
     share = torch.exp(torch.logsumexp(off.gather(1, pairs), 1) - torch.logsumexp(off, 1))
     assert float(share.median()) > 0.8
     ratios = {}
-    for k in (16, 0):
+    for k in (k_pairs, 0):
         monkeypatch.setattr(deep, "_PAIR_SOURCES", k)
         gen = torch.Generator().manual_seed(0)
         res = deep_log_density(*prob, n_is=32, n_fwd=16, generator=gen, dtype=torch.float64)
