@@ -957,7 +957,7 @@ def deep_log_density(
     strata = _check_strata(strata, n, dev)
     pool = _Pool(pb, n_fwd)
     bridge = _Bridge(pb, n_bridge, pool) if n_bridge else None
-    # without bridging, each query's best sources by its first layer get shifted draws
+    # without bridging, each query's pair sources (_pair_sources) get shifted draws
     n_pair = 0 if n_bridge or not _PAIR_SOURCES else min(_PAIR_SOURCES, n - 1)
     subsample = n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n
     if subsample and strata is not None:  # blocks of one stratum share its random draw
