@@ -995,19 +995,13 @@ def deep_log_density(
                 q_all = _Guided(pb, orows[start : start + q_group], anchors)
             q = q_all.take(slice(start - q_start, loc.stop - q_start))
             best = _pair_sources(pb, q, rows, anchors, n_pair) if n_pair else None
-            pairs = best
             if subsample:
-                whole = top[loc] if best is None else torch.cat([top[loc], best], 1)
-                cols, logw, pos = _select_sources(pb, rows, whole, n_random, strata)
+                cols, logw, pos, pairs = _block_sources(pb, rows, top[loc], best, n_random, strata)
                 sp, pool_b = pb.take(cols), pool.take(cols)
                 bridge_b = bridge.take(cols) if bridge is not None else None
                 log_g = g_all[loc][:, pool_b.idx].to(torch.float64)
-                if best is not None:  # their positions among the block's sources
-                    where = torch.full((n,), -1, dtype=torch.long, device=dev)
-                    where[cols] = torch.arange(len(cols), device=dev)
-                    pairs = where[best]
             else:
-                cols, logw, pos, log_g = None, None, rows, None
+                cols, logw, pos, log_g, pairs = None, None, rows, None, best
                 sp, pool_b, bridge_b = pb, pool, bridge
             f, h, sums[rows] = _block(
                 pb, sp, rows, pos, q, pool_b, n_is, n_fwd, top_r, bridge_b, logw, log_g, pairs
@@ -1169,6 +1163,20 @@ def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int, strata
     where = torch.full((n,), -1, dtype=torch.long, device=dev)
     where[cols] = torch.arange(len(cols), device=dev)
     return cols, logw, where[rows]
+
+
+def _block_sources(pb: _Problem, rows, top, best, n_random: int, strata=None):
+    """:func:`_select_sources` for a block whose queries' ``n_top`` best sources are
+    ``top`` and whose pair sources are ``best`` (``(B, k)`` source indices, or None):
+    both are taken whole.  Returns ``cols``, ``logw``, ``pos`` and the pair sources'
+    positions among ``cols`` (None without them)."""
+    whole = top if best is None else torch.cat([top, best], 1)
+    cols, logw, pos = _select_sources(pb, rows, whole, n_random, strata)
+    if best is None:
+        return cols, logw, pos, None
+    where = torch.full((pb.n,), -1, dtype=torch.long, device=cols.device)
+    where[cols] = torch.arange(len(cols), device=cols.device)
+    return cols, logw, pos, where[best]
 
 
 def _pool_logq(sp, q: _Guided, pool, rows, pos, top_r, log_g=None):

@@ -693,6 +693,7 @@ def test_conditional_mode_splits_the_queries_between_weight_draws():
         assert r.converged
 
 
+@pytest.mark.slow
 def test_deep_rows_on_a_random_subset_of_queries_stay_unbiased():
     """``n_queries`` below N: the deep row averages its per-query terms over that many
     random queries (each marginal still over all N sources).  It agrees with the exact

@@ -155,6 +155,7 @@ def test_very_noisy_first_layer_then_a_precise_one():
     assert df.attrs["dpi"] == [] and df["dpi_ok"].all()
 
 
+@pytest.mark.slow
 def test_label_mi_against_quadrature():
     """I(h1; Y) for a 1-D channel over fixed inputs with two classes (dataset quantity)."""
     n = 400
