@@ -51,6 +51,7 @@ def test_audit_finds_the_mass_the_unbridged_proposals_miss(monkeypatch):
     assert audit.missed(0.01 * value, value)
 
 
+@pytest.mark.slow
 def test_audit_passes_densities_both_proposals_reach():
     """4-6-5, noise 2 then 0.25: the first round is right; the audit finds no difference
     beyond its standard error."""

@@ -131,7 +131,8 @@ def _check_row(r, truth, ref):
     "widths, sigmas, seed, n",
     [
         pytest.param([5, 8, 6, 5, 4], [0.6, 0.9, 0.7, 0.5], 0, 1000, marks=pytest.mark.slow),
-        ([4, 6, 5], [2.0, 0.25], 1, 1000),  # very noisy first layer, then a precise one
+        # very noisy first layer, then a precise one
+        pytest.param([4, 6, 5], [2.0, 0.25], 1, 1000, marks=pytest.mark.slow),
         ([3, 4, 3], [0.5, 0.8], 2, 800),
     ],
 )
@@ -581,6 +582,7 @@ def test_squared_norm_of_product_within_its_rounding_bound():
     assert (got_b - ((r[:1] @ w.transpose(1, 2)) ** 2).sum(-1)).abs().max() <= _F32_TOL
 
 
+@pytest.mark.slow
 def test_bridged_draws_against_quadrature_on_a_nonlinear_chain():
     """A tanh chain whose first layer is 2-D, so that p(t2 | x_i) has a quadrature truth
     on a fine grid.  What the MI uses is the marginal ``log sum_i p(t_j | x_i)`` of each
