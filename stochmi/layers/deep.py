@@ -958,7 +958,7 @@ def deep_log_density(
     pool = _Pool(pb, n_fwd)
     bridge = _Bridge(pb, n_bridge, pool) if n_bridge else None
     # without bridging, each query's pair sources (_pair_sources) get shifted draws
-    n_pair = 0 if n_bridge or not _PAIR_SOURCES else min(_PAIR_SOURCES, n - 1)
+    n_pair = _n_pair(n, n_bridge)
     subsample = n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n
     if subsample and strata is not None:  # blocks of one stratum share its random draw
         all_rows = all_rows[torch.argsort(strata[all_rows], stable=True)]
@@ -1064,6 +1064,12 @@ def _check_strata(strata, n: int, dev) -> torch.Tensor | None:
     return strata
 
 
+def _n_pair(n: int, n_bridge: int) -> int:
+    """Pair sources per query (:func:`_pair_sources`): ``_PAIR_SOURCES``, at most the
+    ``n - 1`` other sources, and none in a round with bridged draws."""
+    return 0 if n_bridge else min(_PAIR_SOURCES, n - 1)
+
+
 def _default_chunk(n, anchors, queries, n_is, n_fwd, n_bridge, top_r, n_top, n_random, subsample):
     """Queries per block: ~2e7 float64 elements per block for each large tensor (at most
     ``_BLOCK`` when the sources are subsampled)."""
@@ -1076,7 +1082,7 @@ def _default_chunk(n, anchors, queries, n_is, n_fwd, n_bridge, top_r, n_top, n_r
         top_r * anchors[-1].shape[1],
         (n_is + n_bridge) * n_src,  # bridged weights
         # the shifted draws' pairs: the first layer of every draw, for each pair source
-        (0 if n_bridge else min(_PAIR_SOURCES, n - 1)) * (n_is + n_fwd + _PAIR_DRAWS) * widest,
+        _n_pair(n, n_bridge) * (n_is + n_fwd + _PAIR_DRAWS) * widest,
     )
     chunk_size = max(1, min(n, int(2e7 // per_row)))
     if subsample:
