@@ -22,7 +22,7 @@ from stochmi.core.estimator import make_generator, mi_from_conditional, mi_with_
 #: under another revision is recomputed, not reused.  Bump it whenever a change can
 #: move a number: a method, a default, the numerics or the random streams (the
 #: package version alone does not change between such edits).
-ESTIMATOR_REVISION = "2026-12-07.3"
+ESTIMATOR_REVISION = "2026-12-07.4"
 
 __all__ = [
     "ESTIMATOR_REVISION",

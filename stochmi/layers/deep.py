@@ -70,11 +70,14 @@ proposals by the balance heuristic (Veach & Guibas 1995):
 
 **Subsampled sources** (large ``N``; :func:`_rank_sources`, :func:`_select_sources`): a
 block of queries is evaluated at the union of every query's ``n_top`` most likely
-sources (by two cheap proxies), its pair sources and a uniform random set of
+sources (two rankings by cheap proxies, interleaved: the larger of the layer-1 density
+of the query's path and the forward paths' nested Monte Carlo value, and the query
+layer's density around each source's mean path, :class:`_MeanPathScore`), its pair
+sources and a uniform random set of
 ``n_random`` sources that stands for all others with Horvitz-Thompson weight ``N /
 n_random``; every other entry of ``L`` is ``-inf``. Each row's marginal ``sum_i p(t_j |
 s_i)`` stays unbiased, and the cost per query no longer grows with ``N`` except for the
-ranking, two matrix products against column features computed once. With ``strata``
+ranking, three matrix products against column features computed once. With ``strata``
 (class labels), blocks are taken stratum by stratum and ``U`` is stratified: ``n_random
 / 2`` sources of the block's own stratum and ``n_random`` of the others, each at its
 stratum's weight, so the class-conditional sums of ``I(T; Y)`` rest on far more random
@@ -960,6 +963,7 @@ def deep_log_density(
     # without bridging, each query's pair sources (_pair_sources) get shifted draws
     n_pair = _n_pair(n, n_bridge)
     subsample = n_top is not None and _BLOCK * (n_top + 1) + n_random < _SUBSAMPLE_FRACTION * n
+    mean_score = _MeanPathScore(pb) if subsample else None
     if subsample and strata is not None:  # blocks of one stratum share its random draw
         all_rows = all_rows[torch.argsort(strata[all_rows], stable=True)]
     if chunk_size is None:
@@ -984,7 +988,7 @@ def deep_log_density(
         orows = all_rows[ostart : ostart + outer]
         if subsample:
             g_all = pool.fin(pb.t[orows], low=True)  # (B_outer, K*N)
-            top = _rank_sources(pb, pool, anchors, orows, g_all, n_top)
+            top = _rank_sources(pb, pool, anchors, orows, g_all, n_top, mean_score)
         for start in range(0, len(orows), chunk_size):
             loc = slice(start, min(len(orows), start + chunk_size))
             rows = orows[loc]
@@ -1090,22 +1094,67 @@ def _default_chunk(n, anchors, queries, n_is, n_fwd, n_bridge, top_r, n_top, n_r
     return chunk_size
 
 
-def _rank_sources(pb: _Problem, pool: _Pool, anchors, rows, log_g, n_top: int):
+class _MeanPathScore:
+    """A cheap proxy of ``log p(t_j | s_i)`` from each source's mean path: ``log N(t_j;
+    m_i, diag v)`` up to a constant, with ``m_i`` the query layer's conditional mean at
+    the mean path of source ``i`` (:func:`mean_path`) and ``v`` the per-coordinate
+    variance of the residuals ``t_i - m_i`` over all sources, which stands in for the
+    spread that every layer's noise adds.  It depends on the data alone (no draw),
+    costs one ``(B, d_L) x (d_L, N)`` product per block of queries, and unlike the
+    layer-1 density of the query's own path it follows the sources through the links,
+    which can map first layers far apart to nearby query layers (networks early in
+    training).  A full residual covariance instead of ``v`` would make the score exact
+    for a linear-Gaussian chain with one scale per layer, but ranked the sources of
+    ``noisy_mlp`` less well (``benchmarks/README.md``)."""
+
+    def __init__(self, pb: _Problem):
+        path = mean_path(pb.loc1, pb.links, pb.dtype)
+        m, _ = _link_params(pb.links[-1], path[-1].to(pb.dtype))
+        m = m.to(torch.float64)
+        inv_sd = (pb.t - m).var(0).clamp_min(torch.finfo(torch.float32).tiny).rsqrt()
+        self.t = (pb.t * inv_sd).to(torch.float32)
+        self.m = (m * inv_sd).to(torch.float32)
+        self.m_sq = (self.m * self.m).sum(1)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """``-|t_j - m_i|^2 / 2`` in coordinates scaled by ``v^-1/2``, up to a per-row
+        constant: ``(B, N)`` float32 (a ranking, not part of an estimate)."""
+        return self.t[rows] @ self.m.T - 0.5 * self.m_sq[None, :]
+
+
+def _rank_sources(pb: _Problem, pool: _Pool, anchors, rows, log_g, n_top: int, mean_score=None):
     """Each query's ``n_top`` most likely other sources: ``(B, n_top)`` indices.
 
-    Sources are ranked by two cheap proxies of ``log p(t_j | s_i)``, each relative to
-    its best source, and the larger is kept: the layer-1 density of the query's own
-    path, ``log N(a_j; mu_i, diag s_i^2)``, and the nested Monte Carlo estimate
-    ``log mean_k p(t_j | z_ik)`` from the forward paths of source ``i`` (``log_g``,
-    ``log p(t_j | z)`` at every forward path, ``(B, K*N)``).
+    Two cheap proxies of ``log p(t_j | s_i)``, each relative to its best source, give
+    a first ranking by the larger of the two: the layer-1 density of the query's own
+    path, ``log N(a_j; mu_i, diag s_i^2)``, and the nested Monte Carlo estimate ``log
+    mean_k p(t_j | z_ik)`` from the forward paths of source ``i`` (``log_g``, ``log
+    p(t_j | z)`` at every forward path, ``(B, K*N)``).  With ``mean_score`` (a
+    :class:`_MeanPathScore`) its ranking is the second, and the two are interleaved
+    (first of each, then second of each, ...), each source kept at its first place,
+    up to ``n_top`` sources: each ranking brings its best sources whatever the spread
+    of the other's scores (the mean-path score is much flatter than the layer-1
+    density, so a maximum of relative scores would let it crowd out sources that the
+    layer-1 density ranks first).
     """
     n, b, dev = pb.n, len(rows), pb.loc1.device
     k_paths = pool.own.shape[0]
     s1 = pb.layer1(anchors[0][rows])  # (B, N)
     g = torch.logsumexp(log_g.reshape(b, k_paths, n), 1)
     score = torch.maximum(s1 - s1.max(1, keepdim=True).values, g - g.max(1, keepdim=True).values)
-    score[torch.arange(b, device=dev), rows] = -math.inf
-    return torch.topk(score, min(n_top, n - 1), dim=1).indices
+    ar = torch.arange(b, device=dev)
+    score[ar, rows] = -math.inf
+    k = min(n_top, n - 1)
+    if mean_score is None:
+        return torch.topk(score, k, dim=1).indices
+    e = mean_score(rows)
+    e[ar, rows] = -math.inf
+    idx = torch.stack([torch.topk(score, k, 1).indices, torch.topk(e, k, 1).indices], 2)
+    idx = idx.reshape(b, 2 * k)  # interleaved: first of each ranking, second of each, ...
+    earlier = torch.ones(2 * k, 2 * k, dtype=torch.bool, device=dev).tril(-1)
+    seen = ((idx[:, :, None] == idx[:, None, :]) & earlier[None]).any(2)
+    keep = torch.argsort(seen.to(torch.uint8), dim=1, stable=True)[:, :k]
+    return idx.gather(1, keep)
 
 
 def _select_sources(pb: _Problem, rows, top: torch.Tensor, n_random: int, strata=None):

@@ -188,10 +188,11 @@ class DeepOptions:
 #: so it costs a sixteenth of one of a query's best sources.  A bridged round runs where
 #: the first missed, where each query's density is spread over many sources far apart
 #: at layer 1: the best sources hold less of the mass and the noise of the
-#: Horvitz-Thompson sums (the class sums of an ``I(T; Y)`` row above all) is most of
-#: the remaining bias, so bridged rounds trade best sources for random ones at about
-#: the same sources per block (:ref:`deep-layers`).
-SUBSAMPLE = {False: (48, 128), True: (16, 384)}
+#: Horvitz-Thompson sums (the class sums of an ``I(T; Y)`` row above all) is much of
+#: the remaining bias, so bridged rounds take fewer best sources and relatively more
+#: random ones; the mean-path score in the ranking lets them stand on 192 random
+#: sources instead of 384 (:ref:`deep-layers`).
+SUBSAMPLE = {False: (48, 128), True: (16, 192)}
 
 
 #: Default ``n_queries`` of :func:`layer_mi`: queries behind a row across several layers.
