@@ -190,8 +190,8 @@ class DeepOptions:
 #: at layer 1: the best sources hold less of the mass and the noise of the
 #: Horvitz-Thompson sums (the class sums of an ``I(T; Y)`` row above all) is much of
 #: the remaining bias, so bridged rounds take fewer best sources and relatively more
-#: random ones; the mean-path score in the ranking lets them stand on 192 random
-#: sources instead of 384 (:ref:`deep-layers`).
+#: random ones: 192 with the mean-path score in the ranking, which puts more of the
+#: mass among the best sources (about 384 are needed without it; :ref:`deep-layers`).
 SUBSAMPLE = {False: (48, 128), True: (16, 192)}
 
 
