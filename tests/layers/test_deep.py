@@ -844,6 +844,7 @@ def test_mean_path_score_ranks_the_sources_a_projecting_link_brings_together():
     for name, score in (("without", None), ("with", deep._MeanPathScore(pb))):
         top = deep._rank_sources(pb, pool, [t1], rows, log_g, 16, score)
         assert not bool((top == rows[:, None]).any())  # never the query's own source
+        assert not bool((top.sort(1).values.diff(dim=1) == 0).any())  # 16 distinct sources
         found[name] = float((best[:, :, None] == top[:, None, :]).any(2).float().mean())
         mass[name] = float(weight.gather(1, top).sum(1).mean())
     assert found["without"] <= 0.7  # the chain is one where the first ranking misses
