@@ -927,7 +927,7 @@ def deep_log_density(
     n_bridge : int
         Bridged draws per source (even; 0: none).
     n_top : int or None
-        Sources per query taken whole, ranked by cheap proxies (:func:`_select_sources`);
+        Sources per query taken whole, ranked by cheap proxies (:func:`_rank_sources`);
         ``None``: every query at every source (no subsampling).
     n_random : int
         Random sources per block of queries that stand for all the others, with
