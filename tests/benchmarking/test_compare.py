@@ -45,6 +45,7 @@ def tiny_run(tmp_path_factory):
     return df, out
 
 
+@pytest.mark.slow
 def test_run_comparison_writes_tables_and_plots(tiny_run):
     df, tmp_path = tiny_run
     for f in ("tasks.csv", "tasks.png", "mnist_sweeps.csv", "mnist_layers.csv",

@@ -82,6 +82,7 @@ def test_nuts_refuses_injected_noise(train300):
         run_nuts(train300.x)
 
 
+@pytest.mark.slow
 def test_compare_nuts_svi_small(train300):
     test = load_mnist("shared-test", n=300, seed=1)
     cmp = compare_nuts_svi(
