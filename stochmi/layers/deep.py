@@ -115,7 +115,7 @@ import torch
 from torch import distributions as td
 
 from stochmi.core.kernel import as_gaussian_mixture
-from stochmi.layers.heap import heap_for_temporaries
+from stochmi.layers.heap import DURING, heap_for_temporaries
 
 __all__ = [
     "DeepLogDensity",
@@ -188,10 +188,13 @@ def bridge_bytes(
       query layer's mean, scale and two column features, float32 features of the
       first and the query layer) and, when sources are subsampled, two ranking scores
       of :func:`_rank_step` queries at every path;
-    - the ``N x N`` estimate and its half-sample twin.
+    - the ``N x N`` estimate and its half-sample twin;
+    - the free heap glibc keeps during the round (the trim threshold of
+      :func:`~stochmi.layers.heap.heap_for_temporaries`) and one temporary under its
+      mmap threshold.
 
     Measured peaks of ``noisy_mlp`` and ``noisy_cnn`` layers (N = 250 to 4,000) lie
-    between 0.81 and 0.95 times this figure (``benchmarks/bench_bridge_memory.py``).
+    between 0.69 and 0.97 times this figure (``benchmarks/bench_bridge_memory.py``).
     """
     d, big, steps = d_last, sum(widths), len(widths)
     held = _bridge_held_bytes(n, widths, d_last, n_bridge, n_fwd)
@@ -205,7 +208,7 @@ def bridge_bytes(
     paths = n * n_fwd * (8 * (2 * big + 4 * d) + 4 * 2 * (widths[0] + d))
     if block:  # the ranking scores of _rank_step queries at every forward path
         paths += 2 * 8 * _rank_step(n_fwd * n) * n_fwd * n
-    return int(held + max(build, block) + paths + 16 * n * n)
+    return int(held + max(build, block) + paths + 16 * n * n + sum(DURING))
 
 
 def _bridge_held_bytes(n: int, widths: list[int], d_last: int, n_bridge: int, n_fwd: int) -> int:
