@@ -141,10 +141,11 @@ _PAIR_SOURCES = 8  # without bridging, sources per query given shifted draws (s_
 _PAIR_DRAWS = 8  # shifted draws per such (query, source) pair
 _PAIR_CANDIDATES = 128  # sources per query whose linearised evidence ranks the pair sources
 _BLOCK = 16  # queries per block when the sources are subsampled (they share U)
-_RANK_STEP = 256  # queries ranked together when the sources are subsampled, at most
-# float32 elements of their table of log p(t_j | z) at every forward path (64 MB, under
-# the mmap threshold of heap_for_temporaries, so that each step reuses the last one's heap)
-_RANK_ELEMS = 1.6e7
+_RANK_STEP = 256  # most queries ranked together when the sources are subsampled
+# most elements in their table of log p(t_j | z) at every forward path (float32 where its
+# rounding bound allows, else float64: at most 64 MB, under the mmap threshold of
+# heap_for_temporaries, so each step reuses the last one's heap)
+_RANK_ELEMS = 8e6
 _SUBSAMPLE_FRACTION = 0.5  # subsample only when a block's sources are under this share of N
 # elements of one (sources, d_L, sum d_k) factor built at a time: 32 MB temporaries, under
 # the mmap threshold of heap_for_temporaries, so each chunk reuses the last one's heap
