@@ -13,10 +13,10 @@ threshold to it), so without fixed thresholds the same call can take very differ
 times in different processes.
 
 :func:`heap_for_temporaries` raises both thresholds for the duration of a round, so
-those temporaries are reused from the heap.  The estimator keeps its repeated
-temporaries under the 64 MiB mmap threshold (the chunks of the bridged factors' build,
-the ranking tables of subsampled sources); what lies above it, the tensors a round
-keeps, is faulted in once per round.  On leaving it sets them to the largest
+those temporaries are reused from the heap.  The chunks of the bridged factors' build
+and the ranking tables of subsampled sources are sized under the 64 MiB mmap threshold;
+the tensors a round keeps, and the temporaries of blocks evaluated at every source
+(about 2e7 elements each), are larger and faulted in afresh.  On leaving it sets them to the largest
 values glibc's own dynamic thresholds reach (mmap 32 MiB, trim 64 MiB) and returns the
 free heap to the system (``malloc_trim``), so that the memory available, which
 :func:`stochmi.layer_mi` reads before a bridged round, counts it.  glibc cannot report
