@@ -11,6 +11,7 @@ test set), one fresh subprocess times
 
 in the same process, and prints the ratio, the peak resident memory, how many deep
 rows converged and the values.  The machine's load average is printed with each row.
+With several N per case it also prints the growth of the time in N (:func:`_growth`).
 
     python benchmarks/bench_ratio.py                          # trained/untrained, N = 1000, 2000
     python benchmarks/bench_ratio.py --n 2000 5000 10000 --cases trained
@@ -91,6 +92,21 @@ def _case(ckpt: str, n: int, threads: int) -> dict:
     }
 
 
+def _growth(pts: list[tuple[int, float]]) -> str:
+    """The exponent ``b`` of ``time ~ N^b``: least squares of log time on log N over all
+    points, and between consecutive N."""
+    import numpy as np
+
+    n, t = (np.log(np.array(v, dtype=float)) for v in zip(*sorted(pts)))
+    b = np.polyfit(n, t, 1)[0]
+    steps = ", ".join(
+        f"{round(np.exp(n[k])):,} -> {round(np.exp(n[k + 1])):,}: "
+        f"N^{(t[k + 1] - t[k]) / (n[k + 1] - n[k]):.2f}"
+        for k in range(len(n) - 1)
+    )
+    return f"N^{b:.2f} fitted over all points; {steps}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[1000, 2000])
@@ -108,7 +124,7 @@ def main() -> None:
         "| deep rows converged | load |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    values = []
+    values, times = [], {}
     versions = [("this checkout", None)] + ([("before", args.before)] if args.before else [])
     for case in args.cases:
         ckpt = _checkpoint(case == "trained", args.model)
@@ -129,7 +145,11 @@ def main() -> None:
                     flush=True,
                 )
                 values.append((f"{case}, {version}", n, r["values"]))
+                times.setdefault(f"{args.model} {case}, {version}", []).append((n, r["wall_s"]))
     print()
+    for label, pts in times.items():
+        if len(pts) > 1:
+            print(f"growth in N, {label}: {_growth(pts)}")
     for case, n, v in values:
         print(f"{case}, N={n}: " + ", ".join(f"{k} {x}" for k, x in v.items()))
 

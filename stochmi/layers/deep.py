@@ -141,11 +141,7 @@ _PAIR_SOURCES = 8  # without bridging, sources per query given shifted draws (s_
 _PAIR_DRAWS = 8  # shifted draws per such (query, source) pair
 _PAIR_CANDIDATES = 128  # sources per query whose linearised evidence ranks the pair sources
 _BLOCK = 16  # queries per block when the sources are subsampled (they share U)
-_RANK_STEP = 256  # most queries ranked together when the sources are subsampled
-# most elements in their table of log p(t_j | z) at every forward path (float32 where its
-# rounding bound allows, else float64: at most 64 MB, under the mmap threshold of
-# heap_for_temporaries, so each step reuses the last one's heap)
-_RANK_ELEMS = 8e6
+_RANK_STEP = 256  # queries ranked together when the sources are subsampled
 _SUBSAMPLE_FRACTION = 0.5  # subsample only when a block's sources are under this share of N
 # elements of one (sources, d_L, sum d_k) factor built at a time: 32 MB temporaries, under
 # the mmap threshold of heap_for_temporaries, so each chunk reuses the last one's heap
@@ -188,7 +184,7 @@ def bridge_bytes(
     - the forward paths, ``K`` per source (each layer and its parent's mean, the
       query layer's mean, scale and two column features, float32 features of the
       first and the query layer) and, when sources are subsampled, two ranking scores
-      of :func:`_rank_step` queries at every path;
+      of ``_RANK_STEP`` queries at every path;
     - the ``N x N`` estimate and its half-sample twin;
     - the free heap glibc keeps during the round (the trim threshold of
       :func:`~stochmi.layers.heap.heap_for_temporaries`) and one temporary under its
@@ -207,8 +203,8 @@ def bridge_bytes(
         n_block = _BLOCK * (n_top + 1) + 3 * n_random // 2
         block = 8 * (n_block * per_source + int(_GATHER_ELEMS) + _BRIDGE_BLOCK_ELEMS)
     paths = n * n_fwd * (8 * (2 * big + 4 * d) + 4 * 2 * (widths[0] + d))
-    if block:  # the ranking scores of _rank_step queries at every forward path
-        paths += 2 * 8 * _rank_step(n_fwd * n) * n_fwd * n
+    if block:  # the ranking scores of _RANK_STEP queries at every forward path
+        paths += 2 * 8 * _RANK_STEP * n_fwd * n
     return int(held + max(build, block) + paths + 16 * n * n + sum(DURING))
 
 
@@ -228,15 +224,6 @@ def _bridge_held_bytes(n: int, widths: list[int], d_last: int, n_bridge: int, n_
         + n_fwd * (d + 1)  # pool_v, pool_base
     )
     return 8 * n * per_source
-
-
-def _rank_step(n_paths: int) -> int:
-    """Queries ranked together (:func:`_rank_sources`) when the sources are subsampled:
-    ``_RANK_STEP``, or fewer where their ``(B, n_paths)`` table of ``log p(t_j | z)``
-    would pass ``_RANK_ELEMS`` elements; a multiple of ``_BLOCK``, at least one block.
-    Where a step's queries are ranked does not change any number."""
-    fit = int(_RANK_ELEMS // max(1, n_paths)) // _BLOCK * _BLOCK
-    return max(_BLOCK, min(_RANK_STEP, fit))
 
 
 def _bridge_chunk(d_last: int, widths: list[int]) -> int:
@@ -993,9 +980,11 @@ def deep_log_density(
     # log sum w and log sum w^2 of the marginal's terms and of the diagonal's draws
     sums = torch.full((n, 4), math.nan, dtype=torch.float64, device=dev)
     n_cols = []
-    # with subsampling, queries are ranked _rank_step at a time (log p(t_j | z) at every
-    # forward path, kept for the blocks of those queries), then estimated in blocks
-    outer = _rank_step(pool.n_paths) if subsample else chunk_size
+    # with subsampling, queries are ranked _RANK_STEP at a time (log p(t_j | z) at every
+    # forward path, kept for the blocks of those queries), then estimated in blocks.  The
+    # step is part of the estimator: the float32-or-float64 choice of that table and of
+    # the layer-1 scores is made for a whole step, so another step size moves numbers
+    outer = _RANK_STEP if subsample else chunk_size
     # queries whose proposals are built together: a multiple of chunk_size with at most
     # ~2e6 elements in each (queries, d_L, d_k) factor
     widest = max(t.shape[1] for t in anchors)

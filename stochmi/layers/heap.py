@@ -14,9 +14,10 @@ times in different processes.
 
 :func:`heap_for_temporaries` raises both thresholds for the duration of a round, so
 those temporaries are reused from the heap.  The chunks of the bridged factors' build
-and the ranking tables of subsampled sources are sized under the 64 MiB mmap threshold;
-the tensors a round keeps, and the temporaries of blocks evaluated at every source
-(about 2e7 elements each), are larger and faulted in afresh.  On leaving it sets them to the largest
+are sized under the 64 MiB mmap threshold; the tensors a round keeps, the ranking
+tables of subsampled sources (256 queries at every forward path) and the temporaries
+of blocks evaluated at every source (about 2e7 elements each) are larger and faulted
+in afresh.  On leaving it sets them to the largest
 values glibc's own dynamic thresholds reach (mmap 32 MiB, trim 64 MiB) and returns the
 free heap to the system (``malloc_trim``), so that the memory available, which
 :func:`stochmi.layer_mi` reads before a bridged round, counts it.  glibc cannot report

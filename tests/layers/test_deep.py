@@ -813,28 +813,6 @@ def test_subsampled_sources_match_the_exact_marginal_density():
     assert abs(float(diff.mean())) < 3 * float(diff.std()) / math.sqrt(n) + remaining
 
 
-def test_queries_ranked_fewer_at_a_time_give_the_same_numbers(monkeypatch):
-    """How many queries are ranked together (one table of log p(t_j | z) at every forward
-    path, kept small so that it is reused from the heap) does not change any entry."""
-    from stochmi.layers import deep
-
-    n = 400
-    _, mu1, t1, t2, _, link = _two_layer_linear(n, 0.4, 0.3, seed=4)
-
-    def run():
-        g = torch.Generator().manual_seed(11)
-        kw = dict(n_is=8, n_fwd=4, generator=g, dtype=torch.float64, n_top=4, n_random=16)
-        return deep_log_density(mu1, torch.tensor(0.4), link, t2, [t1], n_bridge=2, **kw)
-
-    assert deep._rank_step(4 * n) == deep._RANK_STEP  # the whole step fits
-    whole = run()
-    monkeypatch.setattr(deep, "_RANK_ELEMS", 3 * deep._BLOCK * 4 * n)
-    assert deep._rank_step(4 * n) == 3 * deep._BLOCK
-    steps = run()
-    assert whole.n_sources < 0.5 * n  # the subsampled path ran
-    assert torch.equal(steps.L, whole.L) and torch.equal(steps.L_half, whole.L_half)
-
-
 def test_mean_path_score_ranks_the_sources_a_projecting_link_brings_together():
     """A 64-wide first layer with much noise read by a precise 16-wide query layer:
     sources far apart at layer 1 give nearly the same density to a query, which the
