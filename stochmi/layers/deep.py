@@ -142,6 +142,8 @@ _PAIR_DRAWS = 8  # shifted draws per such (query, source) pair
 _PAIR_CANDIDATES = 128  # sources per query whose linearised evidence ranks the pair sources
 _BLOCK = 16  # queries per block when the sources are subsampled (they share U)
 _RANK_STEP = 256  # queries ranked together when the sources are subsampled
+# (part of the estimator: the float32-or-float64 choice of the ranking table and of the
+# layer-1 scores is made per step, so another step size moves numbers)
 _SUBSAMPLE_FRACTION = 0.5  # subsample only when a block's sources are under this share of N
 # elements of one (sources, d_L, sum d_k) factor built at a time: 32 MB temporaries, under
 # the mmap threshold of heap_for_temporaries, so each chunk reuses the last one's heap
@@ -981,9 +983,7 @@ def deep_log_density(
     sums = torch.full((n, 4), math.nan, dtype=torch.float64, device=dev)
     n_cols = []
     # with subsampling, queries are ranked _RANK_STEP at a time (log p(t_j | z) at every
-    # forward path, kept for the blocks of those queries), then estimated in blocks.  The
-    # step is part of the estimator: the float32-or-float64 choice of that table and of
-    # the layer-1 scores is made for a whole step, so another step size moves numbers
+    # forward path, kept for the blocks of those queries), then estimated in blocks
     outer = _RANK_STEP if subsample else chunk_size
     # queries whose proposals are built together: a multiple of chunk_size with at most
     # ~2e6 elements in each (queries, d_L, d_k) factor
