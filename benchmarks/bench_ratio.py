@@ -97,11 +97,11 @@ def _growth(pts: list[tuple[int, float]]) -> str:
     points, and between consecutive N."""
     import numpy as np
 
+    sizes = [p[0] for p in sorted(pts)]
     n, t = (np.log(np.array(v, dtype=float)) for v in zip(*sorted(pts)))
     b = np.polyfit(n, t, 1)[0]
     steps = ", ".join(
-        f"{round(np.exp(n[k])):,} -> {round(np.exp(n[k + 1])):,}: "
-        f"N^{(t[k + 1] - t[k]) / (n[k + 1] - n[k]):.2f}"
+        f"{sizes[k]:,} -> {sizes[k + 1]:,}: N^{(t[k + 1] - t[k]) / (n[k + 1] - n[k]):.2f}"
         for k in range(len(n) - 1)
     )
     return f"N^{b:.2f} fitted over all points; {steps}"
